@@ -1,0 +1,47 @@
+"""Train the default LOTUS model (ViT-Tiny shape, patch 4) on CIFAR-10 from ../shared.
+
+Records test accuracy after every epoch and training images/s, for README's results table.
+The budget is an argument: at about 13 min an epoch on 2 CPU cores, 3 epochs fit a session.
+
+    python benchmarks/cifar10_baseline.py --epochs 3
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from common import ROOT, SHARED_CIFAR, cifar10_folder, write_result
+
+from lotus.data import DataConfig
+from lotus.train import TrainConfig, train
+from lotus.vit import ModelConfig
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--warmup-epochs", type=float, default=0.5)
+    p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-cifar10-baseline")
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args()
+
+    root = cifar10_folder(args.archive)
+    cfg = TrainConfig(epochs=args.epochs, warmup_epochs=args.warmup_epochs)
+    start = time.perf_counter()
+    history = train(DataConfig(str(root)), ModelConfig(img_size=32, patch_size=4), cfg, args.out, resume=args.resume)
+    write_result("cifar10_baseline", {
+        "model": "vit_tiny_patch16_224 shape, img 32, patch 4 (64 patches), depth 12",
+        "train": asdict(cfg),
+        "checkpoint": str(args.out),
+        "wall_seconds": time.perf_counter() - start,
+        "epochs": history,
+    })
+    for h in history:
+        print(f"epoch {h['epoch']}: test {h['test_accuracy']:.2f}%  {h['images_per_second']:.0f} img/s  {h['epoch_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Helpers shared by the benchmark scripts (not part of the library)."""
+from __future__ import annotations
+
+import json
+import platform
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cifar10_folder(archive: Path = SHARED_CIFAR, dest: Path = ROOT / "data") -> Path:
+    """Unpack the CIFAR-10 ImageFolder archive once; returns the root holding train/ and test/."""
+    for candidate in (dest / "cifar10", dest):
+        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
+            return candidate
+    if not archive.is_file():
+        raise SystemExit(f"CIFAR-10 archive {archive} not found: pass --archive PATH")
+    out = dest / "cifar10"
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(out, filter="data")
+    # the archive may hold a top folder: find the level with train/ and test/
+    for candidate in [out, *out.iterdir()]:
+        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
+            return candidate
+    raise SystemExit(f"{archive} does not unpack to train/ and test/ folders")
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def write_result(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path

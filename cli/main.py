@@ -1,0 +1,136 @@
+"""The `lotus` command line: one command per pipeline stage, each a thin skin over `lotus`."""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import replace
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+import lotus
+
+app = typer.Typer(
+    name="lotus",
+    help="LOTUS: train, compress, export and serve Vision Transformers (data lottery tickets + ISSP pruning).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Print a LotusError as one line (exit 2) and Ctrl-C as a hint (exit 130), no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except lotus.LotusError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted:[/] run the same command with --resume to continue from the last finished epoch")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"lotus {lotus.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    pass
+
+
+# Options shared by every command that reads a dataset.
+DataOpt = Annotated[
+    str, typer.Option("--data", help="'digits' (bundled, offline), 'cifar10' (torchvision, in --data-dir), or an ImageFolder root with train/ and test/.")
+]
+DataDirOpt = Annotated[Path, typer.Option(help="Folder holding torchvision's CIFAR-10 (only for --data cifar10).")]
+DownloadOpt = Annotated[bool, typer.Option("--download", help="Let torchvision download CIFAR-10 into --data-dir.")]
+DeviceOpt = Annotated[str, typer.Option(help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")]
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The options the user set (those left at None fall back to the dataset's defaults)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@app.command()
+@user_errors
+def train(
+    data: DataOpt = "digits",
+    data_dir: DataDirOpt = Path("data"),
+    download: DownloadOpt = False,
+    img_size: Annotated[Optional[int], typer.Option(help="Resize images to this square side (default: digits 16, others native).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="timm VisionTransformer architecture.")] = None,
+    patch_size: Annotated[Optional[int], typer.Option(help="Patch side in pixels (default: 4 up to 64px images, 16 beyond).")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="Number of transformer blocks (default: the architecture's; digits 4).")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Start from timm's hub weights (needs a network).")] = False,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Start from this LOTUS checkpoint (file or run folder).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay.")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(help="Linear warm-up length in epochs.")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for weights, batch order, augmentation and dropout.")] = None,
+    device: DeviceOpt = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: a new runs/train-DATE-TIME).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: the latest run) from its last finished epoch.")] = False,
+) -> None:
+    """Train a ViT (the dense baseline): AdamW, warm-up + cosine, label smoothing, resumable."""
+    from lotus.checkpoint import latest_run, new_run_dir
+    from lotus.train import STATE_FILE, default_configs
+    from lotus.train import train as train_run
+
+    data_cfg, model_cfg, train_cfg = default_configs(data)
+    data_cfg = replace(data_cfg, data_dir=str(data_dir), download=download, **_given(img_size=img_size))
+    model_cfg = replace(model_cfg, pretrained=pretrained, **_given(name=model, patch_size=patch_size, depth=depth))
+    train_cfg = replace(
+        train_cfg, device=device,
+        **_given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                 warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed),
+    )
+    if out is None:
+        out = latest_run(containing=f"{STATE_FILE}.json") if resume else new_run_dir("train")
+    history = train_run(data_cfg, model_cfg, train_cfg, out, init_checkpoint=checkpoint, resume=resume)
+    last = history[-1]
+    err.print(f"test accuracy {last['test_accuracy']:.2f}% after {last['epoch']} epochs; checkpoint: {out / 'model.safetensors'}")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="LOTUS checkpoint or run folder (default: the latest run).")] = None,
+    data: DataOpt = "digits",
+    data_dir: DataDirOpt = Path("data"),
+    download: DownloadOpt = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Evaluate a checkpoint on a dataset's test split; prints one JSON line."""
+    from lotus.checkpoint import latest_run
+    from lotus.data import DataConfig
+    from lotus.train import evaluate_checkpoint
+
+    checkpoint = checkpoint or latest_run()
+    result = evaluate_checkpoint(checkpoint, DataConfig(data, data_dir=str(data_dir), download=download), batch_size, device)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,137 @@
+"""Checkpoints: tensors in safetensors, everything else in a JSON sidecar; atomic writes.
+
+A checkpoint `NAME` is the pair `NAME.safetensors` + `NAME.json`. The sidecar records the
+sha256 of the tensor file, so a pair torn by an interruption (new tensors, old sidecar) is
+refused rather than loaded. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+
+import lotus
+from lotus.errors import LotusError
+from lotus.vit import ModelConfig, TokenGatherViT, build_model
+
+FORMAT = "lotus-checkpoint/1"
+MODEL_FILE = "model"  # the model checkpoint inside a run folder: model.safetensors + model.json
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _with_suffix(stem: Path, suffix: str) -> Path:
+    return stem.parent / (stem.name + suffix)  # not Path.with_suffix: 'model.v2' must stay whole
+
+
+def _stem(path: str | Path) -> Path:
+    """`x`, `x.safetensors` and `x.json` all name checkpoint `x`; a folder names its model checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        return path / MODEL_FILE
+    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Save tensors and JSON-able metadata as checkpoint `path`; returns the .safetensors path."""
+    stem = _stem(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # serialised in memory, so the bytes are hashed and written atomically in one go
+    blob = save(tensors)
+    weights = _with_suffix(stem, ".safetensors")
+    atomic_write_bytes(weights, blob)
+    sidecar = {"format": FORMAT, "lotus_version": lotus.__version__, "sha256": hashlib.sha256(blob).hexdigest(), **meta}
+    atomic_write_text(_with_suffix(stem, ".json"), json.dumps(sidecar, indent=2) + "\n")
+    return weights
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load checkpoint `path` (a stem, either file of the pair, or a run folder).
+
+    Raises:
+        LotusError: a file is missing, unreadable, or the pair does not belong together.
+    """
+    stem = _stem(path)
+    weights, sidecar = _with_suffix(stem, ".safetensors"), _with_suffix(stem, ".json")
+    for f in (weights, sidecar):
+        if not f.is_file():
+            raise LotusError(f"checkpoint file {f} not found: pass a LOTUS checkpoint (.safetensors with its .json) or a run folder")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LotusError(f"checkpoint sidecar {sidecar} is unreadable ({e}): re-create the checkpoint") from None
+    if meta.get("format") != FORMAT:
+        raise LotusError(f"{sidecar} is not a LOTUS checkpoint sidecar (format {meta.get('format')!r})")
+    blob = weights.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+        raise LotusError(f"{weights} does not match its sidecar {sidecar} (interrupted write?): re-create the checkpoint")
+    return load(blob), meta
+
+
+def save_model(
+    path: str | Path,
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    preprocess: dict[str, Any],
+    **meta: Any,
+) -> Path:
+    """Save a model with what rebuilds it (its ModelConfig) and what feeds it (its preprocessing)."""
+    return save_checkpoint(path, model.state_dict(), {"model": asdict(model_cfg), "preprocess": preprocess, **meta})
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[TokenGatherViT, dict[str, Any]]:
+    """Rebuild a model saved by `save_model`; returns it (in eval mode) and the sidecar."""
+    tensors, meta = load_checkpoint(path)
+    if "model" not in meta:
+        raise LotusError(f"checkpoint {_stem(path)} holds no model config: is it a training-state file?")
+    cfg = ModelConfig(**{**meta["model"], "pretrained": False})
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise LotusError(f"checkpoint {_stem(path)} does not fit {cfg.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(device).eval(), meta
+
+
+def new_run_dir(kind: str, root: str | Path = "runs") -> Path:
+    """A fresh dated folder `runs/KIND-YYYYmmdd-HHMMSS` (suffixed if that name is taken)."""
+    import time
+
+    base = Path(root) / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def latest_run(root: str | Path = "runs", containing: str = MODEL_FILE + ".json") -> Path:
+    """The most recently modified run folder under `root` that holds `containing`."""
+    runs = [p.parent for p in Path(root).glob(f"*/{containing}")]
+    if not runs:
+        raise LotusError(f"no run folder under {root}/ holds {containing}: run `lotus train` first, or pass a path")
+    return max(runs, key=lambda p: (p / containing).stat().st_mtime)

@@ -1,0 +1,287 @@
+"""Datasets held in memory as uint8 tensors, batched with their sample indices.
+
+Three sources, chosen by `DataConfig.name`:
+  - `digits`: scikit-learn's bundled handwritten digits (8x8, 10 classes), the embedded default;
+  - `cifar10`: torchvision's CIFAR-10 in `data_dir` (downloaded only when `download=True`);
+  - any other value: the root of an ImageFolder tree with `train/` and `test/` (or `val/`).
+
+Every split is decoded once into a (N, 3, H, W) uint8 tensor at the model's resolution. That
+keeps small-image training (the CPU case LOTUS targets) free of loader workers, and it makes the
+dataset index of every sample trivial to carry, which later stages need to look up per-image
+patch keep masks. Augmentation (random crop with zero padding, horizontal flip) runs batched on
+those tensors and reports the shift and flip it applied to each image.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lotus.errors import LotusError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+BUILTIN_DATASETS = ("digits", "cifar10")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # 'digits', 'cifar10', or the path of an ImageFolder root
+    data_dir: str = "data"  # folder holding torchvision's CIFAR-10 (only used for 'cifar10')
+    download: bool = False  # let torchvision download CIFAR-10 into data_dir when missing
+    img_size: int | None = None  # square side in pixels the images are resized to; None = native
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    padding: int = 0  # random crop: zero-pad each side by this many pixels, crop back to size
+    hflip: bool = False  # flip horizontally with probability 0.5
+
+
+@dataclass
+class ImageData:
+    """One split of a dataset, decoded."""
+
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+    classes: list[str]
+    name: str  # dataset name as given in DataConfig.name
+    split: str  # 'train' or 'test'
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def img_size(self) -> int:
+        return self.images.shape[-1]
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the pixels in [0, 1], for normalisation."""
+        x = self.images.float().div_(255).transpose(0, 1).reshape(3, -1)  # (3, N*H*W)
+        return x.mean(1).tolist(), x.std(1).clamp_min(1e-3).tolist()
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (B, 3, H, W) float, normalised
+    labels: torch.Tensor  # (B,) int64
+    index: torch.Tensor  # (B,) int64 position of each sample in its split
+    shift: torch.Tensor | None  # (B, 2) int64 (dy, dx) pixels the content moved by the crop
+    flip: torch.Tensor | None  # (B,) bool, image was flipped left-right
+
+
+def default_augment(name: str) -> AugmentConfig:
+    """Standard training augmentation: CIFAR-style crop + flip; digits are not flip-symmetric,
+    and a shift of 1px at 16px (half a digit pixel) is as much as they take."""
+    if name == "digits":
+        return AugmentConfig(padding=1, hflip=False)
+    return AugmentConfig(padding=4, hflip=True)
+
+
+def load_split(cfg: DataConfig, split: str) -> ImageData:
+    """Load the 'train' or 'test' split of the dataset `cfg` names.
+
+    Raises:
+        LotusError: the data is missing, laid out wrongly, or holds an unreadable image.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    if cfg.name == "digits":
+        data = _load_digits(split)
+    elif cfg.name == "cifar10":
+        data = _load_cifar10(cfg, split)
+    else:
+        data = _load_image_folder(Path(cfg.name), split, cfg.img_size)
+    if cfg.img_size is not None and cfg.img_size != data.img_size:
+        data.images = resize_uint8(data.images, cfg.img_size)
+    return data
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a (N, 3, H, W) uint8 batch to (N, 3, size, size), bilinear with antialiasing."""
+    out = []
+    for chunk in images.split(4096):
+        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _load_digits(split: str) -> ImageData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # Fixed stratified 80/20 split: sklearn ships no test split, and results must be comparable.
+    train_idx, test_idx = train_test_split(
+        np.arange(len(digits.target)), test_size=0.2, random_state=0, stratify=digits.target
+    )
+    idx = train_idx if split == "train" else test_idx
+    gray = torch.from_numpy(digits.images[idx] * (255.0 / 16.0)).round().to(torch.uint8)  # (N, 8, 8)
+    images = gray[:, None].expand(-1, 3, -1, -1).contiguous()  # grey to RGB, as every model takes 3 channels
+    labels = torch.from_numpy(digits.target[idx]).long()
+    return ImageData(images, labels, [str(c) for c in range(10)], "digits", split)
+
+
+def _load_cifar10(cfg: DataConfig, split: str) -> ImageData:
+    from torchvision.datasets import CIFAR10
+
+    root = Path(cfg.data_dir)
+    try:
+        ds = CIFAR10(str(root), train=split == "train", download=cfg.download)
+    except RuntimeError as e:
+        if cfg.download:
+            raise LotusError(f"could not download CIFAR-10 into {root}: {e}") from None
+        raise LotusError(
+            f"CIFAR-10 not found in {root}: pass --download to fetch it, --data-dir to point at it, "
+            "or --data PATH for an ImageFolder copy (train/ and test/ class folders)"
+        ) from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+    return ImageData(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes), "cifar10", split)
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    if not root.is_dir():
+        raise LotusError(
+            f"dataset {str(root)!r} is neither 'digits', 'cifar10' nor a folder: "
+            "pass --data digits|cifar10|PATH to an ImageFolder root"
+        )
+    names = ("train",) if split == "train" else ("test", "val")
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise LotusError(
+        f"{root} has no {' or '.join(n + '/' for n in names)} folder: an ImageFolder root holds "
+        "train/ and test/ (or val/), each with one folder of images per class"
+    )
+
+
+def _load_image_folder(root: Path, split: str, img_size: int | None) -> ImageData:
+    split_dir = _split_dir(root, split)
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise LotusError(f"{split_dir} holds no class folders: put each class's images in {split_dir}/<class>/")
+    if split == "test":
+        # The test classes must be the training classes, in the same label order.
+        train_classes = sorted(d.name for d in _split_dir(root, "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+        if classes != train_classes:
+            raise LotusError(f"class folders of {split_dir} differ from those of {root / 'train'}: they must match")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise LotusError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+        files += found
+        labels += [label] * len(found)
+    if img_size is None:
+        img_size = _native_size(files[0])
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(lambda f: _decode(f, img_size), files, chunksize=256))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return ImageData(images, torch.tensor(labels, dtype=torch.long), classes, str(root), split)
+
+
+def _native_size(path: Path) -> int:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception as e:
+        raise LotusError(f"cannot read image {path}: {e}") from None
+    if w != h:
+        raise LotusError(f"image {path} is {w}x{h}, not square: pass --img-size to resize every image")
+    return w
+
+
+def _decode(path: Path, img_size: int) -> np.ndarray:
+    """One image file as an (img_size, img_size, 3) uint8 array."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (img_size, img_size):
+                im = im.resize((img_size, img_size), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as e:
+        raise LotusError(f"cannot read image {path}: {e}") from None
+
+
+def augment_batch(
+    images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random crop with zero padding and random horizontal flip, on a uint8 batch.
+
+    Returns:
+        The augmented (B, 3, H, W) batch, the (B, 2) (dy, dx) shift of the content in pixels,
+        and the (B,) flip flags (the flip is applied after the shift).
+    """
+    B, _, H, W = images.shape
+    pad = cfg.padding
+    shift = torch.zeros(B, 2, dtype=torch.long)
+    if pad > 0:
+        offset = torch.randint(0, 2 * pad + 1, (B, 2), generator=generator)  # crop corner in the padded image
+        padded = F.pad(images, (pad, pad, pad, pad))
+        rows = offset[:, :1] + torch.arange(H)  # (B, H)
+        cols = offset[:, 1:] + torch.arange(W)  # (B, W)
+        batch_idx = torch.arange(B)[:, None, None]
+        # (B, H, W, 3) by advanced indexing, back to channels-first
+        images = padded.permute(0, 2, 3, 1)[batch_idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        shift = pad - offset
+    flip = torch.zeros(B, dtype=torch.bool)
+    if cfg.hflip:
+        flip = torch.rand(B, generator=generator) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return images.contiguous(), shift, flip
+
+
+class BatchLoader:
+    """Batches of an in-memory split: shuffled, augmented and normalised, with sample indices.
+
+    The order and the augmentation of epoch `e` depend only on (seed, e), so a run resumed at an
+    epoch boundary sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(
+        self,
+        data: ImageData,
+        batch_size: int,
+        mean: list[float],
+        std: list[float],
+        *,
+        shuffle: bool = False,
+        augment: AugmentConfig | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+    ):
+        self.data = data
+        self.batch_size = batch_size
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+        self.shuffle = shuffle
+        self.augment = augment
+        self.drop_last = drop_last
+        self.seed = seed
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        n = len(self.data)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        for i in range(len(self)):
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            images = self.data.images[index]
+            shift = flip = None
+            if self.augment is not None:
+                images, shift, flip = augment_batch(images, self.augment, gen)
+            images = (images.float() - self.mean) / self.std
+            yield Batch(images, self.data.labels[index], index, shift, flip)
+
+    __iter__ = epoch

@@ -1,0 +1,132 @@
+"""timm Vision Transformers that can run on a subset of their patch tokens.
+
+`build_model` creates any plain timm `VisionTransformer` and swaps its class for
+`TokenGatherViT` (the way ToMe patches timm models), which differs from timm's only in
+`forward_features`: after the positional embedding, the patch tokens named by `keep_idx` are
+gathered (the class and register tokens always stay), and only those go through the blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from lotus.errors import LotusError
+
+DEFAULT_MODEL = "vit_tiny_patch16_224"  # ViT-Tiny shape: width 192, depth 12, 3 heads
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = DEFAULT_MODEL  # any timm VisionTransformer architecture
+    num_classes: int = 10  # classifier outputs
+    img_size: int = 32  # square input side in pixels (training sets it to the data's)
+    patch_size: int | None = None  # square patch side in pixels; None = default_patch_size(img_size)
+    depth: int | None = None  # number of blocks; None = the architecture's own
+    pretrained: bool = False  # load timm's hub weights (needs a network)
+    drop_path_rate: float = 0.1  # stochastic depth at the last block (linear from 0)
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // (self.patch_size or default_patch_size(self.img_size))
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+def default_patch_size(img_size: int) -> int:
+    """Patch side: a 4x4 grid up to 16px, 4px patches up to 64px, timm's usual 16px beyond."""
+    if img_size <= 16:
+        return max(1, img_size // 4)
+    if img_size <= 64:
+        return 4
+    return 16
+
+
+def gather_tokens(x: torch.Tensor, keep_idx: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Keep the prefix (class, register) tokens and the patch tokens at `keep_idx`.
+
+    Args:
+        x: (B, P + N, D) tokens, P prefix tokens then N patch tokens.
+        keep_idx: (B, K) indices into the N patch tokens, int64.
+    Returns:
+        (B, P + K, D) tokens.
+    """
+    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    kept = torch.gather(patches, 1, keep_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    return torch.cat([prefix, kept], dim=1)
+
+
+class TokenGatherViT(VisionTransformer):
+    """timm's VisionTransformer with `forward(x, keep_idx=None)`.
+
+    Differs from timm only by the `gather_tokens` call after `_pos_embed`; attention masks,
+    causal attention and gradient checkpointing are not used by LOTUS and not supported here.
+    """
+
+    def forward_features(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)  # positional embeddings are added before any patch is dropped
+        if keep_idx is not None:
+            x = gather_tokens(x, keep_idx, self.num_prefix_tokens)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        x = self.blocks(x)
+        x = self.norm(x)
+        return x
+
+    def forward(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.forward_features(x, keep_idx)
+        return self.forward_head(x)
+
+
+def make_token_gathering_(model: VisionTransformer) -> TokenGatherViT:
+    """Turn a timm VisionTransformer into a TokenGatherViT in place (weights untouched)."""
+    if type(model) is not VisionTransformer and not isinstance(model, TokenGatherViT):
+        raise LotusError(
+            f"{type(model).__name__} is not a plain timm VisionTransformer: LOTUS supports the "
+            "vit_* / deit_* (non-distilled) families; pick one with --model"
+        )
+    model.__class__ = TokenGatherViT
+    return model
+
+
+def build_model(cfg: ModelConfig) -> TokenGatherViT:
+    """Create the timm model `cfg` describes, as a TokenGatherViT.
+
+    Raises:
+        LotusError: unknown or unsupported architecture, bad sizes, or unreachable pretrained weights.
+    """
+    patch_size = cfg.patch_size or default_patch_size(cfg.img_size)
+    if cfg.img_size % patch_size:
+        raise LotusError(f"--img-size {cfg.img_size} is not a multiple of --patch-size {patch_size}")
+    if not timm.is_model(cfg.name):
+        raise LotusError(f"unknown timm model {cfg.name!r}: list ViTs with `timm.list_models('vit_*')`")
+    if timm.models.model_entrypoint(cfg.name).__module__ not in ("timm.models.vision_transformer", "timm.models.deit"):
+        raise LotusError(f"{cfg.name} is not a timm VisionTransformer: pick a vit_* or deit_* model with --model")
+    kwargs = dict(
+        num_classes=cfg.num_classes,
+        img_size=cfg.img_size,
+        patch_size=patch_size,
+        drop_path_rate=cfg.drop_path_rate,
+    )
+    if cfg.depth is not None:
+        kwargs["depth"] = cfg.depth
+    try:
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        if not cfg.pretrained:
+            raise LotusError(f"cannot build {cfg.name}: {e}") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LotusError(
+            f"could not load pretrained weights for {cfg.name} (is the model hub reachable?): {first_line}; "
+            "train a baseline with `lotus train` instead, or pass --checkpoint"
+        ) from None
+    return make_token_gathering_(model)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,79 @@
+"""The `lotus` console script as users run it: real processes, real files, a real kill."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+LOTUS = str(Path(sys.executable).with_name("lotus"))
+FAST = ["--depth", "1", "--batch-size", "16", "--seed", "3"]
+TIMINGS = ("epoch_seconds", "images_per_second")
+
+
+def lotus(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([LOTUS, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
+
+
+def test_train_then_eval(tmp_path):
+    proc = lotus("train", "--epochs", "2", *FAST, "--out", tmp_path / "run")
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout: one JSON line per epoch
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert "checkpoint:" in proc.stderr
+    result = json.loads(lotus("eval", tmp_path / "run").stdout)
+    assert result["accuracy"] == pytest.approx(lines[-1]["test_accuracy"])
+    assert result["images"] == 360
+
+
+def test_latest_run_is_the_default(tmp_path):
+    lotus("train", "--epochs", "1", *FAST, cwd=tmp_path)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("train-") and (run / "model.safetensors").is_file()
+    assert json.loads(lotus("eval", cwd=tmp_path).stdout)["checkpoint"] == str(Path("runs") / run.name)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "no/such/folder"], "neither 'digits', 'cifar10' nor a folder"),
+    (["train", "--model", "resnet18"], "not a timm VisionTransformer"),
+    (["train", "--pretrained", "--epochs", "1"], "could not load pretrained weights"),
+    (["train", "--data", "cifar10", "--data-dir", "empty"], "CIFAR-10 not found"),
+    (["eval"], "no run folder under runs/"),
+    (["eval", "missing.safetensors"], "missing.safetensors not found"),
+])
+def test_user_errors_are_one_line(tmp_path, args, message):
+    proc = lotus(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:") and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path):
+    args = ["train", "--epochs", "4", *FAST]
+    lotus(*args, "--out", tmp_path / "straight")
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([LOTUS, *args, "--out", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first = proc.stdout.readline()  # epoch 1 finished; epoch 2 is running
+    assert json.loads(first)["epoch"] == 1
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len((run / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= done < 4 and not (run / "model.safetensors").exists()
+
+    lotus(*args, "--out", run, "--resume")
+    assert metrics(run) == metrics(tmp_path / "straight")

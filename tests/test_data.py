@@ -1,0 +1,93 @@
+"""Datasets, batches with sample indices, augmentation, and the errors bad data gives."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from lotus import LotusError
+from lotus.data import AugmentConfig, BatchLoader, DataConfig, augment_batch, load_split
+
+
+def test_digits_is_the_offline_default():
+    train, test = load_split(DataConfig(), "train"), load_split(DataConfig(), "test")
+    assert (len(train), len(test)) == (1437, 360)
+    assert train.images.shape[1:] == (3, 8, 8) and train.images.dtype == torch.uint8
+    assert train.classes == [str(i) for i in range(10)]
+    assert sorted(train.labels.unique().tolist()) == list(range(10))
+    assert load_split(DataConfig(img_size=16), "test").images.shape[1:] == (3, 16, 16)
+
+
+def test_batches_carry_the_index_of_each_sample():
+    data = load_split(DataConfig(), "test")
+    mean, std = data.channel_stats()
+    loader = BatchLoader(data, 64, mean, std, shuffle=True, seed=3)
+    seen = []
+    for batch in loader.epoch(0):
+        seen += batch.index.tolist()
+        # each image is the normalised sample its index names
+        expected = (data.images[batch.index].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        assert torch.allclose(batch.images, expected, atol=1e-5)
+        assert torch.equal(batch.labels, data.labels[batch.index])
+    assert sorted(seen) == list(range(len(data)))  # every sample exactly once per epoch
+    first = [b.index for b in loader.epoch(1)]
+    again = [b.index for b in loader.epoch(1)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # epoch order is a function of (seed, epoch)
+    assert not torch.equal(first[0], next(loader.epoch(0)).index)
+
+
+def test_augmentation_reports_the_shift_and_flip_it_applied():
+    images = torch.randint(1, 255, (16, 3, 8, 8), dtype=torch.uint8)  # no zeros: padding shows as 0
+    out, shift, flip = augment_batch(images, AugmentConfig(padding=2, hflip=True), torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and shift.abs().max() <= 2
+    for img, aug, (dy, dx), flipped in zip(images, out, shift.tolist(), flip.tolist()):
+        aug = aug.flip(-1) if flipped else aug
+        # content moved by (dy, dx): aug[y + dy, x + dx] == img[y, x] wherever both are inside
+        ys, xs = slice(max(0, -dy), 8 - max(0, dy)), slice(max(0, -dx), 8 - max(0, dx))
+        yd, xd = slice(max(0, dy), 8 + min(0, dy)), slice(max(0, dx), 8 + min(0, dx))
+        assert torch.equal(aug[:, yd, xd], img[:, ys, xs])
+    assert flip.any() and not flip.all() and (shift != 0).any()
+
+
+def test_image_folder_loads_with_sorted_classes(image_folder):
+    train = load_split(DataConfig(str(image_folder)), "train")
+    assert train.classes == ["cat", "dog"] and len(train) == 6
+    assert train.images.shape == (6, 3, 12, 12)
+    assert load_split(DataConfig(str(image_folder), img_size=16), "test").images.shape == (6, 3, 16, 16)
+
+
+def test_val_folder_serves_as_test_split(image_folder):
+    (image_folder / "test").rename(image_folder / "val")
+    assert len(load_split(DataConfig(str(image_folder)), "test")) == 6
+
+
+def test_corrupt_image_is_named(image_folder):
+    bad = image_folder / "train" / "dog" / "002.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(LotusError, match=f"cannot read image {bad}"):
+        load_split(DataConfig(str(image_folder)), "train")
+
+
+def test_empty_class_folder_is_named(image_folder):
+    (image_folder / "train" / "bird").mkdir()
+    with pytest.raises(LotusError, match="train/bird holds no images"):
+        load_split(DataConfig(str(image_folder)), "train")
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda root: (root / "test").rename(root / "elsewhere"), "has no test/ or val/ folder"),
+    (lambda root: (root / "test" / "cat").rename(root / "test" / "lion"), "differ from those of"),
+])
+def test_wrong_layout_is_explained(image_folder, breakage, message):
+    breakage(image_folder)
+    with pytest.raises(LotusError, match=message):
+        load_split(DataConfig(str(image_folder)), "test")
+
+
+def test_missing_cifar10_says_how_to_get_it(tmp_path):
+    with pytest.raises(LotusError, match="CIFAR-10 not found .*--download"):
+        load_split(DataConfig("cifar10", data_dir=str(tmp_path)), "train")
+
+
+def test_unknown_dataset_name(tmp_path):
+    with pytest.raises(LotusError, match="neither 'digits', 'cifar10' nor a folder"):
+        load_split(DataConfig(str(tmp_path / "nothing")), "train")

@@ -1,0 +1,80 @@
+"""Training: the schedule, learning, exact resume, and refusing to overwrite a run."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lotus import LotusError
+from lotus.data import DataConfig
+from lotus.train import TrainConfig, evaluate_checkpoint, lr_at, train
+from lotus.vit import ModelConfig
+
+DATA = DataConfig("digits", img_size=16)
+MODEL = ModelConfig(depth=1, drop_path_rate=0.1)
+FAST = TrainConfig(epochs=3, batch_size=64, lr=1e-3, warmup_epochs=0.5, seed=1)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [lr_at(s, 100, 10, 1e-3, 1e-5) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # monotone decay after warm-up
+    assert lrs[-1] == pytest.approx(1e-5, abs=1e-6)
+    assert lr_at(55, 100, 10, 1e-3, 0.0) == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_training_learns_and_writes_its_run(tmp_path):
+    history = train(DATA, MODEL, FAST, tmp_path)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["test_accuracy"] > 40  # 10 classes: chance is 10%
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == history
+    result = evaluate_checkpoint(tmp_path, DataConfig("digits"))
+    assert result["accuracy"] == pytest.approx(history[-1]["test_accuracy"])
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["preprocess"]["img_size"] == 16 and len(meta["preprocess"]["mean"]) == 3
+
+
+def same_metrics(a: list[dict], b: list[dict]) -> bool:
+    keys = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr")  # not the timings
+    return [[h[k] for k in keys] for h in a] == [[h[k] for k in keys] for h in b]
+
+
+def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
+    straight = train(DATA, MODEL, FAST, tmp_path / "straight")
+
+    import lotus.train as T
+
+    real_save = T.save_checkpoint
+
+    def save_then_die(*args, **kwargs):  # killed right after epoch 1's state reached the disk
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(DATA, MODEL, FAST, tmp_path / "resumed")
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 1
+
+    resumed = train(DATA, MODEL, FAST, tmp_path / "resumed", resume=True)
+    assert same_metrics(resumed, straight)
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train(DATA, MODEL, TrainConfig(**{**FAST.__dict__, "epochs": 1}), tmp_path)
+    with pytest.raises(LotusError, match="other settings"):
+        train(DATA, MODEL, TrainConfig(**{**FAST.__dict__, "epochs": 1, "lr": 0.1}), tmp_path, resume=True)
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path):
+    train(DATA, MODEL, TrainConfig(**{**FAST.__dict__, "epochs": 1}), tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    with pytest.raises(LotusError, match="already holds a training run"):
+        train(DATA, MODEL, TrainConfig(**{**FAST.__dict__, "epochs": 1}), tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
