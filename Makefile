@@ -4,8 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # onnxruntime (CPU) by default; `make install EXTRAS=gpu,dev` for onnxruntime-gpu.
 EXTRAS ?= cpu,dev
-STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: install demo test bench clean
 

@@ -89,6 +89,7 @@ def train(
     label_smoothing: Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for weights, batch order, augmentation and dropout.")] = None,
     device: DeviceOpt = "auto",
+    tickets: Annotated[Optional[Path], typer.Option(help="Train on the kept patches of these data lottery tickets (a `lotus tickets` folder).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: a new runs/train-DATE-TIME).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: the latest run) from its last finished epoch.")] = False,
 ) -> None:
@@ -107,7 +108,7 @@ def train(
     )
     if out is None:
         out = latest_run(containing=f"{STATE_FILE}.json") if resume else new_run_dir("train")
-    history = train_run(data_cfg, model_cfg, train_cfg, out, init_checkpoint=checkpoint, resume=resume)
+    history = train_run(data_cfg, model_cfg, train_cfg, out, init_checkpoint=checkpoint, tickets=tickets, resume=resume)
     last = history[-1]
     err.print(f"test accuracy {last['test_accuracy']:.2f}% after {last['epoch']} epochs; checkpoint: {out / 'model.safetensors'}")
 
@@ -130,6 +131,58 @@ def eval_(
     checkpoint = checkpoint or latest_run()
     result = evaluate_checkpoint(checkpoint, DataConfig(data, data_dir=str(data_dir), download=download), batch_size, device)
     print(json.dumps(result))
+
+
+class Select(str, Enum):
+    attention = "attention"
+    random = "random"
+
+
+class Method(str, Enum):
+    cls = "cls"
+    rollout = "rollout"
+
+
+@app.command()
+@user_errors
+def tickets(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Trained LOTUS checkpoint or run folder that scores the patches (default: the latest run).")] = None,
+    data: DataOpt = "digits",
+    data_dir: DataDirOpt = Path("data"),
+    download: DownloadOpt = False,
+    drop: Annotated[float, typer.Option(help="Fraction of each image's patches to drop, in [0, 1).")] = 0.1,
+    select: Annotated[Select, typer.Option(help="'attention' (scored by the model) or 'random' (the control, same drop ratio).")] = Select.attention,
+    method: Annotated[Method, typer.Option(help="'cls': class-token attention row; 'rollout': attention rollout.")] = Method.cls,
+    layers: Annotated[Optional[str], typer.Option(help="Comma-separated blocks to use, e.g. '-1' or '9,10,11' (default: last for cls, all for rollout).")] = None,
+    cls_sink: Annotated[bool, typer.Option(help="Replace the class token's self-attention by its row mean.")] = True,
+    norm_outliers: Annotated[bool, typer.Option(help="Replace scores of high-norm outlier patch tokens by their neighbours' mean.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of --select random.")] = 0,
+    device: DeviceOpt = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Tickets folder (default: a new runs/tickets-DATE-TIME).")] = None,
+) -> None:
+    """Score every training patch with a model's attention and write the keep masks (data lottery tickets)."""
+    from lotus.checkpoint import latest_run, new_run_dir
+    from lotus.data import DataConfig
+    from lotus.tickets import TicketConfig, tickets_from_checkpoint
+    from lotus.train import make_progress
+
+    try:
+        layer_list = tuple(int(x) for x in layers.split(",")) if layers else None
+    except ValueError:
+        raise lotus.LotusError(f"--layers {layers!r} is not a comma-separated list of block numbers") from None
+    cfg = TicketConfig(drop=drop, select=select.value, method=method.value, layers=layer_list,
+                       cls_sink=cls_sink, norm_outliers=norm_outliers, seed=seed)
+    checkpoint = checkpoint or latest_run()
+    out = out or new_run_dir("tickets")
+    with make_progress() as progress:
+        task = progress.add_task("scoring patches", total=None, status="")
+        result = tickets_from_checkpoint(
+            checkpoint, DataConfig(data, data_dir=str(data_dir), download=download), cfg, out, device=device,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    m = result.meta
+    err.print(f"kept {result.num_keep} of {m['num_patches']} patches in each of {m['data']['num_images']} images "
+              f"({m['outlier_patches']} high-norm outlier patches re-scored); tickets: {out}")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ an interruption ends with exactly the weights of an uninterrupted one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lotus.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
-from lotus.data import BatchLoader, DataConfig, ImageData, default_augment, load_split
+from lotus.data import Batch, BatchLoader, DataConfig, ImageData, default_augment, load_split
+from lotus.device import autocast, resolve_device
 from lotus.errors import LotusError
+from lotus.tickets import load_tickets
 from lotus.vit import ModelConfig, TokenGatherViT, build_model, default_patch_size
 
 STATE_FILE = "train_state"  # resumable state in a run folder: model + optimizer + epoch
@@ -44,21 +45,6 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     seed: int = 0  # seeds the weights, the batch order, augmentation and dropout
     device: str = "auto"  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LotusError(f"--device {name} asked for CUDA but none is available: use --device cpu or auto")
-    return torch.device(name)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; full fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
@@ -125,6 +111,7 @@ def fit(
     *,
     meta: dict[str, Any],
     resume: bool = False,
+    keep_fn: Callable[[Batch], torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Train `model` for `cfg.epochs`, evaluating and checkpointing after every epoch.
 
@@ -132,6 +119,8 @@ def fit(
         meta: what identifies the run (configs, preprocessing); written into every checkpoint,
             and a resumed run must match it.
         resume: continue from `out_dir`'s last completed epoch instead of starting afresh.
+        keep_fn: gives the (B, K) patch indices to train each batch on (data lottery tickets);
+            None trains on every patch.
     Returns:
         One metrics dict per epoch (the contents of metrics.jsonl).
     """
@@ -173,8 +162,9 @@ def fit(
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
                 images, labels = batch.images.to(device), batch.labels.to(device)
+                keep_idx = keep_fn(batch).to(device) if keep_fn is not None else None
                 with autocast(device):
-                    logits = model(images)
+                    logits = model(images, keep_idx)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -252,6 +242,7 @@ def train(
     out_dir: Path,
     *,
     init_checkpoint: str | Path | None = None,
+    tickets: str | Path | None = None,
     resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Train a ViT on a dataset into `out_dir` (metrics.jsonl, train_state, model checkpoint).
@@ -259,6 +250,8 @@ def train(
     Args:
         init_checkpoint: start from this LOTUS checkpoint's weights and preprocessing
             (its model config replaces `model_cfg`).
+        tickets: a `lotus tickets` folder for this training split: each image is trained on its
+            kept patches only (moved with the augmentation), so each step costs less.
     """
     torch.manual_seed(cfg.seed)
     if init_checkpoint is not None:
@@ -286,6 +279,13 @@ def train(
             "fine-tune from a checkpoint trained on the same classes"
         )
     preprocess = preprocess_of(train_data, mean, std)
+    keep_fn, tickets_meta = None, None
+    if tickets is not None:
+        lottery = load_tickets(tickets)
+        lottery.check(train_data, model_cfg.grid_size, model_cfg.patch_size or default_patch_size(model_cfg.img_size))
+        keep_fn = lottery.for_batch
+        tickets_meta = {"path": str(tickets), "drop": lottery.meta["config"]["drop"], "select": lottery.meta["config"]["select"],
+                        "num_keep": lottery.num_keep, "sha256": lottery.meta["sha256"]}
     train_loader = BatchLoader(
         train_data, cfg.batch_size, mean, std, shuffle=True, augment=default_augment(data_cfg.name),
         drop_last=len(train_data) >= 2 * cfg.batch_size, seed=cfg.seed,
@@ -293,9 +293,9 @@ def train(
     eval_loader = BatchLoader(test_data, 256, mean, std)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"data": asdict(data_cfg), "model": asdict(model_cfg), "train": asdict(cfg), "preprocess": preprocess,
-            "init_checkpoint": str(init_checkpoint) if init_checkpoint else None}
-    history = fit(model, train_loader, eval_loader, cfg, out_dir, meta=meta, resume=resume)
-    save_model(out_dir, model, model_cfg, preprocess, data=asdict(data_cfg), train=asdict(cfg), metrics=history[-1])
+            "init_checkpoint": str(init_checkpoint) if init_checkpoint else None, "tickets": tickets_meta}
+    history = fit(model, train_loader, eval_loader, cfg, out_dir, meta=meta, resume=resume, keep_fn=keep_fn)
+    save_model(out_dir, model, model_cfg, preprocess, data=asdict(data_cfg), train=asdict(cfg), tickets=tickets_meta, metrics=history[-1])
     return history
 
 

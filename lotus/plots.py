@@ -1,0 +1,63 @@
+"""Figures (matplotlib, headless). Each function draws one picture into a PNG file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_tickets_figure(
+    path: str | Path,
+    images: torch.Tensor,
+    scores: torch.Tensor,
+    keep_idx: torch.Tensor,
+    grid: int,
+    title: str = "",
+) -> Path:
+    """Like the LOTUS paper's Figure 3: each image with its dropped patches greyed out, beside
+    the heat map of its patch scores.
+
+    Args:
+        images: (n, 3, H, W) uint8.
+        scores: (n, N) patch scores, N = grid * grid.
+        keep_idx: (n, K) kept patch indices.
+    """
+    plt = _pyplot()
+    n = len(images)
+    cols = min(n, 8)
+    rows = 2 * -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    H = images.shape[-1]
+    patch = H // grid
+    for i in range(n):
+        kept = torch.zeros(grid * grid, dtype=torch.bool)
+        kept[keep_idx[i]] = True
+        mask = kept.view(grid, grid).repeat_interleave(patch, 0).repeat_interleave(patch, 1)  # (H, W)
+        img = images[i].permute(1, 2, 0).float() / 255
+        grey = torch.full_like(img, 0.5)
+        shown = torch.where(mask[..., None], img, 0.25 * img + 0.75 * grey)
+        r, c = 2 * (i // cols), i % cols
+        axes[r][c].imshow(shown.numpy(), interpolation="nearest")
+        axes[r + 1][c].imshow(scores[i].view(grid, grid).numpy(), cmap="inferno", interpolation="nearest")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][0].set_ylabel("kept", fontsize=8)
+    axes[1][0].set_ylabel("score", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,344 @@
+"""Data lottery tickets: score every patch of every training image, keep the best ones.
+
+A trained ViT's attention says which patches matter. The score of a patch is the attention the
+class token pays it, averaged over heads, from the last block by default (`layers` picks other
+blocks, averaged), or attention rollout through the chosen blocks (Abnar & Zuidema, 2020: add
+the identity, row-normalise, multiply through the layers). Two corrections, both on by default:
+
+- class-token sink (`cls_sink`): in every attention map used, the class token's attention to
+  itself is replaced by the mean of the attention it pays to the other tokens, and the row is
+  renormalised. With the direct score this leaves the ranking of patches unchanged (it rescales
+  the row); with rollout it stops the self-loop of the class token from swamping what flows
+  through it from the patches, and it keeps the heat maps on a comparable scale.
+- high-norm outlier patches (`norm_outliers`): a patch token whose output norm (after the last
+  block used) is an outlier within its image - robust z-score `(norm - median) / (1.4826 * MAD)`
+  above `outlier_z` and more than `outlier_ratio` times the median norm - is one of the
+  "register-like" tokens of Darcet et al. (2023), whose norms stand several times above the rest:
+  it soaks up attention while carrying global, not local, information, usually on background.
+  Its score is replaced by the mean score of its non-outlier 8-neighbours on the patch grid.
+
+The tickets of a dataset are its per-image keep indices (exactly K = N - round(drop * N) per
+image), the scores, and fingerprints of the data, patch grid and model; they are refused on any
+other dataset, split or patch grid. timm's fused attention never builds the attention matrix,
+so scoring rebuilds the rows it needs from each block's qkv projection, captured by a hook.
+
+Augmentation moves the tickets with the image: the score map is shifted by the crop's shift
+(rounded to whole patches) and flipped with the image, and the top-K of the moved map is kept,
+so every image still keeps exactly K patches.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lotus.checkpoint import load_checkpoint, save_checkpoint
+from lotus.data import Batch, BatchLoader, ImageData
+from lotus.errors import LotusError
+from lotus.vit import TokenGatherViT
+
+TICKETS_FILE = "tickets"  # DIR/tickets.safetensors + DIR/tickets.json
+
+
+@dataclass(frozen=True)
+class TicketConfig:
+    drop: float = 0.1  # fraction of each image's patches dropped, in [0, 1)
+    select: str = "attention"  # 'attention' (scored by the model) or 'random' (the control)
+    method: str = "cls"  # 'cls' (class-token attention row) or 'rollout'
+    layers: tuple[int, ...] | None = None  # blocks used (negative counts from the end); None = last (cls) / all (rollout)
+    cls_sink: bool = True  # replace the class token's self-attention by its row mean
+    norm_outliers: bool = True  # replace scores of high-norm outlier patches by their neighbours' mean
+    outlier_z: float = 3.5  # robust z-score above which a patch's output norm is an outlier...
+    outlier_ratio: float = 2.0  # ...if it is also this many times its image's median norm
+    batch_size: int = 256  # images per scoring pass
+    seed: int = 0  # seed of the random control
+
+    def __post_init__(self):
+        num_keep(1, self.drop)  # raises on a drop ratio outside [0, 1)
+        if self.select not in ("attention", "random"):
+            raise LotusError(f"--select {self.select!r} is not one of: attention, random")
+        if self.method not in ("cls", "rollout"):
+            raise LotusError(f"--method {self.method!r} is not one of: cls, rollout")
+
+
+def num_keep(num_patches: int, drop: float) -> int:
+    """Patches kept per image at a drop ratio: the same K for every image."""
+    if not 0 <= drop < 1:
+        raise LotusError(f"--drop {drop} is outside [0, 1): it is the fraction of patches dropped")
+    return num_patches - round(drop * num_patches)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure maths on attention maps and scores
+
+
+def correct_cls_sink(attn: torch.Tensor) -> torch.Tensor:
+    """Replace the class token's self-attention by the mean of its row's other entries.
+
+    Args:
+        attn: (..., T) class-token rows or (..., T, T) full maps; the class token is token 0.
+    Returns:
+        The same shape, the class-token row renormalised to sum to one.
+    """
+    row = attn[..., 0, :] if attn.dim() >= 2 and attn.shape[-2] == attn.shape[-1] else attn
+    row = row.clone()
+    row[..., 0] = row[..., 1:].mean(-1)
+    row = row / row.sum(-1, keepdim=True)
+    if row.shape == attn.shape:
+        return row
+    out = attn.clone()
+    out[..., 0, :] = row
+    return out
+
+
+def attention_rollout(attns: list[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020) through maps in forward order.
+
+    Args:
+        attns: per block, (B, T, T) head-averaged attention.
+    Returns:
+        (B, T, T) rolled-out attention: row i says how much of token i's output flows from each input.
+    """
+    eye = torch.eye(attns[0].shape[-1], dtype=attns[0].dtype, device=attns[0].device)
+    rollout = eye.expand_as(attns[0])
+    for attn in attns:
+        a = attn + eye  # the residual connection
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a @ rollout
+    return rollout
+
+
+def norm_outliers(norms: torch.Tensor, z: float, ratio: float) -> torch.Tensor:
+    """(B, N) bool: tokens whose norm, within their image, has a robust z-score above `z` and
+    is more than `ratio` times the median (the z-score alone flags too much when most patches
+    are near-identical background)."""
+    median = norms.median(-1, keepdim=True).values
+    mad = (norms - median).abs().median(-1, keepdim=True).values
+    robust_z = (norms - median) / (1.4826 * mad).clamp_min(1e-6)
+    return (robust_z > z) & (norms > ratio * median)
+
+
+def fill_from_neighbours(scores: torch.Tensor, outliers: torch.Tensor, grid: int) -> torch.Tensor:
+    """Replace outlier scores by the mean of their non-outlier 8-neighbours on the patch grid.
+
+    Args:
+        scores: (B, N) patch scores, N = grid * grid in row-major order.
+        outliers: (B, N) bool.
+    Returns:
+        (B, N) scores; an outlier with no valid neighbour gets its image's mean valid score.
+    """
+    valid = (~outliers).float().view(-1, 1, grid, grid)
+    kernel = torch.ones(1, 1, 3, 3, dtype=scores.dtype, device=scores.device)
+    kernel[..., 1, 1] = 0
+    total = F.conv2d(scores.view(-1, 1, grid, grid) * valid, kernel, padding=1)
+    count = F.conv2d(valid, kernel, padding=1)
+    image_mean = (scores * (~outliers)).sum(-1) / (~outliers).sum(-1).clamp_min(1)
+    filled = torch.where(count > 0, total / count.clamp_min(1), image_mean.view(-1, 1, 1, 1))
+    return torch.where(outliers, filled.view_as(scores), scores)
+
+
+def keep_from_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, K) indices of the K highest-scored patches of each image, in ascending order."""
+    return scores.topk(k, dim=-1).indices.sort(-1).values
+
+
+def transport_scores(scores: torch.Tensor, grid: int, patch_size: int, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Move (B, N) score maps with their images: shift by whole patches, then flip left-right.
+
+    Patches that enter from outside the image (the crop's padding) get -inf: they are the first
+    dropped. `shift` is (B, 2) (dy, dx) in pixels, rounded to the nearest whole patch.
+    """
+    B = scores.shape[0]
+    maps = scores.view(B, grid, grid)
+    dy = torch.round(shift[:, 0].float() / patch_size).long()
+    dx = torch.round(shift[:, 1].float() / patch_size).long()
+    rows = torch.arange(grid, device=scores.device)[None, :] - dy[:, None]  # (B, G) source row of each row
+    cols = torch.arange(grid, device=scores.device)[None, :] - dx[:, None]
+    cols = torch.where(flip[:, None], cols.flip(-1), cols)
+    inside = ((rows >= 0) & (rows < grid))[:, :, None] & ((cols >= 0) & (cols < grid))[:, None, :]
+    moved = maps[torch.arange(B)[:, None, None], rows.clamp(0, grid - 1)[:, :, None], cols.clamp(0, grid - 1)[:, None, :]]
+    return torch.where(inside, moved, torch.full_like(moved, float("-inf"))).view(B, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a dataset with a model
+
+
+def _attention_from_qkv(attn_module: torch.nn.Module, qkv: torch.Tensor, full: bool) -> torch.Tensor:
+    """Rebuild the softmax attention of a timm Attention block from its qkv projection output.
+
+    Returns (B, H, T) class-token rows, or (B, H, T, T) maps when `full`.
+    """
+    B, T, _ = qkv.shape
+    H = attn_module.num_heads
+    q, k, _ = qkv.reshape(B, T, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+    q, k = attn_module.q_norm(q), attn_module.k_norm(k)
+    if not full:
+        q = q[:, :, :1]  # the class token's query only: (B, H, 1, hd)
+    attn = ((q * attn_module.scale) @ k.transpose(-2, -1)).float().softmax(-1)
+    return attn if full else attn[:, :, 0]
+
+
+def resolve_layers(cfg: TicketConfig, depth: int) -> list[int]:
+    layers = cfg.layers if cfg.layers else ((depth - 1,) if cfg.method == "cls" else tuple(range(depth)))
+    resolved = sorted({layer % depth for layer in layers if -depth <= layer < depth})
+    if len(resolved) != len(set(layers)):
+        raise LotusError(f"--layers {list(layers)} names blocks outside 0..{depth - 1}")
+    return resolved
+
+
+@torch.inference_mode()
+def score_batch(model: TokenGatherViT, images: torch.Tensor, cfg: TicketConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch scores of a batch: (B, N) scores and (B, N) high-norm outlier flags."""
+    layers = resolve_layers(cfg, len(model.blocks))
+    full = cfg.method == "rollout"
+    qkvs: dict[int, torch.Tensor] = {}
+    hooks = [model.blocks[i].attn.qkv.register_forward_hook(lambda m, a, out, i=i: qkvs.__setitem__(i, out)) for i in layers]
+    outputs: dict[str, torch.Tensor] = {}
+    hooks.append(model.blocks[layers[-1]].register_forward_hook(lambda m, a, out: outputs.__setitem__("x", out)))
+    try:
+        model.forward_features(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    prefix = model.num_prefix_tokens
+    maps = []
+    for i in layers:
+        attn = _attention_from_qkv(model.blocks[i].attn, qkvs[i], full).mean(1)  # heads averaged: (B, T[, T])
+        maps.append(correct_cls_sink(attn) if cfg.cls_sink else attn)
+    if full:
+        scores = attention_rollout(maps)[:, 0, prefix:]
+    else:
+        scores = torch.stack(maps).mean(0)[:, prefix:]
+    norms = outputs["x"][:, prefix:].float().norm(dim=-1)  # (B, N) output norm of each patch token
+    outliers = norm_outliers(norms, cfg.outlier_z, cfg.outlier_ratio) if cfg.norm_outliers else torch.zeros_like(norms, dtype=torch.bool)
+    if cfg.norm_outliers:
+        scores = fill_from_neighbours(scores, outliers, int(scores.shape[-1] ** 0.5))
+    return scores, outliers
+
+
+def fingerprint(data: ImageData) -> dict[str, Any]:
+    """What identifies a split: its name, size, and a hash of its pixels and labels."""
+    h = hashlib.sha256()
+    h.update(data.images.numpy().tobytes())
+    h.update(data.labels.numpy().tobytes())
+    return {"dataset": data.name, "split": data.split, "num_images": len(data), "img_size": data.img_size, "sha256": h.hexdigest()}
+
+
+@dataclass
+class Tickets:
+    """Per-image keep indices and patch scores of one dataset split."""
+
+    keep_idx: torch.Tensor  # (num_images, K) int64, ascending
+    scores: torch.Tensor  # (num_images, N) float32; higher = more informative
+    grid: int  # patches per side
+    patch_size: int  # patch side in pixels
+    meta: dict[str, Any]  # config, fingerprints, counts
+
+    @property
+    def num_keep(self) -> int:
+        return self.keep_idx.shape[1]
+
+    def for_batch(self, batch: Batch) -> torch.Tensor:
+        """(B, K) keep indices of a batch's images, moved with their augmentation."""
+        if batch.shift is None:
+            return self.keep_idx[batch.index]
+        moved = transport_scores(self.scores[batch.index], self.grid, self.patch_size, batch.shift, batch.flip)
+        return keep_from_scores(moved, self.num_keep)
+
+    def check(self, data: ImageData, grid: int, patch_size: int) -> None:
+        """Refuse tickets made for another dataset, split or patch grid."""
+        made_for = self.meta["data"]
+        if made_for != fingerprint(data):
+            raise LotusError(
+                f"tickets were made for {made_for['dataset']} ({made_for['split']}, {made_for['num_images']} images), "
+                f"not {data.name} ({data.split}, {len(data)} images): make tickets for this data with `lotus tickets`"
+            )
+        if (grid, patch_size) != (self.grid, self.patch_size):
+            raise LotusError(
+                f"tickets are for a {self.grid}x{self.grid} grid of {self.patch_size}px patches, the model has "
+                f"{grid}x{grid} of {patch_size}px: make tickets with this model's patch grid"
+            )
+
+
+def make_tickets(
+    model: TokenGatherViT, data: ImageData, mean: list[float], std: list[float], cfg: TicketConfig,
+    *, model_sha256: str | None = None, device: torch.device | str = "cpu", progress=None,
+) -> Tickets:
+    """Score every patch of every image of `data` and keep the top K per image.
+
+    Args:
+        progress: optional callable(done, total) for a progress display.
+    """
+    grid = model.patch_embed.grid_size[0]
+    patch_size = model.patch_embed.patch_size[0]
+    N = grid * grid
+    k = num_keep(N, cfg.drop)
+    model.eval().to(device)
+    scores, outlier_count = [], 0
+    if cfg.select == "random":
+        gen = torch.Generator().manual_seed(cfg.seed)
+        scores = [torch.rand(len(data), N, generator=gen)]
+    else:
+        loader = BatchLoader(data, cfg.batch_size, mean, std)
+        for i, batch in enumerate(loader):
+            s, outliers = score_batch(model, batch.images.to(device), cfg)
+            scores.append(s.cpu())
+            outlier_count += int(outliers.sum())
+            if progress:
+                progress(i + 1, len(loader))
+    scores = torch.cat(scores).float()
+    meta = {
+        "config": asdict(cfg), "num_keep": k, "num_patches": N, "data": fingerprint(data),
+        "model_sha256": model_sha256, "outlier_patches": outlier_count,
+        "layers": resolve_layers(cfg, len(model.blocks)) if cfg.select == "attention" else None,
+    }
+    return Tickets(keep_from_scores(scores, k), scores, grid, patch_size, meta)
+
+
+def save_tickets(tickets: Tickets, out_dir: str | Path) -> Path:
+    # Keep indices fit int16 for any grid up to 181x181; scores stay fp32 (N floats per image).
+    tensors = {"keep_idx": tickets.keep_idx.to(torch.int16), "scores": tickets.scores}
+    return save_checkpoint(Path(out_dir) / TICKETS_FILE, tensors, {"grid": tickets.grid, "patch_size": tickets.patch_size, **tickets.meta})
+
+
+def load_tickets(path: str | Path) -> Tickets:
+    """Load tickets from a folder written by `lotus tickets` (or its tickets.safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TICKETS_FILE
+    tensors, meta = load_checkpoint(path)
+    if "keep_idx" not in tensors:
+        raise LotusError(f"{path} holds no tickets: pass the folder `lotus tickets --out` wrote")
+    grid, patch_size = meta.pop("grid"), meta.pop("patch_size")
+    return Tickets(tensors["keep_idx"].long(), tensors["scores"].float(), grid, patch_size, meta)
+
+
+def tickets_from_checkpoint(checkpoint: str | Path, data_cfg, cfg: TicketConfig, out_dir: str | Path, *, device: str = "auto", progress=None) -> Tickets:
+    """What `lotus tickets` runs: score a dataset's training split with a checkpoint, write
+    `out_dir/tickets.safetensors` + `tickets.json` and the figure `out_dir/tickets.png`."""
+    from dataclasses import replace
+
+    from lotus.checkpoint import load_model
+    from lotus.data import load_split
+    from lotus.plots import save_tickets_figure
+    from lotus.device import resolve_device
+
+    dev = resolve_device(device)
+    model, meta = load_model(checkpoint, dev)
+    pre = meta["preprocess"]
+    data = load_split(replace(data_cfg, img_size=pre["img_size"]), "train")
+    if data.classes != pre["classes"]:
+        raise LotusError(f"{data_cfg.name} classes differ from those {checkpoint} was trained on: score the data the model knows")
+    tickets = make_tickets(model, data, pre["mean"], pre["std"], cfg, model_sha256=meta["sha256"], device=dev, progress=progress)
+    out_dir = Path(out_dir)
+    save_tickets(tickets, out_dir)
+    show = torch.arange(min(16, len(data)))
+    title = f"{cfg.select} tickets, drop {cfg.drop:g}: {tickets.num_keep} of {tickets.grid ** 2} patches kept"
+    save_tickets_figure(out_dir / "tickets.png", data.images[show], tickets.scores[show], tickets.keep_idx[show], tickets.grid, title)
+    return tickets
+

@@ -1,0 +1,176 @@
+"""Data lottery tickets: the score corrections, exact K, fingerprints, and training on kept patches."""
+import json
+
+import pytest
+import torch
+
+from lotus import LotusError
+from lotus.data import AugmentConfig, BatchLoader, DataConfig, ImageData, load_split
+from lotus.tickets import (
+    TicketConfig, Tickets, attention_rollout, correct_cls_sink, fill_from_neighbours, keep_from_scores,
+    load_tickets, make_tickets, norm_outliers, num_keep, save_tickets, score_batch, transport_scores,
+)
+from lotus.train import TrainConfig, train
+from lotus.vit import ModelConfig, build_model
+
+
+def test_cls_sink_is_replaced_by_the_mean_of_the_other_entries():
+    row = torch.tensor([0.90, 0.06, 0.02, 0.02])  # the class token attends mostly to itself
+    fixed = correct_cls_sink(row)
+    other_mean = (0.06 + 0.02 + 0.02) / 3
+    expected = torch.tensor([other_mean, 0.06, 0.02, 0.02]) / (other_mean + 0.10)
+    assert torch.allclose(fixed, expected) and fixed.sum() == pytest.approx(1.0)
+    # on a full map only the class-token row changes
+    full = torch.softmax(torch.randn(2, 4, 4), -1)
+    out = correct_cls_sink(full)
+    assert torch.allclose(out[:, 1:], full[:, 1:])
+    assert torch.allclose(out[:, 0, 0], full[:, 0, 1:].mean(-1) / (full[:, 0, 1:].mean(-1) + full[:, 0, 1:].sum(-1)))
+
+
+def test_rollout_of_identity_maps_is_identity_and_of_uniform_is_uniform():
+    eye = torch.eye(5).expand(2, 5, 5)
+    assert torch.allclose(attention_rollout([eye, eye]), eye)
+    uniform = torch.full((1, 4, 4), 0.25)
+    out = attention_rollout([uniform] * 3)
+    assert torch.allclose(out.sum(-1), torch.ones(1, 4))  # rows stay distributions
+    # one layer: 0.5 * (A + I) after row normalisation
+    assert torch.allclose(attention_rollout([uniform]), 0.5 * (uniform + torch.eye(4)))
+
+
+def test_high_norm_outliers_take_their_neighbours_mean():
+    grid = 4
+    norms = torch.full((1, 16), 10.0) + torch.linspace(0, 1, 16)
+    norms[0, 5] = 60.0  # a register-like token: six times the others
+    outliers = norm_outliers(norms, z=3.5, ratio=2.0)
+    assert outliers.nonzero().tolist() == [[0, 5]]
+    scores = torch.arange(16.0).view(1, 16)
+    scores[0, 5] = 100.0  # it soaked up attention
+    fixed = fill_from_neighbours(scores, outliers, grid)
+    neighbours = [0, 1, 2, 4, 6, 8, 9, 10]  # the 8 cells around (1, 1)
+    assert fixed[0, 5] == pytest.approx(torch.tensor(neighbours).float().mean().item())
+    assert torch.equal(fixed[0, torch.arange(16) != 5], scores[0, torch.arange(16) != 5])
+
+
+def test_uniform_background_is_not_an_outlier():
+    norms = torch.full((1, 16), 10.0)
+    norms[0, :3] = 10.5  # small differences on near-constant background give huge z-scores
+    assert not norm_outliers(norms, z=3.5, ratio=2.0).any()
+
+
+def test_keep_exactly_k_highest():
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.8], [0.5, 0.4, 0.7, 0.6]])
+    assert keep_from_scores(scores, 2).tolist() == [[1, 3], [2, 3]]
+    assert num_keep(64, 0.1) == 58 and num_keep(64, 0.5) == 32 and num_keep(16, 0.0) == 16
+    with pytest.raises(LotusError, match="outside"):
+        num_keep(16, 1.0)
+
+
+def test_scores_move_with_the_augmentation():
+    grid, patch = 4, 4
+    scores = torch.arange(16.0).view(1, 16)
+    # content moved one patch down and right: the score of old (r, c) is now at (r + 1, c + 1)
+    moved = transport_scores(scores, grid, patch, torch.tensor([[4, 4]]), torch.tensor([False])).view(4, 4)
+    assert moved[1:, 1:].equal(scores.view(4, 4)[:-1, :-1])
+    assert torch.isinf(moved[0]).all() and torch.isinf(moved[:, 0]).all()
+    # a 1px shift rounds to no shift; a flip mirrors the columns
+    flipped = transport_scores(scores, grid, patch, torch.tensor([[1, -1]]), torch.tensor([True])).view(4, 4)
+    assert flipped.equal(scores.view(4, 4).flip(-1))
+
+
+def test_attention_scores_come_from_the_real_attention(tiny_cfg):
+    # The hook-rebuilt class-token row must equal timm's own attention computed without fusion.
+    model = build_model(tiny_cfg).eval()
+    x = torch.randn(3, 3, 16, 16)
+    rows = {}
+    attn = model.blocks[-1].attn
+    attn.fused_attn = False
+    real_softmax = torch.Tensor.softmax
+
+    def spy(t, dim):
+        out = real_softmax(t, dim)
+        if out.shape[-1] == 17 and out.dim() == 4:
+            rows["attn"] = out
+        return out
+
+    torch.Tensor.softmax = spy
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        torch.Tensor.softmax = real_softmax
+    expected = rows["attn"][:, :, 0, 1:].mean(1)  # (B, N) class-token row, heads averaged
+    scores, _ = score_batch(model, x, TicketConfig(cls_sink=False, norm_outliers=False))
+    assert torch.allclose(scores, expected, atol=1e-6)
+
+
+def _digits_and_model(tiny_cfg):
+    data = load_split(DataConfig("digits", img_size=16), "train")
+    return data, build_model(tiny_cfg).eval(), *data.channel_stats()
+
+
+@pytest.mark.parametrize("cfg", [TicketConfig(drop=0.3), TicketConfig(drop=0.5, method="rollout"), TicketConfig(drop=0.3, select="random")])
+def test_every_image_keeps_exactly_k(tiny_cfg, cfg, tmp_path):
+    data, model, mean, std = _digits_and_model(tiny_cfg)
+    tickets = make_tickets(model, data, mean, std, cfg)
+    k = num_keep(16, cfg.drop)
+    assert tickets.keep_idx.shape == (len(data), k)
+    assert all(len(set(row.tolist())) == k for row in tickets.keep_idx)  # no duplicates
+    save_tickets(tickets, tmp_path)
+    loaded = load_tickets(tmp_path)
+    assert torch.equal(loaded.keep_idx, tickets.keep_idx) and torch.equal(loaded.scores, tickets.scores)
+    # augmented batches still get exactly K distinct patches each
+    loader = BatchLoader(data, 64, mean, std, shuffle=True, augment=AugmentConfig(padding=4, hflip=True))
+    batch = next(loader.epoch(0))
+    keep = loaded.for_batch(batch)
+    assert keep.shape == (64, k) and all(len(set(r.tolist())) == k for r in keep)
+
+
+def test_tickets_are_refused_on_other_data(tiny_cfg, tmp_path):
+    data, model, mean, std = _digits_and_model(tiny_cfg)
+    tickets = make_tickets(model, data, mean, std, TicketConfig(drop=0.25))
+    save_tickets(tickets, tmp_path)
+    loaded = load_tickets(tmp_path)
+    loaded.check(data, grid=4, patch_size=4)  # the data they were made for
+    test_split = load_split(DataConfig("digits", img_size=16), "test")
+    with pytest.raises(LotusError, match="tickets were made for digits \\(train, 1437 images\\), not digits \\(test"):
+        loaded.check(test_split, grid=4, patch_size=4)
+    altered = ImageData(data.images.clone(), data.labels, data.classes, data.name, data.split)
+    altered.images[0, 0, 0, 0] ^= 1  # same name and size, one pixel differs
+    with pytest.raises(LotusError, match="tickets were made for"):
+        loaded.check(altered, grid=4, patch_size=4)
+    with pytest.raises(LotusError, match="4x4 grid of 4px patches, the model has 8x8 of 2px"):
+        loaded.check(data, grid=8, patch_size=2)
+
+
+def test_training_on_tickets_feeds_k_tokens_to_the_blocks(tiny_cfg, tmp_path, monkeypatch):
+    data, model, mean, std = _digits_and_model(tiny_cfg)
+    save_tickets(make_tickets(model, data, mean, std, TicketConfig(drop=0.5)), tmp_path / "tickets")
+
+    seen = []
+    import lotus.train as T
+
+    real_build = T.build_model
+
+    def build_and_watch(cfg):
+        m = real_build(cfg)
+        m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append((mod.training, args[0].shape[1])))
+        return m
+
+    monkeypatch.setattr(T, "build_model", build_and_watch)
+    history = train(DataConfig("digits", img_size=16), ModelConfig(depth=1), TrainConfig(epochs=1, batch_size=128),
+                    tmp_path / "run", tickets=tmp_path / "tickets")
+    train_lengths = {n for training, n in seen if training}
+    eval_lengths = {n for training, n in seen if not training}
+    assert train_lengths == {1 + 8}  # class token + 8 of 16 patches in every training step
+    assert eval_lengths == {1 + 16}  # evaluation sees whole images
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["tickets"]["num_keep"] == 8 and meta["tickets"]["drop"] == 0.5
+    assert history[0]["test_accuracy"] >= 0
+
+
+def test_tickets_from_the_wrong_split_size_fail_in_train(tiny_cfg, tmp_path):
+    data, model, mean, std = _digits_and_model(tiny_cfg)
+    save_tickets(make_tickets(model, data, mean, std, TicketConfig(drop=0.5)), tmp_path / "tickets")
+    with pytest.raises(LotusError, match="grid"):
+        train(DataConfig("digits", img_size=16), ModelConfig(depth=1, patch_size=2), TrainConfig(epochs=1),
+              tmp_path / "run", tickets=tmp_path / "tickets")
