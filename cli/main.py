@@ -185,5 +185,130 @@ def tickets(
               f"({m['outlier_patches']} high-norm outlier patches re-scored); tickets: {out}")
 
 
+prune_app = typer.Typer(help="ISSP pruning: the essential-sparsity sweep, one-shot pruning, Instant Soup Pruning.", no_args_is_help=True)
+app.add_typer(prune_app, name="prune")
+
+ScopeOpt = Annotated[str, typer.Option(help="'global' (one magnitude ranking over all prunable weights) or 'layer'.")]
+IncludeOpt = Annotated[Optional[str], typer.Option(help="Also prune these, comma-separated: patch_embed, head.")]
+
+
+def _include(include: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in include.split(",") if x.strip()) if include else ()
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise lotus.LotusError(f"{flag} {text!r} is not a comma-separated list of numbers") from None
+
+
+@prune_app.command("sweep")
+@user_errors
+def prune_sweep(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="LOTUS checkpoint or run folder (default: the latest run).")] = None,
+    data: DataOpt = "digits",
+    data_dir: DataDirOpt = Path("data"),
+    download: DownloadOpt = False,
+    sparsities: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities (default 0.01,0.05,0.1,0.2,...,0.5).")] = None,
+    wide: Annotated[bool, typer.Option("--wide", help="Sweep up to 0.9.")] = False,
+    tolerance: Annotated[float, typer.Option(help="Accuracy points below dense that still count as no loss.")] = 1.0,
+    scope: ScopeOpt = "global",
+    include: IncludeOpt = None,
+    device: DeviceOpt = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: a new runs/sweep-DATE-TIME).")] = None,
+) -> None:
+    """One-shot magnitude pruning at a list of sparsities; finds the essential sparsity (the knee)."""
+    from lotus.checkpoint import latest_run, new_run_dir
+    from lotus.data import DataConfig
+    from lotus.prune import DEFAULT_SPARSITIES, WIDE_SPARSITIES, PruneConfig, SweepConfig, sweep
+
+    levels = _floats(sparsities, "--sparsities") if sparsities else (WIDE_SPARSITIES if wide else DEFAULT_SPARSITIES)
+    cfg = SweepConfig(sparsities=levels, tolerance=tolerance, prune=PruneConfig(scope=scope, include=_include(include)))
+    checkpoint = checkpoint or latest_run()
+    out = out or new_run_dir("sweep")
+    from lotus.train import make_progress
+
+    with make_progress() as progress:
+        task = progress.add_task("sweeping", total=len(levels), status="")
+        result = sweep(checkpoint, DataConfig(data, data_dir=str(data_dir), download=download), cfg, out, device=device,
+                       progress=lambda done, total: progress.update(task, completed=done))
+    for row in result["rows"]:
+        print(json.dumps(row))
+    err.print(f"dense {result['dense_accuracy']:.2f}%; essential sparsity {result['essential_sparsity']:g} "
+              f"(tolerance {tolerance:g} pt); sweep: {out}")
+
+
+@prune_app.command("oneshot")
+@user_errors
+def prune_oneshot(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="LOTUS checkpoint or run folder (default: the latest run).")] = None,
+    sparsity: Annotated[str, typer.Option(help="Fraction of the prunable weights to prune, or 'auto' (the sweep's essential sparsity).")] = "auto",
+    data: DataOpt = "digits",
+    data_dir: DataDirOpt = Path("data"),
+    download: DownloadOpt = False,
+    tolerance: Annotated[float, typer.Option(help="With --sparsity auto: the sweep's tolerance in accuracy points.")] = 1.0,
+    scope: ScopeOpt = "global",
+    include: IncludeOpt = None,
+    device: DeviceOpt = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Output run folder (default: a new runs/oneshot-DATE-TIME).")] = None,
+) -> None:
+    """Stage 1: prune one-shot by global weight magnitude; saves the masked model with its masks."""
+    from lotus.checkpoint import latest_run, new_run_dir
+    from lotus.data import DataConfig
+    from lotus.prune import PruneConfig, SweepConfig, prune_oneshot as oneshot, sweep
+
+    checkpoint = checkpoint or latest_run()
+    data_cfg = DataConfig(data, data_dir=str(data_dir), download=download)
+    prune_cfg = PruneConfig(scope=scope, include=_include(include))
+    out = out or new_run_dir("oneshot")
+    if sparsity == "auto":
+        level = sweep(checkpoint, data_cfg, SweepConfig(tolerance=tolerance, prune=prune_cfg), out / "sweep", device=device)["essential_sparsity"]
+        err.print(f"--sparsity auto: essential sparsity {level:g} (sweep in {out / 'sweep'})")
+    else:
+        level = _floats(sparsity, "--sparsity")[0]
+    result = oneshot(checkpoint, level, out, prune_cfg, data_cfg=data_cfg, device=device)
+    print(json.dumps({"sparsity": result["sparsity"]["overall"], "accuracy": result["accuracy"]}))
+    err.print(f"measured sparsity {result['sparsity']['overall']:.4f}, accuracy {result['accuracy']:.2f}%; checkpoint: {out}")
+
+
+@prune_app.command("isp")
+@user_errors
+def prune_isp(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Stage-1 checkpoint (or any LOTUS checkpoint; default: the latest run).")] = None,
+    target: Annotated[float, typer.Option(help="Overall sparsity of the prunable weights to reach.")] = 0.5,
+    rounds: Annotated[int, typer.Option(help="Rounds; sparsity rises linearly to the target.")] = 2,
+    copies: Annotated[int, typer.Option(help="Weak copies per round.")] = 5,
+    data_fraction: Annotated[float, typer.Option(help="Share of the training data each weak copy sees.")] = 0.1,
+    epochs: Annotated[int, typer.Option(help="Passes of each weak copy over its slice.")] = 1,
+    lr: Annotated[float, typer.Option(help="Weak copies' learning rate.")] = 1e-4,
+    merge: Annotated[str, typer.Option(help="'union', 'vote', 'intersection', or 'levels' (the source method's union of nested masks).")] = "union",
+    min_votes: Annotated[Optional[int], typer.Option(help="For --merge vote: copies that must keep a weight.")] = None,
+    soup: Annotated[bool, typer.Option(help="Average the weak copies' weights after each round.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the slices and copies.")] = 0,
+    data: DataOpt = "digits",
+    data_dir: DataDirOpt = Path("data"),
+    download: DownloadOpt = False,
+    scope: ScopeOpt = "global",
+    include: IncludeOpt = None,
+    device: DeviceOpt = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Output run folder (default: a new runs/isp-DATE-TIME).")] = None,
+) -> None:
+    """Stage 2: Instant Soup Pruning - weak copies on small data slices propose masks that are merged."""
+    from lotus.checkpoint import latest_run, new_run_dir
+    from lotus.data import DataConfig
+    from lotus.prune import ISPConfig, PruneConfig, isp
+
+    cfg = ISPConfig(target=target, rounds=rounds, copies=copies, data_fraction=data_fraction, epochs=epochs, lr=lr,
+                    merge=merge, min_votes=min_votes, soup=soup, seed=seed, prune=PruneConfig(scope=scope, include=_include(include)))
+    checkpoint = checkpoint or latest_run()
+    out = out or new_run_dir("isp")
+    result = isp(checkpoint, DataConfig(data, data_dir=str(data_dir), download=download), cfg, out, device=device,
+                 log=lambda line: err.print(line))
+    print(json.dumps(result))
+    err.print(f"target {target:g}, achieved sparsity {result['achieved_sparsity']:.4f}, "
+              f"accuracy {result['rounds'][-1]['accuracy']:.2f}%; checkpoint: {out}")
+
+
 if __name__ == "__main__":
     app()

@@ -92,27 +92,47 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return load(blob), meta
 
 
+MASK_PREFIX = "mask."  # pruning masks ride in the same tensor file as the weights
+
+
 def save_model(
     path: str | Path,
     model: torch.nn.Module,
     model_cfg: ModelConfig,
     preprocess: dict[str, Any],
+    masks: dict[str, torch.Tensor] | None = None,
     **meta: Any,
 ) -> Path:
-    """Save a model with what rebuilds it (its ModelConfig) and what feeds it (its preprocessing)."""
-    return save_checkpoint(path, model.state_dict(), {"model": asdict(model_cfg), "preprocess": preprocess, **meta})
+    """Save a model with what rebuilds it (its ModelConfig), what feeds it (its preprocessing)
+    and its pruning masks (bool tensors, True = kept), if any."""
+    tensors = dict(model.state_dict())
+    tensors.update({MASK_PREFIX + name: m for name, m in (masks or {}).items()})
+    return save_checkpoint(path, tensors, {"model": asdict(model_cfg), "preprocess": preprocess, **meta})
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[TokenGatherViT, dict[str, Any]]:
-    """Rebuild a model saved by `save_model`; returns it (in eval mode) and the sidecar."""
+    """Rebuild a model saved by `save_model`; returns it (in eval mode) and the sidecar, with
+    the pruning masks under meta["masks"] ({} for a dense model).
+
+    Raises:
+        LotusError: the checkpoint does not fit its architecture, or a pruned weight is non-zero.
+    """
     tensors, meta = load_checkpoint(path)
     if "model" not in meta:
         raise LotusError(f"checkpoint {_stem(path)} holds no model config: is it a training-state file?")
+    masks = {k[len(MASK_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
+    weights = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     cfg = ModelConfig(**{**meta["model"], "pretrained": False})
     model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise LotusError(f"checkpoint {_stem(path)} does not fit {cfg.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, mask in masks.items():
+        if name not in weights or weights[name].shape != mask.shape:
+            raise LotusError(f"checkpoint {_stem(path)} has a mask for {name} that fits no weight of the model")
+        if weights[name][~mask].any():
+            raise LotusError(f"checkpoint {_stem(path)}: pruned weights of {name} are not zero, the masks do not hold")
+    meta["masks"] = masks
     return model.to(device).eval(), meta
 
 

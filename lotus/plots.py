@@ -61,3 +61,21 @@ def save_tickets_figure(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_sweep_figure(path: str | Path, rows: list[dict], dense_accuracy: float, knee: float, tolerance: float) -> Path:
+    """Like the LOTUS paper's Figure 2: accuracy against one-shot sparsity, the knee marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    xs = [100 * r["sparsity"] for r in rows]
+    ax.plot(xs, [r["accuracy"] for r in rows], marker="o", label="one-shot magnitude pruning")
+    ax.axhline(dense_accuracy, color="grey", linestyle="--", linewidth=1, label=f"dense {dense_accuracy:.2f}%")
+    ax.axhspan(dense_accuracy - tolerance, dense_accuracy, color="grey", alpha=0.15, label=f"tolerance {tolerance:g} pt")
+    ax.axvline(100 * knee, color="tab:red", linestyle=":", label=f"essential sparsity {100 * knee:g}%")
+    ax.set(xlabel="sparsity of the prunable weights (%)", ylabel="test accuracy (%)", title="Essential sparsity sweep")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -24,6 +24,7 @@ from lotus.checkpoint import load_checkpoint, load_model, save_checkpoint, save_
 from lotus.data import Batch, BatchLoader, DataConfig, ImageData, default_augment, load_split
 from lotus.device import autocast, resolve_device
 from lotus.errors import LotusError
+from lotus.masks import Masks, enforce_masks_
 from lotus.tickets import load_tickets
 from lotus.vit import ModelConfig, TokenGatherViT, build_model, default_patch_size
 
@@ -102,25 +103,53 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _restore(
+    out_dir: Path, resume: bool, meta: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device
+) -> tuple[list[dict[str, Any]], int]:
+    """Load the last finished epoch's state of the run in `out_dir` when resuming; returns the
+    metrics history and the epoch to start from. Refuses to start over a run unasked."""
+    state = out_dir / f"{STATE_FILE}.json"
+    if not resume:
+        if state.exists():
+            raise LotusError(f"{out_dir} already holds a training run: pass --resume to continue it, or a new --out")
+        return [], 0
+    if not state.exists():
+        console.print(f"nothing to resume in {out_dir}: starting from epoch 1")
+        return [], 0
+    tensors, saved = load_checkpoint(out_dir / STATE_FILE)
+    if saved["run"] != json.loads(json.dumps(meta)):
+        raise LotusError(f"{out_dir} holds a run with other settings: resume it with the same flags, or pass a new --out")
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    _load_optimizer(opt, {k: v.to(device) for k, v in tensors.items()}, saved["param_groups"])
+    console.print(f"resuming {out_dir} after epoch {saved['epoch']}")
+    return saved["history"], saved["epoch"]
+
+
 def fit(
     model: TokenGatherViT,
     train_loader: BatchLoader,
-    eval_loader: BatchLoader,
+    eval_loader: BatchLoader | None,
     cfg: TrainConfig,
-    out_dir: Path,
+    out_dir: Path | None,
     *,
     meta: dict[str, Any],
     resume: bool = False,
     keep_fn: Callable[[Batch], torch.Tensor] | None = None,
+    masks: Masks | None = None,
 ) -> list[dict[str, Any]]:
     """Train `model` for `cfg.epochs`, evaluating and checkpointing after every epoch.
 
     Args:
+        eval_loader: evaluated after every epoch; None skips evaluation.
+        out_dir: run folder for metrics.jsonl and the resumable state; None writes nothing
+            (ISP's short-lived weak copies).
         meta: what identifies the run (configs, preprocessing); written into every checkpoint,
             and a resumed run must match it.
         resume: continue from `out_dir`'s last completed epoch instead of starting afresh.
         keep_fn: gives the (B, K) patch indices to train each batch on (data lottery tickets);
             None trains on every patch.
+        masks: pruning masks (True = kept) that hold through training: pruned weights get no
+            gradient and are re-zeroed, with their optimizer state, after every step.
     Returns:
         One metrics dict per epoch (the contents of metrics.jsonl).
     """
@@ -129,27 +158,14 @@ def fit(
     device = resolve_device(cfg.device)
     model.to(device)
     opt = timm.optim.create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    enforcer = enforce_masks_(model, masks) if masks else None
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
 
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if resume and (out_dir / f"{STATE_FILE}.json").exists():
-        tensors, saved = load_checkpoint(out_dir / STATE_FILE)
-        if saved["run"] != json.loads(json.dumps(meta)):
-            raise LotusError(f"{out_dir} holds a run with other settings: resume it with the same flags, or pass a new --out")
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        _load_optimizer(opt, {k: v.to(device) for k, v in tensors.items()}, saved["param_groups"])
-        history, start_epoch = saved["history"], saved["epoch"]
-        console.print(f"resuming {out_dir} after epoch {start_epoch}/{cfg.epochs}")
-    elif resume:
-        console.print(f"nothing to resume in {out_dir}: starting from epoch 1")
-    elif (out_dir / f"{STATE_FILE}.json").exists():
-        raise LotusError(f"{out_dir} already holds a training run: pass --resume to continue it, or a new --out")
-
-    metrics_path = out_dir / METRICS_FILE
-    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    history, start_epoch = _restore(out_dir, resume, meta, model, opt, device) if out_dir is not None else ([], 0)
+    if out_dir is not None:
+        (out_dir / METRICS_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
     with make_progress() as progress:
         for epoch in range(start_epoch, cfg.epochs):
             torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout / drop-path noise of this epoch
@@ -171,6 +187,8 @@ def fit(
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
+                if enforcer is not None:
+                    enforcer.after_step(opt)
 
                 loss_sum += loss.item() * len(labels)
                 correct += (logits.argmax(-1) == labels).sum().item()
@@ -181,7 +199,7 @@ def fit(
             train_seconds = time.perf_counter() - start
             progress.remove_task(task)
 
-            ev = evaluate(model, eval_loader, device)
+            ev = evaluate(model, eval_loader, device) if eval_loader is not None else {"loss": None, "accuracy": None}
             record = {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / seen,
@@ -193,8 +211,10 @@ def fit(
                 "images_per_second": seen / train_seconds,
             }
             history.append(record)
+            if out_dir is None:
+                continue
             print(json.dumps(record), flush=True)
-            with metrics_path.open("a") as f:
+            with (out_dir / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(record) + "\n")
             opt_tensors, groups = _optimizer_tensors(opt)
             model_tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -203,6 +223,8 @@ def fit(
                 {**model_tensors, **opt_tensors},
                 {"run": meta, "epoch": epoch + 1, "history": history, "param_groups": groups},
             )
+    if enforcer is not None:
+        enforcer.remove()
     return history
 
 
@@ -254,8 +276,10 @@ def train(
             kept patches only (moved with the augmentation), so each step costs less.
     """
     torch.manual_seed(cfg.seed)
+    masks = None
     if init_checkpoint is not None:
         model, init_meta = load_model(init_checkpoint)
+        masks = init_meta["masks"] or None  # a pruned model stays pruned
         model_cfg = ModelConfig(**init_meta["model"])
         mean, std = init_meta["preprocess"]["mean"], init_meta["preprocess"]["std"]
         data_cfg = replace(data_cfg, img_size=model_cfg.img_size)
@@ -294,8 +318,8 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"data": asdict(data_cfg), "model": asdict(model_cfg), "train": asdict(cfg), "preprocess": preprocess,
             "init_checkpoint": str(init_checkpoint) if init_checkpoint else None, "tickets": tickets_meta}
-    history = fit(model, train_loader, eval_loader, cfg, out_dir, meta=meta, resume=resume, keep_fn=keep_fn)
-    save_model(out_dir, model, model_cfg, preprocess, data=asdict(data_cfg), train=asdict(cfg), tickets=tickets_meta, metrics=history[-1])
+    history = fit(model, train_loader, eval_loader, cfg, out_dir, meta=meta, resume=resume, keep_fn=keep_fn, masks=masks)
+    save_model(out_dir, model, model_cfg, preprocess, masks, data=asdict(data_cfg), train=asdict(cfg), tickets=tickets_meta, metrics=history[-1])
     return history
 
 
