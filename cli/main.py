@@ -221,7 +221,13 @@ def prune_sweep(
     """One-shot magnitude pruning at a list of sparsities; finds the essential sparsity (the knee)."""
     from lotus.checkpoint import latest_run, new_run_dir
     from lotus.data import DataConfig
-    from lotus.prune import DEFAULT_SPARSITIES, WIDE_SPARSITIES, PruneConfig, SweepConfig, sweep
+    from lotus.prune import (
+        DEFAULT_SPARSITIES,
+        WIDE_SPARSITIES,
+        PruneConfig,
+        SweepConfig,
+        sweep,
+    )
 
     levels = _floats(sparsities, "--sparsities") if sparsities else (WIDE_SPARSITIES if wide else DEFAULT_SPARSITIES)
     cfg = SweepConfig(sparsities=levels, tolerance=tolerance, prune=PruneConfig(scope=scope, include=_include(include)))
@@ -256,7 +262,8 @@ def prune_oneshot(
     """Stage 1: prune one-shot by global weight magnitude; saves the masked model with its masks."""
     from lotus.checkpoint import latest_run, new_run_dir
     from lotus.data import DataConfig
-    from lotus.prune import PruneConfig, SweepConfig, prune_oneshot as oneshot, sweep
+    from lotus.prune import PruneConfig, SweepConfig, sweep
+    from lotus.prune import prune_oneshot as oneshot
 
     checkpoint = checkpoint or latest_run()
     data_cfg = DataConfig(data, data_dir=str(data_dir), download=download)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -98,6 +98,21 @@ def load_split(cfg: DataConfig, split: str) -> ImageData:
         data = _load_image_folder(Path(cfg.name), split, cfg.img_size)
     if cfg.img_size is not None and cfg.img_size != data.img_size:
         data.images = resize_uint8(data.images, cfg.img_size)
+    return data
+
+
+def load_split_for_model(cfg: DataConfig, preprocess: dict, split: str) -> ImageData:
+    """A split as a trained model expects it: at its input size, with its classes in its order.
+
+    Args:
+        preprocess: the checkpoint's preprocessing record (img_size, classes, mean, std).
+    """
+    data = load_split(replace(cfg, img_size=preprocess["img_size"]), split)
+    if data.classes != preprocess["classes"]:
+        raise LotusError(
+            f"the classes of {cfg.name} ({', '.join(data.classes[:4])}, ...) differ from those the model was trained on "
+            f"({', '.join(preprocess['classes'][:4])}, ...): use the dataset the model was trained on"
+        )
     return data
 
 

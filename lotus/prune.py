@@ -21,18 +21,31 @@ import copy
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from lotus.checkpoint import atomic_write_text, load_model, save_model
-from lotus.data import BatchLoader, DataConfig, ImageData, default_augment, load_split
+from lotus.data import (
+    BatchLoader,
+    DataConfig,
+    ImageData,
+    default_augment,
+    load_split_for_model,
+)
 from lotus.device import resolve_device
 from lotus.errors import LotusError
 from lotus.masks import (
-    Masks, apply_masks_, essential_sparsity, magnitude_masks, mask_sparsity, merge_masks, prunable_names, sparsity_report,
+    Masks,
+    apply_masks_,
+    essential_sparsity,
+    magnitude_masks,
+    mask_sparsity,
+    merge_masks,
+    prunable_names,
+    sparsity_report,
 )
 from lotus.train import TrainConfig, evaluate, fit
 from lotus.vit import ModelConfig
@@ -76,9 +89,7 @@ def _weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor
 
 def _eval_loader(checkpoint_meta: dict, data_cfg: DataConfig, batch_size: int = 256) -> BatchLoader:
     pre = checkpoint_meta["preprocess"]
-    data = load_split(replace(data_cfg, img_size=pre["img_size"]), "test")
-    if data.classes != pre["classes"]:
-        raise LotusError(f"{data_cfg.name} classes differ from those the checkpoint was trained on")
+    data = load_split_for_model(data_cfg, pre, "test")
     return BatchLoader(data, batch_size, pre["mean"], pre["std"])
 
 
@@ -179,7 +190,7 @@ def isp(
         apply_masks_(model, masks)
         rounds.append(_round_record(0, levels[-1], model, names, eval_loader, dev, log))
     else:
-        train_data = load_split(replace(data_cfg, img_size=pre["img_size"]), "train")
+        train_data = load_split_for_model(data_cfg, pre, "train")
         for r in range(cfg.rounds):
             level = start + (cfg.target - start) * (r + 1) / cfg.rounds
             copies = [_weak_copy(model, masks, train_data, pre, cfg, r, c, dev) for c in range(cfg.copies)]

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from lotus.checkpoint import load_checkpoint, save_checkpoint
-from lotus.data import Batch, BatchLoader, ImageData
+from lotus.data import Batch, BatchLoader, DataConfig, ImageData
 from lotus.errors import LotusError
 from lotus.vit import TokenGatherViT
 
@@ -318,22 +318,18 @@ def load_tickets(path: str | Path) -> Tickets:
     return Tickets(tensors["keep_idx"].long(), tensors["scores"].float(), grid, patch_size, meta)
 
 
-def tickets_from_checkpoint(checkpoint: str | Path, data_cfg, cfg: TicketConfig, out_dir: str | Path, *, device: str = "auto", progress=None) -> Tickets:
+def tickets_from_checkpoint(checkpoint: str | Path, data_cfg: DataConfig, cfg: TicketConfig, out_dir: str | Path, *, device: str = "auto", progress=None) -> Tickets:
     """What `lotus tickets` runs: score a dataset's training split with a checkpoint, write
     `out_dir/tickets.safetensors` + `tickets.json` and the figure `out_dir/tickets.png`."""
-    from dataclasses import replace
-
     from lotus.checkpoint import load_model
-    from lotus.data import load_split
-    from lotus.plots import save_tickets_figure
+    from lotus.data import load_split_for_model
     from lotus.device import resolve_device
+    from lotus.plots import save_tickets_figure
 
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
     pre = meta["preprocess"]
-    data = load_split(replace(data_cfg, img_size=pre["img_size"]), "train")
-    if data.classes != pre["classes"]:
-        raise LotusError(f"{data_cfg.name} classes differ from those {checkpoint} was trained on: score the data the model knows")
+    data = load_split_for_model(data_cfg, pre, "train")
     tickets = make_tickets(model, data, pre["mean"], pre["std"], cfg, model_sha256=meta["sha256"], device=dev, progress=progress)
     out_dir = Path(out_dir)
     save_tickets(tickets, out_dir)

@@ -18,10 +18,25 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from lotus.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
-from lotus.data import Batch, BatchLoader, DataConfig, ImageData, default_augment, load_split
+from lotus.data import (
+    Batch,
+    BatchLoader,
+    DataConfig,
+    ImageData,
+    default_augment,
+    load_split,
+    load_split_for_model,
+)
 from lotus.device import autocast, resolve_device
 from lotus.errors import LotusError
 from lotus.masks import Masks, enforce_masks_
@@ -328,8 +343,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data_cfg: DataConfig, batch_size
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
     pre = meta["preprocess"]
-    test_data = load_split(replace(data_cfg, img_size=pre["img_size"]), "test")
-    if test_data.classes != pre["classes"]:
-        raise LotusError(f"{data_cfg.name} classes {test_data.classes[:5]}... differ from the checkpoint's {pre['classes'][:5]}...")
+    test_data = load_split_for_model(data_cfg, pre, "test")
     result = evaluate(model, BatchLoader(test_data, batch_size, pre["mean"], pre["std"]), dev)
     return {"checkpoint": str(checkpoint), "data": data_cfg.name, "images": len(test_data), **result}

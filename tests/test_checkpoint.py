@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from lotus import LotusError
-from lotus.checkpoint import atomic_write_bytes, load_checkpoint, load_model, save_checkpoint, save_model
+from lotus.checkpoint import (
+    atomic_write_bytes,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    save_model,
+)
 from lotus.vit import build_model
 
 
@@ -57,3 +63,15 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         atomic_write_bytes(target, object())  # the write fails midway
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "a", {"w": torch.ones(1)}, {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644

@@ -1,5 +1,4 @@
 """Datasets, batches with sample indices, augmentation, and the errors bad data gives."""
-from pathlib import Path
 
 import pytest
 import torch

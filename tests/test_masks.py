@@ -6,7 +6,13 @@ from lotus import LotusError
 from lotus.checkpoint import load_model, save_model
 from lotus.data import DataConfig
 from lotus.masks import (
-    enforce_masks_, essential_sparsity, magnitude_masks, mask_sparsity, merge_masks, prunable_names, sparsity_report,
+    enforce_masks_,
+    essential_sparsity,
+    magnitude_masks,
+    mask_sparsity,
+    merge_masks,
+    prunable_names,
+    sparsity_report,
 )
 from lotus.prune import exact_sparsity
 from lotus.train import TrainConfig, train

@@ -7,8 +7,18 @@ import torch
 from lotus import LotusError
 from lotus.data import AugmentConfig, BatchLoader, DataConfig, ImageData, load_split
 from lotus.tickets import (
-    TicketConfig, Tickets, attention_rollout, correct_cls_sink, fill_from_neighbours, keep_from_scores,
-    load_tickets, make_tickets, norm_outliers, num_keep, save_tickets, score_batch, transport_scores,
+    TicketConfig,
+    attention_rollout,
+    correct_cls_sink,
+    fill_from_neighbours,
+    keep_from_scores,
+    load_tickets,
+    make_tickets,
+    norm_outliers,
+    num_keep,
+    save_tickets,
+    score_batch,
+    transport_scores,
 )
 from lotus.train import TrainConfig, train
 from lotus.vit import ModelConfig, build_model

@@ -7,7 +7,13 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from lotus import LotusError
-from lotus.vit import ModelConfig, TokenGatherViT, build_model, gather_tokens, make_token_gathering_
+from lotus.vit import (
+    ModelConfig,
+    TokenGatherViT,
+    build_model,
+    gather_tokens,
+    make_token_gathering_,
+)
 
 
 def timm_reference(model: TokenGatherViT) -> VisionTransformer:
