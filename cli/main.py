@@ -185,6 +185,55 @@ def tickets(
               f"({m['outlier_patches']} high-norm outlier patches re-scored); tickets: {out}")
 
 
+@app.command()
+@user_errors
+def compress(
+    sparsity: Annotated[Optional[str], typer.Option(help="Stage-1 one-shot sparsity of the prunable weights, or 'auto' (the sweep's essential sparsity). [default: 0.3]")] = None,
+    drop: Annotated[Optional[float], typer.Option(help="Fraction of each training image's patches dropped (data lottery tickets). [default: 0.1]")] = None,
+    isp_target: Annotated[Optional[float], typer.Option(help="Stage-2 Instant Soup Pruning target sparsity (off when not given).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning epochs on the lottery data. [default: 5]")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Dense LOTUS checkpoint to compress (default: train the baseline first).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="timm ViT for the baseline when no --checkpoint.")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained", help="Start the baseline from timm's hub weights (needs a network).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="'digits' (default), 'cifar10', or an ImageFolder root.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding torchvision's CIFAR-10.")] = None,
+    download: Annotated[Optional[bool], typer.Option("--download", help="Let torchvision download CIFAR-10.")] = None,
+    select: Annotated[Optional[Select], typer.Option(help="Ticket selection: 'attention' or the 'random' control.")] = None,
+    tolerance: Annotated[Optional[float], typer.Option(help="With --sparsity auto: accuracy points below dense still counted as no loss.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Repeat a run from its recipe.yaml (flags given here override it).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: a new runs/compress-DATE-TIME).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: the latest compress run), skipping finished stages.")] = False,
+) -> None:
+    """The whole LOTUS pipeline: baseline -> tickets -> prune -> (ISP) -> fine-tune on lottery data -> evaluate -> report."""
+    from lotus.checkpoint import latest_run, new_run_dir
+    from lotus.pipeline import compress as compress_run
+    from lotus.pipeline import default_compress_config, load_recipe
+
+    if resume and recipe is None:  # continue with the settings the run was started with
+        out = out or latest_run(containing="recipe.yaml")
+        if (out / "recipe.yaml").exists():
+            recipe = out / "recipe.yaml"
+    cfg = load_recipe(recipe) if recipe else default_compress_config(data or "digits")
+    if data is not None and recipe:
+        cfg = replace(cfg, data=replace(cfg.data, name=data))
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, **_given(data_dir=str(data_dir) if data_dir else None, download=download)),
+        model=replace(cfg.model, **_given(name=model, pretrained=pretrained)),
+        tickets=replace(cfg.tickets, **_given(drop=drop, select=select.value if select else None)),
+        sweep=replace(cfg.sweep, **_given(tolerance=tolerance)),
+        finetune=replace(cfg.finetune, **_given(epochs=epochs)),
+        **_given(checkpoint=str(checkpoint) if checkpoint else None, device=device, isp_target=isp_target,
+                 sparsity=None if sparsity is None else (sparsity if sparsity == "auto" else _floats(sparsity, "--sparsity")[0])),
+    )
+    out = out or new_run_dir("compress")
+    metrics = compress_run(cfg, out, resume=resume, log=lambda line: err.print(line, highlight=False))
+    print(json.dumps({k: metrics[k] for k in ("dense_accuracy", "compressed_accuracy", "sparsity", "drop", "essential_sparsity")}))
+    err.print(f"dense {metrics['dense_accuracy']:.2f}% -> compressed {metrics['compressed_accuracy']:.2f}% at sparsity "
+              f"{metrics['sparsity']:.3f}, drop {metrics['drop']:g}; report: {out / 'report.md'}")
+
+
 prune_app = typer.Typer(help="ISSP pruning: the essential-sparsity sweep, one-shot pruning, Instant Soup Pruning.", no_args_is_help=True)
 app.add_typer(prune_app, name="prune")
 

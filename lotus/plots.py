@@ -79,3 +79,36 @@ def save_sweep_figure(path: str | Path, rows: list[dict], dense_accuracy: float,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_stage_figure(path: str | Path, accuracies: dict[str, float | None]) -> Path:
+    """Test accuracy after each pipeline stage that has one."""
+    plt = _pyplot()
+    names = [k for k, v in accuracies.items() if v is not None]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    bars = ax.bar(names, [accuracies[k] for k in names], color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set(ylabel="test accuracy (%)", title="Accuracy per stage")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_finetune_figure(path: str | Path, history: list[dict], dense_accuracy: float) -> Path:
+    """Fine-tuning curves: test accuracy and training loss per epoch, the dense accuracy for reference."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_acc.plot(epochs, [h["test_accuracy"] for h in history], marker="o", label="compressed, lottery data")
+    ax_acc.axhline(dense_accuracy, color="grey", linestyle="--", label="dense baseline")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Fine-tuning")
+    ax_acc.legend(fontsize=8)
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -129,8 +129,7 @@ def _restore(
             raise LotusError(f"{out_dir} already holds a training run: pass --resume to continue it, or a new --out")
         return [], 0
     if not state.exists():
-        console.print(f"nothing to resume in {out_dir}: starting from epoch 1")
-        return [], 0
+        return [], 0  # nothing finished yet: start from epoch 1
     tensors, saved = load_checkpoint(out_dir / STATE_FILE)
     if saved["run"] != json.loads(json.dumps(meta)):
         raise LotusError(f"{out_dir} holds a run with other settings: resume it with the same flags, or pass a new --out")

@@ -1,0 +1,116 @@
+"""The report of a `lotus compress` run: metrics.json, history.csv, plots and report.md."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lotus.checkpoint import atomic_write_text
+from lotus.plots import save_finetune_figure, save_stage_figure
+
+
+def build_metrics(cfg: Any, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """metrics.json: the figures tools read, from the finished stages."""
+    stages = {name: {"accuracy": rec.get("accuracy"), "seconds": rec.get("seconds"), "images_per_second": rec.get("images_per_second")}
+              for name, rec in done.items() if name != "report"}
+    finetune = done.get("finetune", {})
+    train_seconds = finetune.get("train_seconds") or 0.0
+    ratio = finetune.get("dense_step_ratio")
+    dense_seconds = train_seconds * ratio if ratio else None
+    return {
+        "dense_accuracy": done["baseline"]["accuracy"],
+        "compressed_accuracy": done["evaluate"]["accuracy"],
+        "sparsity": done["evaluate"]["sparsity"],
+        "drop": cfg.tickets.drop,
+        "patches_kept": done["tickets"]["num_keep"],
+        "patches": done["tickets"]["num_patches"],
+        "essential_sparsity": done["prune"].get("essential_sparsity"),
+        "stage1_sparsity": done["prune"]["sparsity"],
+        "isp_sparsity": done.get("isp", {}).get("sparsity"),
+        "finetune_train_seconds": train_seconds,
+        "dense_finetune_seconds_estimate": dense_seconds,
+        "finetune_seconds_saved": dense_seconds - train_seconds if dense_seconds else None,
+        "stages": stages,
+    }
+
+
+def write_report(run: Path, cfg: Any, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Write metrics.json, history.csv, accuracy_per_stage.png, finetune.png and report.md."""
+    metrics = build_metrics(cfg, done)
+    atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+    rows = [{"stage": stage, **h} for stage in ("baseline", "finetune") for h in done.get(stage, {}).get("history", [])]
+    if rows:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(run / "history.csv", buf.getvalue())
+    save_stage_figure(run / "accuracy_per_stage.png", {k: v.get("accuracy") for k, v in done.items()})
+    if done.get("finetune", {}).get("history"):
+        save_finetune_figure(run / "finetune.png", done["finetune"]["history"], metrics["dense_accuracy"])
+    atomic_write_text(run / "report.md", render_report(cfg, done, metrics))
+    return metrics
+
+
+def _fmt(value: Any, spec: str = ".2f", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) -> str:
+    """report.md: a short model card of the compressed model."""
+    lines = [
+        "# LOTUS compressed model",
+        "",
+        f"Data: `{cfg.data.name}`; baseline: {'`' + cfg.checkpoint + '`' if cfg.checkpoint else 'trained here'}; "
+        f"recipe: `recipe.yaml` (`lotus compress --recipe recipe.yaml` repeats this run).",
+        "",
+        "| | dense | compressed |",
+        "|---|---|---|",
+        f"| test accuracy | {m['dense_accuracy']:.2f}% | {m['compressed_accuracy']:.2f}% |",
+        f"| sparsity of the prunable weights (measured) | 0 | {m['sparsity']:.4f} |",
+        f"| patches per training image | {m['patches']} | {m['patches_kept']} (drop {m['drop']:g}) |",
+        "",
+        "Pruned: the Linear weights inside the transformer blocks"
+        + (f" and {', '.join(cfg.prune.include)}" if cfg.prune.include else "")
+        + f"; ranked {cfg.prune.scope}ly by magnitude. This is unstructured sparsity: the zeros make the weights "
+        "compress well but dense kernels still multiply them, so it brings no speed-up by itself.",
+        "",
+        "## Stages",
+        "",
+        "| stage | accuracy | seconds | images/s | notes |",
+        "|---|---|---|---|---|",
+    ]
+    notes = {
+        "baseline": "trained here" if done["baseline"].get("history") else f"loaded from {done['baseline'].get('checkpoint')}",
+        "tickets": f"{done['tickets']['num_keep']} of {done['tickets']['num_patches']} patches kept per image; "
+                   f"{done['tickets']['outlier_patches']} high-norm outlier patches re-scored",
+        "prune": f"one-shot to {done['prune']['sparsity']:.4f}"
+                 + (f" (essential sparsity {done['prune']['essential_sparsity']:g})" if done["prune"].get("essential_sparsity") is not None else ""),
+        "isp": f"Instant Soup Pruning to {_fmt(done.get('isp', {}).get('sparsity'), '.4f')}",
+        "finetune": f"{len(done.get('finetune', {}).get('history', []))} epochs on the lottery data, masks held",
+        "evaluate": "whole images",
+    }
+    for name, rec in done.items():
+        if name == "report":
+            continue
+        acc = _fmt(rec.get("accuracy"))
+        lines.append(f"| {name} | {acc}{'%' if rec.get('accuracy') is not None else ''} | {_fmt(rec.get('seconds'), '.1f')} | "
+                     f"{_fmt(rec.get('images_per_second'), '.0f')} | {notes.get(name, '')} |")
+    if m["finetune_seconds_saved"] is not None:
+        ratio = done["finetune"]["dense_step_ratio"]
+        lines += ["", f"Fine-tuning on the lottery data took {m['finetune_train_seconds']:.1f} s of training; a dense training "
+                  f"step measured side by side takes {ratio:.2f}x a lottery step, so dense fine-tuning would have taken about "
+                  f"{m['dense_finetune_seconds_estimate']:.1f} s: {m['finetune_seconds_saved']:.1f} s saved."]
+    layers = done["evaluate"].get("layers", {})
+    if layers:
+        lines += ["", "## Measured sparsity per layer", "", "| weight | sparsity |", "|---|---|"]
+        lines += [f"| `{name}` | {value:.4f} |" for name, value in layers.items()]
+    lines += ["", "Files: `model.safetensors` + `model.json` (the compressed model, masks included), `metrics.json`, "
+              "`history.csv`, `tickets/` (with `tickets.png`), `stage1/`" + (", `stage2/`" if "isp" in done else "")
+              + (", `sweep/`" if done["prune"].get("essential_sparsity") is not None else "")
+              + ", `finetune/`, `accuracy_per_stage.png`, `finetune.png`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""`lotus compress`: the run folder, the recipe, resuming after a kill, reproducing a run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lotus.pipeline import CompressConfig, default_compress_config, from_dict, load_recipe, save_recipe, to_dict
+from lotus.train import TrainConfig
+from lotus.vit import ModelConfig
+
+LOTUS = str(Path(sys.executable).with_name("lotus"))
+RESULT_KEYS = ("dense_accuracy", "compressed_accuracy", "sparsity", "drop", "essential_sparsity")
+
+
+def tiny_recipe(path: Path, **changes) -> Path:
+    cfg = default_compress_config("digits")
+    cfg = replace(
+        cfg,
+        model=ModelConfig(depth=1, drop_path_rate=0.0),
+        baseline=TrainConfig(epochs=3, batch_size=64, lr=1e-3, warmup_epochs=0.5),
+        finetune=TrainConfig(epochs=4, batch_size=32, lr=5e-4, warmup_epochs=0.5),
+        **changes,
+    )
+    save_recipe(cfg, path)
+    return path
+
+
+def lotus(*args, check=True, cwd=None):
+    proc = subprocess.run([LOTUS, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_recipe_round_trip(tmp_path):
+    cfg = replace(default_compress_config("digits"), sparsity="auto", isp_target=0.5)
+    save_recipe(cfg, tmp_path / "r.yaml")
+    assert load_recipe(tmp_path / "r.yaml") == cfg
+    assert from_dict(CompressConfig, to_dict(cfg)) == cfg
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"sparsity": 0.3, "colour": "red"}))
+    with pytest.raises(Exception, match="unknown CompressConfig settings in the recipe: colour"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+def test_compress_writes_the_run_folder_and_reproduces_from_its_recipe(tmp_path):
+    recipe = tiny_recipe(tmp_path / "tiny.yaml")
+    first = lotus("compress", "--recipe", recipe, "--out", tmp_path / "a")
+    run = tmp_path / "a"
+    for name in ("recipe.yaml", "metrics.json", "history.csv", "report.md", "model.safetensors", "model.json",
+                 "accuracy_per_stage.png", "finetune.png", "tickets/tickets.png", "stage1/model.safetensors",
+                 "baseline/model.safetensors", "finetune/model.safetensors"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(RESULT_KEYS) <= set(metrics) and metrics["drop"] == 0.1
+    assert metrics["sparsity"] == pytest.approx(0.3, abs=1e-5)
+    for stage in ("baseline", "tickets", "prune", "finetune", "evaluate"):
+        assert {"accuracy", "seconds", "images_per_second"} <= set(metrics["stages"][stage])
+    assert "| test accuracy |" in (run / "report.md").read_text()
+    assert json.loads(first.stdout.splitlines()[-1])["compressed_accuracy"] == metrics["compressed_accuracy"]
+
+    lotus("compress", "--recipe", run / "recipe.yaml", "--out", tmp_path / "b")
+    again = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert {k: again[k] for k in RESULT_KEYS} == {k: metrics[k] for k in RESULT_KEYS}
+    refused = lotus("compress", "--recipe", recipe, "--out", run, check=False)
+    assert refused.returncode == 2 and "already holds a compress run" in refused.stderr
+
+
+def test_killed_during_finetuning_then_resumed(tmp_path):
+    recipe = tiny_recipe(tmp_path / "tiny.yaml")
+    lotus("compress", "--recipe", recipe, "--out", tmp_path / "straight")
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([LOTUS, "compress", "--recipe", str(recipe), "--out", str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    epochs_seen = 0
+    for line in proc.stdout:  # stdout: one JSON line per epoch (3 baseline, then fine-tuning)
+        epochs_seen += line.startswith('{"epoch"')
+        if epochs_seen == 3 + 2:  # two fine-tuning epochs finished
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stages = json.loads((run / "stages.json").read_text())
+    assert "finetune" not in stages and {"baseline", "tickets", "prune"} <= set(stages)
+    baseline_mtime = (run / "baseline" / "model.safetensors").stat().st_mtime
+
+    resumed = lotus("compress", "--out", run, "--resume")
+    assert "baseline: done earlier, skipped" in resumed.stderr
+    assert "resuming" in resumed.stderr  # fine-tuning continued from its last finished epoch
+    assert (run / "baseline" / "model.safetensors").stat().st_mtime == baseline_mtime
+    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    b = json.loads((run / "metrics.json").read_text())
+    assert {k: a[k] for k in RESULT_KEYS} == {k: b[k] for k in RESULT_KEYS}
