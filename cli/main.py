@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
@@ -106,6 +107,8 @@ def train(
         **_given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                  warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed),
     )
+    if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise lotus.LotusError("under torchrun every process must name the same run folder: pass --out")
     if out is None:
         out = latest_run(containing=f"{STATE_FILE}.json") if resume else new_run_dir("train")
     history = train_run(data_cfg, model_cfg, train_cfg, out, init_checkpoint=checkpoint, tickets=tickets, resume=resume)
@@ -228,7 +231,12 @@ def compress(
                  sparsity=None if sparsity is None else (sparsity if sparsity == "auto" else _floats(sparsity, "--sparsity")[0])),
     )
     out = out or new_run_dir("compress")
-    metrics = compress_run(cfg, out, resume=resume, log=lambda line: err.print(line, highlight=False))
+    from lotus.device import distributed
+
+    first = distributed()[0] == 0  # under torchrun, one process speaks
+    metrics = compress_run(cfg, out, resume=resume, log=lambda line: first and err.print(line, highlight=False))
+    if not first:
+        return
     print(json.dumps({k: metrics[k] for k in ("dense_accuracy", "compressed_accuracy", "sparsity", "drop", "essential_sparsity")}))
     err.print(f"dense {metrics['dense_accuracy']:.2f}% -> compressed {metrics['compressed_accuracy']:.2f}% at sparsity "
               f"{metrics['sparsity']:.3f}, drop {metrics['drop']:g}; report: {out / 'report.md'}")

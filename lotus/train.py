@@ -37,7 +37,7 @@ from lotus.data import (
     load_split,
     load_split_for_model,
 )
-from lotus.device import autocast, resolve_device
+from lotus.device import autocast, distributed, resolve_device, weights_digest
 from lotus.errors import LotusError
 from lotus.masks import Masks, enforce_masks_
 from lotus.tickets import load_tickets
@@ -171,6 +171,12 @@ def fit(
 
     device = resolve_device(cfg.device)
     model.to(device)
+    rank, world = distributed()
+    train_model = model
+    if world > 1:  # each process trains on its share of every batch; DDP averages the gradients
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = timm.optim.create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     enforcer = enforce_masks_(model, masks) if masks else None
     steps_per_epoch = len(train_loader)
@@ -178,6 +184,8 @@ def fit(
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
 
     history, start_epoch = _restore(out_dir, resume, meta, model, opt, device) if out_dir is not None else ([], 0)
+    if rank != 0:
+        out_dir = None  # every process restores the run; one writes it
     if out_dir is not None:
         (out_dir / METRICS_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
     with make_progress() as progress:
@@ -188,13 +196,15 @@ def fit(
             loss_sum, correct, seen = 0.0, 0, 0
             start = time.perf_counter()
             for i, batch in enumerate(train_loader.epoch(epoch)):
+                if world > 1:
+                    batch = Batch(*(None if t is None else t[rank::world] for t in batch))
                 step = epoch * steps_per_epoch + i
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
                 images, labels = batch.images.to(device), batch.labels.to(device)
                 keep_idx = keep_fn(batch).to(device) if keep_fn is not None else None
                 with autocast(device):
-                    logits = model(images, keep_idx)
+                    logits = train_model(images, keep_idx)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -212,6 +222,10 @@ def fit(
                 progress.update(task, advance=1, status=status)
             train_seconds = time.perf_counter() - start
             progress.remove_task(task)
+            if world > 1:  # epoch figures over all processes
+                totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+                torch.distributed.all_reduce(totals)
+                loss_sum, correct, seen = totals[0].item(), int(totals[1]), int(totals[2])
 
             ev = evaluate(model, eval_loader, device) if eval_loader is not None else {"loss": None, "accuracy": None}
             record = {
@@ -239,6 +253,8 @@ def fit(
             )
     if enforcer is not None:
         enforcer.remove()
+    if world > 1:
+        console.print(f"rank {rank}/{world} weights {weights_digest(model)}")
     return history
 
 
@@ -333,7 +349,11 @@ def train(
     meta = {"data": asdict(data_cfg), "model": asdict(model_cfg), "train": asdict(cfg), "preprocess": preprocess,
             "init_checkpoint": str(init_checkpoint) if init_checkpoint else None, "tickets": tickets_meta}
     history = fit(model, train_loader, eval_loader, cfg, out_dir, meta=meta, resume=resume, keep_fn=keep_fn, masks=masks)
-    save_model(out_dir, model, model_cfg, preprocess, masks, data=asdict(data_cfg), train=asdict(cfg), tickets=tickets_meta, metrics=history[-1])
+    rank, world = distributed()
+    if rank == 0:  # one process writes the run folder; the others wait until it is there
+        save_model(out_dir, model, model_cfg, preprocess, masks, data=asdict(data_cfg), train=asdict(cfg), tickets=tickets_meta, metrics=history[-1])
+    if world > 1:
+        torch.distributed.barrier()
     return history
 
 
