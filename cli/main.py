@@ -242,6 +242,70 @@ def compress(
               f"{metrics['sparsity']:.3f}, drop {metrics['drop']:g}; report: {out / 'report.md'}")
 
 
+export_app = typer.Typer(help="Export a LOTUS model for deployment.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+@user_errors
+def export_onnx(
+    source: Annotated[Optional[Path], typer.Argument(help="Run folder or checkpoint (default: the latest run).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="ONNX file (default: SOURCE_RUN/model.onnx; the keep-index graph goes beside it).")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="'int8': dynamic per-channel signed int8 weights.")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    select_block: Annotated[Optional[int], typer.Option(help="Block whose class-token attention picks the kept patches (default: depth // 4).")] = None,
+    verify: Annotated[bool, typer.Option(help="Check ONNX Runtime against PyTorch on eval images at drop 0, 0.1, 0.3, 0.5 (fails above 1e-4).")] = True,
+    data: Annotated[Optional[str], typer.Option("--data", help="Dataset of the eval images (default: the one the model was trained on).")] = None,
+    data_dir: DataDirOpt = Path("data"),
+) -> None:
+    """Export to ONNX: dynamic batch, patch dropping inside the graph, metadata, verified against PyTorch."""
+    from lotus.checkpoint import latest_run, load_checkpoint
+    from lotus.data import DataConfig
+    from lotus.export import ExportConfig
+    from lotus.export import export_onnx as export_run
+
+    source = source or latest_run()
+    run_dir = source if source.is_dir() else source.parent
+    if out is None:
+        out = run_dir / ("model.int8.onnx" if quantize == "int8" else "model.onnx")
+    _, meta = load_checkpoint(source)
+    dataset = data or (meta.get("data") or {}).get("name") or meta["preprocess"].get("dataset")
+    cfg = ExportConfig(opset=opset, select_block=select_block, verify=verify, quantize=quantize)
+    report = export_run(source, out, DataConfig(dataset, data_dir=str(data_dir)) if dataset else None, cfg,
+                        log=lambda line: err.print(line, highlight=False))
+    print(json.dumps(report))
+    err.print(f"exported {out} ({report['bytes'] / 1e6:.1f} MB) and {report['keep_idx_path']}")
+
+
+@app.command()
+@user_errors
+def bench(
+    local: Annotated[Optional[Path], typer.Option("--local", help="Time this ONNX model in ONNX Runtime, without HTTP.")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64",
+    drops: Annotated[str, typer.Option("--drop", help="Comma-separated drop ratios.")] = "0,0.1,0.3,0.5",
+    runs: Annotated[int, typer.Option(help="Timed runs per cell (50 at least for p99).")] = 50,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per cell.")] = 5,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: its own choice).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the results here as JSON (default: beside the model).")] = None,
+) -> None:
+    """Latency benchmark: `--local model.onnx` times ONNX Runtime at each batch size and drop ratio."""
+    from lotus.bench import LocalBenchConfig, bench_local
+    from lotus.checkpoint import atomic_write_text
+
+    if local is None:
+        raise lotus.LotusError("pass --local model.onnx (the HTTP load generator comes with `lotus serve`)")
+    cfg = LocalBenchConfig(batch_sizes=tuple(int(b) for b in _floats(batch_sizes, "--batch-sizes")),
+                           drops=_floats(drops, "--drop"), runs=runs, warmup=warmup, threads=threads)
+    result = bench_local(local, cfg, log=lambda line: err.print(line, highlight=False))
+    print(f"{'batch':>5} {'drop':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>8} {'x drop 0':>8}")
+    for c in result["cells"]:
+        print(f"{c['batch']:>5} {c['drop']:>5g} {c['median_ms']:>10.2f} {c['p90_ms']:>9.2f} {c['p99_ms']:>9.2f} "
+              f"{c['images_per_second']:>8.0f} {c['vs_drop0']:>8.3f}")
+    out = out or local.with_suffix(".bench.json")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    err.print(f"results: {out}")
+
+
 prune_app = typer.Typer(help="ISSP pruning: the essential-sparsity sweep, one-shot pruning, Instant Soup Pruning.", no_args_is_help=True)
 app.add_typer(prune_app, name="prune")
 

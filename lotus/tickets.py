@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from lotus.checkpoint import load_checkpoint, save_checkpoint
 from lotus.data import Batch, BatchLoader, DataConfig, ImageData
 from lotus.errors import LotusError
-from lotus.vit import TokenGatherViT
+from lotus.vit import TokenGatherViT, cls_attention
 
 TICKETS_FILE = "tickets"  # DIR/tickets.safetensors + DIR/tickets.json
 
@@ -168,21 +168,6 @@ def transport_scores(scores: torch.Tensor, grid: int, patch_size: int, shift: to
 # Scoring a dataset with a model
 
 
-def _attention_from_qkv(attn_module: torch.nn.Module, qkv: torch.Tensor, full: bool) -> torch.Tensor:
-    """Rebuild the softmax attention of a timm Attention block from its qkv projection output.
-
-    Returns (B, H, T) class-token rows, or (B, H, T, T) maps when `full`.
-    """
-    B, T, _ = qkv.shape
-    H = attn_module.num_heads
-    q, k, _ = qkv.reshape(B, T, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
-    q, k = attn_module.q_norm(q), attn_module.k_norm(k)
-    if not full:
-        q = q[:, :, :1]  # the class token's query only: (B, H, 1, hd)
-    attn = ((q * attn_module.scale) @ k.transpose(-2, -1)).float().softmax(-1)
-    return attn if full else attn[:, :, 0]
-
-
 def resolve_layers(cfg: TicketConfig, depth: int) -> list[int]:
     layers = cfg.layers if cfg.layers else ((depth - 1,) if cfg.method == "cls" else tuple(range(depth)))
     resolved = sorted({layer % depth for layer in layers if -depth <= layer < depth})
@@ -208,7 +193,7 @@ def score_batch(model: TokenGatherViT, images: torch.Tensor, cfg: TicketConfig) 
     prefix = model.num_prefix_tokens
     maps = []
     for i in layers:
-        attn = _attention_from_qkv(model.blocks[i].attn, qkvs[i], full).mean(1)  # heads averaged: (B, T[, T])
+        attn = cls_attention(model.blocks[i].attn, qkvs[i], full).mean(1)  # heads averaged: (B, T[, T])
         maps.append(correct_cls_sink(attn) if cfg.cls_sink else attn)
     if full:
         scores = attention_rollout(maps)[:, 0, prefix:]

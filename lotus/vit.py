@@ -82,6 +82,49 @@ class TokenGatherViT(VisionTransformer):
         x = self.forward_features(x, keep_idx)
         return self.forward_head(x)
 
+    def forward_dropping(self, x: torch.Tensor, num_keep: int, select_block: int) -> torch.Tensor:
+        """Inference that drops patches chosen by the model's own attention.
+
+        Blocks up to `select_block` run on every token; the class token's attention in
+        `select_block` (heads averaged) scores the patches; its output is cut to the class
+        token and the `num_keep` best patches, and the remaining blocks run on those only.
+        With num_keep = all patches the logits equal `forward`'s (the kept tokens are merely
+        reordered, and attention does not depend on the order).
+        """
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.norm_pre(x)
+        for blk in self.blocks[:select_block]:
+            x = blk(x)
+        chooser = self.blocks[select_block]
+        scores = cls_attention(chooser.attn, chooser.attn.qkv(chooser.norm1(x))).mean(1)[:, self.num_prefix_tokens :]  # (B, N)
+        keep_idx = scores.topk(num_keep, dim=1).indices  # (B, K)
+        x = gather_tokens(chooser(x), keep_idx, self.num_prefix_tokens)
+        for blk in self.blocks[select_block + 1 :]:
+            x = blk(x)
+        return self.forward_head(self.norm(x))
+
+
+def cls_attention(attn: torch.nn.Module, qkv: torch.Tensor, full: bool = False) -> torch.Tensor:
+    """The softmax attention of a timm `Attention` module, rebuilt from its qkv projection output.
+
+    timm's fused attention never materialises the matrix; scoring needs only the class token's
+    row, which costs one (1 x T) product per head.
+
+    Args:
+        qkv: (B, T, 3 * D) output of `attn.qkv`.
+        full: return every row, not only the class token's.
+    Returns:
+        (B, H, T) class-token rows, or (B, H, T, T) when `full`.
+    """
+    B, T, _ = qkv.shape
+    q, k, _ = qkv.reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if not full:
+        q = q[:, :, :1]  # the class token's query only: (B, H, 1, hd)
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(-1)
+    return weights if full else weights[:, :, 0]
+
 
 def make_token_gathering_(model: VisionTransformer) -> TokenGatherViT:
     """Turn a timm VisionTransformer into a TokenGatherViT in place (weights untouched)."""

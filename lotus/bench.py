@@ -1,0 +1,67 @@
+"""Latency of an exported LOTUS model in ONNX Runtime, without HTTP (`lotus bench --local`).
+
+One session alive at a time (several spinning sessions in one process distort each other's
+timings), warm-up runs first, then at least `runs` timed runs per (batch, drop) cell; the median,
+p90 and p99 are reported. Cells are timed in order, each on a fresh batch of random inputs
+(speed does not depend on the pixel values).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from lotus.errors import LotusError
+
+
+@dataclass(frozen=True)
+class LocalBenchConfig:
+    batch_sizes: tuple[int, ...] = (1, 64)  # images per run
+    drops: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5)  # drop ratios
+    runs: int = 50  # timed runs per cell (at least)
+    warmup: int = 5  # untimed runs per cell
+    threads: int | None = None  # ONNX Runtime intra-op threads; None = its default (all cores)
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.array(seconds) * 1000
+    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "runs": len(ms)}
+
+
+def bench_local(path: str | Path, cfg: LocalBenchConfig = LocalBenchConfig(), *, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Time `path` at every (batch, drop); returns the cells and their ratios to drop 0."""
+    from lotus.export import ort_session, read_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise LotusError(f"ONNX model {path} not found: export one with `lotus export onnx`")
+    meta = read_metadata(path)
+    if "img_size" not in meta:
+        raise LotusError(f"{path} carries no LOTUS metadata (img_size): export it with `lotus export onnx`")
+    size = int(meta["img_size"])
+    session = ort_session(path, cfg.threads)
+    rng = np.random.default_rng(0)
+    cells = []
+    for batch in cfg.batch_sizes:
+        images = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
+        for drop in cfg.drops:
+            feed = {"pixel_values": images, "drop": np.array(drop, dtype=np.float32)}
+            for _ in range(cfg.warmup):
+                session.run(None, feed)
+            times = []
+            for _ in range(cfg.runs):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times.append(time.perf_counter() - start)
+            cell = {"batch": batch, "drop": drop, **percentiles(times)}
+            cell["images_per_second"] = batch / (cell["median_ms"] / 1000)
+            cells.append(cell)
+            log(f"batch {batch:>3} drop {drop:<4} median {cell['median_ms']:8.2f} ms  p90 {cell['p90_ms']:8.2f}  p99 {cell['p99_ms']:8.2f}")
+    for cell in cells:
+        base = next(c for c in cells if c["batch"] == cell["batch"] and c["drop"] == 0.0) if 0.0 in cfg.drops else None
+        cell["vs_drop0"] = cell["median_ms"] / base["median_ms"] if base else None
+    return {"model": str(path), "providers": session.get_providers(), "metadata": meta, "config": cfg.__dict__, "cells": cells}

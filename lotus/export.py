@@ -1,0 +1,279 @@
+"""ONNX export of a LOTUS model that drops patches on request, verified against PyTorch.
+
+Two graphs, both with a dynamic batch axis and self-contained (no external data file):
+
+- `model.onnx`, inputs `pixel_values` float32 [B, 3, H, W] (normalised as the metadata says)
+  and `drop` float32 scalar in [0, 1): the fraction of patches to skip. K = N - round(drop * N)
+  patches are kept per image, chosen by the model's own class-token attention in block
+  `select_block` (default depth // 4: block 2 of 12). Blocks up to that one run on every token;
+  the rest run on the class token and the K kept patches only, so latency falls with the drop
+  ratio. An early block is a trade: the later the choice, the better informed and the less
+  compute it saves; EViT (Liang et al., 2022) found class-token attention useful for this from
+  about a quarter of the depth on. drop = 0 gives the dense model's logits.
+- `model_keep_idx.onnx`, inputs `pixel_values` and `keep_idx` int64 [B, K]: the caller brings
+  its own patch indices (e.g. tickets); patches are gathered right after the positional
+  embedding, exactly as in lottery training.
+
+Output `logits` float32 [B, classes]. The metadata (`metadata_props`) carries the input size,
+mean and std, patch size, class names, measured sparsity, training drop ratio and the LOTUS
+version, so any ONNX user can preprocess correctly without the run folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import lotus
+from lotus.checkpoint import load_model
+from lotus.data import BatchLoader, DataConfig, load_split_for_model
+from lotus.errors import LotusError
+from lotus.masks import prunable_names
+from lotus.vit import TokenGatherViT
+
+VERIFY_DROPS = (0.0, 0.1, 0.3, 0.5)
+KEEP_IDX_SUFFIX = "_keep_idx"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18  # ONNX opset of the graph
+    select_block: int | None = None  # block whose class-token attention picks the patches; None = depth // 4
+    verify: bool = True  # compare ONNX Runtime with PyTorch on eval images at VERIFY_DROPS
+    tolerance: float = 1e-4  # max |logit difference| verification accepts (fp32)
+    verify_images: int = 64  # eval images verification runs
+    quantize: str | None = None  # 'int8': dynamic per-channel signed int8 weights (ONNX Runtime)
+
+
+class DropByAttention(torch.nn.Module):
+    """The exported graph: pixel_values, drop -> logits."""
+
+    def __init__(self, model: TokenGatherViT, select_block: int):
+        super().__init__()
+        self.model = model
+        self.select_block = select_block
+        self.num_patches = model.patch_embed.num_patches
+
+    def forward(self, pixel_values: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        n = self.num_patches
+        num_keep = (n - torch.round(drop.float() * n)).to(torch.int64).clamp(1, n).item()
+        torch._check(num_keep >= 1)
+        torch._check(num_keep <= n)
+        return self.model.forward_dropping(pixel_values, num_keep, self.select_block)
+
+
+class KeepIndices(torch.nn.Module):
+    """The exported graph: pixel_values, keep_idx -> logits."""
+
+    def __init__(self, model: TokenGatherViT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values, keep_idx)
+
+
+def keep_idx_path(path: Path) -> Path:
+    return path.with_name(path.stem + KEEP_IDX_SUFFIX + path.suffix)
+
+
+def _export(module: torch.nn.Module, args: tuple, input_names: list[str], dynamic_shapes: tuple, opset: int, path: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), dynamo=True, input_names=input_names, output_names=["logits"],
+            dynamic_shapes=dynamic_shapes, opset_version=opset, external_data=False, verbose=False,
+        )
+
+
+def _metadata(meta: dict[str, Any], model: TokenGatherViT, select_block: int, extra: dict[str, Any]) -> dict[str, str]:
+    pre = meta["preprocess"]
+    sparsity = meta.get("sparsity", {}).get("overall", 0.0)
+    return {
+        "lotus_version": lotus.__version__,
+        "img_size": str(pre["img_size"]),
+        "patch_size": str(model.patch_embed.patch_size[0]),
+        "num_patches": str(model.patch_embed.num_patches),
+        "mean": json.dumps(pre["mean"]),
+        "std": json.dumps(pre["std"]),
+        "resize": pre.get("resize", ""),
+        "classes": json.dumps(pre["classes"]),
+        "sparsity": f"{sparsity:.6f}",
+        "train_drop": str((meta.get("tickets") or {}).get("drop", 0.0)),
+        "select_block": str(select_block),
+        "inputs": "pixel_values float32 [B,3,H,W] normalised (x/255 - mean) / std; drop float32 scalar in [0, 1)",
+        **{k: str(v) for k, v in extra.items()},
+    }
+
+
+def _set_metadata(path: Path, props: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def check_exported_sparsity(path: Path, model: TokenGatherViT, names: list[str]) -> dict[str, Any]:
+    """The pruned weights must reach the graph with their zeros: every prunable weight is found
+    among the initializers (as is, or transposed, as the exporter's folding leaves it), so the
+    exported sparsity is measured on the file, not assumed."""
+    import onnx
+    from onnx import numpy_helper
+
+    by_shape: dict[tuple, list[np.ndarray]] = {}
+    for init in onnx.load(str(path)).graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.ndim == 2 and arr.dtype == np.float32:
+            by_shape.setdefault(arr.shape, []).append(arr)
+    params = dict(model.named_parameters())
+    zeros = size = 0
+    for name in names:
+        w = params[name].detach().cpu().numpy()
+        found = next((a for a in by_shape.get(w.shape, []) if np.array_equal(a, w)), None)
+        if found is None:
+            found = next((a.T for a in by_shape.get(w.T.shape, []) if np.array_equal(a.T, w)), None)
+        if found is None:
+            raise LotusError(f"the exported graph does not hold {name} unchanged: the export is not faithful")
+        zeros += int((found == 0).sum())
+        size += found.size
+    expected = sum(int((params[n] == 0).sum()) for n in names)
+    return {"exported_sparsity": zeros / max(size, 1), "checkpoint_sparsity": expected / max(size, 1)}
+
+
+def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    """An ONNX Runtime session: CUDA when the installed runtime offers it, else the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    available = ort.get_available_providers()
+    providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def _eval_images(meta: dict, data_cfg: DataConfig, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    pre = meta["preprocess"]
+    data = load_split_for_model(data_cfg, pre, "test")
+    loader = BatchLoader(data, limit or len(data), pre["mean"], pre["std"])
+    batch = next(iter(loader))
+    return batch.images, batch.labels
+
+
+def verify(path: Path, model: TokenGatherViT, images: torch.Tensor, select_block: int, tolerance: float) -> dict[str, float]:
+    """Max |ONNX Runtime - PyTorch| logit difference at each drop ratio; raises above tolerance."""
+    session = ort_session(path)
+    n = model.patch_embed.num_patches
+    diffs = {}
+    for drop in VERIFY_DROPS:
+        with torch.no_grad():
+            expected = model.forward_dropping(images, n - round(drop * n), select_block).numpy()
+        got = session.run(None, {"pixel_values": images.numpy(), "drop": np.array(drop, dtype=np.float32)})[0]
+        diffs[str(drop)] = float(np.abs(got - expected).max())
+        if diffs[str(drop)] > tolerance:
+            raise LotusError(
+                f"ONNX Runtime differs from PyTorch by {diffs[str(drop)]:.2e} at drop {drop} (tolerance {tolerance:g}): "
+                "the export is not faithful and was not written"
+            )
+    return diffs
+
+
+def accuracy_onnx(path: Path, images: torch.Tensor, labels: torch.Tensor, drop: float = 0.0, batch_size: int = 256) -> float:
+    session = ort_session(path)
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        logits = session.run(None, {"pixel_values": images[i : i + batch_size].numpy(), "drop": np.array(drop, dtype=np.float32)})[0]
+        correct += int((logits.argmax(-1) == labels[i : i + batch_size].numpy()).sum())
+    return 100.0 * correct / len(images)
+
+
+def export_onnx(
+    checkpoint: str | Path, out: str | Path, data_cfg: DataConfig | None, cfg: ExportConfig = ExportConfig(),
+    *, log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """Export a LOTUS checkpoint (or run folder) to `out` (and its keep-index twin), verified.
+
+    Nothing is written under `out`'s names unless every check passed: the graphs are built in a
+    temporary folder beside `out` and moved into place at the end.
+
+    Args:
+        data_cfg: the dataset whose test images verification and the int8 accuracy use
+            (None skips both; the checkpoint's own dataset is the usual choice).
+    """
+    model, meta = load_model(checkpoint)
+    model.float().eval()
+    depth = len(model.blocks)
+    select_block = cfg.select_block if cfg.select_block is not None else depth // 4
+    if not 0 <= select_block < depth:
+        raise LotusError(f"--select-block {select_block} is outside 0..{depth - 1}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pre = meta["preprocess"]
+    size = pre["img_size"]
+    example = torch.randn(2, 3, size, size)
+    n = model.patch_embed.num_patches
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    report: dict[str, Any] = {"checkpoint": str(checkpoint), "select_block": select_block, "num_patches": n}
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        tmp_main, tmp_keep = Path(tmp) / "model.onnx", Path(tmp) / "model_keep_idx.onnx"
+        log("exporting the drop-by-attention graph")
+        _export(DropByAttention(model, select_block), (example, torch.tensor(0.0)), ["pixel_values", "drop"],
+                ({0: batch}, None), cfg.opset, tmp_main)
+        log("exporting the keep-index graph")
+        keep = torch.stack([torch.randperm(n)[: n // 2] for _ in range(2)])
+        _export(KeepIndices(model), (example, keep), ["pixel_values", "keep_idx"],
+                ({0: batch}, {0: batch, 1: torch.export.Dim("num_keep", min=1, max=n)}), cfg.opset, tmp_keep)
+        report.update(check_exported_sparsity(tmp_main, model, prunable_names(model)))
+
+        images = labels = None
+        if data_cfg is not None and (cfg.verify or cfg.quantize):
+            images, labels = _eval_images(meta, data_cfg, None)
+        if cfg.verify:
+            if images is None:
+                raise LotusError("verification needs eval images: pass --data, or --no-verify to skip it")
+            log(f"verifying against PyTorch on {min(cfg.verify_images, len(images))} eval images at drop {', '.join(map(str, VERIFY_DROPS))}")
+            report["max_abs_diff"] = verify(tmp_main, model, images[: cfg.verify_images], select_block, cfg.tolerance)
+
+        final_main = tmp_main
+        if cfg.quantize == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            log("quantizing weights to int8 (dynamic, per channel, signed)")
+            final_main = Path(tmp) / "model.int8.onnx"
+            quantize_dynamic(str(tmp_main), str(final_main), per_channel=True, weight_type=QuantType.QInt8)
+            quantize_dynamic(str(tmp_keep), str(Path(tmp) / "keep.int8.onnx"), per_channel=True, weight_type=QuantType.QInt8)
+            tmp_keep = Path(tmp) / "keep.int8.onnx"
+            if images is not None:
+                report["fp32_accuracy"] = accuracy_onnx(tmp_main, images, labels)
+                report["int8_accuracy"] = accuracy_onnx(final_main, images, labels)
+                report["int8_accuracy_drop_0.5"] = accuracy_onnx(final_main, images, labels, drop=0.5)
+        elif cfg.quantize is not None:
+            raise LotusError(f"--quantize {cfg.quantize!r} is not supported: use int8")
+
+        props = _metadata(meta, model, select_block, {"quantize": cfg.quantize or "none"})
+        _set_metadata(final_main, props)
+        _set_metadata(tmp_keep, {**props, "inputs": "pixel_values float32 [B,3,H,W] normalised; keep_idx int64 [B,K] patch indices"})
+        os.replace(tmp_keep, keep_idx_path(out))
+        os.replace(final_main, out)
+    report.update({"path": str(out), "keep_idx_path": str(keep_idx_path(out)), "bytes": out.stat().st_size})
+    return report
