@@ -1,0 +1,117 @@
+"""ONNX export: real ONNX Runtime against PyTorch, metadata, int8, keep indices, failures."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lotus import LotusError
+from lotus.bench import LocalBenchConfig, bench_local
+from lotus.checkpoint import load_model, save_model
+from lotus.data import DataConfig
+from lotus.export import ExportConfig, export_onnx, keep_idx_path, ort_session, read_metadata
+from lotus.masks import apply_masks_, magnitude_masks, prunable_names
+from lotus.vit import ModelConfig, build_model
+
+DIGITS = DataConfig("digits")
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    """A small pruned model saved as a run folder, with the digits preprocessing."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = ModelConfig(num_classes=10, img_size=16, patch_size=4, depth=4, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    names = prunable_names(model)
+    masks = magnitude_masks({n: p.detach() for n, p in model.named_parameters() if n in names}, 0.4)
+    apply_masks_(model, masks)
+    pre = {"img_size": 16, "mean": [0.3] * 3, "std": [0.4] * 3, "classes": [str(i) for i in range(10)], "dataset": "digits"}
+    save_model(run, model, cfg, pre, masks, sparsity={"overall": 0.4}, tickets={"drop": 0.1})
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(pruned_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    report = export_onnx(pruned_run, out, DIGITS, ExportConfig())
+    return out, report
+
+
+def test_export_matches_pytorch_at_every_batch_and_drop(pruned_run, exported):
+    path, report = exported
+    assert all(diff <= 1e-4 for diff in report["max_abs_diff"].values())
+    onnx.checker.check_model(onnx.load(str(path)))
+    model, _ = load_model(pruned_run)
+    session = ort_session(path)
+    for batch in (1, 3, 17):
+        x = torch.randn(batch, 3, 16, 16)
+        for drop in (0.0, 0.1, 0.3, 0.5, 0.9):
+            got = session.run(None, {"pixel_values": x.numpy(), "drop": np.array(drop, dtype=np.float32)})[0]
+            num_keep = 16 - round(drop * 16)
+            with torch.no_grad():
+                expected = model.forward_dropping(x, num_keep, report["select_block"])
+                dense = model(x)
+            assert np.abs(got - expected.numpy()).max() <= 1e-4
+            if drop == 0.0:  # no drop is exactly the dense model
+                assert np.abs(got - dense.numpy()).max() <= 1e-4
+
+
+def test_keep_index_graph_runs_the_lottery_forward(pruned_run, exported):
+    path, _ = exported
+    model, _ = load_model(pruned_run)
+    session = ort_session(keep_idx_path(path))
+    for num_keep in (4, 16):
+        x = torch.randn(5, 3, 16, 16)
+        keep = torch.stack([torch.randperm(16)[:num_keep] for _ in range(5)])
+        got = session.run(None, {"pixel_values": x.numpy(), "keep_idx": keep.numpy()})[0]
+        with torch.no_grad():
+            assert np.abs(got - model(x, keep).numpy()).max() <= 1e-4
+
+
+def test_metadata_lets_a_user_preprocess_without_the_run_folder(exported):
+    path, _ = exported
+    meta = read_metadata(path)
+    assert meta["img_size"] == "16" and meta["patch_size"] == "4" and meta["num_patches"] == "16"
+    assert json.loads(meta["mean"]) == [0.3] * 3 and json.loads(meta["std"]) == [0.4] * 3
+    assert json.loads(meta["classes"]) == [str(i) for i in range(10)]
+    assert float(meta["sparsity"]) == pytest.approx(0.4) and meta["train_drop"] == "0.1"
+    assert meta["lotus_version"]
+
+
+def test_pruned_zeros_reach_the_graph(exported):
+    _, report = exported
+    assert report["exported_sparsity"] == pytest.approx(report["checkpoint_sparsity"]) == pytest.approx(0.4, abs=1e-4)
+
+
+def test_int8_runs_and_still_drops_patches(pruned_run, tmp_path):
+    out = tmp_path / "model.int8.onnx"
+    report = export_onnx(pruned_run, out, DIGITS, ExportConfig(quantize="int8"))
+    assert out.stat().st_size < 0.5 * (4 * sum(p.numel() for p in load_model(pruned_run)[0].parameters()))  # int8 weights
+    assert {"fp32_accuracy", "int8_accuracy", "int8_accuracy_drop_0.5"} <= set(report)
+    graph = onnx.load(str(out)).graph
+    assert any(n.op_type in ("DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
+    session = ort_session(out)
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16), dtype=np.float32)
+    for drop in (0.0, 0.5):
+        logits = session.run(None, {"pixel_values": x, "drop": np.array(drop, dtype=np.float32)})[0]
+        assert logits.shape == (4, 10) and np.isfinite(logits).all()
+    assert read_metadata(out)["quantize"] == "int8"
+
+
+def test_a_failed_verification_writes_nothing(pruned_run, tmp_path):
+    out = tmp_path / "model.onnx"
+    with pytest.raises(LotusError, match="not faithful and was not written"):
+        export_onnx(pruned_run, out, DIGITS, ExportConfig(tolerance=0.0))  # no export is bit-exact
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_local_reports_every_cell(exported):
+    path, _ = exported
+    result = bench_local(path, LocalBenchConfig(batch_sizes=(1, 4), drops=(0.0, 0.5), runs=5, warmup=1))
+    assert [(c["batch"], c["drop"]) for c in result["cells"]] == [(1, 0.0), (1, 0.5), (4, 0.0), (4, 0.5)]
+    assert all(c["runs"] == 5 and c["p99_ms"] >= c["median_ms"] > 0 for c in result["cells"])
+    assert result["cells"][0]["vs_drop0"] == 1.0
+    with pytest.raises(LotusError, match="not found"):
+        bench_local(path.with_name("nothing.onnx"))
