@@ -206,6 +206,20 @@ def accuracy_onnx(path: Path, images: torch.Tensor, labels: torch.Tensor, drop: 
     return 100.0 * correct / len(images)
 
 
+def quantize_int8(src: Path, dst: Path) -> Path:
+    """Dynamic int8 quantisation of the weights with ONNX Runtime's tools: signed, per output
+    channel (unsigned weights bring no speed on AVX-512 VNNI CPUs), after the shape inference
+    and graph clean-up ONNX Runtime recommends before quantising."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = dst.with_name(dst.stem + ".prep.onnx")
+    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+    quantize_dynamic(str(prepared), str(dst), per_channel=True, weight_type=QuantType.QInt8)
+    prepared.unlink()
+    return dst
+
+
 def export_onnx(
     checkpoint: str | Path, out: str | Path, data_cfg: DataConfig | None, cfg: ExportConfig = ExportConfig(),
     *, log: Callable[[str], None] = lambda line: None,
@@ -256,13 +270,9 @@ def export_onnx(
 
         final_main = tmp_main
         if cfg.quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
             log("quantizing weights to int8 (dynamic, per channel, signed)")
-            final_main = Path(tmp) / "model.int8.onnx"
-            quantize_dynamic(str(tmp_main), str(final_main), per_channel=True, weight_type=QuantType.QInt8)
-            quantize_dynamic(str(tmp_keep), str(Path(tmp) / "keep.int8.onnx"), per_channel=True, weight_type=QuantType.QInt8)
-            tmp_keep = Path(tmp) / "keep.int8.onnx"
+            final_main = quantize_int8(tmp_main, Path(tmp) / "model.int8.onnx")
+            tmp_keep = quantize_int8(tmp_keep, Path(tmp) / "keep.int8.onnx")
             if images is not None:
                 report["fp32_accuracy"] = accuracy_onnx(tmp_main, images, labels)
                 report["int8_accuracy"] = accuracy_onnx(final_main, images, labels)
