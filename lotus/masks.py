@@ -72,6 +72,20 @@ def _keep_top(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
     return mask
 
 
+def semi_structured_masks(weights: dict[str, torch.Tensor], n: int = 2, m: int = 4) -> Masks:
+    """N:M masks (2:4 for NVIDIA sparse tensor cores): in every group of `m` consecutive weights
+    along the input dimension, keep the `n` of largest magnitude."""
+    out = {}
+    for name, w in weights.items():
+        if w.shape[-1] % m:
+            raise LotusError(f"{name} has {w.shape[-1]} inputs, not a multiple of {m}: it cannot hold a {n}:{m} pattern")
+        groups = w.detach().abs().reshape(-1, m)  # (groups, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(1, groups.topk(n, dim=1).indices, True)
+        out[name] = keep.view_as(w)
+    return out
+
+
 def merge_masks(masks: list[Masks], how: str = "union", min_votes: int | None = None) -> Masks:
     """Merge proposals: 'union' keeps a weight any proposal keeps, 'intersection' one all keep,
     'vote' one at least `min_votes` keep."""

@@ -149,3 +149,21 @@ def test_loading_refuses_masks_that_do_not_hold(tmp_path, tiny_cfg):
     save_model(tmp_path / "m", model, tiny_cfg, {}, masks)  # weights were never zeroed
     with pytest.raises(LotusError, match="pruned weights of .* are not zero"):
         load_model(tmp_path / "m")
+
+
+def test_two_four_masks_keep_exactly_two_in_every_group_of_four(tiny_cfg):
+    from lotus.masks import semi_structured_masks
+
+    model = build_model(tiny_cfg)
+    names = prunable_names(model)
+    weights = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    masks = semi_structured_masks(weights)
+    for name, w in weights.items():
+        groups = masks[name].reshape(-1, 4)
+        assert (groups.sum(1) == 2).all()
+        kept_min = w.abs().reshape(-1, 4).masked_fill(~groups, float("inf")).min(1).values
+        pruned_max = w.abs().reshape(-1, 4).masked_fill(groups, -1).max(1).values
+        assert (pruned_max <= kept_min).all()  # the two largest of each group are kept
+    assert mask_sparsity(masks) == pytest.approx(0.5)
+    with pytest.raises(LotusError, match="not a multiple of 4"):
+        semi_structured_masks({"w": torch.randn(3, 6)})
