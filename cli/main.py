@@ -306,6 +306,40 @@ def bench(
     err.print(f"results: {out}")
 
 
+@app.command()
+@user_errors
+def serve(
+    model: Annotated[Optional[Path], typer.Argument(help="Exported ONNX model (default: the latest run's model.onnx).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes, each with its own ONNX Runtime session.")] = 1,
+    name: Annotated[str, typer.Option(help="Model name in the URLs: /v2/models/NAME/infer.")] = "lotus",
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads per worker (default: its own choice).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most images gathered into one ONNX Runtime call.")] = 32,
+    max_delay_ms: Annotated[float, typer.Option(help="Longest a request waits for others to join its batch, in ms.")] = 2.0,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Gather concurrent requests into one call (dynamic batching).")] = True,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body in MB; larger ones get 413.")] = 8.0,
+    max_images: Annotated[int, typer.Option(help="Most images in one inference request.")] = 64,
+    max_pixels: Annotated[int, typer.Option(help="Most pixels an uploaded image may have (image bombs get 413).")] = 40_000_000,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log every request.")] = True,
+) -> None:
+    """Serve an exported model over HTTP: Open Inference Protocol v2, /v1/classify, /metrics, /docs (LOTUS_API_KEY: bearer token)."""
+    from pydantic import ValidationError
+
+    from serve.app import run_server
+    from serve.settings import Settings
+
+    try:
+        settings = Settings(model=model, host=host, port=port, workers=workers, name=name, threads=threads,
+                            max_batch=max_batch, max_delay_ms=max_delay_ms, batching=batching, max_body_mb=max_body_mb,
+                            max_images=max_images, max_pixels=max_pixels)
+    except ValidationError as e:
+        from serve.protocol import validation_message
+
+        raise lotus.LotusError(f"invalid option: {validation_message(e)}") from None
+    run_server(settings, access_log=access_log)
+
+
 prune_app = typer.Typer(help="ISSP pruning: the essential-sparsity sweep, one-shot pruning, Instant Soup Pruning.", no_args_is_help=True)
 app.add_typer(prune_app, name="prune")
 

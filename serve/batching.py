@@ -1,0 +1,145 @@
+"""Dynamic batching: concurrent requests share one ONNX Runtime call.
+
+A request waits at most `max_delay` (counted from the oldest request in the queue, as Triton's
+max_queue_delay is) for others to join, and a call holds at most `max_batch` images (a request
+with more runs alone). Requests are grouped by the number of patches the graph keeps for their
+drop ratio, so every request gets exactly the logits its own drop gives; each caller gets its own
+rows back. Inference runs in one worker thread: ONNX Runtime already spreads a call over the
+cores, and while it runs, the next batch gathers.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from serve.model import num_keep
+
+RunFn = Callable[[np.ndarray, float], np.ndarray]  # (B, 3, H, W), drop -> (B, classes)
+
+
+@dataclass
+class _Pending:
+    pixel_values: np.ndarray  # (b, 3, H, W)
+    drop: float
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Gathers `submit` calls into batched `run` calls (or runs each alone when `enabled` is False).
+
+    Args:
+        run: the blocking model call, run in the worker thread.
+        num_patches: the model's patch count (requests keeping as many patches batch together).
+        on_batch: called with (images, drop, seconds) after every model call (metrics).
+    """
+
+    def __init__(self, run: RunFn, num_patches: int, *, max_batch: int = 32, max_delay_ms: float = 2.0,
+                 enabled: bool = True, on_batch: Callable[[int, float, float], None] = lambda images, drop, seconds: None):
+        self.run = run
+        self.num_patches = num_patches
+        self.max_batch = max_batch
+        self.max_delay = max_delay_ms / 1000
+        self.enabled = enabled
+        self.on_batch = on_batch
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lotus-infer")
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        if self.enabled:
+            self.task = asyncio.create_task(self._loop(), name="lotus-batcher")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        while not self.queue.empty():
+            pending = self.queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("the server is shutting down"))
+        self.executor.shutdown(wait=True)
+
+    async def submit(self, pixel_values: np.ndarray, drop: float) -> np.ndarray:
+        """(b, 3, H, W) float32 at `drop` -> (b, classes) logits, batched with concurrent requests."""
+        if not self.enabled:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self._timed_run, pixel_values, drop)
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(pixel_values, drop, future))
+        return await future
+
+    def _timed_run(self, pixel_values: np.ndarray, drop: float) -> np.ndarray:
+        start = time.perf_counter()
+        logits = self.run(pixel_values, drop)
+        self.on_batch(len(pixel_values), drop, time.perf_counter() - start)
+        return logits
+
+    async def _gather(self) -> list[_Pending]:
+        """Wait for a request, then for more until max_batch images or the oldest one's deadline."""
+        first = await self.queue.get()
+        gathered, images = [first], len(first.pixel_values)
+        deadline = first.enqueued + self.max_delay
+        while images < self.max_batch:
+            if self.queue.empty():
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    pending = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            else:
+                pending = self.queue.get_nowait()
+            gathered.append(pending)
+            images += len(pending.pixel_values)
+        return gathered
+
+    def _batches(self, gathered: list[_Pending]) -> list[list[_Pending]]:
+        """Split by patches kept, then into runs of at most max_batch images (in arrival order)."""
+        groups: dict[int, list[_Pending]] = defaultdict(list)
+        for pending in gathered:
+            groups[num_keep(pending.drop, self.num_patches)].append(pending)
+        batches = []
+        for group in groups.values():
+            batch, images = [], 0
+            for pending in group:
+                if batch and images + len(pending.pixel_values) > self.max_batch:
+                    batches.append(batch)
+                    batch, images = [], 0
+                batch.append(pending)
+                images += len(pending.pixel_values)
+            batches.append(batch)
+        return batches
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            gathered = await self._gather()
+            for batch in self._batches(gathered):
+                batch = [p for p in batch if not p.future.done()]  # callers that gave up
+                if not batch:
+                    continue
+                pixel_values = batch[0].pixel_values if len(batch) == 1 else np.concatenate([p.pixel_values for p in batch])
+                try:
+                    # Any member's drop keeps the same patches as the others'.
+                    logits = await loop.run_in_executor(self.executor, self._timed_run, pixel_values, batch[0].drop)
+                except Exception as e:  # the callers answer for it; the loop goes on
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(e)
+                    continue
+                start = 0
+                for p in batch:
+                    stop = start + len(p.pixel_values)
+                    if not p.future.done():
+                        p.future.set_result(logits[start:stop])
+                    start = stop

@@ -1,0 +1,113 @@
+"""The served model: an ONNX Runtime session with the preprocessing its metadata prescribes.
+
+Nothing here knows about HTTP; routes turn its `InputError`s into 4xx answers.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lotus.errors import LotusError
+
+
+class InputError(ValueError):
+    """Bad input from a client: the message says what is wrong; `status` is the HTTP status."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def num_keep(drop: float, num_patches: int) -> int:
+    """Patches the graph keeps at `drop`, computed as the graph does (float32, round half to even)."""
+    dropped = np.round(np.float32(drop) * np.float32(num_patches))
+    return int(min(max(num_patches - int(dropped), 1), num_patches))
+
+
+@dataclass
+class ServedModel:
+    path: Path
+    session: object  # onnxruntime.InferenceSession
+    img_size: int
+    num_patches: int
+    classes: list[str]
+    mean: np.ndarray  # (3, 1, 1), on the [0, 1] pixel scale
+    std: np.ndarray  # (3, 1, 1)
+    metadata: dict[str, str]
+
+    @staticmethod
+    def check(path: str | Path) -> dict[str, str]:
+        """The metadata of an exported LOTUS model, or a LotusError saying what is missing."""
+        from lotus.export import read_metadata
+
+        path = Path(path)
+        if not path.is_file():
+            raise LotusError(f"ONNX model {path} not found: export one with `lotus export onnx`")
+        try:
+            meta = read_metadata(path)
+        except Exception as e:
+            raise LotusError(f"{path} is not an ONNX model ({type(e).__name__}: {e})") from None
+        missing = [k for k in ("img_size", "num_patches", "mean", "std", "classes") if k not in meta]
+        if missing:
+            raise LotusError(f"{path} lacks the LOTUS metadata {', '.join(missing)}: export it with `lotus export onnx`")
+        return meta
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None) -> ServedModel:
+        from lotus.export import ort_session
+
+        path = Path(path)
+        meta = cls.check(path)
+        session = ort_session(path, threads)
+        inputs = {i.name for i in session.get_inputs()}
+        if inputs != {"pixel_values", "drop"}:
+            raise LotusError(f"{path} takes inputs {sorted(inputs)}, not pixel_values and drop: serve the drop-by-attention graph (model.onnx)")
+        return cls(
+            path=path, session=session, img_size=int(meta["img_size"]), num_patches=int(meta["num_patches"]),
+            classes=json.loads(meta["classes"]),
+            mean=np.array(json.loads(meta["mean"]), dtype=np.float32).reshape(3, 1, 1),
+            std=np.array(json.loads(meta["std"]), dtype=np.float32).reshape(3, 1, 1),
+            metadata=meta,
+        )
+
+    @property
+    def input_shape(self) -> list[int]:
+        return [-1, 3, self.img_size, self.img_size]
+
+    def run(self, pixel_values: np.ndarray, drop: float) -> np.ndarray:
+        """(B, 3, H, W) float32 -> (B, classes) logits. Blocking: call it off the event loop."""
+        return self.session.run(None, {"pixel_values": pixel_values, "drop": np.array(drop, dtype=np.float32)})[0]
+
+    def decode_image(self, data: bytes, max_pixels: int) -> np.ndarray:
+        """A JPEG or PNG file -> (3, H, W) float32, resized and normalised as in training.
+
+        The pixel count is checked from the header before anything is decoded, so an image bomb
+        costs nothing; a truncated file fails while decoding.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            image = Image.open(io.BytesIO(data), formats=["JPEG", "PNG"])
+        except UnidentifiedImageError:
+            raise InputError("the file is not a JPEG or PNG image", 415) from None
+        except Image.DecompressionBombError as e:
+            raise InputError(f"the image is too large to decode: {e}", 413) from None
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InputError(f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}", 413)
+            try:
+                image.load()
+                rgb = image.convert("RGB")
+            except Image.DecompressionBombError as e:
+                raise InputError(f"the image is too large to decode: {e}", 413) from None
+            except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+                raise InputError(f"the image cannot be decoded ({e}): the file is truncated or corrupt") from None
+        if rgb.size != (self.img_size, self.img_size):  # training's resize: bilinear, to a square
+            rgb = rgb.resize((self.img_size, self.img_size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, H, W) in [0, 1]
+        return (pixels - self.mean) / self.std

@@ -1,0 +1,76 @@
+"""Open Inference Protocol (v2) REST routes, as Triton and KServe serve them."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+import lotus
+from serve.model import num_keep
+from serve.protocol import HEADER_LENGTH, infer_response, parse_infer
+from serve.schemas import ErrorResponse, InferenceResponse, ModelMetadata, ServerMetadata, TensorMetadata
+from serve.service import ServiceDep
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
+
+
+@router.get("/health/live", summary="Server liveness")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Server readiness (the model is loaded)", responses={503: {"model": ErrorResponse}})
+async def ready(service: ServiceDep) -> Response:
+    if not service.ready:
+        return JSONResponse({"ready": False, "error": "the model is not loaded yet"}, 503)
+    return JSONResponse({"ready": True})
+
+
+@router.get("", summary="Server metadata", response_model=ServerMetadata)
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="lotus", version=lotus.__version__, extensions=["binary_tensor_data"])
+
+
+@router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata, responses=ERRORS)
+@router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)", response_model=ModelMetadata,
+            responses=ERRORS, include_in_schema=False)
+async def model_metadata(name: str, service: ServiceDep, version: str | None = None) -> ModelMetadata:
+    model = service.check_model(name, version)
+    return ModelMetadata(
+        name=name, versions=[service.settings.version], platform="onnxruntime_onnx",
+        inputs=[TensorMetadata(name="pixel_values", datatype="FP32", shape=model.input_shape)],
+        outputs=[TensorMetadata(name="logits", datatype="FP32", shape=[-1, len(model.classes)])],
+        parameters={"drop": "request parameter, fraction of patches to skip in [0, 0.95], default 0", **model.metadata},
+    )
+
+
+@router.get("/models/{name}/ready", summary="Model readiness", responses=ERRORS)
+@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (one version)", responses=ERRORS,
+            include_in_schema=False)
+async def model_ready(name: str, service: ServiceDep, version: str | None = None) -> dict:
+    service.check_model(name, version)
+    return {"name": name, "ready": True}
+
+
+@router.post(
+    "/models/{name}/infer", summary="Inference", responses={200: {"model": InferenceResponse}, 413: {"model": ErrorResponse}, **ERRORS},
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}}}},
+)
+@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
+async def infer(name: str, request: Request, service: ServiceDep, version: str | None = None) -> Response:
+    """Classify B images given as `pixel_values` FP32 [B, 3, H, W], normalised as the model's metadata says.
+
+    The request-level parameter `drop` (default 0) skips that fraction of each image's patches,
+    chosen by the model's class-token attention: less work, lower latency. The answer is the
+    FP32 output `logits` [B, classes]. Triton's binary tensor extension is accepted both ways.
+    """
+    model = service.check_model(name, version)
+    inference = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH), model, service.settings.max_images)
+    service.metrics.drop.observe(inference.drop)
+    service.metrics.images.labels("infer").inc(len(inference.pixel_values))
+    logits = await service.batcher.submit(inference.pixel_values, inference.drop)
+    body, header_length = infer_response(logits, inference, name, service.settings.version,
+                                         num_keep(inference.drop, model.num_patches))
+    if header_length is None:
+        return Response(body, media_type="application/json")
+    return Response(body, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_length)})

@@ -1,0 +1,36 @@
+"""The service's settings: one pydantic BaseSettings, read from `LOTUS_*` environment variables.
+
+`lotus serve` fills them from its flags; under `--workers N` every worker process reads the same
+environment, so the flags reach all of them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MAX_DROP = 0.95  # highest drop ratio a request may ask for (at least one patch must stay)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOTUS_", frozen=True, protected_namespaces=())
+
+    model: Path | None = Field(None, description="Exported ONNX model (default: the latest run's model.onnx).")
+    name: str = Field("lotus", min_length=1, description="Model name in the URLs (/v2/models/NAME).")
+    version: str = Field("1", description="Model version reported by the OIP metadata routes.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes, each with its own ONNX Runtime session.")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per worker (default: its own choice).")
+    batching: bool = Field(True, description="Gather concurrent requests into one ONNX Runtime call.")
+    max_batch: int = Field(32, ge=1, description="Most images in one ONNX Runtime call.")
+    max_delay_ms: float = Field(2.0, ge=0, description="Longest a request waits for others to join its batch, in ms.")
+    max_body_mb: float = Field(8.0, gt=0, description="Largest request body, in MB (10^6 bytes).")
+    max_images: int = Field(64, ge=1, description="Most images in one inference request.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Most pixels an uploaded image may decode to (image bombs).")
+    api_key: SecretStr | None = Field(None, description="When set (LOTUS_API_KEY), required as 'Authorization: Bearer KEY'.")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1_000_000)
