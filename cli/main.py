@@ -280,22 +280,50 @@ def export_onnx(
 @app.command()
 @user_errors
 def bench(
-    local: Annotated[Optional[Path], typer.Option("--local", help="Time this ONNX model in ONNX Runtime, without HTTP.")] = None,
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64",
+    url: Annotated[Optional[str], typer.Argument(help="A running `lotus serve` (or any OIP v2 server), e.g. http://127.0.0.1:8000: load it over HTTP.")] = None,
+    local: Annotated[Optional[Path], typer.Option("--local", help="Time this ONNX model in ONNX Runtime, without HTTP (with URL: the HTTP overhead is the difference).")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes (--local alone).")] = "1,64",
     drops: Annotated[str, typer.Option("--drop", help="Comma-separated drop ratios.")] = "0,0.1,0.3,0.5",
-    runs: Annotated[int, typer.Option(help="Timed runs per cell (50 at least for p99).")] = 50,
-    warmup: Annotated[int, typer.Option(help="Untimed runs per cell.")] = 5,
+    runs: Annotated[int, typer.Option(help="Timed runs per cell (--local alone; 50 at least for p99).")] = 50,
+    warmup: Annotated[Optional[int], typer.Option(help="Untimed runs per cell (default: 5 local runs, 20 HTTP requests).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: its own choice).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the results here as JSON (default: beside the model).")] = None,
+    concurrency: Annotated[str, typer.Option(help="With URL: comma-separated numbers of clients sending at once.")] = "1,4,16",
+    requests: Annotated[int, typer.Option(help="With URL: timed requests per cell.")] = 200,
+    duration: Annotated[Optional[float], typer.Option(help="With URL: seconds per cell instead of --requests.")] = None,
+    batch: Annotated[int, typer.Option(help="With URL: images per request.")] = 1,
+    name: Annotated[str, typer.Option(help="With URL: the model's name on the server.")] = "lotus",
+    binary: Annotated[bool, typer.Option("--binary", help="With URL: send tensors in binary (Triton's extension) instead of JSON.")] = False,
+    api_key: Annotated[Optional[str], typer.Option(envvar="LOTUS_API_KEY", help="With URL: the server's API key (env LOTUS_API_KEY).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="With URL: PNG of latency against drop (default: beside --out).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the results here as JSON (default: beside the model; with URL: lotus-bench.json).")] = None,
 ) -> None:
-    """Latency benchmark: `--local model.onnx` times ONNX Runtime at each batch size and drop ratio."""
+    """Latency benchmark: `URL` loads a server perf_analyzer-style; `--local model.onnx` times ONNX Runtime alone."""
     from lotus.bench import LocalBenchConfig, bench_local
     from lotus.checkpoint import atomic_write_text
 
+    if url is not None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from serve.bench import HttpBenchConfig, bench_http, format_table, save_plot
+
+        cfg = HttpBenchConfig(concurrency=tuple(int(c) for c in _floats(concurrency, "--concurrency")), drops=_floats(drops, "--drop"),
+                              requests=requests, duration=duration, warmup=20 if warmup is None else warmup, batch=batch,
+                              model=name, binary=binary, api_key=api_key)
+        with Progress(TextColumn("[bold]load cells"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True, disable=not err.is_terminal) as progress:
+            task = progress.add_task("cells", total=len(cfg.concurrency) * len(cfg.drops))
+            result = bench_http(url, cfg, local=local, threads=threads, progress=lambda done, total: progress.update(task, completed=done))
+        print(format_table(result))
+        out = out or Path("lotus-bench.json")
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        plot = save_plot(result, plot or out.with_suffix(".png"))
+        failed = sum(c["errors"] for c in result["cells"])
+        err.print(f"results: {out}, plot: {plot}" + (f"; [bold red]{failed} requests failed[/]" if failed else ""))
+        return
     if local is None:
-        raise lotus.LotusError("pass --local model.onnx (the HTTP load generator comes with `lotus serve`)")
+        raise lotus.LotusError("pass a URL to load a server (`lotus bench http://127.0.0.1:8000`), or --local model.onnx")
     cfg = LocalBenchConfig(batch_sizes=tuple(int(b) for b in _floats(batch_sizes, "--batch-sizes")),
-                           drops=_floats(drops, "--drop"), runs=runs, warmup=warmup, threads=threads)
+                           drops=_floats(drops, "--drop"), runs=runs, warmup=5 if warmup is None else warmup, threads=threads)
     result = bench_local(local, cfg, log=lambda line: err.print(line, highlight=False))
     print(f"{'batch':>5} {'drop':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>8} {'x drop 0':>8}")
     for c in result["cells"]:

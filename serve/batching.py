@@ -1,8 +1,10 @@
 """Dynamic batching: concurrent requests share one ONNX Runtime call.
 
-A request waits at most `max_delay` (counted from the oldest request in the queue, as Triton's
-max_queue_delay is) for others to join, and a call holds at most `max_batch` images (a request
-with more runs alone). Requests are grouped by the number of patches the graph keeps for their
+A call takes every request already queued, up to `max_batch` images (a request with more runs
+alone). When requests have been overlapping (the previous call gathered more than one), it also
+waits for company, at most `max_delay` counted from the oldest request in the queue (as Triton's
+max_queue_delay is); a lone client is never delayed. Under load, requests that arrive while a
+call runs form the next one. Requests are grouped by the number of patches the graph keeps for their
 drop ratio, so every request gets exactly the logits its own drop gives; each caller gets its own
 rows back. Inference runs in one worker thread: ONNX Runtime already spreads a call over the
 cores, and while it runs, the next batch gathers.
@@ -51,6 +53,7 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lotus-infer")
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.task: asyncio.Task | None = None
+        self.overlapping = False  # the last call gathered several requests: wait for company
 
     async def start(self) -> None:
         if self.enabled:
@@ -84,10 +87,11 @@ class Batcher:
         return logits
 
     async def _gather(self) -> list[_Pending]:
-        """Wait for a request, then for more until max_batch images or the oldest one's deadline."""
+        """Wait for a request, take those queued behind it, and (under load) more until max_batch
+        images or the oldest one's deadline."""
         first = await self.queue.get()
         gathered, images = [first], len(first.pixel_values)
-        deadline = first.enqueued + self.max_delay
+        deadline = first.enqueued + self.max_delay if self.overlapping else 0.0
         while images < self.max_batch:
             if self.queue.empty():
                 remaining = deadline - time.perf_counter()
@@ -101,6 +105,7 @@ class Batcher:
                 pending = self.queue.get_nowait()
             gathered.append(pending)
             images += len(pending.pixel_values)
+        self.overlapping = len(gathered) > 1
         return gathered
 
     def _batches(self, gathered: list[_Pending]) -> list[list[_Pending]]:

@@ -31,7 +31,7 @@ class Service:
         return self.model
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 

@@ -1,0 +1,152 @@
+"""Serving latency of an exported LOTUS model over HTTP: the figures of the serving issue.
+
+Starts `lotus serve` (a real uvicorn subprocess) on the model, loads it with `lotus bench`'s
+load generator (serve/bench.py) at concurrency 1, 4, 16 and drop 0, 0.1, 0.3, 0.5, times ONNX
+Runtime alone on the same model for the HTTP overhead, then restarts the server with
+--no-batching and loads it again at concurrency 16 for the batching gain. Prints the checks:
+
+- errors at concurrency 16 (0 over at least 2,000 requests),
+- p50 at drop 0.5 over p50 at drop 0 (<= 0.65),
+- HTTP overhead at concurrency 1: server p50 minus ONNX Runtime median (<= 2 ms),
+- throughput at concurrency 16 with batching over without (>= 1.5).
+
+    python benchmarks/serve_latency.py [MODEL.onnx] [--requests 500] [--threads N]
+    python benchmarks/serve_latency.py --synthetic   # a random ViT-Tiny at CIFAR-10's shape
+
+Latency does not depend on the weights, so --synthetic (the CIFAR-10 model's graph with random
+weights) gives the same timings when no compressed CIFAR-10 run is at hand; the JSON says which
+model was timed. Writes benchmarks/results/serve_latency.json and serve_latency.png.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from common import RESULTS, ROOT, write_result
+
+from serve.bench import HttpBenchConfig, bench_http, format_table, save_plot
+
+
+def synthetic_model(out: Path) -> Path:
+    """ViT-Tiny (width 192, depth 12) on 32x32 images with 4x4 patches, random weights, exported."""
+    import torch
+
+    from lotus.checkpoint import save_model
+    from lotus.export import ExportConfig, export_onnx
+    from lotus.vit import ModelConfig, build_model
+
+    cfg = ModelConfig(num_classes=10, img_size=32, patch_size=4, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    pre = {"img_size": 32, "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616],
+           "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+           "dataset": "cifar10"}
+    save_model(out / "run", build_model(cfg).eval(), cfg, pre, None, sparsity={"overall": 0.0})
+    export_onnx(out / "run", out / "model.onnx", None, ExportConfig(verify=False))
+    return out / "model.onnx"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`lotus serve MODEL` in a subprocess, ready when /v2/health/ready says so."""
+
+    def __init__(self, model: Path, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        lotus = Path(sys.executable).with_name("lotus")
+        command = [str(lotus), "serve", str(model), "--port", str(self.port), "--no-access-log", *flags]
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"lotus serve exited: {self.process.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/v2/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise SystemExit("lotus serve did not become ready in 120 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", type=Path, help="Exported model.onnx (default: the latest run's).")
+    p.add_argument("--synthetic", action="store_true", help="Time a random ViT-Tiny at CIFAR-10's shape instead.")
+    p.add_argument("--requests", type=int, default=500, help="Timed requests per (concurrency, drop) cell.")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads of the server and the local timing.")
+    p.add_argument("--binary", action="store_true", help="Send tensors with the binary extension instead of JSON.")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.synthetic:
+            model = synthetic_model(Path(tmp))
+        else:
+            from lotus.checkpoint import latest_run
+
+            model = args.model or latest_run(ROOT / "runs", containing="model.onnx") / "model.onnx"
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        cfg = HttpBenchConfig(requests=args.requests, binary=args.binary)
+
+        log(f"model {model}; {os.cpu_count()} cores; batching on")
+        server = Server(model, *threads)
+        try:
+            batched = bench_http(server.url, cfg, local=model, threads=args.threads, log=log)
+        finally:
+            server.stop()
+        log("batching off, concurrency 16")
+        server = Server(model, "--no-batching", *threads)
+        try:
+            unbatched = bench_http(server.url, HttpBenchConfig(concurrency=(16,), drops=(0.0, 0.5), requests=args.requests,
+                                                               binary=args.binary), log=log)
+        finally:
+            server.stop()
+
+    print(format_table(batched))
+    c16 = [c for c in batched["cells"] if c["concurrency"] == 16]
+    gain = {str(c["drop"]): next(b for b in c16 if b["drop"] == c["drop"])["throughput_rps"] / c["throughput_rps"]
+            for c in unbatched["cells"]}
+    checks = {
+        "requests_at_concurrency_16": sum(c["requests"] for c in c16),
+        "errors_at_concurrency_16": sum(c["errors"] for c in c16),
+        "p50_drop_0.5_over_drop_0": {str(k): next(c["p50_vs_drop0"] for c in batched["cells"] if c["concurrency"] == k and c["drop"] == 0.5)
+                                     for k in (1, 4, 16)},
+        "http_overhead_ms_concurrency_1": batched.get("http_overhead_ms"),
+        "throughput_gain_batching_concurrency_16": gain,
+    }
+    for key, value in checks.items():
+        print(f"{key}: {value}")
+    print("no batching, concurrency 16: " + ", ".join(f"drop {c['drop']:g} {c['throughput_rps']:.1f} req/s (p50 {c['p50_ms']:.1f} ms)"
+                                                        for c in unbatched["cells"]))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot = save_plot(batched, RESULTS / "serve_latency.png")
+    print(f"wrote {plot}")
+    write_result("serve_latency", {"model": str(model), "synthetic": args.synthetic, "cores": os.cpu_count(), "checks": checks,
+                                   "batching": batched, "no_batching": unbatched})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""`lotus bench URL`: an HTTP load generator in the style of Triton's perf_analyzer.
+
+For each concurrency C and each drop ratio, C clients (asyncio tasks on keep-alive connections)
+send back-to-back infer requests, each waiting for its answer before sending the next (closed
+loop), until the cell's request count (or duration) is reached. Each cell starts with untimed
+warm-up requests. Bodies are encoded once per drop ratio before timing, so the client spends its
+time on HTTP, not on JSON. Latency is measured by the client, from the first byte sent to the
+last byte read: what a caller sees. With `local`, ONNX Runtime alone is timed on the same model
+with the server's session settings, and the HTTP overhead is the difference of the medians at
+concurrency 1 (everything a request costs beyond the model: client, network stack, server).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from lotus.bench import percentiles
+from lotus.errors import LotusError
+
+
+@dataclass(frozen=True)
+class HttpBenchConfig:
+    concurrency: tuple[int, ...] = (1, 4, 16)  # clients sending at once, one cell each
+    drops: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5)  # drop ratios, one cell each
+    requests: int = 200  # timed requests per cell (ignored when duration is set)
+    duration: float | None = None  # seconds per cell instead of a request count
+    warmup: int = 20  # untimed requests before each cell
+    batch: int = 1  # images per request
+    model: str = "lotus"  # model name in the URL
+    binary: bool = False  # send and receive tensors with the binary tensor extension instead of JSON
+    api_key: str | None = None  # sent as 'Authorization: Bearer KEY'
+    timeout: float = 60.0  # seconds before a request counts as an error
+    seed: int = 0  # of the random input images (speed does not depend on them)
+
+
+def _body(images: np.ndarray, drop: float, binary: bool) -> tuple[bytes, dict[str, str]]:
+    tensor = {"name": "pixel_values", "shape": list(images.shape), "datatype": "FP32"}
+    request: dict[str, Any] = {"inputs": [tensor], "parameters": {"drop": drop}}
+    if not binary:
+        tensor["data"] = images.ravel().tolist()
+        return json.dumps(request).encode(), {"Content-Type": "application/json"}
+    tensor["parameters"] = {"binary_data_size": images.nbytes}
+    request["parameters"]["binary_data_output"] = True
+    header = json.dumps(request).encode()
+    return header + images.tobytes(), {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+
+
+async def _model_input_size(client, cfg: HttpBenchConfig, url: str) -> int:
+    import httpx
+
+    try:
+        response = await client.get(f"/v2/models/{cfg.model}")
+    except httpx.HTTPError as e:
+        raise LotusError(f"cannot reach {url} ({type(e).__name__}: {e}): is `lotus serve` running there?") from None
+    if response.status_code == 401:
+        raise LotusError(f"{url} wants an API key: pass --api-key or set LOTUS_API_KEY")
+    if response.status_code != 200:
+        raise LotusError(f"{url}/v2/models/{cfg.model} answered {response.status_code}: {response.text[:200]}")
+    shape = response.json()["inputs"][0]["shape"]
+    return int(shape[-1])
+
+
+async def _closed_loop(client, path: str, body: bytes, headers: dict[str, str], concurrency: int,
+                       count: int, deadline: float | None) -> tuple[list[float], list[str]]:
+    """`concurrency` clients sending back to back until `count` requests (or the deadline)."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    issued = 0
+
+    async def one_client() -> None:
+        nonlocal issued
+        while (issued < count) if deadline is None else (time.perf_counter() < deadline):
+            issued += 1
+            start = time.perf_counter()
+            try:
+                response = await client.post(path, content=body, headers=headers)
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors.append(f"{response.status_code}: {response.text[:200]}")
+            except Exception as e:  # a transport error is a failed request, not the end of the run
+                errors.append(f"{type(e).__name__}: {e}")
+
+    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    return latencies, errors
+
+
+async def _bench(url: str, cfg: HttpBenchConfig, progress: Callable[[int, int], None], log: Callable[[str], None]) -> dict[str, Any]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=max(cfg.concurrency), max_keepalive_connections=max(cfg.concurrency))
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=cfg.timeout) as client:
+        size = await _model_input_size(client, cfg, url)
+        images = np.random.default_rng(cfg.seed).standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
+        bodies = {drop: _body(images, drop, cfg.binary) for drop in cfg.drops}
+        path = f"/v2/models/{cfg.model}/infer"
+        cells = []
+        total = len(cfg.concurrency) * len(cfg.drops)
+        for concurrency in cfg.concurrency:
+            for drop in cfg.drops:
+                body, body_headers = bodies[drop]
+                # Warm-up at the cell's concurrency: connections open, the server's batching settled.
+                await _closed_loop(client, path, body, body_headers, concurrency, cfg.warmup, None)
+                start = time.perf_counter()
+                deadline = start + cfg.duration if cfg.duration is not None else None
+                latencies, errors = await _closed_loop(client, path, body, body_headers, concurrency, cfg.requests, deadline)
+                wall = time.perf_counter() - start
+                cell = {"concurrency": concurrency, "drop": drop, "requests": len(latencies) + len(errors), "errors": len(errors)}
+                if latencies:
+                    stats = percentiles(latencies)
+                    cell.update({"p50_ms": stats["median_ms"], "p90_ms": stats["p90_ms"],
+                                 "p95_ms": float(np.percentile(np.array(latencies) * 1000, 95)),
+                                 "p99_ms": stats["p99_ms"], "mean_ms": stats["mean_ms"]})
+                cell["throughput_rps"] = len(latencies) / wall
+                cell["images_per_second"] = len(latencies) * cfg.batch / wall
+                if errors:
+                    cell["first_error"] = errors[0]
+                cells.append(cell)
+                progress(len(cells), total)
+                log(_row(cell))
+    for cell in cells:
+        base = next((c for c in cells if c["concurrency"] == cell["concurrency"] and c["drop"] == 0.0 and "p50_ms" in c), None)
+        cell["p50_vs_drop0"] = cell["p50_ms"] / base["p50_ms"] if base and "p50_ms" in cell else None
+    return {"url": url, "body_bytes": {str(d): len(b[0]) for d, b in bodies.items()}, "cells": cells}
+
+
+def bench_http(
+    url: str, cfg: HttpBenchConfig = HttpBenchConfig(), *, local: str | Path | None = None, threads: int | None = None,
+    progress: Callable[[int, int], None] = lambda done, total: None, log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """Load `url` (a `lotus serve` or any OIP v2 server) at every (concurrency, drop) cell.
+
+    Args:
+        local: also time this ONNX model in ONNX Runtime alone (same batch and drops) and report
+            the HTTP overhead: server p50 at concurrency 1 minus ONNX Runtime's median.
+        threads: ONNX Runtime intra-op threads for the local timing (use the server's).
+    """
+    if cfg.requests < 1 and cfg.duration is None:
+        raise LotusError("--requests must be at least 1")
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    result = asyncio.run(_bench(url, cfg, progress, log))
+    result["config"] = asdict(cfg) | {"api_key": "***" if cfg.api_key else None}
+    if local is not None:
+        result["local"] = time_local(local, cfg.batch, cfg.drops, runs=max(50, min(cfg.requests, 500)), threads=threads)
+        overhead = {}
+        for cell in result["local"]:
+            http = next((c for c in result["cells"] if c["concurrency"] == 1 and c["drop"] == cell["drop"] and "p50_ms" in c), None)
+            if http is not None:
+                overhead[str(cell["drop"])] = http["p50_ms"] - cell["median_ms"]
+                log(f"drop {cell['drop']:<4g} ONNX Runtime median {cell['median_ms']:.2f} ms, HTTP p50 {http['p50_ms']:.2f} ms: "
+                    f"overhead {overhead[str(cell['drop'])]:.2f} ms")
+        result["http_overhead_ms"] = overhead
+    return result
+
+
+def time_local(path: str | Path, batch: int, drops: tuple[float, ...], runs: int = 200, warmup: int = 5,
+               threads: int | None = None) -> list[dict[str, Any]]:
+    """ONNX Runtime alone on the session the server makes (serve.model.serving_session), one
+    `batch`-image run after another at each drop: the baseline the HTTP overhead is measured against.
+
+    Not lotus.bench.bench_local: its session lets idle threads spin, which the server's does not,
+    and on a busy machine that alone moves the median by milliseconds either way.
+    """
+    from serve.model import ServedModel
+
+    model = ServedModel.load(path, threads)
+    images = np.random.default_rng(0).standard_normal((batch, 3, model.img_size, model.img_size), dtype=np.float32)
+    cells = []
+    for drop in drops:
+        for _ in range(warmup):
+            model.run(images, drop)
+        seconds = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            model.run(images, drop)
+            seconds.append(time.perf_counter() - start)
+        cells.append({"batch": batch, "drop": drop, **percentiles(seconds)})
+    return cells
+
+
+def _row(cell: dict[str, Any]) -> str:
+    if "p50_ms" not in cell:
+        return f"{cell['concurrency']:>5} {cell['drop']:>5g}  every request failed ({cell['errors']}): {cell.get('first_error', '')}"
+    ratio = f"{cell['p50_vs_drop0']:.3f}" if cell.get("p50_vs_drop0") is not None else "-"
+    return (f"{cell['concurrency']:>5} {cell['drop']:>5g} {cell['p50_ms']:>8.2f} {cell['p90_ms']:>8.2f} {cell['p95_ms']:>8.2f} "
+            f"{cell['p99_ms']:>8.2f} {cell['throughput_rps']:>9.1f} {cell['errors']:>6} {ratio:>8}")
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The cells as a perf_analyzer-like table (latencies in ms, throughput in requests/s)."""
+    lines = [f"{'conc':>5} {'drop':>5} {'p50':>8} {'p90':>8} {'p95':>8} {'p99':>8} {'req/s':>9} {'errors':>6} {'x drop0':>8}"]
+    lines += [_row(cell) for cell in result["cells"]]
+    for drop, overhead in result.get("http_overhead_ms", {}).items():
+        lines.append(f"HTTP overhead at concurrency 1, drop {drop}: {overhead:.2f} ms (server p50 - ONNX Runtime median)")
+    return "\n".join(lines)
+
+
+def save_plot(result: dict[str, Any], path: str | Path) -> Path:
+    """p50 latency (bars to p90 and p99) against drop ratio, one line per concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for concurrency in sorted({c["concurrency"] for c in result["cells"]}):
+        cells = [c for c in result["cells"] if c["concurrency"] == concurrency and "p50_ms" in c]
+        drops = [c["drop"] for c in cells]
+        line, = ax.plot(drops, [c["p50_ms"] for c in cells], marker="o", label=f"concurrency {concurrency} (p50)")
+        ax.fill_between(drops, [c["p50_ms"] for c in cells], [c["p99_ms"] for c in cells], color=line.get_color(), alpha=0.12)
+    local = result.get("local")
+    if local:
+        ax.plot([c["drop"] for c in local], [c["median_ms"] for c in local], "k--", marker="x", label="ONNX Runtime alone (median)")
+    ax.set_xlabel("drop ratio (fraction of patches skipped)")
+    ax.set_ylabel("latency per request (ms); shaded to p99")
+    ax.set_title("LOTUS serving latency against drop ratio")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
