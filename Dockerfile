@@ -2,6 +2,9 @@
 #   docker build -t lotus .
 # CUDA variant (PyTorch's CUDA wheels and onnxruntime-gpu; run with --gpus all):
 #   docker build -t lotus:gpu --build-arg VARIANT=gpu .
+# By default it serves the exported model mounted at /models/model.onnx on port 8000:
+#   docker run -p 8000:8000 -v "$PWD/runs/compress-DATE:/models:ro" lotus
+# Any other command runs the CLI: docker run lotus train --help
 FROM python:3.11-slim
 
 ARG VARIANT=cpu
@@ -29,5 +32,9 @@ RUN if [ "$VARIANT" = "gpu" ]; then \
 USER lotus
 WORKDIR /home/lotus
 EXPOSE 8000
+# Ready once the model is loaded (the OIP readiness route needs no API key). Serving on another
+# port? Pass --port and override the check: docker run --health-cmd ... lotus serve ...
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4).status != 200)"]
 ENTRYPOINT ["lotus"]
-CMD ["--help"]
+CMD ["serve", "/models/model.onnx", "--host", "0.0.0.0", "--port", "8000"]
