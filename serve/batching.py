@@ -1,10 +1,11 @@
 """Dynamic batching: concurrent requests share one ONNX Runtime call.
 
-A call takes every request already queued, up to `max_batch` images (a request with more runs
-alone). When requests have been overlapping (the previous call gathered more than one), it also
-waits for company, at most `max_delay` counted from the oldest request in the queue (as Triton's
-max_queue_delay is); a lone client is never delayed. Under load, requests that arrive while a
-call runs form the next one. Requests are grouped by the number of patches the graph keeps for their
+Whenever the model is free, every queued request is taken. When requests have been overlapping
+(the previous round gathered more than one), the round also waits for company until `max_batch`
+images or `max_delay` after its oldest request (as Triton's max_queue_delay counts); a lone
+client is never delayed. Under load, the requests that arrive while the model runs form the
+next round. A round is split into calls of at most `max_batch` images (a request with more runs
+alone). Requests are grouped by the number of patches the graph keeps for their
 drop ratio, so every request gets exactly the logits its own drop gives; each caller gets its own
 rows back. Inference runs in one worker thread: ONNX Runtime already spreads a call over the
 cores, and while it runs, the next batch gathers.
@@ -20,9 +21,13 @@ from typing import Callable
 
 import numpy as np
 
-from serve.model import num_keep
+from serve.model import InputError, num_keep
 
 RunFn = Callable[[np.ndarray, float], np.ndarray]  # (B, 3, H, W), drop -> (B, classes)
+
+
+def _shutting_down() -> InputError:
+    return InputError("the server is shutting down: retry on another replica", 503)
 
 
 @dataclass
@@ -69,7 +74,7 @@ class Batcher:
         while not self.queue.empty():
             pending = self.queue.get_nowait()
             if not pending.future.done():
-                pending.future.set_exception(RuntimeError("the server is shutting down"))
+                pending.future.set_exception(_shutting_down())
         self.executor.shutdown(wait=True)
 
     async def submit(self, pixel_values: np.ndarray, drop: float) -> np.ndarray:
@@ -87,29 +92,29 @@ class Batcher:
         return logits
 
     async def _gather(self) -> list[_Pending]:
-        """Wait for a request, take those queued behind it, and (under load) more until max_batch
-        images or the oldest one's deadline."""
+        """Wait for a request and take every one queued behind it; under load, also wait for more
+        until max_batch images or the oldest one's deadline."""
         first = await self.queue.get()
         gathered, images = [first], len(first.pixel_values)
         deadline = first.enqueued + self.max_delay if self.overlapping else 0.0
-        while images < self.max_batch:
-            if self.queue.empty():
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
+        while True:
+            if not self.queue.empty():  # already waiting: always taken (split into calls below)
+                pending = self.queue.get_nowait()
+            elif images >= self.max_batch or (remaining := deadline - time.perf_counter()) <= 0:
+                break
+            else:
                 try:
                     pending = await asyncio.wait_for(self.queue.get(), remaining)
                 except asyncio.TimeoutError:
                     break
-            else:
-                pending = self.queue.get_nowait()
             gathered.append(pending)
             images += len(pending.pixel_values)
         self.overlapping = len(gathered) > 1
         return gathered
 
     def _batches(self, gathered: list[_Pending]) -> list[list[_Pending]]:
-        """Split by patches kept, then into runs of at most max_batch images (in arrival order)."""
+        """Split by patches kept, then into calls of at most max_batch images, in arrival order
+        (of each call's oldest request)."""
         groups: dict[int, list[_Pending]] = defaultdict(list)
         for pending in gathered:
             groups[num_keep(pending.drop, self.num_patches)].append(pending)
@@ -123,28 +128,35 @@ class Batcher:
                 batch.append(pending)
                 images += len(pending.pixel_values)
             batches.append(batch)
-        return batches
+        return sorted(batches, key=lambda batch: batch[0].enqueued)
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             gathered = await self._gather()
-            for batch in self._batches(gathered):
-                batch = [p for p in batch if not p.future.done()]  # callers that gave up
-                if not batch:
-                    continue
-                pixel_values = batch[0].pixel_values if len(batch) == 1 else np.concatenate([p.pixel_values for p in batch])
-                try:
-                    # Any member's drop keeps the same patches as the others'.
-                    logits = await loop.run_in_executor(self.executor, self._timed_run, pixel_values, batch[0].drop)
-                except Exception as e:  # the callers answer for it; the loop goes on
-                    for p in batch:
-                        if not p.future.done():
-                            p.future.set_exception(e)
-                    continue
-                start = 0
-                for p in batch:
-                    stop = start + len(p.pixel_values)
-                    if not p.future.done():
-                        p.future.set_result(logits[start:stop])
-                    start = stop
+            try:
+                for batch in self._batches(gathered):
+                    await self._run(batch)
+            finally:  # cancelled mid-way (shutdown): no caller is left waiting forever
+                for pending in gathered:
+                    if not pending.future.done():
+                        pending.future.set_exception(_shutting_down())
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        batch = [p for p in batch if not p.future.done()]  # callers that gave up
+        if not batch:
+            return
+        pixel_values = batch[0].pixel_values if len(batch) == 1 else np.concatenate([p.pixel_values for p in batch])
+        try:
+            # Any member's drop keeps the same patches as the others'.
+            logits = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed_run, pixel_values, batch[0].drop)
+        except Exception as e:  # the callers answer for it; the loop goes on
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(e)
+            return
+        start = 0
+        for p in batch:
+            stop = start + len(p.pixel_values)
+            if not p.future.done():
+                p.future.set_result(logits[start:stop])
+            start = stop
