@@ -205,28 +205,36 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def save_plot(result: dict[str, Any], path: str | Path) -> Path:
-    """p50 latency (bars to p90 and p99) against drop ratio, one line per concurrency."""
+    """Latency against drop ratio, one line per concurrency: p50 (shaded to p99, log scale) on
+    the left, p50 relative to drop 0 on the right; ONNX Runtime alone dashed when timed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (absolute, relative) = plt.subplots(1, 2, figsize=(10, 4))
     for concurrency in sorted({c["concurrency"] for c in result["cells"]}):
         cells = [c for c in result["cells"] if c["concurrency"] == concurrency and "p50_ms" in c]
         drops = [c["drop"] for c in cells]
-        line, = ax.plot(drops, [c["p50_ms"] for c in cells], marker="o", label=f"concurrency {concurrency} (p50)")
-        ax.fill_between(drops, [c["p50_ms"] for c in cells], [c["p99_ms"] for c in cells], color=line.get_color(), alpha=0.12)
+        line, = absolute.plot(drops, [c["p50_ms"] for c in cells], marker="o", label=f"concurrency {concurrency}")
+        absolute.fill_between(drops, [c["p50_ms"] for c in cells], [c["p99_ms"] for c in cells], color=line.get_color(), alpha=0.15)
+        if all(c.get("p50_vs_drop0") is not None for c in cells):
+            relative.plot(drops, [c["p50_vs_drop0"] for c in cells], marker="o", color=line.get_color(), label=f"concurrency {concurrency}")
     local = result.get("local")
     if local:
-        ax.plot([c["drop"] for c in local], [c["median_ms"] for c in local], "k--", marker="x", label="ONNX Runtime alone (median)")
-    ax.set_xlabel("drop ratio (fraction of patches skipped)")
-    ax.set_ylabel("latency per request (ms); shaded to p99")
-    ax.set_title("LOTUS serving latency against drop ratio")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        absolute.plot([c["drop"] for c in local], [c["median_ms"] for c in local], "k--", marker="x", label="ONNX Runtime alone")
+        base = next((c["median_ms"] for c in local if c["drop"] == 0.0), None)
+        if base:
+            relative.plot([c["drop"] for c in local], [c["median_ms"] / base for c in local], "k--", marker="x", label="ONNX Runtime alone")
+    absolute.set_yscale("log")
+    absolute.set_ylabel("p50 latency per request (ms), shaded to p99")
+    relative.set_ylabel("p50 latency / p50 at drop 0")
+    for ax in (absolute, relative):
+        ax.set_xlabel("drop ratio (fraction of patches skipped)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("LOTUS serving latency against drop ratio")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
