@@ -100,7 +100,8 @@ class ServedModel:
         """A JPEG or PNG file -> (3, H, W) float32, resized and normalised as in training.
 
         The pixel count is checked from the header before anything is decoded, so an image bomb
-        costs nothing; a truncated file fails while decoding.
+        costs nothing; a truncated or corrupt file fails while decoding. Any failure is the
+        file's fault, so every one becomes an InputError.
         """
         from PIL import Image, UnidentifiedImageError
 
@@ -110,16 +111,22 @@ class ServedModel:
             raise InputError("the file is not a JPEG or PNG image", 415) from None
         except Image.DecompressionBombError as e:
             raise InputError(f"the image is too large to decode: {e}", 413) from None
+        except Exception as e:  # a header PIL recognises but cannot parse
+            raise InputError(f"the image cannot be read ({e}): the file is corrupt") from None
         with image:
             width, height = image.size
             if width * height > max_pixels:
                 raise InputError(f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}", 413)
             try:
                 image.load()
-                rgb = image.convert("RGB")
+                if image.mode.startswith("I"):  # 16-bit greyscale PNG: scale to 8 bits (convert would clip)
+                    grey = np.asarray(image, dtype=np.float32) / 257.0
+                    rgb = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), "L").convert("RGB")
+                else:
+                    rgb = image.convert("RGB")
             except Image.DecompressionBombError as e:
                 raise InputError(f"the image is too large to decode: {e}", 413) from None
-            except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+            except Exception as e:  # truncated or corrupt data
                 raise InputError(f"the image cannot be decoded ({e}): the file is truncated or corrupt") from None
         if rgb.size != (self.img_size, self.img_size):  # training's resize: bilinear, to a square
             rgb = rgb.resize((self.img_size, self.img_size), Image.Resampling.BILINEAR)

@@ -183,6 +183,15 @@ def test_classify_answers_class_names_with_probabilities(server, session):
     assert len(many.json()["predictions"]) == CLASSES
 
 
+def test_classify_scales_16_bit_png_to_8_bits(server):
+    grey = np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)
+    eight = httpx.post(server + "/v1/classify", files={"file": ("8.png", encode(Image.fromarray(grey), "PNG"))}).json()
+    sixteen = Image.fromarray(grey.astype(np.uint16) * 257)  # the same picture in 16 bits
+    assert sixteen.mode.startswith("I;16")
+    answer = httpx.post(server + "/v1/classify", files={"file": ("16.png", encode(sixteen, "PNG"))}).json()
+    assert answer["predictions"] == eight["predictions"]
+
+
 def _json(body) -> dict:
     return {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
 
@@ -207,6 +216,7 @@ def _chunks(total: int):
 
 
 _JPEG = encode(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "JPEG")
+_PNG = encode(Image.new("RGB", (20, 20), (1, 2, 3)), "PNG")
 _FLAT = "[" + ",".join(["0.5"] * (3 * SIZE * SIZE - 1))
 
 BAD_INFER = {
@@ -247,6 +257,8 @@ BAD_CLASSIFY = {
     "not an image": (415, "not a JPEG or PNG", _file(b"%PDF-1.4 definitely not an image")),
     "a GIF": (415, "not a JPEG or PNG", _file(encode(Image.new("RGB", (8, 8)), "GIF"))),
     "truncated JPEG": (400, "truncated or corrupt", _file(_JPEG[: len(_JPEG) // 2])),
+    "corrupt PNG data": (400, "truncated or corrupt", _file(_PNG[:60] + b"xx" + _PNG[62:], "x.png")),
+    "empty file": (415, "not a JPEG or PNG", _file(b"")),
     "image bomb": (413, "over the limit of 20000", _file(encode(Image.new("L", (1000, 1000)), "PNG"), "bomb.png")),
     "missing file": (400, "file: Field required", {"files": {"image": ("x.jpg", _JPEG)}}),
     "not multipart": (400, "file: Field required", _json({"file": "x"})),
