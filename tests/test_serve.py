@@ -293,6 +293,8 @@ def test_api_key_is_required_everywhere_but_the_health_checks(tiny_onnx):
             wrong = httpx.request(method, url + path, headers={"Authorization": "Bearer guess"}, **kwargs)
             assert wrong.status_code == 401 and wrong.json() == {"error": "wrong API key"}
             assert httpx.request(method, url + path, headers=key, **kwargs).status_code == 200, path
+        assert httpx.get(url + "/v2", headers={"Authorization": "bearer s3cret"}).status_code == 200  # the scheme is case-insensitive
+        assert httpx.get(url + "/v2", headers={"Authorization": "Basic s3cret"}).status_code == 401
 
 
 def test_metrics_count_requests_latency_batches_and_drops(server):
