@@ -34,9 +34,11 @@ log = logging.getLogger("uvicorn.error")  # uvicorn configures this one
 
 def resolve_model(model: Path | None) -> Path:
     """The model to serve: the given path, or the latest run's exported model.onnx."""
-    from lotus.checkpoint import latest_run
+    if model is not None:
+        return model
+    from lotus.checkpoint import latest_run  # imports torch: only when no model is named
 
-    return model if model is not None else latest_run(containing="model.onnx") / "model.onnx"
+    return latest_run(containing="model.onnx") / "model.onnx"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
