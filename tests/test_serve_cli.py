@@ -49,6 +49,8 @@ def test_bench_url_reports_every_cell_and_the_http_overhead(server, tiny_onnx, t
 
     binary = bench_http(server, HttpBenchConfig(concurrency=(2,), drops=(0.3,), requests=6, warmup=1, binary=True, batch=3))
     assert binary["cells"][0]["errors"] == 0 and binary["cells"][0]["images_per_second"] > 0
+    timed = bench_http(server, HttpBenchConfig(concurrency=(2,), drops=(0.0,), duration=0.3, warmup=1))
+    assert timed["cells"][0]["requests"] > 2 and timed["cells"][0]["errors"] == 0
 
 
 def test_bench_url_errors_are_one_line(server, tiny_onnx):
