@@ -318,8 +318,18 @@ def tickets_from_checkpoint(checkpoint: str | Path, data_cfg: DataConfig, cfg: T
     tickets = make_tickets(model, data, pre["mean"], pre["std"], cfg, model_sha256=meta["sha256"], device=dev, progress=progress)
     out_dir = Path(out_dir)
     save_tickets(tickets, out_dir)
-    show = torch.arange(min(16, len(data)))
+    show = _one_per_class(data.labels, 16)
     title = f"{cfg.select} tickets, drop {cfg.drop:g}: {tickets.num_keep} of {tickets.grid ** 2} patches kept"
     save_tickets_figure(out_dir / "tickets.png", data.images[show], tickets.scores[show], tickets.keep_idx[show], tickets.grid, title)
     return tickets
 
+
+def _one_per_class(labels: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of up to `count` images cycling through the classes, so a figure shows them all."""
+    by_class = [torch.nonzero(labels == c).flatten().tolist() for c in labels.unique()]
+    picks: list[int] = []
+    for rank in range(max(len(idx) for idx in by_class)):
+        picks += [idx[rank] for idx in by_class if rank < len(idx)]
+        if len(picks) >= count:
+            break
+    return torch.tensor(picks[:count], dtype=torch.long)
