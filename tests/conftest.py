@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+
+# huggingface_hub reads this once, when timm first imports it: set it before any import below,
+# so a test that asks for hub weights fails at once, as it does for a user with no network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 from pathlib import Path
 
 import numpy as np
