@@ -40,12 +40,21 @@ def report(epochs: int) -> None:
     if not runs:
         print("no runs saved yet")
         return
-    print(f"{'run':>14} {'epochs':>6} " + " ".join(f"{'ep' + str(e):>6}" for e in range(1, 6)) + f" {'s/epoch':>8} {'x full':>7}")
-    full_time = runs.get("full", {}).get("mean_epoch_seconds")
+    def mean(r: dict, key: str) -> float | None:
+        values = [h[key] for h in r["history"] if key in h]
+        return sum(values) / len(values) if values else None
+
+    full = runs.get("full")
+    print(f"{'run':>14} " + " ".join(f"{'ep' + str(e):>6}" for e in range(1, 6)) + f" {'s/epoch':>8} {'x full':>7} {'cpu s':>7} {'x full':>7}")
     for name, r in runs.items():
-        accs = [f"{h['test_accuracy']:6.2f}" for h in r["history"]]
-        rel = f"{r['mean_epoch_seconds'] / full_time:7.2f}" if full_time else "      -"
-        print(f"{name:>14} {len(r['history']):>6} " + " ".join(accs) + f" {r['mean_epoch_seconds']:>8.0f} {rel}")
+        accs = " ".join(f"{h['test_accuracy']:6.2f}" for h in r["history"])
+        cells = []
+        for key in ("epoch_seconds", "epoch_cpu_seconds"):  # wall time, and CPU time (robust to other load)
+            value, base = mean(r, key), mean(full, key) if full else None
+            r[f"mean_{key}"] = value
+            cells.append(f"{value:>8.0f}" if value else f"{'-':>8}")
+            cells.append(f"{value / base:7.3f}" if value and base else f"{'-':>7}")
+        print(f"{name:>14} {accs} " + " ".join(cells))
     import matplotlib
 
     matplotlib.use("Agg")

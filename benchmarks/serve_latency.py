@@ -26,9 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-import httpx
 from common import RESULTS, ROOT, write_result
 
 from serve.bench import HttpBenchConfig, bench_http, format_table, save_plot
@@ -72,9 +73,10 @@ class Server:
             if self.process.poll() is not None:
                 raise SystemExit(f"lotus serve exited: {self.process.stderr.read()}")
             try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
+                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.2)
         self.stop()

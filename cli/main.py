@@ -500,5 +500,38 @@ def prune_isp(
               f"accuracy {result['rounds'][-1]['accuracy']:.2f}%; checkpoint: {out}")
 
 
+
+@prune_app.command("structured")
+@user_errors
+def prune_structured(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="LOTUS checkpoint or run folder (default: the latest run).")] = None,
+    heads: Annotated[float, typer.Option(help="Fraction of each block's attention heads to remove.")] = 1 / 3,
+    mlp: Annotated[float, typer.Option(help="Fraction of each block's MLP hidden neurons to remove.")] = 0.5,
+    importance: Annotated[str, typer.Option(help="'activation' (measured on calibration images) or 'magnitude' (weights only).")] = "activation",
+    calib_images: Annotated[int, typer.Option(help="Training images the activation importance is measured on.")] = 512,
+    data: DataOpt = "digits",
+    data_dir: DataDirOpt = Path("data"),
+    download: DownloadOpt = False,
+    device: DeviceOpt = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Output run folder (default: a new runs/structured-DATE-TIME).")] = None,
+) -> None:
+    """Remove whole heads and MLP neurons, physically shrinking the model (faster on any hardware).
+
+    Fine-tune the result with `lotus train --checkpoint OUT`, export it with `lotus export onnx`.
+    """
+    from lotus.checkpoint import latest_run, new_run_dir
+    from lotus.data import DataConfig
+    from lotus.prune import prune_structured as structured
+    from lotus.structured import StructuredConfig
+
+    cfg = StructuredConfig(heads=heads, mlp=mlp, importance=importance, calib_images=calib_images)
+    checkpoint = checkpoint or latest_run()
+    out = out or new_run_dir("structured")
+    result = structured(checkpoint, out, cfg, data_cfg=DataConfig(data, data_dir=str(data_dir), download=download), device=device)
+    print(json.dumps({"structure": result["structure"], "parameters": result["parameters"], "accuracy": result["accuracy"]}))
+    err.print(f"heads per block {result['structure']['num_heads'][0]}, MLP width {result['structure']['mlp_hidden'][0]}, "
+              f"parameters x{result['parameters']['ratio']:.3f}, accuracy {result['accuracy']:.2f}%; checkpoint: {out}")
+
+
 if __name__ == "__main__":
     app()

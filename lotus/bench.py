@@ -28,13 +28,13 @@ class LocalBenchConfig:
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
     ms = np.array(seconds) * 1000
-    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
+    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "p95_ms": float(np.percentile(ms, 95)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "runs": len(ms)}
 
 
 def bench_local(path: str | Path, cfg: LocalBenchConfig = LocalBenchConfig(), *, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Time `path` at every (batch, drop); returns the cells and their ratios to drop 0."""
-    from lotus.export import ort_session, read_metadata
+    from lotus.runtime import ort_session, read_metadata
 
     path = Path(path)
     if not path.is_file():

@@ -19,6 +19,7 @@ from safetensors.torch import load, save
 
 import lotus
 from lotus.errors import LotusError
+from lotus.structured import reshape_, structure_of
 from lotus.vit import ModelConfig, TokenGatherViT, build_model
 
 FORMAT = "lotus-checkpoint/1"
@@ -110,11 +111,12 @@ def save_model(
     masks: dict[str, torch.Tensor] | None = None,
     **meta: Any,
 ) -> Path:
-    """Save a model with what rebuilds it (its ModelConfig), what feeds it (its preprocessing)
-    and its pruning masks (bool tensors, True = kept), if any."""
+    """Save a model with what rebuilds it (its ModelConfig and per-block widths), what feeds it
+    (its preprocessing) and its pruning masks (bool tensors, True = kept), if any."""
     tensors = dict(model.state_dict())
     tensors.update({MASK_PREFIX + name: m for name, m in (masks or {}).items()})
-    return save_checkpoint(path, tensors, {"model": asdict(model_cfg), "preprocess": preprocess, **meta})
+    meta = {"model": asdict(model_cfg), "structure": structure_of(model), "preprocess": preprocess, **meta}
+    return save_checkpoint(path, tensors, meta)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[TokenGatherViT, dict[str, Any]]:
@@ -131,6 +133,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[To
     weights = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     cfg = ModelConfig(**{**meta["model"], "pretrained": False})
     model = build_model(cfg)
+    if meta.get("structure"):  # heads or MLP neurons removed by structured pruning
+        if meta["structure"] != structure_of(model):
+            reshape_(model, meta["structure"])
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise LotusError(f"checkpoint {_stem(path)} does not fit {cfg.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")

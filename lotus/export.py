@@ -35,6 +35,7 @@ from lotus.checkpoint import load_model
 from lotus.data import BatchLoader, DataConfig, load_split_for_model
 from lotus.errors import LotusError
 from lotus.masks import prunable_names
+from lotus.runtime import ort_session
 from lotus.vit import TokenGatherViT
 
 VERIFY_DROPS = (0.0, 0.1, 0.3, 0.5)
@@ -126,12 +127,6 @@ def _set_metadata(path: Path, props: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
 def check_exported_sparsity(path: Path, model: TokenGatherViT, names: list[str]) -> dict[str, Any]:
     """The pruned weights must reach the graph with their zeros: every prunable weight is found
     among the initializers (as is, or transposed, as the exporter's folding leaves it), so the
@@ -157,18 +152,6 @@ def check_exported_sparsity(path: Path, model: TokenGatherViT, names: list[str])
         size += found.size
     expected = sum(int((params[n] == 0).sum()) for n in names)
     return {"exported_sparsity": zeros / max(size, 1), "checkpoint_sparsity": expected / max(size, 1)}
-
-
-def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
-    """An ONNX Runtime session: CUDA when the installed runtime offers it, else the CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    available = ort.get_available_providers()
-    providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 def _eval_images(meta: dict, data_cfg: DataConfig, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:

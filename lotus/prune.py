@@ -47,8 +47,9 @@ from lotus.masks import (
     prunable_names,
     sparsity_report,
 )
+from lotus.structured import StructuredConfig, activation_scores, choose, magnitude_scores, shrink_, structure_of
 from lotus.train import TrainConfig, evaluate, fit
-from lotus.vit import ModelConfig
+from lotus.vit import ModelConfig, count_parameters
 
 DEFAULT_SPARSITIES = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 WIDE_SPARSITIES = DEFAULT_SPARSITIES + (0.6, 0.7, 0.8, 0.9)
@@ -254,3 +255,47 @@ def soup_(model: torch.nn.Module, copies: list[torch.nn.Module]) -> torch.nn.Mod
     for name, p in model.named_parameters():
         p.copy_(torch.stack([s[name] for s in states]).mean(0))
     return model
+
+
+def prune_structured(
+    checkpoint: str | Path, out_dir: str | Path, cfg: StructuredConfig = StructuredConfig(),
+    *, data_cfg: DataConfig | None = None, device: str = "auto",
+) -> dict[str, Any]:
+    """Remove `cfg.heads` of every block's attention heads and `cfg.mlp` of its MLP neurons,
+    shrinking the model; saves it (and, with `data_cfg`, its accuracy) to `out_dir`.
+
+    Unstructured masks the checkpoint carries are cut to the new shapes and still hold.
+    """
+    if cfg.importance not in ("activation", "magnitude"):
+        raise LotusError(f"--importance {cfg.importance!r} is not 'activation' or 'magnitude'")
+    if cfg.importance == "activation" and data_cfg is None:
+        raise LotusError("activation importance needs calibration images: pass --data, or use --importance magnitude")
+    dev = resolve_device(device)
+    model, meta = load_model(checkpoint, dev)
+    pre = meta["preprocess"]
+    params_before = count_parameters(model)
+    if cfg.importance == "activation":
+        train_data = load_split_for_model(data_cfg, pre, "train")
+        index = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
+        calib = ImageData(train_data.images[index], train_data.labels[index], train_data.classes, train_data.name, "train")
+        head_scores, neuron_scores = activation_scores(model, (b.images for b in BatchLoader(calib, 64, pre["mean"], pre["std"]).epoch()), dev)
+    else:
+        head_scores, neuron_scores = magnitude_scores(model)
+    keep = choose(head_scores, neuron_scores, cfg)
+    masks = shrink_(model, keep, meta["masks"] or None)
+    accuracy = evaluate(model, _eval_loader(meta, data_cfg), dev)["accuracy"] if data_cfg else None
+    params_after = count_parameters(model)
+    result = {
+        "config": asdict(cfg), "structure": structure_of(model), "keep": keep, "accuracy": accuracy,
+        "parameters": {"before": params_before, "after": params_after, "ratio": params_after / params_before},
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra = {k: meta[k] for k in ("data", "train", "tickets") if k in meta}
+    if masks:
+        report = sparsity_report(model, list(masks))
+        extra["sparsity"] = {"overall": report["overall"], "zeros": report["zeros"], "numel": report["numel"]}
+    save_model(out_dir, model, ModelConfig(**meta["model"]), pre, masks, pruning={"stage": "structured", **asdict(cfg)},
+               parameters=result["parameters"], accuracy=accuracy, parent=meta.get("sha256"), **extra)
+    atomic_write_text(out_dir / "structured.json", json.dumps(result, indent=2) + "\n")
+    return result

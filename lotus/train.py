@@ -194,7 +194,7 @@ def fit(
             model.train()
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, status="")
             loss_sum, correct, seen = 0.0, 0, 0
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for i, batch in enumerate(train_loader.epoch(epoch)):
                 if world > 1:
                     batch = Batch(*(None if t is None else t[rank::world] for t in batch))
@@ -220,7 +220,7 @@ def fit(
                 rate = seen / (time.perf_counter() - start)
                 status = f"loss {loss_sum / seen:.3f} acc {100 * correct / seen:.1f}% {rate:.0f} img/s"
                 progress.update(task, advance=1, status=status)
-            train_seconds = time.perf_counter() - start
+            train_seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
             progress.remove_task(task)
             if world > 1:  # epoch figures over all processes
                 totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
@@ -236,6 +236,7 @@ def fit(
                 "test_accuracy": ev["accuracy"],
                 "lr": opt.param_groups[0]["lr"],
                 "epoch_seconds": train_seconds,
+                "epoch_cpu_seconds": cpu_seconds,  # all threads of this process: robust to other load on the machine
                 "images_per_second": seen / train_seconds,
             }
             history.append(record)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lotus.errors import LotusError
+from lotus.runtime import ort_session, read_metadata
 
 
 class InputError(ValueError):
@@ -29,19 +30,8 @@ def num_keep(drop: float, num_patches: int) -> int:
 
 
 def serving_session(path: Path, threads: int | None) -> object:
-    """lotus.export.ort_session's session (CUDA when offered, else CPU) with the intra-op threads'
-    spin-wait off: between a server's calls, spinning threads burn the cores that the event loop
-    and the client need (measured on 2 cores: 3.4 ms of CPU per call spinning, 1.1 ms not)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    available = ort.get_available_providers()
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), options, providers=providers)
+    """The server's session: no spin-waiting between calls (see lotus.runtime.ort_session)."""
+    return ort_session(path, threads, spinning=False)
 
 
 @dataclass
@@ -58,15 +48,11 @@ class ServedModel:
     @staticmethod
     def check(path: str | Path) -> dict[str, str]:
         """The metadata of an exported LOTUS model, or a LotusError saying what is missing."""
-        import onnx
-
         path = Path(path)
         if not path.is_file():
             raise LotusError(f"ONNX model {path} not found: export one with `lotus export onnx`")
         try:
-            # What lotus.export.read_metadata does, without importing lotus.export: it imports
-            # torch, which would take a serving process from 80 MB to 750 MB.
-            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            meta = read_metadata(path)
         except Exception as e:
             raise LotusError(f"{path} is not an ONNX model ({type(e).__name__}: {e})") from None
         missing = [k for k in ("img_size", "num_patches", "mean", "std", "classes") if k not in meta]

@@ -10,8 +10,9 @@ from lotus import LotusError
 from lotus.bench import LocalBenchConfig, bench_local
 from lotus.checkpoint import load_model, save_model
 from lotus.data import DataConfig
-from lotus.export import ExportConfig, export_onnx, keep_idx_path, ort_session, read_metadata
+from lotus.export import ExportConfig, export_onnx, keep_idx_path
 from lotus.masks import apply_masks_, magnitude_masks, prunable_names
+from lotus.runtime import ort_session, read_metadata
 from lotus.vit import ModelConfig, build_model
 
 DIGITS = DataConfig("digits")

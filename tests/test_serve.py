@@ -12,7 +12,7 @@ import pytest
 from conftest import live_server
 from PIL import Image
 
-from lotus.export import ort_session
+from lotus.runtime import ort_session
 from serve.settings import Settings
 
 SIZE, PATCHES, CLASSES = 16, 16, 10

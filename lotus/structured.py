@@ -1,0 +1,201 @@
+"""Structured pruning: whole attention heads and MLP neurons removed, the model physically shrunk.
+
+Unstructured sparsity leaves every matmul its dense shape, so CPUs run it no faster. Removing
+a head takes its rows out of `attn.qkv` and its columns out of `attn.proj`; removing an MLP
+neuron takes its row out of `mlp.fc1` and its column out of `mlp.fc2`. The shrunk model is a
+plain timm ViT with narrower blocks (`attn.num_heads`, `attn.attn_dim` and the Linear shapes
+change; the head size and the embedding width do not), so training, tickets, export and
+serving run on it unchanged.
+
+Importance is ranked within each block, and each block loses the same number of heads and
+neurons, so the shrunk model stays regular:
+- 'activation' (default): what removing the unit would take out of the residual stream,
+  measured on calibration images: a head's mean ||o_h W_proj[:, h]|| over tokens, a neuron's
+  mean |a_j| * ||W_fc2[:, j]||.
+- 'magnitude': weight norms alone, no data: ||W_qkv[h]|| * ||W_proj[:, h]|| for a head,
+  ||W_fc1[j]|| * ||W_fc2[:, j]|| for a neuron.
+
+`structure_masks` expresses the same choice as zero masks on the dense model (a removed head
+or neuron contributes exactly nothing when its `attn.proj` / `mlp.fc2` columns are zero), which
+is what the shrunk model is checked against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from timm.layers import Mlp
+from timm.layers.attention import Attention
+
+from lotus.errors import LotusError
+from lotus.masks import Masks
+
+Keep = dict[str, list[list[int]]]  # {"heads": per block kept head indices, "mlp": per block kept neurons}
+
+
+@dataclass(frozen=True)
+class StructuredConfig:
+    heads: float = 1 / 3  # fraction of each block's attention heads removed
+    mlp: float = 0.5  # fraction of each block's MLP hidden neurons removed
+    importance: str = "activation"  # 'activation' (calibration data) or 'magnitude' (weights only)
+    calib_images: int = 512  # training images the activation importance is measured on
+    seed: int = 0  # which calibration images
+
+
+def _check_block(i: int, blk: torch.nn.Module) -> None:
+    attn, mlp = blk.attn, blk.mlp
+    if type(attn) is not Attention or not isinstance(attn.norm, torch.nn.Identity) or attn.gate is not None:
+        raise LotusError(f"block {i}: structured pruning supports timm's plain Attention (no scale norm, no gate)")
+    if type(mlp) is not Mlp or not isinstance(mlp.norm, torch.nn.Identity):
+        raise LotusError(f"block {i}: structured pruning supports timm's plain Mlp (not GLU variants, no scale norm)")
+
+
+def _num_removed(fraction: float, count: int, what: str) -> int:
+    if not 0 <= fraction < 1:
+        raise LotusError(f"--{what} {fraction} is outside [0, 1): it is the fraction of each block's {what} removed")
+    removed = round(fraction * count)
+    if removed >= count:
+        raise LotusError(f"--{what} {fraction} would remove all {count} {what} of a block: use a smaller fraction")
+    return removed
+
+
+def _head_rows(attn: Attention, heads: list[int]) -> torch.Tensor:
+    """Indices of `heads`' rows in the qkv projection (laid out as q heads, k heads, v heads)."""
+    hd, dim = attn.head_dim, attn.attn_dim
+    return torch.tensor([s * dim + h * hd + j for s in range(3) for h in heads for j in range(hd)])
+
+
+def _head_cols(attn: Attention, heads: list[int]) -> torch.Tensor:
+    hd = attn.head_dim
+    return torch.tensor([h * hd + j for h in heads for j in range(hd)])
+
+
+def magnitude_scores(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block: (num_heads,) head scores and (hidden,) neuron scores from weight norms alone."""
+    heads, neurons = [], []
+    for blk in model.blocks:
+        attn, mlp = blk.attn, blk.mlp
+        q = attn.qkv.weight.detach().reshape(3, attn.num_heads, attn.head_dim, -1).permute(1, 0, 2, 3).flatten(1)
+        p = attn.proj.weight.detach().reshape(-1, attn.num_heads, attn.head_dim).permute(1, 0, 2).flatten(1)
+        heads.append(q.norm(dim=1) * p.norm(dim=1))
+        neurons.append(mlp.fc1.weight.detach().norm(dim=1) * mlp.fc2.weight.detach().norm(dim=0))
+    return heads, neurons
+
+
+@torch.inference_mode()
+def activation_scores(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block: each head's and each neuron's mean contribution to the residual stream."""
+    blocks = list(model.blocks)
+    heads = [torch.zeros(b.attn.num_heads, device=device) for b in blocks]
+    neurons = [torch.zeros(b.mlp.fc2.in_features, device=device) for b in blocks]
+    tokens = 0
+
+    def on_proj(i: int):
+        def hook(module, args):
+            attn = blocks[i].attn
+            o = args[0].reshape(*args[0].shape[:-1], attn.num_heads, attn.head_dim)  # (B, T, H, hd)
+            w = module.weight.reshape(-1, attn.num_heads, attn.head_dim)  # (D, H, hd)
+            heads[i].add_(torch.einsum("bthd,ehd->bthe", o.float(), w.float()).norm(dim=-1).sum((0, 1)))
+        return hook
+
+    def on_fc2(i: int):
+        def hook(module, args):
+            neurons[i].add_(args[0].float().abs().sum((0, 1)) * module.weight.float().norm(dim=0))
+        return hook
+
+    handles = [b.attn.proj.register_forward_pre_hook(on_proj(i)) for i, b in enumerate(blocks)]
+    handles += [b.mlp.fc2.register_forward_pre_hook(on_fc2(i)) for i, b in enumerate(blocks)]
+    try:
+        model.eval()
+        for x in batches:
+            x = x.to(device)
+            model(x)
+            tokens += x.shape[0] * (model.patch_embed.num_patches + model.num_prefix_tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return [h.cpu() / tokens for h in heads], [n.cpu() / tokens for n in neurons]
+
+
+def choose(head_scores: list[torch.Tensor], neuron_scores: list[torch.Tensor], cfg: StructuredConfig) -> Keep:
+    """Keep, in every block, the highest-scored heads and neurons (indices in ascending order)."""
+    keep: Keep = {"heads": [], "mlp": []}
+    for key, scores, fraction, what in (("heads", head_scores, cfg.heads, "heads"), ("mlp", neuron_scores, cfg.mlp, "mlp")):
+        for s in scores:
+            n = s.numel() - _num_removed(fraction, s.numel(), what)
+            keep[key].append(sorted(s.topk(n).indices.tolist()))
+    return keep
+
+
+def _slices(model: torch.nn.Module, keep: Keep) -> dict[str, tuple[int, torch.Tensor]]:
+    """Parameter name -> (dimension, indices kept along it) for every tensor that shrinks."""
+    out = {}
+    for i, (blk, heads, neurons) in enumerate(zip(model.blocks, keep["heads"], keep["mlp"])):
+        _check_block(i, blk)
+        if not heads or not neurons:
+            raise LotusError(f"block {i} would keep no heads or no MLP neurons: every block needs at least one of each")
+        if max(heads) >= blk.attn.num_heads or max(neurons) >= blk.mlp.fc2.in_features:
+            raise LotusError(f"block {i}: the structure names heads or neurons the model does not have")
+        p = f"blocks.{i}."
+        rows, cols, n = _head_rows(blk.attn, heads), _head_cols(blk.attn, heads), torch.tensor(neurons)
+        out[p + "attn.qkv.weight"] = (0, rows)
+        out[p + "attn.proj.weight"] = (1, cols)
+        out[p + "mlp.fc1.weight"] = (0, n)
+        out[p + "mlp.fc2.weight"] = (1, n)
+        if blk.attn.qkv.bias is not None:
+            out[p + "attn.qkv.bias"] = (0, rows)
+        if blk.mlp.fc1.bias is not None:
+            out[p + "mlp.fc1.bias"] = (0, n)
+    return out
+
+
+def structure_masks(model: torch.nn.Module, keep: Keep) -> Masks:
+    """The same pruning as zero masks on the unshrunk model: the removed heads' qkv rows and
+    attn.proj columns, the removed neurons' fc1 rows and fc2 columns (weights only)."""
+    params = dict(model.named_parameters())
+    masks = {}
+    for name, (dim, idx) in _slices(model, keep).items():
+        if name.endswith(".weight"):
+            m = torch.zeros_like(params[name], dtype=torch.bool)
+            m.index_fill_(dim, idx, True)
+            masks[name] = m
+    return masks
+
+
+def _replace_linear(old: torch.nn.Linear, in_features: int, out_features: int) -> torch.nn.Linear:
+    return torch.nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+
+
+@torch.no_grad()
+def shrink_(model: torch.nn.Module, keep: Keep, masks: Masks | None = None) -> Masks | None:
+    """Remove the heads and neurons `keep` leaves out, in place; returns `masks` (unstructured
+    pruning masks of the unshrunk model) cut to the new shapes."""
+    slices = _slices(model, keep)
+    state = {name: t.index_select(slices[name][0], slices[name][1].to(t.device)) if name in slices else t
+             for name, t in model.state_dict().items()}
+    for blk, heads, neurons in zip(model.blocks, keep["heads"], keep["mlp"]):
+        attn, mlp = blk.attn, blk.mlp
+        attn.num_heads, attn.attn_dim = len(heads), len(heads) * attn.head_dim
+        attn.qkv = _replace_linear(attn.qkv, attn.qkv.in_features, 3 * attn.attn_dim)
+        attn.proj = _replace_linear(attn.proj, attn.attn_dim, attn.proj.out_features)
+        mlp.fc1 = _replace_linear(mlp.fc1, mlp.fc1.in_features, len(neurons))
+        mlp.fc2 = _replace_linear(mlp.fc2, len(neurons), mlp.fc2.out_features)
+    model.load_state_dict(state)
+    if masks is None:
+        return None
+    return {name: m.index_select(slices[name][0], slices[name][1]) if name in slices else m for name, m in masks.items()}
+
+
+def structure_of(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Per-block widths: {"num_heads": [...], "mlp_hidden": [...]}, as saved in checkpoints."""
+    return {"num_heads": [b.attn.num_heads for b in model.blocks], "mlp_hidden": [b.mlp.fc2.in_features for b in model.blocks]}
+
+
+def reshape_(model: torch.nn.Module, structure: dict[str, list[int]]) -> torch.nn.Module:
+    """Give a freshly built model the block widths `structure` records (weights to be loaded)."""
+    heads, hidden = structure["num_heads"], structure["mlp_hidden"]
+    if len(heads) != len(model.blocks) or len(hidden) != len(model.blocks):
+        raise LotusError(f"checkpoint structure lists {len(heads)} blocks, the model has {len(model.blocks)}")
+    shrink_(model, {"heads": [list(range(h)) for h in heads], "mlp": [list(range(n)) for n in hidden]})
+    return model
