@@ -202,13 +202,16 @@ def compress(
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding torchvision's CIFAR-10.")] = None,
     download: Annotated[Optional[bool], typer.Option("--download", help="Let torchvision download CIFAR-10.")] = None,
     select: Annotated[Optional[Select], typer.Option(help="Ticket selection: 'attention' or the 'random' control.")] = None,
+    structure: Annotated[Optional[str], typer.Option(help="Structured pruning before fine-tuning, e.g. 'heads=0.34,mlp=0.5' (shares removed; see `lotus prune structured`).")] = None,
+    structure_importance: Annotated[Optional[str], typer.Option(help="With --structure: 'magnitude' (default), 'activation' or 'taylor'.")] = None,
+    structure_scope: Annotated[Optional[str], typer.Option(help="With --structure: 'block' (the same share of every block, default) or 'global'.")] = None,
     tolerance: Annotated[Optional[float], typer.Option(help="With --sparsity auto: accuracy points below dense still counted as no loss.")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="Repeat a run from its recipe.yaml (flags given here override it).")] = None,
     device: Annotated[Optional[str], typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: a new runs/compress-DATE-TIME).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: the latest compress run), skipping finished stages.")] = False,
 ) -> None:
-    """The whole LOTUS pipeline: baseline -> tickets -> prune -> (ISP) -> fine-tune on lottery data -> evaluate -> report."""
+    """The whole LOTUS pipeline: baseline -> tickets -> prune -> (ISP) -> (structured) -> fine-tune on lottery data -> evaluate -> report."""
     from lotus.checkpoint import latest_run, new_run_dir
     from lotus.pipeline import compress as compress_run
     from lotus.pipeline import default_compress_config, load_recipe
@@ -227,6 +230,7 @@ def compress(
         tickets=replace(cfg.tickets, **_given(drop=drop, select=select.value if select else None)),
         sweep=replace(cfg.sweep, **_given(tolerance=tolerance)),
         finetune=replace(cfg.finetune, **_given(epochs=epochs)),
+        structure=replace(cfg.structure, **_parse_structure(structure), **_given(importance=structure_importance, scope=structure_scope)),
         **_given(checkpoint=str(checkpoint) if checkpoint else None, device=device, isp_target=isp_target,
                  sparsity=None if sparsity is None else (sparsity if sparsity == "auto" else _floats(sparsity, "--sparsity")[0])),
     )
@@ -240,6 +244,19 @@ def compress(
     print(json.dumps({k: metrics[k] for k in ("dense_accuracy", "compressed_accuracy", "sparsity", "drop", "essential_sparsity")}))
     err.print(f"dense {metrics['dense_accuracy']:.2f}% -> compressed {metrics['compressed_accuracy']:.2f}% at sparsity "
               f"{metrics['sparsity']:.3f}, drop {metrics['drop']:g}; report: {out / 'report.md'}")
+
+
+def _parse_structure(text: str | None) -> dict[str, float]:
+    """'heads=0.34,mlp=0.5' -> {'heads': 0.34, 'mlp': 0.5}."""
+    if text is None:
+        return {}
+    parts = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() not in ("heads", "mlp"):
+            raise lotus.LotusError(f"--structure {text!r}: write it as heads=FRACTION,mlp=FRACTION (either may be left out)")
+        parts[key.strip()] = _floats(value, f"--structure {key.strip()}")[0]
+    return parts
 
 
 export_app = typer.Typer(help="Export a LOTUS model for deployment.", no_args_is_help=True)
@@ -505,10 +522,11 @@ def prune_isp(
 @user_errors
 def prune_structured(
     checkpoint: Annotated[Optional[Path], typer.Option(help="LOTUS checkpoint or run folder (default: the latest run).")] = None,
-    heads: Annotated[float, typer.Option(help="Fraction of each block's attention heads to remove.")] = 1 / 3,
-    mlp: Annotated[float, typer.Option(help="Fraction of each block's MLP hidden neurons to remove.")] = 0.5,
-    importance: Annotated[str, typer.Option(help="'activation' (measured on calibration images) or 'magnitude' (weights only).")] = "activation",
-    calib_images: Annotated[int, typer.Option(help="Training images the activation importance is measured on.")] = 512,
+    heads: Annotated[float, typer.Option(help="Share of the attention heads to remove (default: one in three).")] = 1 / 3,
+    mlp: Annotated[float, typer.Option(help="Share of the MLP hidden neurons to remove.")] = 0.5,
+    importance: Annotated[str, typer.Option(help="'magnitude' (weights only), 'activation' or 'taylor' (measured on calibration images).")] = "magnitude",
+    scope: Annotated[str, typer.Option(help="'block': the same share from every block; 'global': ranked across blocks.")] = "block",
+    calib_images: Annotated[int, typer.Option(help="Training images 'activation' and 'taylor' are measured on.")] = 512,
     data: DataOpt = "digits",
     data_dir: DataDirOpt = Path("data"),
     download: DownloadOpt = False,
@@ -524,12 +542,12 @@ def prune_structured(
     from lotus.prune import prune_structured as structured
     from lotus.structured import StructuredConfig
 
-    cfg = StructuredConfig(heads=heads, mlp=mlp, importance=importance, calib_images=calib_images)
+    cfg = StructuredConfig(heads=heads, mlp=mlp, importance=importance, scope=scope, calib_images=calib_images)
     checkpoint = checkpoint or latest_run()
     out = out or new_run_dir("structured")
     result = structured(checkpoint, out, cfg, data_cfg=DataConfig(data, data_dir=str(data_dir), download=download), device=device)
     print(json.dumps({"structure": result["structure"], "parameters": result["parameters"], "accuracy": result["accuracy"]}))
-    err.print(f"heads per block {result['structure']['num_heads'][0]}, MLP width {result['structure']['mlp_hidden'][0]}, "
+    err.print(f"heads per block {result['structure']['num_heads']}, MLP widths {result['structure']['mlp_hidden']}, "
               f"parameters x{result['parameters']['ratio']:.3f}, accuracy {result['accuracy']:.2f}%; checkpoint: {out}")
 
 

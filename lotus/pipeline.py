@@ -2,7 +2,8 @@
 
 baseline (load or train, evaluate) -> data lottery tickets at `drop` -> stage 1 one-shot prune
 at `sparsity` (or the sweep's knee for 'auto') -> stage 2 ISP (to `isp_target`, when given) ->
-fine-tune the masked model on the lottery data -> evaluate -> report.
+structured pruning (heads and MLP neurons removed, when `structure` asks) -> fine-tune the
+pruned model on the lottery data -> evaluate -> report.
 
 Everything lands in one run folder. `stages.json` records each finished stage with its
 figures, so `resume=True` skips finished stages, and the training stages (baseline, fine-tune)
@@ -24,12 +25,13 @@ from lotus.checkpoint import atomic_write_text, load_model, save_model
 from lotus.data import DataConfig
 from lotus.errors import LotusError
 from lotus.masks import prunable_names, sparsity_report
-from lotus.prune import ISPConfig, PruneConfig, SweepConfig, isp, prune_oneshot, sweep
+from lotus.prune import ISPConfig, PruneConfig, SweepConfig, isp, prune_oneshot, prune_structured, sweep
+from lotus.structured import StructuredConfig
 from lotus.tickets import TicketConfig, tickets_from_checkpoint
 from lotus.train import TrainConfig, default_configs, evaluate_checkpoint, train
 from lotus.vit import ModelConfig
 
-STAGES = ("baseline", "tickets", "prune", "isp", "finetune", "evaluate", "report")
+STAGES = ("baseline", "tickets", "prune", "isp", "structure", "finetune", "evaluate", "report")
 STATE_FILE = "stages.json"
 
 
@@ -45,6 +47,7 @@ class CompressConfig:
     prune: PruneConfig = PruneConfig()  # what is pruned and how it is ranked
     isp_target: float | None = None  # stage-2 ISP target sparsity; None skips stage 2
     isp: ISPConfig = ISPConfig()  # stage-2 settings (its target is isp_target)
+    structure: StructuredConfig = StructuredConfig()  # heads / MLP neurons to remove (none by default)
     finetune: TrainConfig = TrainConfig(epochs=5, batch_size=32, lr=2.5e-4, warmup_epochs=0.5)  # fine-tuning on lottery data
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N'
 
@@ -121,7 +124,8 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, 
         raise LotusError(f"{run} was started with other settings: resume with `--recipe {run / 'recipe.yaml'} --resume`")
     save_recipe(cfg, run / "recipe.yaml")
     state = RunState.open(state_path)
-    todo = [s for s in STAGES if not (s == "isp" and cfg.isp_target is None)]
+    cfg.structure.check()
+    todo = [s for s in STAGES if not (s == "isp" and cfg.isp_target is None) and not (s == "structure" and not cfg.structure.enabled)]
 
     def stage(name: str) -> bool:
         """Announce a stage; False when an earlier run already finished it."""
@@ -177,7 +181,18 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, 
                                  "images_per_second": None, "sparsity": result["achieved_sparsity"], "rounds": result["rounds"]})
         pruned_ckpt = run / "stage2"
 
-    # 5. fine-tune the masked model on the lottery data (resumes from its last finished epoch)
+    # 5. structured pruning: whole heads and MLP neurons removed, the model shrunk
+    if cfg.structure.enabled:
+        if stage("structure"):
+            start = time.perf_counter()
+            result = prune_structured(pruned_ckpt, run / "structured", cfg.structure, data_cfg=cfg.data, device=cfg.device)
+            log(f"  heads per block {result['structure']['num_heads']}, MLP widths {result['structure']['mlp_hidden']}, "
+                f"parameters x{result['parameters']['ratio']:.3f}")
+            state.finish("structure", {"accuracy": result["accuracy"], "seconds": time.perf_counter() - start, "images_per_second": None,
+                                       "structure": result["structure"], "parameters": result["parameters"]})
+        pruned_ckpt = run / "structured"
+
+    # 6. fine-tune the pruned model on the lottery data (resumes from its last finished epoch)
     if stage("finetune"):
         start = time.perf_counter()
         history = train(cfg.data, cfg.model, replace(cfg.finetune, device=cfg.device), run / "finetune",
@@ -187,7 +202,7 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, 
         log(f"  a dense training step takes {ratio:.2f}x a lottery step (measured side by side)")
         state.finish("finetune", _stage_record(history[-1]["test_accuracy"], seconds, history, dense_step_ratio=ratio))
 
-    # 6. evaluate the compressed model; it becomes the run's model (RUN/model.safetensors)
+    # 7. evaluate the compressed model; it becomes the run's model (RUN/model.safetensors)
     if stage("evaluate"):
         start = time.perf_counter()
         model, meta = load_model(run / "finetune")
@@ -199,7 +214,7 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, 
                                   "images_per_second": result["images_per_second"], "sparsity": report["overall"],
                                   "layers": {k: v["sparsity"] for k, v in report["layers"].items()}})
 
-    # 7. report
+    # 8. report
     from lotus.report import write_report
 
     stage("report") if "report" not in state.done else None

@@ -47,7 +47,7 @@ from lotus.masks import (
     prunable_names,
     sparsity_report,
 )
-from lotus.structured import StructuredConfig, activation_scores, choose, magnitude_scores, shrink_, structure_of
+from lotus.structured import StructuredConfig, activation_scores, choose, magnitude_scores, shrink_, structure_of, taylor_scores
 from lotus.train import TrainConfig, evaluate, fit
 from lotus.vit import ModelConfig, count_parameters
 
@@ -261,26 +261,27 @@ def prune_structured(
     checkpoint: str | Path, out_dir: str | Path, cfg: StructuredConfig = StructuredConfig(),
     *, data_cfg: DataConfig | None = None, device: str = "auto",
 ) -> dict[str, Any]:
-    """Remove `cfg.heads` of every block's attention heads and `cfg.mlp` of its MLP neurons,
-    shrinking the model; saves it (and, with `data_cfg`, its accuracy) to `out_dir`.
+    """Remove `cfg.heads` of the attention heads and `cfg.mlp` of the MLP neurons, shrinking the
+    model; saves it (and, with `data_cfg`, its accuracy) to `out_dir`.
 
     Unstructured masks the checkpoint carries are cut to the new shapes and still hold.
     """
-    if cfg.importance not in ("activation", "magnitude"):
-        raise LotusError(f"--importance {cfg.importance!r} is not 'activation' or 'magnitude'")
-    if cfg.importance == "activation" and data_cfg is None:
-        raise LotusError("activation importance needs calibration images: pass --data, or use --importance magnitude")
+    cfg.check()
+    if cfg.importance != "magnitude" and data_cfg is None:
+        raise LotusError(f"{cfg.importance} importance needs calibration images: pass --data, or use --importance magnitude")
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
     pre = meta["preprocess"]
     params_before = count_parameters(model)
-    if cfg.importance == "activation":
+    if cfg.importance == "magnitude":
+        head_scores, neuron_scores = magnitude_scores(model)
+    else:
         train_data = load_split_for_model(data_cfg, pre, "train")
         index = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
         calib = ImageData(train_data.images[index], train_data.labels[index], train_data.classes, train_data.name, "train")
-        head_scores, neuron_scores = activation_scores(model, (b.images for b in BatchLoader(calib, 64, pre["mean"], pre["std"]).epoch()), dev)
-    else:
-        head_scores, neuron_scores = magnitude_scores(model)
+        batches = ((b.images, b.labels) for b in BatchLoader(calib, 64, pre["mean"], pre["std"]).epoch())
+        scores = activation_scores if cfg.importance == "activation" else taylor_scores
+        head_scores, neuron_scores = scores(model, batches, dev)
     keep = choose(head_scores, neuron_scores, cfg)
     masks = shrink_(model, keep, meta["masks"] or None)
     accuracy = evaluate(model, _eval_loader(meta, data_cfg), dev)["accuracy"] if data_cfg else None

@@ -29,6 +29,8 @@ def build_metrics(cfg: Any, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "essential_sparsity": done["prune"].get("essential_sparsity"),
         "stage1_sparsity": done["prune"]["sparsity"],
         "isp_sparsity": done.get("isp", {}).get("sparsity"),
+        "structure": done.get("structure", {}).get("structure"),
+        "parameters_ratio": done.get("structure", {}).get("parameters", {}).get("ratio"),
         "finetune_train_seconds": train_seconds,
         "dense_finetune_seconds_estimate": dense_seconds,
         "finetune_seconds_saved": dense_seconds - train_seconds if dense_seconds else None,
@@ -72,11 +74,19 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
         f"| test accuracy | {m['dense_accuracy']:.2f}% | {m['compressed_accuracy']:.2f}% |",
         f"| sparsity of the prunable weights (measured) | 0 | {m['sparsity']:.4f} |",
         f"| patches per training image | {m['patches']} | {m['patches_kept']} (drop {m['drop']:g}) |",
+        *([f"| parameters | 1 | x{m['parameters_ratio']:.3f} (heads and MLP neurons removed) |"] if m.get("parameters_ratio") else []),
         "",
-        "Pruned: the Linear weights inside the transformer blocks"
+        "## What kind of sparsity, and what speed it can bring",
+        "",
+        "- Unstructured (stages 1 and 2): the Linear weights inside the transformer blocks"
         + (f" and {', '.join(cfg.prune.include)}" if cfg.prune.include else "")
-        + f"; ranked {cfg.prune.scope}ly by magnitude. This is unstructured sparsity: the zeros make the weights "
-        "compress well but dense kernels still multiply them, so it brings no speed-up by itself.",
+        + f", ranked {cfg.prune.scope}ly by magnitude. The zeros make the weights compress well, but dense kernels "
+        "(PyTorch, ONNX Runtime) still multiply them: no speed-up by itself.",
+        *([f"- Structured: heads per block {m['structure']['num_heads']}, MLP widths {m['structure']['mlp_hidden']} "
+           f"({cfg.structure.importance} importance, {cfg.structure.scope} scope). The layers are physically smaller: "
+           f"parameters and multiply-adds fall to about x{m['parameters_ratio']:.2f}, on any hardware."] if m.get("structure") else []),
+        "- Patch dropping (`drop` at inference, `lotus export onnx`): compute falls with the patches skipped, on any hardware.",
+        "- 2:4 semi-structured sparsity speeds up only NVIDIA sparse tensor cores (Ampere and newer); none here.",
         "",
         "## Stages",
         "",
@@ -90,6 +100,7 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
         "prune": f"one-shot to {done['prune']['sparsity']:.4f}"
                  + (f" (essential sparsity {done['prune']['essential_sparsity']:g})" if done["prune"].get("essential_sparsity") is not None else ""),
         "isp": f"Instant Soup Pruning to {_fmt(done.get('isp', {}).get('sparsity'), '.4f')}",
+        "structure": f"parameters x{_fmt(done.get('structure', {}).get('parameters', {}).get('ratio'), '.3f')}",
         "finetune": f"{len(done.get('finetune', {}).get('history', []))} epochs on the lottery data, masks held",
         "evaluate": "whole images",
     }
@@ -111,5 +122,6 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
     lines += ["", "Files: `model.safetensors` + `model.json` (the compressed model, masks included), `metrics.json`, "
               "`history.csv`, `tickets/` (with `tickets.png`), `stage1/`" + (", `stage2/`" if "isp" in done else "")
               + (", `sweep/`" if done["prune"].get("essential_sparsity") is not None else "")
+              + (", `structured/`" if "structure" in done else "")
               + ", `finetune/`, `accuracy_per_stage.png`, `finetune.png`.", ""]
     return "\n".join(lines)

@@ -7,13 +7,19 @@ plain timm ViT with narrower blocks (`attn.num_heads`, `attn.attn_dim` and the L
 change; the head size and the embedding width do not), so training, tickets, export and
 serving run on it unchanged.
 
-Importance is ranked within each block, and each block loses the same number of heads and
-neurons, so the shrunk model stays regular:
-- 'activation' (default): what removing the unit would take out of the residual stream,
-  measured on calibration images: a head's mean ||o_h W_proj[:, h]|| over tokens, a neuron's
-  mean |a_j| * ||W_fc2[:, j]||.
-- 'magnitude': weight norms alone, no data: ||W_qkv[h]|| * ||W_proj[:, h]|| for a head,
-  ||W_fc1[j]|| * ||W_fc2[:, j]|| for a neuron.
+Importance scores (`importance`):
+- 'magnitude' (default): weight norms alone, no data: ||W_qkv[h]|| * ||W_proj[:, h]|| for a
+  head, ||W_fc1[j]|| * ||W_fc2[:, j]|| for a neuron.
+- 'activation': what removing the unit would take out of the residual stream, measured on
+  calibration images: a head's mean ||o_h W_proj[:, h]|| over tokens, a neuron's mean
+  |a_j| * ||W_fc2[:, j]||.
+- 'taylor': the first-order Taylor estimate of the loss change when the unit is removed
+  (Molchanov et al., CVPR 2019): (sum over the unit's weights of w * dL/dw)^2, summed over
+  calibration batches.
+
+Ranking (`scope`): 'block' (default) removes the same share of every block, so the model stays
+regular; 'global' ranks the units of all blocks together, so blocks lose different numbers of
+heads and neurons (each keeps at least one of each).
 
 `structure_masks` expresses the same choice as zero masks on the dense model (a removed head
 or neuron contributes exactly nothing when its `attn.proj` / `mlp.fc2` columns are zero), which
@@ -36,11 +42,28 @@ Keep = dict[str, list[list[int]]]  # {"heads": per block kept head indices, "mlp
 
 @dataclass(frozen=True)
 class StructuredConfig:
-    heads: float = 1 / 3  # fraction of each block's attention heads removed
-    mlp: float = 0.5  # fraction of each block's MLP hidden neurons removed
-    importance: str = "activation"  # 'activation' (calibration data) or 'magnitude' (weights only)
-    calib_images: int = 512  # training images the activation importance is measured on
+    heads: float = 0.0  # fraction of the attention heads removed (0 = none)
+    mlp: float = 0.0  # fraction of the MLP hidden neurons removed (0 = none)
+    importance: str = "magnitude"  # 'magnitude' (weights only), 'activation' or 'taylor' (calibration data)
+    scope: str = "block"  # 'block': the same share from every block; 'global': ranked across blocks
+    calib_images: int = 512  # training images 'activation' and 'taylor' are measured on
     seed: int = 0  # which calibration images
+
+    @property
+    def enabled(self) -> bool:
+        return self.heads > 0 or self.mlp > 0
+
+    def check(self) -> None:
+        if self.importance not in IMPORTANCE:
+            raise LotusError(f"structured importance {self.importance!r} is not one of: {', '.join(IMPORTANCE)}")
+        if self.scope not in ("block", "global"):
+            raise LotusError(f"structured scope {self.scope!r} is not 'block' or 'global'")
+        for what, fraction in (("heads", self.heads), ("mlp", self.mlp)):
+            if not 0 <= fraction < 1:
+                raise LotusError(f"{what} fraction {fraction} is outside [0, 1): it is the share of the {what} removed")
+
+
+IMPORTANCE = ("magnitude", "activation", "taylor")
 
 
 def _check_block(i: int, blk: torch.nn.Module) -> None:
@@ -52,11 +75,9 @@ def _check_block(i: int, blk: torch.nn.Module) -> None:
 
 
 def _num_removed(fraction: float, count: int, what: str) -> int:
-    if not 0 <= fraction < 1:
-        raise LotusError(f"--{what} {fraction} is outside [0, 1): it is the fraction of each block's {what} removed")
     removed = round(fraction * count)
     if removed >= count:
-        raise LotusError(f"--{what} {fraction} would remove all {count} {what} of a block: use a smaller fraction")
+        raise LotusError(f"removing {fraction:g} of the {what} would leave a block none of its {count}: use a smaller fraction")
     return removed
 
 
@@ -84,7 +105,7 @@ def magnitude_scores(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[t
 
 
 @torch.inference_mode()
-def activation_scores(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def activation_scores(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per block: each head's and each neuron's mean contribution to the residual stream."""
     blocks = list(model.blocks)
     heads = [torch.zeros(b.attn.num_heads, device=device) for b in blocks]
@@ -108,7 +129,7 @@ def activation_scores(model: torch.nn.Module, batches: Iterable[torch.Tensor], d
     handles += [b.mlp.fc2.register_forward_pre_hook(on_fc2(i)) for i, b in enumerate(blocks)]
     try:
         model.eval()
-        for x in batches:
+        for x, _ in batches:
             x = x.to(device)
             model(x)
             tokens += x.shape[0] * (model.patch_embed.num_patches + model.num_prefix_tokens)
@@ -118,13 +139,65 @@ def activation_scores(model: torch.nn.Module, batches: Iterable[torch.Tensor], d
     return [h.cpu() / tokens for h in heads], [n.cpu() / tokens for n in neurons]
 
 
+def taylor_scores(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block: each head's and each neuron's (sum of w * dL/dw)^2, summed over the batches."""
+    blocks = list(model.blocks)
+    heads = [torch.zeros(b.attn.num_heads) for b in blocks]
+    neurons = [torch.zeros(b.mlp.fc2.in_features) for b in blocks]
+    model.eval()  # no dropout or drop-path noise in the estimate
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        with torch.no_grad():
+            for i, blk in enumerate(blocks):
+                attn, mlp = blk.attn, blk.mlp
+                H, hd = attn.num_heads, attn.head_dim
+
+                def wg(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    b = linear.bias
+                    return (linear.weight * linear.weight.grad).cpu(), None if b is None or b.grad is None else (b * b.grad).cpu()
+
+                qkv_w, qkv_b = wg(attn.qkv)  # rows: (3, H, hd)
+                per_head = qkv_w.sum(1).reshape(3, H, hd).sum((0, 2))
+                if qkv_b is not None:
+                    per_head += qkv_b.reshape(3, H, hd).sum((0, 2))
+                per_head += wg(attn.proj)[0].sum(0).reshape(H, hd).sum(1)
+                heads[i] += per_head**2
+                fc1_w, fc1_b = wg(mlp.fc1)
+                per_neuron = fc1_w.sum(1) + wg(mlp.fc2)[0].sum(0)
+                if fc1_b is not None:
+                    per_neuron += fc1_b
+                neurons[i] += per_neuron**2
+    model.zero_grad(set_to_none=True)
+    return heads, neurons
+
+
 def choose(head_scores: list[torch.Tensor], neuron_scores: list[torch.Tensor], cfg: StructuredConfig) -> Keep:
-    """Keep, in every block, the highest-scored heads and neurons (indices in ascending order)."""
+    """The highest-scored heads and neurons to keep, per block (indices in ascending order).
+
+    scope 'block': every block keeps the same number; 'global': one ranking over all blocks, each
+    block keeping at least its best unit of each kind.
+    """
+    cfg.check()
     keep: Keep = {"heads": [], "mlp": []}
-    for key, scores, fraction, what in (("heads", head_scores, cfg.heads, "heads"), ("mlp", neuron_scores, cfg.mlp, "mlp")):
+    for key, scores, fraction, what in (("heads", head_scores, cfg.heads, "heads"), ("mlp", neuron_scores, cfg.mlp, "MLP neurons")):
+        if cfg.scope == "block":
+            for s in scores:
+                n = s.numel() - _num_removed(fraction, s.numel(), what)
+                keep[key].append(sorted(s.topk(n).indices.tolist()))
+            continue
+        total = sum(s.numel() for s in scores)
+        n = total - _num_removed(fraction, total, what)
+        if n < len(scores):
+            raise LotusError(f"removing {fraction:g} of the {what} leaves {n}, fewer than one per block: use a smaller fraction")
+        flat = torch.cat([s.float().flatten() for s in scores]).clone()
+        offsets = [0]
         for s in scores:
-            n = s.numel() - _num_removed(fraction, s.numel(), what)
-            keep[key].append(sorted(s.topk(n).indices.tolist()))
+            offsets.append(offsets[-1] + s.numel())
+        best = [offsets[b] + int(s.argmax()) for b, s in enumerate(scores)]  # every block keeps its best unit
+        flat[best] = float("inf")
+        chosen = flat.topk(n).indices.tolist()
+        keep[key] = [sorted(i - offsets[b] for i in chosen if offsets[b] <= i < offsets[b + 1]) for b in range(len(scores))]
     return keep
 
 

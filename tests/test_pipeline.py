@@ -22,10 +22,10 @@ def tiny_recipe(path: Path, **changes) -> Path:
     cfg = default_compress_config("digits")
     cfg = replace(
         cfg,
-        model=ModelConfig(depth=1, drop_path_rate=0.0),
-        baseline=TrainConfig(epochs=3, batch_size=64, lr=1e-3, warmup_epochs=0.5),
-        finetune=TrainConfig(epochs=4, batch_size=32, lr=5e-4, warmup_epochs=0.5),
-        **changes,
+        **{"model": ModelConfig(depth=1, drop_path_rate=0.0),
+           "baseline": TrainConfig(epochs=3, batch_size=64, lr=1e-3, warmup_epochs=0.5),
+           "finetune": TrainConfig(epochs=4, batch_size=32, lr=5e-4, warmup_epochs=0.5),
+           **changes},
     )
     save_recipe(cfg, path)
     return path
@@ -70,6 +70,24 @@ def test_compress_writes_the_run_folder_and_reproduces_from_its_recipe(tmp_path)
     assert {k: again[k] for k in RESULT_KEYS} == {k: metrics[k] for k in RESULT_KEYS}
     refused = lotus("compress", "--recipe", recipe, "--out", run, check=False)
     assert refused.returncode == 2 and "already holds a compress run" in refused.stderr
+
+
+def test_compress_with_structure_fine_tunes_a_shrunk_model(tmp_path):
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", finetune=TrainConfig(epochs=1, batch_size=64, lr=5e-4, warmup_epochs=0.5))
+    done = lotus("compress", "--recipe", recipe, "--structure", "heads=0.34,mlp=0.5", "--out", tmp_path / "s")
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["structure"] == {"num_heads": [2], "mlp_hidden": [384]} and 0.5 < metrics["parameters_ratio"] < 0.8
+    assert metrics["sparsity"] == pytest.approx(0.3, abs=0.01)  # the unstructured masks were cut to the new shapes
+    assert "structure" in metrics["stages"] and "[4/7] structure" in done.stderr  # no ISP stage
+    from lotus.checkpoint import load_model
+    from lotus.structured import structure_of
+
+    model, meta = load_model(tmp_path / "s")
+    assert structure_of(model) == metrics["structure"] and meta["masks"]
+    assert "Structured: heads per block [2]" in (tmp_path / "s" / "report.md").read_text()
+    assert load_recipe(tmp_path / "s" / "recipe.yaml").structure.mlp == 0.5
+    bad = lotus("compress", "--recipe", recipe, "--structure", "heads=half", "--out", tmp_path / "t", check=False)
+    assert bad.returncode == 2 and "--structure heads" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_killed_during_finetuning_then_resumed(tmp_path):

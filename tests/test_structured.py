@@ -27,6 +27,7 @@ from lotus.structured import (
     shrink_,
     structure_masks,
     structure_of,
+    taylor_scores,
 )
 from lotus.train import TrainConfig, train
 from lotus.vit import ModelConfig, build_model, count_parameters
@@ -69,7 +70,7 @@ def test_activation_importance_removes_the_units_that_contribute_nothing(tiny_cf
         for blk in model.blocks:
             blk.attn.proj.weight[:, 64:128] = 0  # head 1 writes nothing to the residual stream
             blk.mlp.fc2.weight[:, :384] *= 1e-3  # neurons 0..383 almost nothing
-    heads, neurons = activation_scores(model, [torch.randn(8, 3, 16, 16)], torch.device("cpu"))
+    heads, neurons = activation_scores(model, [(torch.randn(8, 3, 16, 16), None)], torch.device("cpu"))
     assert all(h[1] == 0 and (h[[0, 2]] > 0).all() for h in heads)
     keep = choose(heads, neurons, StructuredConfig(heads=1 / 3, mlp=0.5))
     assert keep["heads"] == [[0, 2], [0, 2]]
@@ -80,10 +81,42 @@ def test_activation_importance_removes_the_units_that_contribute_nothing(tiny_cf
 
 def test_fractions_that_remove_everything_are_refused(tiny_cfg):
     scores = magnitude_scores(build_model(tiny_cfg))
-    with pytest.raises(LotusError, match="would remove all 3 heads"):
+    with pytest.raises(LotusError, match="would leave a block none of its 3"):
         choose(*scores, StructuredConfig(heads=0.9))
     with pytest.raises(LotusError, match="outside"):
         choose(*scores, StructuredConfig(mlp=1.0))
+    with pytest.raises(LotusError, match="fewer than one per block"):
+        choose(*scores, StructuredConfig(heads=0.8, scope="global"))  # 6 heads in 2 blocks: 1 left
+
+
+def test_taylor_importance_ranks_a_harmful_head_above_a_silent_one(tiny_cfg):
+    model = random_vit(tiny_cfg)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.proj.weight[:, :64] = 0  # head 0 writes nothing: removing it changes nothing
+            blk.attn.qkv.weight[[r for s in range(3) for r in range(s * 192, s * 192 + 64)]] = 0
+            blk.attn.qkv.bias.zero_()
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    heads, neurons = taylor_scores(model, [(x, y)], torch.device("cpu"))
+    assert all(h[0] == 0 and (h[1:] > 0).all() for h in heads)
+    assert all(n.shape == (768,) and (n >= 0).all() for n in neurons)
+    assert all(p.grad is None for p in model.parameters())  # leaves no gradients behind
+    assert choose(heads, neurons, StructuredConfig(heads=1 / 3))["heads"] == [[1, 2], [1, 2]]
+
+
+def test_global_scope_lets_blocks_keep_different_widths(tiny_cfg):
+    heads = [torch.tensor([5.0, 4.0, 3.0]), torch.tensor([0.1, 0.2, 9.0])]
+    neurons = [torch.arange(768.0), torch.arange(768.0) - 1000]  # block 1's neurons all rank below block 0's
+    keep = choose(heads, neurons, StructuredConfig(heads=0.5, mlp=0.5, scope="global"))
+    assert keep["heads"] == [[0, 1], [2]]  # the three best of six: 9, 5 and 4
+    assert len(keep["mlp"][0]) == 767 and keep["mlp"][1] == [767]  # block 1 keeps only its best neuron
+    model = random_vit(tiny_cfg)
+    masked = apply_masks_(copy.deepcopy(model), structure_masks(model, keep))
+    shrink_(model, keep)
+    assert structure_of(model) == {"num_heads": [2, 1], "mlp_hidden": [767, 1]}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x), masked(x), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +135,7 @@ def trained(tmp_path_factory):
 
 def test_prune_structured_saves_a_smaller_model_that_reloads(trained):
     out = trained / "shrunk"
-    result = prune_structured(trained / "masked", out, StructuredConfig(), data_cfg=DIGITS)
+    result = prune_structured(trained / "masked", out, StructuredConfig(heads=1 / 3, mlp=0.5, importance="activation"), data_cfg=DIGITS)
     assert result["structure"] == {"num_heads": [2, 2], "mlp_hidden": [384, 384]}
     assert 0.5 < result["parameters"]["ratio"] < 0.7
     model, meta = load_model(out)  # the sidecar's structure rebuilds the narrow blocks
@@ -115,7 +148,7 @@ def test_prune_structured_saves_a_smaller_model_that_reloads(trained):
 
 
 def test_fine_tuning_a_shrunk_model_keeps_its_shape_and_masks(trained):
-    prune_structured(trained / "masked", trained / "shrunk-ft-src", StructuredConfig(importance="magnitude"), data_cfg=None)
+    prune_structured(trained / "masked", trained / "shrunk-ft-src", StructuredConfig(heads=1 / 3, mlp=0.5, importance="taylor"), data_cfg=DIGITS)
     history = train(DIGITS, ModelConfig(), TrainConfig(epochs=1, batch_size=64), trained / "shrunk-ft",
                     init_checkpoint=trained / "shrunk-ft-src")
     model, meta = load_model(trained / "shrunk-ft")
@@ -153,6 +186,6 @@ def test_cli_errors_are_one_line(trained, tmp_path):
     result = CliRunner().invoke(app, ["prune", "structured", "--checkpoint", str(trained / "dense"), "--heads", "1.0",
                                       "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "outside [0, 1)" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(app, ["prune", "structured", "--checkpoint", str(trained / "dense"), "--importance", "taylor",
+    result = CliRunner().invoke(app, ["prune", "structured", "--checkpoint", str(trained / "dense"), "--importance", "fisher",
                                       "--out", str(tmp_path / "y")])
-    assert result.exit_code == 2 and "'activation' or 'magnitude'" in result.output
+    assert result.exit_code == 2 and "is not one of: magnitude, activation, taylor" in result.output
