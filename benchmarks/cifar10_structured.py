@@ -1,9 +1,10 @@
 """Structured pruning on CIFAR-10 (../shared): heads and MLP neurons removed for real.
 
 From the baseline checkpoint (benchmarks/cifar10_baseline.py):
-1. `prune_structured` removes one head in three and half of every MLP (activation importance);
-   an unstructured one-shot magnitude model with the same number of non-zero parameters is made
-   beside it.
+1. `prune_structured` removes one head in three and half of every MLP, once per importance
+   score (magnitude, activation, Taylor: their accuracy before fine-tuning is compared), and an
+   unstructured one-shot magnitude model with the same number of non-zero parameters is made
+   beside it. The `--importance` one goes on.
 2. Both, and the dense model, are exported to ONNX (the shrunk one also as int8); file sizes and
    ONNX Runtime CPU latency at batch 64 are measured side by side: every model in turn, for
    several rounds, a fresh session each time, the median of the rounds' medians kept.
@@ -69,6 +70,7 @@ def main() -> None:
     p.add_argument("--baseline", type=Path, default=ROOT / "runs" / "bench-cifar10-baseline")
     p.add_argument("--heads", type=float, default=1 / 3, help="fraction of each block's heads removed")
     p.add_argument("--mlp", type=float, default=0.5, help="fraction of each block's MLP neurons removed")
+    p.add_argument("--importance", default="taylor", help="the importance score of the shrunk model that goes on")
     p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--runs", type=int, default=20, help="timed runs per model per round")
@@ -80,9 +82,14 @@ def main() -> None:
     data_cfg = DataConfig(str(cifar10_folder(args.archive)))
     work = args.work
 
-    shrunk = work / "shrunk"
-    if not (shrunk / "structured.json").exists():
-        prune_structured(args.baseline, shrunk, StructuredConfig(heads=args.heads, mlp=args.mlp), data_cfg=data_cfg)
+    importance_accuracy = {}
+    for importance in ("magnitude", "activation", "taylor"):
+        folder = work / f"shrunk-{importance}"
+        if not (folder / "structured.json").exists():
+            prune_structured(args.baseline, folder, StructuredConfig(heads=args.heads, mlp=args.mlp, importance=importance), data_cfg=data_cfg)
+        importance_accuracy[importance] = json.loads((folder / "structured.json").read_text())["accuracy"]
+    print(f"accuracy after shrinking, before fine-tuning: {importance_accuracy}")
+    shrunk = work / f"shrunk-{args.importance}"
     structured = json.loads((shrunk / "structured.json").read_text())
     dense_model, _ = load_model(args.baseline)
     prunable = sum(dict(dense_model.named_parameters())[n].numel() for n in prunable_names(dense_model))
@@ -96,8 +103,8 @@ def main() -> None:
     onnx = {
         "dense": (args.baseline, work / "dense.onnx", None),
         "unstructured": (unstructured, work / "unstructured.onnx", None),
-        "shrunk": (shrunk, work / "shrunk.onnx", None),
-        "shrunk_int8": (shrunk, work / "shrunk.int8.onnx", "int8"),
+        "shrunk": (shrunk, work / f"{shrunk.name}.onnx", None),
+        "shrunk_int8": (shrunk, work / f"{shrunk.name}.int8.onnx", "int8"),
     }
     for name, (ckpt, path, quantize) in onnx.items():
         if not path.exists():
@@ -108,9 +115,9 @@ def main() -> None:
 
     latency = latency_rounds({
         "dense": (work / "dense.onnx", 0.0),
-        "shrunk": (work / "shrunk.onnx", 0.0),
-        "shrunk_drop0.5": (work / "shrunk.onnx", 0.5),
-        "shrunk_int8_drop0.5": (work / "shrunk.int8.onnx", 0.5),
+        "shrunk": (onnx["shrunk"][1], 0.0),
+        "shrunk_drop0.5": (onnx["shrunk"][1], 0.5),
+        "shrunk_int8_drop0.5": (onnx["shrunk_int8"][1], 0.5),
     }, args.batch, args.runs, args.rounds)
     base = latency["dense"]["median_ms"]
     for cell in latency.values():
@@ -122,6 +129,7 @@ def main() -> None:
                        "unstructured_nonzero": count_parameters(dense_model) - round(sparsity * prunable)},
         "accuracy_before_finetune": {"dense": json.loads((args.baseline / "model.json").read_text())["metrics"]["test_accuracy"],
                                      "shrunk": structured["accuracy"], "unstructured": unstructured_acc},
+        "importance": args.importance, "shrunk_accuracy_by_importance": importance_accuracy,
         "onnx_bytes": sizes, "size_vs_dense": {n: s / sizes["dense"] for n, s in sizes.items()},
         "latency_batch": args.batch, "latency": latency,
     }

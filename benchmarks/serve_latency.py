@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=500, help="Timed requests per (concurrency, drop) cell.")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads of the server and the local timing.")
     p.add_argument("--binary", action="store_true", help="Send tensors with the binary extension instead of JSON.")
+    p.add_argument("--tag", default="", help="Suffix of the result files (serve_latency_TAG.json), to keep several models' figures.")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,9 +145,10 @@ def main() -> None:
     print("no batching, concurrency 16: " + ", ".join(f"drop {c['drop']:g} {c['throughput_rps']:.1f} req/s (p50 {c['p50_ms']:.1f} ms)"
                                                         for c in unbatched["cells"]))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot = save_plot(batched, RESULTS / "serve_latency.png")
+    name = "serve_latency" + (f"_{args.tag}" if args.tag else "")
+    plot = save_plot(batched, RESULTS / f"{name}.png")
     print(f"wrote {plot}")
-    write_result("serve_latency", {"model": str(model), "synthetic": args.synthetic, "cores": os.cpu_count(), "checks": checks,
+    write_result(name, {"model": str(model), "synthetic": args.synthetic, "cores": os.cpu_count(), "checks": checks,
                                    "batching": batched, "no_batching": unbatched})
 
 

@@ -11,7 +11,7 @@ import pytest
 
 LOTUS = str(Path(sys.executable).with_name("lotus"))
 FAST = ["--depth", "1", "--batch-size", "16", "--seed", "3"]
-TIMINGS = ("epoch_seconds", "images_per_second")
+TIMINGS = ("epoch_seconds", "epoch_cpu_seconds", "images_per_second")
 
 
 def lotus(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
