@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
     p.add_argument("--runs", type=int, default=50, help="latency runs per cell")
     p.add_argument("--skip-export", action="store_true")
+    p.add_argument("--select-block", type=int, default=None, help="export with this select block (default: the exporter's)")
     args = p.parse_args()
 
     data_cfg = DataConfig(str(cifar10_folder(args.archive)))
@@ -55,18 +56,19 @@ def main() -> None:
         model, meta = load_model(run)
         images, labels = _eval_images(meta, data_cfg, None)
         exports = {}
+        tag = "" if args.select_block is None else f".select{args.select_block}"
         for quantize in (None, "int8"):
-            out = run / ("model.int8.onnx" if quantize else "model.onnx")
-            report = export_onnx(run, out, data_cfg, ExportConfig(quantize=quantize))
+            out = run / (f"model{tag}.int8.onnx" if quantize else f"model{tag}.onnx")
+            report = export_onnx(run, out, data_cfg, ExportConfig(quantize=quantize, select_block=args.select_block))
             accuracy = {str(d): accuracy_onnx(out, images, labels, drop=d) for d in (0.0, 0.1, 0.3, 0.5)}
             latency = bench_local(out, LocalBenchConfig(runs=args.runs))
             exports[quantize or "fp32"] = {"bytes": report["bytes"], "accuracy": accuracy, "latency": latency["cells"],
-                                           "max_abs_diff": report.get("max_abs_diff")}
+                                           "max_abs_diff": report.get("max_abs_diff"), "select_block": report["select_block"]}
             print(f"{quantize or 'fp32'}: {report['bytes'] / 1e6:.1f} MB, accuracy by drop {accuracy}")
             for c in latency["cells"]:
                 print(f"  batch {c['batch']:>3} drop {c['drop']:<4} median {c['median_ms']:8.2f} ms  x drop0 {c['vs_drop0']:.3f}")
         result["onnx"] = exports
-    write_result(f"cifar10_compress_{args.name}", result)
+    write_result(f"cifar10_compress_{args.name}" + ("" if args.select_block is None else f"_select{args.select_block}"), result)
     print({k: metrics[k] for k in ("dense_accuracy", "compressed_accuracy", "sparsity", "drop", "essential_sparsity")})
 
 

@@ -89,15 +89,15 @@ def main() -> None:
     blocks = [int(b) for b in args.blocks.split(",")]
     drops = [float(d) for d in args.drops.split(",")]
     result = json.loads(OUT.read_text()) if OUT.exists() else {}
-    result.update({"checkpoint": str(args.checkpoint), "blocks": blocks, "drops": drops})
+    result.update({"checkpoint": str(args.checkpoint), "blocks": blocks})
     args.work.mkdir(parents=True, exist_ok=True)
     graphs = export_graphs(args.checkpoint, args.work, blocks)
     if args.part in ("accuracy", "both"):
         result["accuracy"] = accuracy_grid(args.checkpoint, DataConfig(str(cifar10_folder(args.archive))), blocks, drops)
-        result["accuracy_machine"] = machine()
+        result["accuracy_drops"], result["accuracy_machine"] = drops, machine()
     if args.part in ("latency", "both"):
         result["latency"] = latency_grid(graphs, drops, [1, 64], args.runs, args.rounds)
-        result["latency_machine"] = machine()
+        result["latency_drops"], result["latency_machine"] = drops, machine()
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {OUT}")
     acc, lat = result.get("accuracy", {}), result.get("latency", {})
@@ -105,7 +105,7 @@ def main() -> None:
         print(f"dense accuracy {acc['dense']:.2f}%")
     print(f"{'block':>5} {'drop':>5} {'accuracy':>9} {'b1 x d0':>8} {'b64 x d0':>9}")
     for s in blocks:
-        for d in drops:
+        for d in sorted(set(result.get("accuracy_drops", [])) | set(result.get("latency_drops", []))):
             a = acc.get(f"s{s}-d{d:g}")
             l1, l64 = lat.get(f"s{s}-b1-d{d:g}", {}).get("vs_drop0"), lat.get(f"s{s}-b64-d{d:g}", {}).get("vs_drop0")
             print(f"{s:>5} {d:>5g} {a if a is None else round(a, 2)!s:>9} {'-' if l1 is None else f'{l1:.3f}':>8} "

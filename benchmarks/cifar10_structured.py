@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--runs", type=int, default=20, help="timed runs per model per round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--select-block", type=int, default=None, help="export with this select block (default: the exporter's)")
     p.add_argument("--prepare-only", action="store_true", help="prune and export, then stop (time latency later, on an idle machine)")
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-cifar10-structured")
@@ -100,15 +101,16 @@ def main() -> None:
         prune_oneshot(args.baseline, sparsity, unstructured, PruneConfig(), data_cfg=data_cfg)
     unstructured_acc = json.loads((unstructured / "model.json").read_text())["accuracy"]
 
+    tag = "" if args.select_block is None else f".select{args.select_block}"
     onnx = {
         "dense": (args.baseline, work / "dense.onnx", None),
         "unstructured": (unstructured, work / "unstructured.onnx", None),
-        "shrunk": (shrunk, work / f"{shrunk.name}.onnx", None),
-        "shrunk_int8": (shrunk, work / f"{shrunk.name}.int8.onnx", "int8"),
+        "shrunk": (shrunk, work / f"{shrunk.name}{tag}.onnx", None),
+        "shrunk_int8": (shrunk, work / f"{shrunk.name}{tag}.int8.onnx", "int8"),
     }
     for name, (ckpt, path, quantize) in onnx.items():
         if not path.exists():
-            export_onnx(ckpt, path, data_cfg, ExportConfig(quantize=quantize, verify_images=32))
+            export_onnx(ckpt, path, data_cfg, ExportConfig(quantize=quantize, verify_images=32, select_block=args.select_block))
     sizes = {name: path.stat().st_size for name, (_, path, _) in onnx.items()}
     if args.prepare_only:
         return print(f"prepared: {', '.join(str(path) for _, path, _ in onnx.values())}")
@@ -119,9 +121,8 @@ def main() -> None:
         "shrunk_drop0.5": (onnx["shrunk"][1], 0.5),
         "shrunk_int8_drop0.5": (onnx["shrunk_int8"][1], 0.5),
     }, args.batch, args.runs, args.rounds)
-    base = latency["dense"]["median_ms"]
-    for cell in latency.values():
-        cell["vs_dense_fp32"] = cell["median_ms"] / base
+    for cell in latency.values():  # the median of the rounds' ratios: each round's models ran minutes apart, not hours
+        cell["vs_dense_fp32"] = statistics.median(m / d for m, d in zip(cell["round_medians_ms"], latency["dense"]["round_medians_ms"]))
 
     result = {
         "baseline": str(args.baseline), "structured": structured, "unstructured_sparsity": sparsity,
@@ -131,7 +132,7 @@ def main() -> None:
                                      "shrunk": structured["accuracy"], "unstructured": unstructured_acc},
         "importance": args.importance, "shrunk_accuracy_by_importance": importance_accuracy,
         "onnx_bytes": sizes, "size_vs_dense": {n: s / sizes["dense"] for n, s in sizes.items()},
-        "latency_batch": args.batch, "latency": latency,
+        "latency_batch": args.batch, "latency": latency, "select_block": args.select_block,
     }
     if args.finetune_epochs > 0:
         _, _, baseline_cfg = default_configs("cifar10")
@@ -149,7 +150,7 @@ def main() -> None:
                 images, labels = _eval_images(load_model(tuned)[1], data_cfg, None)
             result["finetuned_shrunk_onnx"][quantize or "fp32"] = {
                 f"drop{d:g}": accuracy_onnx(path, images, labels, drop=d) for d in (0.0, 0.5)}
-    write_result("cifar10_structured", result)
+    write_result("cifar10_structured" + tag.replace(".", "_"), result)
     print(json.dumps({k: result[k] for k in ("parameters", "accuracy_before_finetune", "size_vs_dense")}, indent=1))
     for name, cell in latency.items():
         print(f"{name:>22}: {cell['median_ms']:8.1f} ms at batch {args.batch}, x{cell['vs_dense_fp32']:.3f} of dense fp32")

@@ -270,7 +270,7 @@ def export_onnx(
     out: Annotated[Optional[Path], typer.Option(help="ONNX file (default: SOURCE_RUN/model.onnx; the keep-index graph goes beside it).")] = None,
     quantize: Annotated[Optional[str], typer.Option(help="'int8': dynamic per-channel signed int8 weights.")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
-    select_block: Annotated[Optional[int], typer.Option(help="Block whose class-token attention picks the kept patches (default: depth // 4).")] = None,
+    select_block: Annotated[Optional[int], typer.Option(help="Block whose class-token attention picks the kept patches (default: depth // 6, block 2 of 12).")] = None,
     verify: Annotated[bool, typer.Option(help="Check ONNX Runtime against PyTorch on eval images at drop 0, 0.1, 0.3, 0.5 (fails above 1e-4).")] = True,
     data: Annotated[Optional[str], typer.Option("--data", help="Dataset of the eval images (default: the one the model was trained on).")] = None,
     data_dir: DataDirOpt = Path("data"),
