@@ -125,7 +125,8 @@ def main() -> None:
         cell["vs_dense_fp32"] = statistics.median(m / d for m, d in zip(cell["round_medians_ms"], latency["dense"]["round_medians_ms"]))
 
     result = {
-        "baseline": str(args.baseline), "structured": structured, "unstructured_sparsity": sparsity,
+        "baseline": str(args.baseline), "structured": {k: v for k, v in structured.items() if k != "keep"},
+        "unstructured_sparsity": sparsity,
         "parameters": {"dense": count_parameters(dense_model), "shrunk": structured["parameters"]["after"],
                        "unstructured_nonzero": count_parameters(dense_model) - round(sparsity * prunable)},
         "accuracy_before_finetune": {"dense": json.loads((args.baseline / "model.json").read_text())["metrics"]["test_accuracy"],
