@@ -68,7 +68,9 @@ IMPORTANCE = ("magnitude", "activation", "taylor")
 
 def _check_block(i: int, blk: torch.nn.Module) -> None:
     attn, mlp = blk.attn, blk.mlp
-    if type(attn) is not Attention or not isinstance(attn.norm, torch.nn.Identity) or attn.gate is not None:
+    if not hasattr(attn, "attn_dim"):  # older timm reshaped the heads' output to the input width
+        raise LotusError("structured pruning needs a newer timm, whose Attention has attn_dim (tested with 1.0.31): pip install -U timm")
+    if type(attn) is not Attention or not isinstance(attn.norm, torch.nn.Identity) or getattr(attn, "gate", None) is not None:
         raise LotusError(f"block {i}: structured pruning supports timm's plain Attention (no scale norm, no gate)")
     if type(mlp) is not Mlp or not isinstance(mlp.norm, torch.nn.Identity):
         raise LotusError(f"block {i}: structured pruning supports timm's plain Mlp (not GLU variants, no scale norm)")
