@@ -29,7 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
     p.add_argument("--baseline", type=Path, default=ROOT / "runs" / "bench-cifar10-baseline")
-    p.add_argument("--sparsity", default="0.3")
+    p.add_argument("--sparsity", default="0.3", help="a fraction, 'auto', or '2:4'")
     p.add_argument("--drop", type=float, default=0.1)
     p.add_argument("--isp-target", type=float, default=None)
     p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
@@ -43,7 +43,7 @@ def main() -> None:
     cfg = default_compress_config(data_cfg.name)
     cfg = replace(
         cfg, data=data_cfg, checkpoint=str(args.baseline),
-        sparsity=args.sparsity if args.sparsity == "auto" else float(args.sparsity),
+        sparsity=args.sparsity if args.sparsity == "auto" or ":" in args.sparsity else float(args.sparsity),
         tickets=replace(cfg.tickets, drop=args.drop), isp_target=args.isp_target,
         finetune=replace(cfg.finetune, epochs=args.epochs, warmup_epochs=min(0.5, args.epochs / 4)),
     )

@@ -65,6 +65,13 @@ def finetune(name: str, checkpoint: Path, data_cfg: DataConfig, cfg: TrainConfig
     return result
 
 
+def finetune_both(shrunk: Path, unstructured: Path, data_cfg: DataConfig, epochs: int, work: Path) -> dict[str, dict]:
+    """The shrunk and the unstructured model fine-tuned at the same budget: the CIFAR-10 recipe at half its learning rate."""
+    _, _, baseline_cfg = default_configs("cifar10")
+    ft_cfg = TrainConfig(**{**baseline_cfg.__dict__, "epochs": epochs, "lr": baseline_cfg.lr / 2, "warmup_epochs": 0.5})
+    return {name: finetune(name, ckpt, data_cfg, ft_cfg, work) for name, ckpt in (("shrunk", shrunk), ("unstructured", unstructured))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", type=Path, default=ROOT / "runs" / "bench-cifar10-baseline")
@@ -77,6 +84,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--select-block", type=int, default=None, help="export with this select block (default: the exporter's)")
     p.add_argument("--prepare-only", action="store_true", help="prune and export, then stop (time latency later, on an idle machine)")
+    p.add_argument("--accuracy-only", action="store_true",
+                   help="prune and fine-tune only: no ONNX export or latency (e.g. on a GPU machine, whose CPU latency is not the one reported)")
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-cifar10-structured")
     args = p.parse_args()
@@ -101,6 +110,22 @@ def main() -> None:
         prune_oneshot(args.baseline, sparsity, unstructured, PruneConfig(), data_cfg=data_cfg)
     unstructured_acc = json.loads((unstructured / "model.json").read_text())["accuracy"]
 
+    result = {
+        "baseline": str(args.baseline), "structured": {k: v for k, v in structured.items() if k != "keep"},
+        "unstructured_sparsity": sparsity,
+        "parameters": {"dense": count_parameters(dense_model), "shrunk": structured["parameters"]["after"],
+                       "unstructured_nonzero": count_parameters(dense_model) - round(sparsity * prunable)},
+        "accuracy_before_finetune": {"dense": json.loads((args.baseline / "model.json").read_text())["metrics"]["test_accuracy"],
+                                     "shrunk": structured["accuracy"], "unstructured": unstructured_acc},
+        "importance": args.importance, "shrunk_accuracy_by_importance": importance_accuracy,
+    }
+    if args.accuracy_only:
+        if args.finetune_epochs > 0:
+            runs = finetune_both(shrunk, unstructured, data_cfg, args.finetune_epochs, work)
+            result["finetune"] = {name: [h["test_accuracy"] for h in r["history"]] for name, r in runs.items()}
+        write_result("cifar10_structured_accuracy", result)
+        return print(json.dumps({k: result.get(k) for k in ("parameters", "accuracy_before_finetune", "finetune")}, indent=1))
+
     tag = "" if args.select_block is None else f".select{args.select_block}"
     onnx = {
         "dense": (args.baseline, work / "dense.onnx", None),
@@ -124,21 +149,12 @@ def main() -> None:
     for cell in latency.values():  # the median of the rounds' ratios: each round's models ran minutes apart, not hours
         cell["vs_dense_fp32"] = statistics.median(m / d for m, d in zip(cell["round_medians_ms"], latency["dense"]["round_medians_ms"]))
 
-    result = {
-        "baseline": str(args.baseline), "structured": {k: v for k, v in structured.items() if k != "keep"},
-        "unstructured_sparsity": sparsity,
-        "parameters": {"dense": count_parameters(dense_model), "shrunk": structured["parameters"]["after"],
-                       "unstructured_nonzero": count_parameters(dense_model) - round(sparsity * prunable)},
-        "accuracy_before_finetune": {"dense": json.loads((args.baseline / "model.json").read_text())["metrics"]["test_accuracy"],
-                                     "shrunk": structured["accuracy"], "unstructured": unstructured_acc},
-        "importance": args.importance, "shrunk_accuracy_by_importance": importance_accuracy,
+    result.update({
         "onnx_bytes": sizes, "size_vs_dense": {n: s / sizes["dense"] for n, s in sizes.items()},
         "latency_batch": args.batch, "latency": latency, "select_block": args.select_block,
-    }
+    })
     if args.finetune_epochs > 0:
-        _, _, baseline_cfg = default_configs("cifar10")
-        ft_cfg = TrainConfig(**{**baseline_cfg.__dict__, "epochs": args.finetune_epochs, "lr": baseline_cfg.lr / 2, "warmup_epochs": 0.5})
-        runs = {name: finetune(name, ckpt, data_cfg, ft_cfg, work) for name, ckpt in (("shrunk", shrunk), ("unstructured", unstructured))}
+        runs = finetune_both(shrunk, unstructured, data_cfg, args.finetune_epochs, work)
         result["finetune"] = {name: [h["test_accuracy"] for h in r["history"]] for name, r in runs.items()}
         tuned = work / f"ft-shrunk-epochs{args.finetune_epochs}"
         images, labels = None, None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import tarfile
 import time
@@ -11,12 +12,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
-RESULTS = Path(__file__).resolve().parent / "results"
+# LOTUS_BENCH_RESULTS sends results elsewhere (e.g. a GPU machine's output folder)
+RESULTS = Path(os.environ.get("LOTUS_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def cifar10_folder(archive: Path = SHARED_CIFAR, dest: Path = ROOT / "data") -> Path:
     """Unpack the CIFAR-10 ImageFolder archive once; returns the root holding train/ and test/."""
-    for candidate in (dest / "cifar10", dest):
+    unpacked = dest / "cifar10"
+    for candidate in (unpacked, dest, *(unpacked.iterdir() if unpacked.is_dir() else ())):
         if (candidate / "train").is_dir() and (candidate / "test").is_dir():
             return candidate
     if not archive.is_file():
@@ -37,6 +40,7 @@ def machine() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 

@@ -191,7 +191,7 @@ def tickets(
 @app.command()
 @user_errors
 def compress(
-    sparsity: Annotated[Optional[str], typer.Option(help="Stage-1 one-shot sparsity of the prunable weights, or 'auto' (the sweep's essential sparsity). [default: 0.3]")] = None,
+    sparsity: Annotated[Optional[str], typer.Option(help="Stage-1 one-shot sparsity of the prunable weights, 'auto' (the sweep's essential sparsity), or '2:4' (NVIDIA sparse tensor cores). [default: 0.3]")] = None,
     drop: Annotated[Optional[float], typer.Option(help="Fraction of each training image's patches dropped (data lottery tickets). [default: 0.1]")] = None,
     isp_target: Annotated[Optional[float], typer.Option(help="Stage-2 Instant Soup Pruning target sparsity (off when not given).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning epochs on the lottery data. [default: 5]")] = None,
@@ -232,7 +232,7 @@ def compress(
         finetune=replace(cfg.finetune, **_given(epochs=epochs)),
         structure=replace(cfg.structure, **_parse_structure(structure), **_given(importance=structure_importance, scope=structure_scope)),
         **_given(checkpoint=str(checkpoint) if checkpoint else None, device=device, isp_target=isp_target,
-                 sparsity=None if sparsity is None else (sparsity if sparsity == "auto" else _floats(sparsity, "--sparsity")[0])),
+                 sparsity=None if sparsity is None else _sparsity(sparsity)),
     )
     out = out or new_run_dir("compress")
     from lotus.device import distributed
@@ -244,6 +244,13 @@ def compress(
     print(json.dumps({k: metrics[k] for k in ("dense_accuracy", "compressed_accuracy", "sparsity", "drop", "essential_sparsity")}))
     err.print(f"dense {metrics['dense_accuracy']:.2f}% -> compressed {metrics['compressed_accuracy']:.2f}% at sparsity "
               f"{metrics['sparsity']:.3f}, drop {metrics['drop']:g}; report: {out / 'report.md'}")
+
+
+def _sparsity(text: str) -> float | str:
+    """--sparsity: 'auto', an N:M pattern such as '2:4', or a fraction."""
+    from lotus.masks import nm_pattern
+
+    return text if text == "auto" or nm_pattern(text) else _floats(text, "--sparsity")[0]
 
 
 def _parse_structure(text: str | None) -> dict[str, float]:
@@ -449,7 +456,7 @@ def prune_sweep(
 @user_errors
 def prune_oneshot(
     checkpoint: Annotated[Optional[Path], typer.Option(help="LOTUS checkpoint or run folder (default: the latest run).")] = None,
-    sparsity: Annotated[str, typer.Option(help="Fraction of the prunable weights to prune, or 'auto' (the sweep's essential sparsity).")] = "auto",
+    sparsity: Annotated[str, typer.Option(help="Fraction of the prunable weights to prune, 'auto' (the sweep's essential sparsity), or '2:4' (two zeros in every four weights).")] = "auto",
     data: DataOpt = "digits",
     data_dir: DataDirOpt = Path("data"),
     download: DownloadOpt = False,
@@ -473,7 +480,7 @@ def prune_oneshot(
         level = sweep(checkpoint, data_cfg, SweepConfig(tolerance=tolerance, prune=prune_cfg), out / "sweep", device=device)["essential_sparsity"]
         err.print(f"--sparsity auto: essential sparsity {level:g} (sweep in {out / 'sweep'})")
     else:
-        level = _floats(sparsity, "--sparsity")[0]
+        level = _sparsity(sparsity)
     result = oneshot(checkpoint, level, out, prune_cfg, data_cfg=data_cfg, device=device)
     print(json.dumps({"sparsity": result["sparsity"]["overall"], "accuracy": result["accuracy"]}))
     err.print(f"measured sparsity {result['sparsity']['overall']:.4f}, accuracy {result['accuracy']:.2f}%; checkpoint: {out}")

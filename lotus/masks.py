@@ -51,7 +51,7 @@ def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, *, scope:
     for name, w in weights.items():
         s = w.detach().abs().float()
         if keep is not None:
-            s = torch.where(keep[name], s, torch.full_like(s, -1.0))  # already pruned: lowest
+            s = torch.where(keep[name].to(s.device), s, torch.full_like(s, -1.0))  # already pruned: lowest
         scores[name] = s
     if scope == "layer":
         return {name: _keep_top(s.flatten(), s.numel() - round(sparsity * s.numel())).view_as(s) for name, s in scores.items()}
@@ -70,6 +70,16 @@ def _keep_top(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
     if num_keep > 0:
         mask[scores.topk(num_keep, sorted=False).indices] = True
     return mask
+
+
+def nm_pattern(sparsity: float | str) -> tuple[int, int] | None:
+    """(n, m) for an N:M pattern written 'n:m' (e.g. '2:4'); None for a plain sparsity."""
+    if not isinstance(sparsity, str) or ":" not in sparsity:
+        return None
+    n, _, m = sparsity.partition(":")
+    if not (n.strip().isdigit() and m.strip().isdigit()) or not 0 < int(n) < int(m):
+        raise LotusError(f"sparsity pattern {sparsity!r} is not N:M with 0 < N < M (2:4 is what NVIDIA GPUs accelerate)")
+    return int(n), int(m)
 
 
 def semi_structured_masks(weights: dict[str, torch.Tensor], n: int = 2, m: int = 4) -> Masks:
@@ -178,3 +188,24 @@ def sparsity_report(model: torch.nn.Module, names: Iterable[str]) -> dict:
         zeros += z
         total += w.numel()
     return {"overall": zeros / max(total, 1), "zeros": zeros, "numel": total, "layers": layers}
+
+
+def to_semi_structured_(model: torch.nn.Module, names: Iterable[str]) -> torch.nn.Module:
+    """Swap the named Linear weights of a 2:4-pruned model for PyTorch's semi-structured sparse
+    tensors, so its matrix products run on NVIDIA sparse tensor cores (Ampere and newer).
+
+    The model must already be on a CUDA device in half precision (fp16 or bf16) and every named
+    weight must hold the 2:4 pattern (two zeros in every group of four inputs); for inference.
+    """
+    from torch.sparse import to_sparse_semi_structured
+
+    modules = dict(model.named_modules())
+    for name in names:
+        linear = modules[name.rsplit(".", 1)[0]]
+        w = linear.weight.detach()
+        if w.device.type != "cuda":
+            raise LotusError("2:4 sparse kernels need the model on an NVIDIA GPU (Ampere or newer): move it with .cuda() first")
+        if (w.reshape(-1, 4) != 0).sum(1).max() > 2:
+            raise LotusError(f"{name} does not hold the 2:4 pattern: prune it with --sparsity 2:4 first")
+        linear.weight = torch.nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
+    return model

@@ -24,7 +24,7 @@ import yaml
 from lotus.checkpoint import atomic_write_text, load_model, save_model
 from lotus.data import DataConfig
 from lotus.errors import LotusError
-from lotus.masks import prunable_names, sparsity_report
+from lotus.masks import nm_pattern, prunable_names, sparsity_report
 from lotus.prune import ISPConfig, PruneConfig, SweepConfig, isp, prune_oneshot, prune_structured, sweep
 from lotus.structured import StructuredConfig
 from lotus.tickets import TicketConfig, tickets_from_checkpoint
@@ -42,7 +42,7 @@ class CompressConfig:
     model: ModelConfig = ModelConfig(depth=4, drop_path_rate=0.0)  # the baseline to train when no checkpoint
     baseline: TrainConfig = TrainConfig(epochs=20, batch_size=32, lr=5e-4, warmup_epochs=1.0)  # its training
     tickets: TicketConfig = TicketConfig(drop=0.1)  # data lottery tickets
-    sparsity: float | str = 0.3  # stage-1 one-shot sparsity of the prunable weights, or 'auto' (the knee)
+    sparsity: float | str = 0.3  # stage-1 one-shot sparsity of the prunable weights, 'auto' (the knee), or '2:4'
     sweep: SweepConfig = SweepConfig()  # the sweep behind 'auto' (its tolerance sets the knee)
     prune: PruneConfig = PruneConfig()  # what is pruned and how it is ranked
     isp_target: float | None = None  # stage-2 ISP target sparsity; None skips stage 2
@@ -125,6 +125,9 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, 
     save_recipe(cfg, run / "recipe.yaml")
     state = RunState.open(state_path)
     cfg.structure.check()
+    if nm_pattern(cfg.sparsity) and (cfg.isp_target is not None or cfg.structure.enabled):
+        raise LotusError(f"--sparsity {cfg.sparsity} keeps an N:M pattern that ISP and structured pruning would break: "
+                         "drop --isp-target and --structure, or use a plain sparsity")
     todo = [s for s in STAGES if not (s == "isp" and cfg.isp_target is None) and not (s == "structure" and not cfg.structure.enabled)]
 
     def stage(name: str) -> bool:
@@ -165,9 +168,10 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, 
             swept = sweep(baseline_ckpt, cfg.data, replace(cfg.sweep, prune=cfg.prune), run / "sweep", device=cfg.device)
             essential = level = swept["essential_sparsity"]
             log(f"  essential sparsity {essential:g} (dense {swept['dense_accuracy']:.2f}%)")
-        result = prune_oneshot(baseline_ckpt, float(level), run / "stage1", cfg.prune, data_cfg=cfg.data, device=cfg.device)
+        level = level if nm_pattern(level) else float(level)
+        result = prune_oneshot(baseline_ckpt, level, run / "stage1", cfg.prune, data_cfg=cfg.data, device=cfg.device)
         state.finish("prune", {"accuracy": result["accuracy"], "seconds": time.perf_counter() - start, "images_per_second": None,
-                               "requested_sparsity": float(level), "sparsity": result["sparsity"]["overall"],
+                               "requested_sparsity": level, "sparsity": result["sparsity"]["overall"],
                                "essential_sparsity": essential})
     pruned_ckpt = run / "stage1"
 

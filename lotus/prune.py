@@ -44,7 +44,9 @@ from lotus.masks import (
     magnitude_masks,
     mask_sparsity,
     merge_masks,
+    nm_pattern,
     prunable_names,
+    semi_structured_masks,
     sparsity_report,
 )
 from lotus.structured import StructuredConfig, activation_scores, choose, magnitude_scores, shrink_, structure_of, taylor_scores
@@ -137,15 +139,25 @@ def sweep(
 
 
 def prune_oneshot(
-    checkpoint: str | Path, sparsity: float, out_dir: str | Path, cfg: PruneConfig = PruneConfig(),
+    checkpoint: str | Path, sparsity: float | str, out_dir: str | Path, cfg: PruneConfig = PruneConfig(),
     *, data_cfg: DataConfig | None = None, device: str = "auto",
 ) -> dict[str, Any]:
     """Stage 1: prune by magnitude to `sparsity` in one shot; saves the masked model (and, with
-    `data_cfg`, its accuracy) to `out_dir`. Returns the sparsity report."""
+    `data_cfg`, its accuracy) to `out_dir`. Returns the sparsity report.
+
+    `sparsity` may be an N:M pattern such as '2:4': in every group of M consecutive inputs of
+    each weight, the N of largest magnitude stay (the layout NVIDIA sparse tensor cores run).
+    """
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
     names = prunable_names(model, cfg.include)
-    masks = magnitude_masks(_weights(model, names), sparsity, scope=cfg.scope, keep=meta["masks"] or None)
+    keep = meta["masks"] or None
+    if pattern := nm_pattern(sparsity):
+        masks = semi_structured_masks(_weights(model, names), *pattern)
+        if keep is not None:  # weights pruned before stay pruned
+            masks = {name: m & keep[name].to(m.device) for name, m in masks.items()}
+    else:
+        masks = magnitude_masks(_weights(model, names), sparsity, scope=cfg.scope, keep=keep)
     apply_masks_(model, masks)
     report = sparsity_report(model, names)
     accuracy = evaluate(model, _eval_loader(meta, data_cfg), dev)["accuracy"] if data_cfg else None

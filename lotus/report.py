@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lotus.checkpoint import atomic_write_text
+from lotus.masks import nm_pattern
 from lotus.plots import save_finetune_figure, save_stage_figure
 
 
@@ -78,15 +79,20 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
         "",
         "## What kind of sparsity, and what speed it can bring",
         "",
-        "- Unstructured (stages 1 and 2): the Linear weights inside the transformer blocks"
-        + (f" and {', '.join(cfg.prune.include)}" if cfg.prune.include else "")
-        + f", ranked {cfg.prune.scope}ly by magnitude. The zeros make the weights compress well, but dense kernels "
-        "(PyTorch, ONNX Runtime) still multiply them: no speed-up by itself.",
+        *(["- 2:4 semi-structured (stage 1 at `--sparsity 2:4`): two zeros in every group of four inputs of each block "
+           "Linear, held through fine-tuning. NVIDIA sparse tensor cores (Ampere and newer) run it through PyTorch's "
+           "semi-structured tensors (`lotus.masks.to_semi_structured_`; measured in `benchmarks/sparse24_gpu.py`); on CPUs "
+           "and in ONNX Runtime the zeros bring no speed."] if nm_pattern(cfg.sparsity) else
+          ["- Unstructured (stages 1 and 2): the Linear weights inside the transformer blocks"
+           + (f" and {', '.join(cfg.prune.include)}" if cfg.prune.include else "")
+           + f", ranked {cfg.prune.scope}ly by magnitude. The zeros make the weights compress well, but dense kernels "
+           "(PyTorch, ONNX Runtime) still multiply them: no speed-up by itself.",
+           "- 2:4 semi-structured sparsity (`--sparsity 2:4`) would speed up NVIDIA sparse tensor cores (Ampere and newer); "
+           "this run does not hold it."]),
         *([f"- Structured: heads per block {m['structure']['num_heads']}, MLP widths {m['structure']['mlp_hidden']} "
            f"({cfg.structure.importance} importance, {cfg.structure.scope} scope). The layers are physically smaller: "
            f"parameters and multiply-adds fall to about x{m['parameters_ratio']:.2f}, on any hardware."] if m.get("structure") else []),
         "- Patch dropping (`drop` at inference, `lotus export onnx`): compute falls with the patches skipped, on any hardware.",
-        "- 2:4 semi-structured sparsity speeds up only NVIDIA sparse tensor cores (Ampere and newer); none here.",
         "",
         "## Stages",
         "",

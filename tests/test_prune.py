@@ -53,3 +53,30 @@ def test_the_source_variant_reports_what_it_achieved(baseline, tmp_path):
     result = isp(tmp_path / "s1", DATA, ISPConfig(target=0.6, rounds=3, merge="levels"), tmp_path / "levels", log=lambda line: None)
     # union of nested masks = the least sparse level (0.4), not the 0.6 asked for
     assert result["achieved_sparsity"] == pytest.approx(0.4, abs=1e-5)
+
+
+def test_two_four_oneshot_holds_its_pattern_through_finetuning(baseline, tmp_path):
+    stage1 = prune_oneshot(baseline, "2:4", tmp_path / "s1", data_cfg=DATA)
+    assert stage1["sparsity"]["overall"] == pytest.approx(0.5)
+    train(DATA, ModelConfig(), TrainConfig(epochs=1, batch_size=32, lr=5e-4, warmup_epochs=0.5), tmp_path / "ft",
+          init_checkpoint=tmp_path / "s1")
+    model, _ = load_model(tmp_path / "ft")
+    params = dict(model.named_parameters())
+    for name in prunable_names(model):
+        nonzero_per_group = (params[name].reshape(-1, 4) != 0).sum(1)
+        assert (nonzero_per_group <= 2).all(), name  # sparse tensor cores need at most two non-zeros in every four
+
+
+def test_a_two_four_pattern_refuses_what_would_break_it(baseline, tmp_path):
+    from dataclasses import replace
+
+    from lotus.errors import LotusError
+    from lotus.masks import nm_pattern
+    from lotus.pipeline import compress, default_compress_config
+
+    assert nm_pattern("2:4") == (2, 4) and nm_pattern(0.3) is None and nm_pattern("auto") is None
+    with pytest.raises(LotusError, match="not N:M"):
+        nm_pattern("4:2")
+    cfg = replace(default_compress_config("digits"), checkpoint=str(baseline), sparsity="2:4", isp_target=0.7)
+    with pytest.raises(LotusError, match="ISP and structured pruning would break"):
+        compress(cfg, tmp_path / "run")

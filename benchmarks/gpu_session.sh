@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The CIFAR-10 accuracy grid on one CUDA GPU, within one ~10-minute budget.
+#
+#   bash benchmarks/gpu_session.sh OUTDIR [ARCHIVE]
+#
+# 1. 2:4 sparse kernels against dense bf16 on a random ViT-Tiny (GPU quiet).
+# 2. The dense baseline (BASE_EPOCHS epochs), and beside it the full-data run of the tickets grid.
+# 3. From the baseline, all at once (small models leave a big GPU mostly idle, so the runs share it):
+#    the tickets grid (attention and random at drop 0.1, 0.3, 0.5; 5 epochs from scratch),
+#    `lotus compress` at (0.3, 0.1), (auto, ISP 0.5, 0.3) and (2:4, 0.1) with 5 fine-tuning
+#    epochs, and structured pruning (1 head in 3, MLP halved) against unstructured at the same
+#    parameter count, both fine-tuned 5 epochs.
+# 4. 2:4 kernels again on the fine-tuned 2:4 model, with its test accuracy through them.
+# OUTDIR gets results.tar.gz (JSON results, logs, per-epoch metrics) and models.tar.gz.part*. Accuracies are the figures these runs
+# give; epoch times are not comparable between runs (they share the GPU): time ratios come from
+# the CPU benchmarks (token_gather_step.py, cifar10_tickets.py on the CPU).
+set -u
+OUT=$(realpath -m "${1:?usage: gpu_session.sh OUTDIR [ARCHIVE]}")
+ARCHIVE=$(realpath -m "${2:-../shared/data/cifar10-jpg.tar.gz}")
+BASE_EPOCHS=${BASE_EPOCHS:-15}
+EPOCHS=${EPOCHS:-5}
+DEADLINE=${DEADLINE:-470}  # seconds from the start by which the training runs are stopped
+PY=${PY:-python3}
+cd "$(dirname "$0")"
+ROOT=$(cd .. && pwd)
+WORK=${WORK:-$ROOT/runs/gpu}
+BASE=$WORK/baseline
+RAW=$WORK/out  # gathered into OUTDIR's few archives at the end
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 LOTUS_BENCH_RESULTS=$RAW/results OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+mkdir -p "$OUT" "$RAW/results" "$RAW/logs"
+T0=$SECONDS
+left() { local t=$((DEADLINE - (SECONDS - T0))); echo $((t > 1 ? t : 1)); }
+run() {  # run NAME SCRIPT ARGS...: a benchmark script under the deadline, its output in logs/NAME.log
+  local name=$1; shift
+  timeout "$(left)" "$PY" "$@" >"$RAW/logs/$name.log" 2>&1
+  echo "$name: exit $? at $((SECONDS - T0)) s" | tee -a "$RAW/logs/driver.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RAW/logs/gpu.txt"
+"$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$RAW/logs/gpu.txt"
+"$PY" -c "from common import cifar10_folder; from pathlib import Path; print(cifar10_folder(Path('$ARCHIVE')))" || exit 1
+
+run sparse24_random sparse24_gpu.py --name sparse24_gpu_random --runs 30 --rounds 5
+
+run baseline cifar10_baseline.py --epochs "$BASE_EPOCHS" --warmup-epochs 1 --archive "$ARCHIVE" --out "$BASE" &
+baseline=$!
+run tickets-full cifar10_tickets.py --selects full --epochs "$EPOCHS" --baseline "$BASE" --work "$WORK/tickets" --archive "$ARCHIVE" &
+wait $baseline
+[ -f "$BASE/model.json" ] || { echo "no baseline: stopping" | tee -a "$RAW/logs/driver.log"; }
+
+if [ -f "$BASE/model.json" ]; then
+  for drop in 0.5 0.3 0.1; do
+    for select in attention random; do
+      run "tickets-$select-$drop" cifar10_tickets.py --selects "$select" --drops "$drop" --epochs "$EPOCHS" \
+        --baseline "$BASE" --work "$WORK/tickets" --archive "$ARCHIVE" &
+    done
+  done
+  run compress-s0.3-d0.1 cifar10_compress.py --name s0.3-d0.1 --sparsity 0.3 --drop 0.1 --epochs "$EPOCHS" \
+    --baseline "$BASE" --archive "$ARCHIVE" --skip-export &
+  run compress-auto-isp0.5-d0.3 cifar10_compress.py --name auto-isp0.5-d0.3 --sparsity auto --isp-target 0.5 --drop 0.3 \
+    --epochs "$EPOCHS" --baseline "$BASE" --archive "$ARCHIVE" --skip-export &
+  run compress-2to4-d0.1 cifar10_compress.py --name 2to4-d0.1 --sparsity 2:4 --drop 0.1 --epochs "$EPOCHS" \
+    --baseline "$BASE" --archive "$ARCHIVE" --skip-export &
+  run structured cifar10_structured.py --accuracy-only --finetune-epochs "$EPOCHS" --baseline "$BASE" \
+    --work "$WORK/structured" --archive "$ARCHIVE" &
+fi
+wait
+
+DEADLINE=$((SECONDS - T0 + 45))
+if [ -f "$ROOT/runs/bench-cifar10-compress-2to4-d0.1/model.json" ]; then
+  run sparse24_finetuned sparse24_gpu.py --name sparse24_gpu_finetuned --checkpoint "$ROOT/runs/bench-cifar10-compress-2to4-d0.1" \
+    --data "$(dirname "$(find "$ROOT/data" -maxdepth 3 -type d -name train | head -1)")" --runs 30 --rounds 3
+fi
+
+# results, logs and per-epoch metrics of every run (also of runs stopped at the deadline): one archive
+(cd "$ROOT/runs" && find . \( -name metrics.jsonl -o -name stages.json -o -name metrics.json -o -name sweep.json \
+  -o -name 'isp*.json' -o -name structured.json -o -name sparsity.json -o -name '*.md' -o -name recipe.yaml \) \
+  -not -path './gpu/out/*' -print0 | tar czf "$RAW/runs-metrics.tar.gz" --null -T -)
+tar czf "$OUT/results.tar.gz" -C "$RAW" results logs runs-metrics.tar.gz
+# the models (for CPU work afterwards), in parts of 15 MB (the device tool returns files of 16 MiB at most)
+(cd "$ROOT/runs" && tar czf "$WORK/models.tar.gz" $(ls -d gpu/baseline/model.* bench-cifar10-compress-auto-isp0.5-d0.3/model.* \
+  gpu/structured/ft-shrunk-*/model.* 2>/dev/null))
+split -b 15M -d "$WORK/models.tar.gz" "$OUT/models.tar.gz.part"
+ls -la "$OUT"
+echo "done at $((SECONDS - T0)) s" | tee -a "$RAW/logs/driver.log"
