@@ -80,3 +80,17 @@ def test_a_two_four_pattern_refuses_what_would_break_it(baseline, tmp_path):
     cfg = replace(default_compress_config("digits"), checkpoint=str(baseline), sparsity="2:4", isp_target=0.7)
     with pytest.raises(LotusError, match="ISP and structured pruning would break"):
         compress(cfg, tmp_path / "run")
+
+
+def test_cli_prunes_to_two_four_and_refuses_a_bad_pattern(baseline, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["prune", "oneshot", "--checkpoint", str(baseline), "--sparsity", "2:4",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["sparsity"] == pytest.approx(0.5)
+    result = CliRunner().invoke(app, ["prune", "oneshot", "--checkpoint", str(baseline), "--sparsity", "4:2",
+                                      "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "not N:M" in result.output and "Traceback" not in result.output
