@@ -22,6 +22,7 @@ from lotus.bench import LocalBenchConfig, bench_local
 from lotus.checkpoint import load_model
 from lotus.data import DataConfig
 from lotus.export import ExportConfig, _eval_images, accuracy_onnx, export_onnx
+from lotus.masks import nm_pattern
 from lotus.pipeline import compress, default_compress_config
 
 
@@ -43,7 +44,7 @@ def main() -> None:
     cfg = default_compress_config(data_cfg.name)
     cfg = replace(
         cfg, data=data_cfg, checkpoint=str(args.baseline),
-        sparsity=args.sparsity if args.sparsity == "auto" or ":" in args.sparsity else float(args.sparsity),
+        sparsity=args.sparsity if args.sparsity == "auto" or nm_pattern(args.sparsity) else float(args.sparsity),
         tickets=replace(cfg.tickets, drop=args.drop), isp_target=args.isp_target,
         finetune=replace(cfg.finetune, epochs=args.epochs, warmup_epochs=min(0.5, args.epochs / 4)),
     )

@@ -22,7 +22,7 @@ from common import write_result
 from torch.sparse import to_sparse_semi_structured
 
 from lotus.checkpoint import load_model
-from lotus.masks import apply_masks_, prunable_names, semi_structured_masks, to_semi_structured_
+from lotus.masks import apply_masks_, holds_pattern, prunable_names, semi_structured_masks, to_semi_structured_
 from lotus.vit import ModelConfig, build_model
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     dense = model.cuda().bfloat16().eval()
     names = prunable_names(dense)
     params = dict(dense.named_parameters())
-    holds_24 = all(int((params[n].reshape(-1, 4) != 0).sum(1).max()) <= 2 for n in names)
+    holds_24 = all(holds_pattern(params[n]) for n in names)
     if not holds_24:  # a dense model: prune it to 2:4 here (speed does not depend on the values)
         apply_masks_(dense, semi_structured_masks({n: params[n].detach() for n in names}))
     sparse = to_semi_structured_(copy.deepcopy(dense), names)

@@ -82,6 +82,11 @@ def nm_pattern(sparsity: float | str) -> tuple[int, int] | None:
     return int(n), int(m)
 
 
+def holds_pattern(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """True when every group of `m` consecutive inputs of `weight` has at most `n` non-zeros."""
+    return weight.shape[-1] % m == 0 and int((weight.reshape(-1, m) != 0).sum(1).max()) <= n
+
+
 def semi_structured_masks(weights: dict[str, torch.Tensor], n: int = 2, m: int = 4) -> Masks:
     """N:M masks (2:4 for NVIDIA sparse tensor cores): in every group of `m` consecutive weights
     along the input dimension, keep the `n` of largest magnitude."""
@@ -205,7 +210,7 @@ def to_semi_structured_(model: torch.nn.Module, names: Iterable[str]) -> torch.n
         w = linear.weight.detach()
         if w.device.type != "cuda":
             raise LotusError("2:4 sparse kernels need the model on an NVIDIA GPU (Ampere or newer): move it with .cuda() first")
-        if (w.reshape(-1, 4) != 0).sum(1).max() > 2:
+        if not holds_pattern(w):
             raise LotusError(f"{name} does not hold the 2:4 pattern: prune it with --sparsity 2:4 first")
         linear.weight = torch.nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
     return model

@@ -80,15 +80,16 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
         "## What kind of sparsity, and what speed it can bring",
         "",
         *(["- 2:4 semi-structured (stage 1 at `--sparsity 2:4`): two zeros in every group of four inputs of each block "
-           "Linear, held through fine-tuning. NVIDIA sparse tensor cores (Ampere and newer) run it through PyTorch's "
-           "semi-structured tensors (`lotus.masks.to_semi_structured_`; measured in `benchmarks/sparse24_gpu.py`); on CPUs "
+           "Linear, held through fine-tuning. NVIDIA sparse tensor cores (Ampere and newer) can run it through PyTorch's "
+           "semi-structured tensors (`lotus.masks.to_semi_structured_`), but whether that is faster depends on the kernels: "
+           "time it (`benchmarks/sparse24_gpu.py`; for ViT-Tiny on an H200 with torch 2.11 it was slower than dense). On CPUs "
            "and in ONNX Runtime the zeros bring no speed."] if nm_pattern(cfg.sparsity) else
           ["- Unstructured (stages 1 and 2): the Linear weights inside the transformer blocks"
            + (f" and {', '.join(cfg.prune.include)}" if cfg.prune.include else "")
            + f", ranked {cfg.prune.scope}ly by magnitude. The zeros make the weights compress well, but dense kernels "
            "(PyTorch, ONNX Runtime) still multiply them: no speed-up by itself.",
-           "- 2:4 semi-structured sparsity (`--sparsity 2:4`) would speed up NVIDIA sparse tensor cores (Ampere and newer); "
-           "this run does not hold it."]),
+           "- 2:4 semi-structured sparsity (`--sparsity 2:4`) is the pattern NVIDIA sparse tensor cores (Ampere and newer) "
+           "can run; this run does not hold it."]),
         *([f"- Structured: heads per block {m['structure']['num_heads']}, MLP widths {m['structure']['mlp_hidden']} "
            f"({cfg.structure.importance} importance, {cfg.structure.scope} scope). The layers are physically smaller: "
            f"parameters and multiply-adds fall to about x{m['parameters_ratio']:.2f}, on any hardware."] if m.get("structure") else []),

@@ -165,5 +165,8 @@ def test_two_four_masks_keep_exactly_two_in_every_group_of_four(tiny_cfg):
         pruned_max = w.abs().reshape(-1, 4).masked_fill(groups, -1).max(1).values
         assert (pruned_max <= kept_min).all()  # the two largest of each group are kept
     assert mask_sparsity(masks) == pytest.approx(0.5)
+    from lotus.masks import holds_pattern
+
+    assert all(holds_pattern(w * masks[n]) and not holds_pattern(w) for n, w in weights.items())
     with pytest.raises(LotusError, match="not a multiple of 4"):
         semi_structured_masks({"w": torch.randn(3, 6)})
