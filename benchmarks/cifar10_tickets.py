@@ -29,8 +29,15 @@ from lotus.vit import ModelConfig
 OUT = RESULTS / "cifar10_tickets"
 
 
-def run_name(select: str, drop: float) -> str:
-    return "full" if select == "full" else f"{select}-{drop:g}"
+def run_name(select: str, drop: float, temperature: float = 0.0, seed: int = 0, scoring: str = "") -> str:
+    """'full', 'attention-0.5', 'attention-0.5-t1' (sampled at temperature 1), 'random-0.5-sampled',
+    'attention-0.5-rollout' (another scoring), each with '-seed1' when trained with another seed."""
+    name = "full" if select == "full" else f"{select}-{drop:g}"
+    if scoring and select == "attention":
+        name += f"-{scoring}"
+    if temperature and select != "full":
+        name += "-sampled" if select == "random" else f"-t{temperature:g}"
+    return name + (f"-seed{seed}" if seed else "")
 
 
 def report(epochs: int) -> None:
@@ -45,7 +52,7 @@ def report(epochs: int) -> None:
         return sum(values) / len(values) if values else None
 
     full = runs.get("full")
-    print(f"{'run':>14} " + " ".join(f"{'ep' + str(e):>6}" for e in range(1, 6)) + f" {'s/epoch':>8} {'x full':>7} {'cpu s':>7} {'x full':>7}")
+    print(f"{'run':>34} " + " ".join(f"{'ep' + str(e):>6}" for e in range(1, 6)) + f" {'s/epoch':>8} {'x full':>7} {'cpu s':>7} {'x full':>7}")
     for name, r in runs.items():
         accs = " ".join(f"{h['test_accuracy']:6.2f}" for h in r["history"])
         cells = []
@@ -54,7 +61,25 @@ def report(epochs: int) -> None:
             r[f"mean_{key}"] = value
             cells.append(f"{value:>8.0f}" if value else f"{'-':>8}")
             cells.append(f"{value / base:7.3f}" if value and base else f"{'-':>7}")
-        print(f"{name:>14} {accs} " + " ".join(cells))
+        print(f"{name:>34} {accs} " + " ".join(cells))
+    seeds: dict[str, list[float]] = {}  # runs that differ only by the training seed
+    for name, r in runs.items():
+        seeds.setdefault(name.split("-seed")[0], []).append(r["history"][-1]["test_accuracy"])
+    if any(len(v) > 1 for v in seeds.values()):
+        print("\nfinal accuracy over seeds:")
+        for name, accs in seeds.items():
+            if len(accs) > 1:
+                print(f"{name:>28}: mean {sum(accs) / len(accs):.2f} (" + ", ".join(f"{a:.2f}" for a in accs) + ")")
+    grid = {n: r for n, r in runs.items() if n == "full" or (r.get("temperature", 0) == 0 and r.get("method", "cls") == "cls"
+                                                              and not r.get("layers") and not r.get("seed"))}
+    _plot(grid, out / "curves.png", "CIFAR-10 tickets grid")
+    variants = {n: r for n, r in runs.items() if n == "full" or (r["drop"] == 0.5 and not r.get("seed"))}
+    if len(variants) > len(grid.keys() & variants.keys()):
+        _plot(variants, out / "curves-drop0.5.png", "CIFAR-10, drop 0.5: selections")
+
+
+def _plot(runs: dict[str, dict], path: Path, title: str) -> None:
+    """Accuracy and training loss per epoch (like the paper's Figure 4)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,12 +91,13 @@ def report(epochs: int) -> None:
         style = "-" if name == "full" else ("--" if name.startswith("attention") else ":")
         ax_acc.plot(ep, [h["test_accuracy"] for h in r["history"]], style, marker="o", label=name)
         ax_loss.plot(ep, [h["train_loss"] for h in r["history"]], style, marker="o", label=name)
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="CIFAR-10: accuracy per epoch")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{title}: accuracy per epoch")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss per epoch")
     ax_acc.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    print(f"wrote {out / 'curves.png'}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def main() -> None:
@@ -81,6 +107,10 @@ def main() -> None:
     p.add_argument("--selects", default="full,attention,random", help="which runs: full, attention, random")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--warmup-epochs", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=0.0, help="ticket sampling (see lotus.tickets): 0 = fixed top-K")
+    p.add_argument("--method", default="cls", choices=["cls", "rollout"], help="attention scoring (see lotus tickets)")
+    p.add_argument("--layers", default=None, help="blocks scored, e.g. '2' or '0,1,2' (default: lotus tickets' default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training run (and of the random tickets)")
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-cifar10-tickets")
     p.add_argument("--report-only", action="store_true")
@@ -91,13 +121,15 @@ def main() -> None:
     data_cfg = DataConfig(str(cifar10_folder(args.archive)))
     drops = [float(d) for d in args.drops.split(",")]
     selects = args.selects.split(",")
-    train_cfg = TrainConfig(epochs=args.epochs, warmup_epochs=args.warmup_epochs)
+    train_cfg = TrainConfig(epochs=args.epochs, warmup_epochs=args.warmup_epochs, seed=args.seed)
     out = OUT / f"epochs{args.epochs}"  # runs are compared at equal budgets only
     out.mkdir(parents=True, exist_ok=True)
     todo = [("full", 0.0)] if "full" in selects else []
     todo += [(s, d) for d in drops for s in ("attention", "random") if s in selects]
     for select, drop in todo:
-        name = run_name(select, drop)
+        layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+        scoring = "-".join(([args.method] if args.method != "cls" else []) + ([f"layers{args.layers.replace(',', '.')}"] if layers else []))
+        name = run_name(select, drop, args.temperature, args.seed, scoring)
         result_path = out / f"{name}.json"
         if result_path.exists():
             print(f"{name}: already measured ({result_path})")
@@ -108,12 +140,15 @@ def main() -> None:
             tickets_dir = args.work / f"tickets-{name}"
             if not (tickets_dir / "tickets.json").exists():
                 start = time.perf_counter()
-                tickets_from_checkpoint(args.baseline, data_cfg, TicketConfig(drop=drop, select=select), tickets_dir)
+                ticket_cfg = TicketConfig(drop=drop, select=select, method=args.method, layers=layers,
+                                          temperature=args.temperature, seed=args.seed)
+                tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir)
                 scoring_seconds = time.perf_counter() - start
         start = time.perf_counter()
         history = train(data_cfg, ModelConfig(), train_cfg, args.work / f"epochs{args.epochs}-{name}", tickets=tickets_dir, resume=True)
         result = {
-            "machine": machine(), "run": name, "select": select, "drop": drop, "train": asdict(train_cfg),
+            "machine": machine(), "run": name, "select": select, "drop": drop, "temperature": args.temperature, "seed": args.seed,
+            "method": args.method, "layers": layers, "train": asdict(train_cfg),
             "baseline": str(args.baseline), "scoring_seconds": scoring_seconds,
             "wall_seconds": time.perf_counter() - start, "history": history,
             "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),

@@ -11,6 +11,10 @@
 #    epochs, and structured pruning (1 head in 3, MLP halved) against unstructured at the same
 #    parameter count, both fine-tuned 5 epochs.
 # 4. 2:4 kernels again on the fine-tuned 2:4 model, with its test accuracy through them.
+# PHASES picks what runs (default: all of "sparse24 baseline grid compress structured"); "sampled"
+# (not in the default) trains sampled attention tickets (temperature 1, two seeds; 3, one seed)
+# against sampled random (two seeds) at drop 0.3 and 0.5, and temperature 1 at drop 0.1. A baseline already
+# in WORK/baseline is used, not retrained.
 # OUTDIR gets results.tar.gz (JSON results, logs, per-epoch metrics) and models.tar.gz.part*. Accuracies are the figures these runs
 # give; epoch times are not comparable between runs (they share the GPU): time ratios come from
 # the CPU benchmarks (token_gather_step.py, cifar10_tickets.py on the CPU).
@@ -20,6 +24,7 @@ ARCHIVE=$(realpath -m "${2:-../shared/data/cifar10-jpg.tar.gz}")
 BASE_EPOCHS=${BASE_EPOCHS:-15}
 EPOCHS=${EPOCHS:-5}
 DEADLINE=${DEADLINE:-470}  # seconds from the start by which the training runs are stopped
+PHASES=" ${PHASES:-sparse24 baseline grid compress structured} "
 PY=${PY:-python3}
 cd "$(dirname "$0")"
 ROOT=$(cd .. && pwd)
@@ -31,6 +36,7 @@ export PYTHONUNBUFFERED=1 LOTUS_BENCH_RESULTS=$RAW/results OMP_NUM_THREADS=${OMP
 mkdir -p "$OUT" "$RAW/results" "$RAW/logs"
 T0=$SECONDS
 left() { local t=$((DEADLINE - (SECONDS - T0))); echo $((t > 1 ? t : 1)); }
+has() { [[ $PHASES == *" $1 "* ]]; }
 run() {  # run NAME SCRIPT ARGS...: a benchmark script under the deadline, its output in logs/NAME.log
   local name=$1; shift
   timeout "$(left)" "$PY" "$@" >"$RAW/logs/$name.log" 2>&1
@@ -41,46 +47,74 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RAW
 "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$RAW/logs/gpu.txt"
 "$PY" -c "from common import cifar10_folder; from pathlib import Path; print(cifar10_folder(Path('$ARCHIVE')))" || exit 1
 
-run sparse24_random sparse24_gpu.py --name sparse24_gpu_random --runs 30 --rounds 5
+has sparse24 && run sparse24_random sparse24_gpu.py --name sparse24_gpu_random --runs 30 --rounds 5
 
-run baseline cifar10_baseline.py --epochs "$BASE_EPOCHS" --warmup-epochs 1 --archive "$ARCHIVE" --out "$BASE" &
-baseline=$!
-run tickets-full cifar10_tickets.py --selects full --epochs "$EPOCHS" --baseline "$BASE" --work "$WORK/tickets" --archive "$ARCHIVE" &
-wait $baseline
+if has baseline && [ ! -f "$BASE/model.json" ]; then
+  run baseline cifar10_baseline.py --epochs "$BASE_EPOCHS" --warmup-epochs 1 --archive "$ARCHIVE" --out "$BASE" &
+  baseline=$!
+  has grid && run tickets-full cifar10_tickets.py --selects full --epochs "$EPOCHS" --baseline "$BASE" --work "$WORK/tickets" --archive "$ARCHIVE" &
+  wait $baseline
+fi
 [ -f "$BASE/model.json" ] || { echo "no baseline: stopping" | tee -a "$RAW/logs/driver.log"; }
 
-if [ -f "$BASE/model.json" ]; then
-  for drop in 0.5 0.3 0.1; do
-    for select in attention random; do
-      run "tickets-$select-$drop" cifar10_tickets.py --selects "$select" --drops "$drop" --epochs "$EPOCHS" \
-        --baseline "$BASE" --work "$WORK/tickets" --archive "$ARCHIVE" &
-    done
-  done
+if [ -f "$BASE/model.json" ] && has compress; then
   run compress-s0.3-d0.1 cifar10_compress.py --name s0.3-d0.1 --sparsity 0.3 --drop 0.1 --epochs "$EPOCHS" \
     --baseline "$BASE" --archive "$ARCHIVE" --skip-export &
   run compress-auto-isp0.5-d0.3 cifar10_compress.py --name auto-isp0.5-d0.3 --sparsity auto --isp-target 0.5 --drop 0.3 \
     --epochs "$EPOCHS" --baseline "$BASE" --archive "$ARCHIVE" --skip-export &
-  run compress-2to4-d0.1 cifar10_compress.py --name 2to4-d0.1 --sparsity 2:4 --drop 0.1 --epochs "$EPOCHS" \
+  has sparse24 && run compress-2to4-d0.1 cifar10_compress.py --name 2to4-d0.1 --sparsity 2:4 --drop 0.1 --epochs "$EPOCHS" \
     --baseline "$BASE" --archive "$ARCHIVE" --skip-export &
+fi
+tickets() {  # tickets NAME ARGS...: one run of the tickets grid in the background
+  local name=$1; shift
+  run "tickets-$name" cifar10_tickets.py --epochs "$EPOCHS" --baseline "$BASE" --work "$WORK/tickets" --archive "$ARCHIVE" "$@" &
+}
+if [ -f "$BASE/model.json" ] && has grid; then
+  for drop in 0.5 0.3 0.1; do
+    for select in attention random; do
+      tickets "$select-$drop" --selects "$select" --drops "$drop"
+    done
+  done
+fi
+if [ -f "$BASE/model.json" ] && has sampled; then
+  for drop in 0.5 0.3; do
+    for seed in 0 1; do
+      tickets "random-$drop-sampled-$seed" --selects random --drops "$drop" --temperature 1 --seed "$seed"
+      tickets "attention-$drop-t1-$seed" --selects attention --drops "$drop" --temperature 1 --seed "$seed"
+    done
+    tickets "attention-$drop-t3-0" --selects attention --drops "$drop" --temperature 3
+  done
+  tickets attention-0.1-t1-0 --selects attention --drops 0.1 --temperature 1
+fi
+if [ -f "$BASE/model.json" ] && has scoring; then
+  tickets attention-0.5-rollout --selects attention --drops 0.5 --method rollout
+  tickets attention-0.5-layers2 --selects attention --drops 0.5 --layers 2
+  tickets attention-0.5-rollout-layers0.1.2 --selects attention --drops 0.5 --method rollout --layers 0,1,2
+fi
+if [ -f "$BASE/model.json" ] && has isp-step; then
+  run compress-s0.3-isp0.5-d0.3 cifar10_compress.py --name s0.3-isp0.5-d0.3 --sparsity 0.3 --isp-target 0.5 --drop 0.3 \
+    --epochs "$EPOCHS" --baseline "$BASE" --archive "$ARCHIVE" --skip-export &
+fi
+if [ -f "$BASE/model.json" ] && has structured; then
   run structured cifar10_structured.py --accuracy-only --finetune-epochs "$EPOCHS" --baseline "$BASE" \
     --work "$WORK/structured" --archive "$ARCHIVE" &
 fi
 wait
 
 DEADLINE=$((SECONDS - T0 + 45))
-if [ -f "$ROOT/runs/bench-cifar10-compress-2to4-d0.1/model.json" ]; then
+if has sparse24 && [ -f "$ROOT/runs/bench-cifar10-compress-2to4-d0.1/model.json" ]; then
   run sparse24_finetuned sparse24_gpu.py --name sparse24_gpu_finetuned --checkpoint "$ROOT/runs/bench-cifar10-compress-2to4-d0.1" \
     --data "$(dirname "$(find "$ROOT/data" -maxdepth 3 -type d -name train | head -1)")" --runs 30 --rounds 3
 fi
 
 # results, logs and per-epoch metrics of every run (also of runs stopped at the deadline): one archive
 (cd "$ROOT/runs" && find . \( -name metrics.jsonl -o -name stages.json -o -name metrics.json -o -name sweep.json \
-  -o -name 'isp*.json' -o -name structured.json -o -name sparsity.json -o -name '*.md' -o -name recipe.yaml \) \
+  -o -name 'isp*.json' -o -name structured.json -o -name sparsity.json -o -name '*.md' -o -name '*.png' -o -name recipe.yaml \) \
   -not -path './gpu/out/*' -print0 | tar czf "$RAW/runs-metrics.tar.gz" --null -T -)
 tar czf "$OUT/results.tar.gz" -C "$RAW" results logs runs-metrics.tar.gz
 # the models (for CPU work afterwards), in parts of 15 MB (the device tool returns files of 16 MiB at most)
-(cd "$ROOT/runs" && tar czf "$WORK/models.tar.gz" $(ls -d gpu/baseline/model.* bench-cifar10-compress-auto-isp0.5-d0.3/model.* \
+[ -n "${SKIP_MODELS:-}" ] || (cd "$ROOT/runs" && tar czf "$WORK/models.tar.gz" $(ls -d gpu/baseline/model.* bench-cifar10-compress-*/model.* \
   gpu/structured/ft-shrunk-*/model.* 2>/dev/null))
-split -b 15M -d "$WORK/models.tar.gz" "$OUT/models.tar.gz.part"
+[ -n "${SKIP_MODELS:-}" ] || split -b 15M -d "$WORK/models.tar.gz" "$OUT/models.tar.gz.part"
 ls -la "$OUT"
 echo "done at $((SECONDS - T0)) s" | tee -a "$RAW/logs/driver.log"

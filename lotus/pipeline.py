@@ -236,13 +236,16 @@ def _stage_record(accuracy: float, seconds: float, history: list[dict], **extra:
 
 
 def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float:
-    """Dense training-step time over lottery training-step time, measured side by side."""
+    """Dense training-step time over lottery training-step time, measured side by side on the
+    device the fine-tuning ran on."""
     import torch.nn.functional as F
 
     from lotus.data import BatchLoader, default_augment, load_split_for_model
+    from lotus.device import autocast, resolve_device
     from lotus.tickets import load_tickets
 
-    model, meta = load_model(run / "finetune")
+    device = resolve_device(cfg.device)
+    model, meta = load_model(run / "finetune", device)
     tickets = load_tickets(run / "tickets")
     data = load_split_for_model(cfg.data, meta["preprocess"], "train")
     pre = meta["preprocess"]
@@ -252,12 +255,22 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float
     times = {"dense": [], "lottery": []}
     for i, batch in zip(range(2 * steps + 2), loader.epoch(0)):
         mode = "dense" if i % 2 == 0 else "lottery"
-        keep = tickets.for_batch(batch) if mode == "lottery" else None
+        keep = tickets.for_batch(batch).to(device) if mode == "lottery" else None
+        images, labels = batch.images.to(device), batch.labels.to(device)
+        _sync(device)
         start = time.perf_counter()
-        loss = F.cross_entropy(model(batch.images, keep), batch.labels)
+        with autocast(device):
+            logits = model(images, keep)
+        loss = F.cross_entropy(logits.float(), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        _sync(device)
         if i >= 2:  # the first pair warms up
             times[mode].append(time.perf_counter() - start)
     return sorted(times["dense"])[len(times["dense"]) // 2] / sorted(times["lottery"])[len(times["lottery"]) // 2]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -25,6 +25,14 @@ so scoring rebuilds the rows it needs from each block's qkv projection, captured
 Augmentation moves the tickets with the image: the score map is shifted by the crop's shift
 (rounded to whole patches) and flipped with the image, and the top-K of the moved map is kept,
 so every image still keeps exactly K patches.
+
+Fixed or sampled (`temperature`). At 0, the default and the method as published, each image
+keeps its K highest-scored patches in every epoch. Above 0, each image's K patches are drawn
+afresh in every batch, without replacement, patch i with weight `score_i ** (1 / temperature)`
+(Gumbel-top-k, Kool et al. 2019): at 1 in proportion to its attention, towards 0 the fixed top-K,
+towards infinity uniform. The random control then draws uniformly in every batch (patch
+dropout), so sampled attention is compared with sampled random at the same K. The draws use
+torch's global generator, which training seeds per epoch, so a resumed run draws the same.
 """
 from __future__ import annotations
 
@@ -54,6 +62,7 @@ class TicketConfig:
     norm_outliers: bool = True  # replace scores of high-norm outlier patches by their neighbours' mean
     outlier_z: float = 3.5  # robust z-score above which a patch's output norm is an outlier...
     outlier_ratio: float = 2.0  # ...if it is also this many times its image's median norm
+    temperature: float = 0.0  # 0: fixed top-K tickets; > 0: K patches re-drawn per batch, weight score ** (1 / T)
     batch_size: int = 256  # images per scoring pass
     seed: int = 0  # seed of the random control
 
@@ -63,6 +72,8 @@ class TicketConfig:
             raise LotusError(f"--select {self.select!r} is not one of: attention, random")
         if self.method not in ("cls", "rollout"):
             raise LotusError(f"--method {self.method!r} is not one of: cls, rollout")
+        if not self.temperature >= 0:
+            raise LotusError(f"--temperature {self.temperature} is negative: use 0 for fixed tickets or a positive value to sample")
 
 
 def num_keep(num_patches: int, drop: float) -> int:
@@ -144,6 +155,15 @@ def fill_from_neighbours(scores: torch.Tensor, outliers: torch.Tensor, grid: int
 def keep_from_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(B, K) indices of the K highest-scored patches of each image, in ascending order."""
     return scores.topk(k, dim=-1).indices.sort(-1).values
+
+
+def sample_keys(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Keys whose top-K is a draw of K patches without replacement, patch i with weight
+    `scores_i ** (1 / temperature)` (Gumbel-top-k); scores of -inf stay -inf (never drawn before
+    any other). Uses torch's global generator."""
+    u = torch.rand(scores.shape, device=scores.device).clamp_(1e-20, 1 - 1e-7)
+    keys = scores.clamp_min(1e-30).log() / temperature - (-u.log()).log()
+    return torch.where(scores == float("-inf"), scores, keys)
 
 
 def transport_scores(scores: torch.Tensor, grid: int, patch_size: int, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -228,12 +248,23 @@ class Tickets:
     def num_keep(self) -> int:
         return self.keep_idx.shape[1]
 
+    @property
+    def temperature(self) -> float:
+        return self.meta["config"].get("temperature", 0.0)
+
     def for_batch(self, batch: Batch) -> torch.Tensor:
-        """(B, K) keep indices of a batch's images, moved with their augmentation."""
-        if batch.shift is None:
+        """(B, K) keep indices of a batch's images, moved with their augmentation (and drawn
+        afresh when the tickets are sampled)."""
+        if batch.shift is None and not self.temperature:
             return self.keep_idx[batch.index]
-        moved = transport_scores(self.scores[batch.index], self.grid, self.patch_size, batch.shift, batch.flip)
-        return keep_from_scores(moved, self.num_keep)
+        scores = self.scores[batch.index]
+        if self.temperature and self.meta["config"]["select"] == "random":
+            scores = torch.ones_like(scores)  # the control: uniform draws
+        if batch.shift is not None:
+            scores = transport_scores(scores, self.grid, self.patch_size, batch.shift, batch.flip)
+        if self.temperature:
+            scores = sample_keys(scores, self.temperature)
+        return keep_from_scores(scores, self.num_keep)
 
     def check(self, data: ImageData, grid: int, patch_size: int) -> None:
         """Refuse tickets made for another dataset, split or patch grid."""

@@ -340,7 +340,7 @@ def train(
         lottery.check(train_data, model_cfg.grid_size, model_cfg.patch_size or default_patch_size(model_cfg.img_size))
         keep_fn = lottery.for_batch
         tickets_meta = {"path": str(tickets), "drop": lottery.meta["config"]["drop"], "select": lottery.meta["config"]["select"],
-                        "num_keep": lottery.num_keep, "sha256": lottery.meta["sha256"]}
+                        "temperature": lottery.temperature, "num_keep": lottery.num_keep, "sha256": lottery.meta["sha256"]}
     train_loader = BatchLoader(
         train_data, cfg.batch_size, mean, std, shuffle=True, augment=default_augment(data_cfg.name),
         drop_last=len(train_data) >= 2 * cfg.batch_size, seed=cfg.seed,

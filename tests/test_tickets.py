@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lotus import LotusError
-from lotus.data import AugmentConfig, BatchLoader, DataConfig, ImageData, load_split
+from lotus.data import AugmentConfig, Batch, BatchLoader, DataConfig, ImageData, load_split
 from lotus.tickets import (
     TicketConfig,
     attention_rollout,
@@ -16,6 +16,7 @@ from lotus.tickets import (
     make_tickets,
     norm_outliers,
     num_keep,
+    sample_keys,
     save_tickets,
     score_batch,
     transport_scores,
@@ -85,6 +86,41 @@ def test_scores_move_with_the_augmentation():
     # a 1px shift rounds to no shift; a flip mirrors the columns
     flipped = transport_scores(scores, grid, patch, torch.tensor([[1, -1]]), torch.tensor([True])).view(4, 4)
     assert flipped.equal(scores.view(4, 4).flip(-1))
+
+
+def test_sampled_keys_draw_each_patch_with_weight_score_to_the_one_over_t():
+    torch.manual_seed(0)
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.4]).expand(40_000, 4)
+    for t, weights in [(1.0, [0.1, 0.2, 0.3, 0.4]), (0.5, [0.01, 0.04, 0.09, 0.16])]:
+        picked = keep_from_scores(sample_keys(scores, t), 1).flatten()
+        freq = torch.bincount(picked, minlength=4).float() / len(picked)
+        expected = torch.tensor(weights) / sum(weights)
+        assert (freq - expected).abs().max() < 0.01, (t, freq, expected)
+    # a cold draw is the fixed top-K; patches moved in from the padding (-inf) are never drawn first
+    assert keep_from_scores(sample_keys(scores[:100], 0.01), 2).eq(torch.tensor([2, 3])).all()
+    padded = torch.tensor([[float("-inf"), 0.1, 0.1, float("-inf")]]).expand(1000, 4)
+    assert set(keep_from_scores(sample_keys(padded, 1.0), 2).flatten().tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("select", ["attention", "random"])
+def test_sampled_tickets_redraw_k_patches_in_every_batch(tiny_cfg, select):
+    data, model, mean, std = _digits_and_model(tiny_cfg)
+    tickets = make_tickets(model, data, mean, std, TicketConfig(drop=0.5, select=select, temperature=1.0))
+    tickets.scores[0] = torch.linspace(0.01, 0.16, 16)[torch.randperm(16)]  # patch weights from 1 to 16
+    index = torch.zeros(4000, dtype=torch.long)  # one image drawn 4000 times
+    batch = Batch(data.images[index].float(), data.labels[index], index, None, None)
+    torch.manual_seed(0)
+    keep = tickets.for_batch(batch)
+    assert keep.shape == (4000, 8) and all(len(set(row.tolist())) == 8 for row in keep)
+    assert not keep.eq(keep[0]).all(), "the K patches are drawn afresh, not fixed"
+    freq = torch.bincount(keep.flatten(), minlength=16).float() / len(keep)
+    if select == "random":  # the control draws uniformly: every patch kept half the time
+        assert (freq - 0.5).abs().max() < 0.05
+    else:  # attention: kept more often the higher its score
+        order = tickets.scores[0].argsort()
+        assert freq[order[-4:]].mean() > freq[order[:4]].mean() + 0.4
+    torch.manual_seed(0)
+    assert tickets.for_batch(batch).equal(keep), "draws follow torch's seed, so a resumed run redraws the same"
 
 
 def test_attention_scores_come_from_the_real_attention(tiny_cfg):
