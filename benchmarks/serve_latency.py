@@ -1,9 +1,12 @@
 """Serving latency of an exported LOTUS model over HTTP: the figures of the serving issue.
 
-Starts `lotus serve` (a real uvicorn subprocess) on the model, loads it with `lotus bench`'s
-load generator (serve/bench.py) at concurrency 1, 4, 16 and drop 0, 0.1, 0.3, 0.5, times ONNX
-Runtime alone on the same model for the HTTP overhead, then restarts the server with
---no-batching and loads it again at concurrency 16 for the batching gain. Prints the checks:
+Starts two `lotus serve` (real uvicorn subprocesses) on the model, one batching and one with
+--no-batching; both idle when not loaded (no spinning threads). Loads the batching one with
+`lotus bench`'s load generator (serve/bench.py) at concurrency 1, 4, 16 and drop 0, 0.1, 0.3, 0.5
+in --rounds round-robin rounds (so the p50 ratios are side by side), times ONNX Runtime alone on
+the same model for the HTTP overhead, then measures the batching gain side by side: rounds at
+concurrency 16 alternating between the two servers, the gain being the median of the per-round
+throughput ratios. Prints the checks:
 
 - errors at concurrency 16 (0 over at least 2,000 requests),
 - p50 at drop 0.5 over p50 at drop 0 (<= 0.65),
@@ -22,12 +25,14 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 from common import RESULTS, ROOT, write_result
@@ -99,7 +104,9 @@ def main() -> None:
     p.add_argument("model", nargs="?", type=Path, help="Exported model.onnx (default: the latest run's).")
     p.add_argument("--synthetic", action="store_true", help="Time a random ViT-Tiny at CIFAR-10's shape instead.")
     p.add_argument("--requests", type=int, default=500, help="Timed requests per (concurrency, drop) cell.")
+    p.add_argument("--rounds", type=int, default=5, help="Round-robin rounds the requests are split into.")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads of the server and the local timing.")
+    p.add_argument("--spinning", action="store_true", help="Let the server's ONNX Runtime threads spin-wait (lotus serve --spinning).")
     p.add_argument("--binary", action="store_true", help="Send tensors with the binary extension instead of JSON.")
     p.add_argument("--tag", default="", help="Suffix of the result files (serve_latency_TAG.json), to keep several models' figures.")
     args = p.parse_args()
@@ -111,45 +118,45 @@ def main() -> None:
             from lotus.checkpoint import latest_run
 
             model = args.model or latest_run(ROOT / "runs", containing="model.onnx") / "model.onnx"
-        threads = ["--threads", str(args.threads)] if args.threads else []
-        cfg = HttpBenchConfig(requests=args.requests, binary=args.binary)
+        threads = (["--threads", str(args.threads)] if args.threads else []) + (["--spinning"] if args.spinning else [])
+        cfg = HttpBenchConfig(requests=args.requests, binary=args.binary, rounds=args.rounds)
 
-        log(f"model {model}; {os.cpu_count()} cores; batching on")
-        server = Server(model, *threads)
+        log(f"model {model}; {os.cpu_count()} cores")
+        batching_server, plain_server = Server(model, *threads), Server(model, "--no-batching", *threads)
         try:
-            batched = bench_http(server.url, cfg, local=model, threads=args.threads, log=log)
+            log("batching on: every cell, round-robin")
+            batched = bench_http(batching_server.url, cfg, local=model, threads=args.threads, spinning=args.spinning, log=log)
+            log("batching on and off, concurrency 16, alternating")
+            c16 = replace(cfg, concurrency=(16,), drops=(0.0, 0.5), requests=-(-args.requests // args.rounds), rounds=1)
+            pairs = [(bench_http(batching_server.url, c16), bench_http(plain_server.url, c16)) for _ in range(args.rounds)]
         finally:
-            server.stop()
-        log("batching off, concurrency 16")
-        server = Server(model, "--no-batching", *threads)
-        try:
-            unbatched = bench_http(server.url, HttpBenchConfig(concurrency=(16,), drops=(0.0, 0.5), requests=args.requests,
-                                                               binary=args.binary), log=log)
-        finally:
-            server.stop()
+            batching_server.stop()
+            plain_server.stop()
 
     print(format_table(batched))
-    c16 = [c for c in batched["cells"] if c["concurrency"] == 16]
-    gain = {str(c["drop"]): next(b for b in c16 if b["drop"] == c["drop"])["throughput_rps"] / c["throughput_rps"]
-            for c in unbatched["cells"]}
+    gains = {str(drop): [on["cells"][i]["throughput_rps"] / off["cells"][i]["throughput_rps"] for on, off in pairs]
+             for i, drop in enumerate(c16.drops)}
+    unbatched = {str(drop): [off["cells"][i] for _, off in pairs] for i, drop in enumerate(c16.drops)}
+    c16_cells = [c for c in batched["cells"] if c["concurrency"] == 16]
     checks = {
-        "requests_at_concurrency_16": sum(c["requests"] for c in c16),
-        "errors_at_concurrency_16": sum(c["errors"] for c in c16),
+        "requests_at_concurrency_16": sum(c["requests"] for c in c16_cells),
+        "errors_at_concurrency_16": sum(c["errors"] for c in c16_cells),
         "p50_drop_0.5_over_drop_0": {str(k): next(c["p50_vs_drop0"] for c in batched["cells"] if c["concurrency"] == k and c["drop"] == 0.5)
                                      for k in (1, 4, 16)},
         "http_overhead_ms_concurrency_1": batched.get("http_overhead_ms"),
-        "throughput_gain_batching_concurrency_16": gain,
+        "throughput_gain_batching_concurrency_16": {drop: statistics.median(g) for drop, g in gains.items()},
+        "throughput_gain_per_round": gains,
     }
     for key, value in checks.items():
         print(f"{key}: {value}")
-    print("no batching, concurrency 16: " + ", ".join(f"drop {c['drop']:g} {c['throughput_rps']:.1f} req/s (p50 {c['p50_ms']:.1f} ms)"
-                                                        for c in unbatched["cells"]))
+    print("no batching, concurrency 16: " + ", ".join(
+        f"drop {drop} {statistics.median(c['throughput_rps'] for c in cells):.1f} req/s" for drop, cells in unbatched.items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "serve_latency" + (f"_{args.tag}" if args.tag else "")
     plot = save_plot(batched, RESULTS / f"{name}.png")
     print(f"wrote {plot}")
-    write_result(name, {"model": str(model), "synthetic": args.synthetic, "cores": os.cpu_count(), "checks": checks,
-                                   "batching": batched, "no_batching": unbatched})
+    write_result(name, {"model": str(model), "synthetic": args.synthetic, "spinning": args.spinning, "cores": os.cpu_count(), "checks": checks,
+                                   "batching": batched, "c16_pairs": [{"batching": on, "no_batching": off} for on, off in pairs]})
 
 
 if __name__ == "__main__":

@@ -317,6 +317,7 @@ def bench(
     requests: Annotated[int, typer.Option(help="With URL: timed requests per cell.")] = 200,
     duration: Annotated[Optional[float], typer.Option(help="With URL: seconds per cell instead of --requests.")] = None,
     batch: Annotated[int, typer.Option(help="With URL: images per request.")] = 1,
+    rounds: Annotated[int, typer.Option(min=1, help="With URL: visit every cell this many times, round-robin, so machine drift hits all cells alike.")] = 1,
     name: Annotated[str, typer.Option(help="With URL: the model's name on the server.")] = "lotus",
     binary: Annotated[bool, typer.Option("--binary", help="With URL: send tensors in binary (Triton's extension) instead of JSON.")] = False,
     api_key: Annotated[Optional[str], typer.Option(envvar="LOTUS_API_KEY", help="With URL: the server's API key (env LOTUS_API_KEY).")] = None,
@@ -334,11 +335,12 @@ def bench(
 
         cfg = HttpBenchConfig(concurrency=tuple(int(c) for c in _floats(concurrency, "--concurrency")), drops=_floats(drops, "--drop"),
                               requests=requests, duration=duration, warmup=20 if warmup is None else warmup, batch=batch,
-                              model=name, binary=binary, api_key=api_key)
+                              model=name, binary=binary, api_key=api_key, rounds=rounds)
         with Progress(TextColumn("[bold]load cells"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True, disable=not err.is_terminal) as progress:
-            task = progress.add_task("cells", total=len(cfg.concurrency) * len(cfg.drops))
-            result = bench_http(url, cfg, local=local, threads=threads, progress=lambda done, total: progress.update(task, completed=done))
+            task = progress.add_task("cells", total=None)
+            result = bench_http(url, cfg, local=local, threads=threads,
+                                progress=lambda done, total: progress.update(task, completed=done, total=total))
         print(format_table(result))
         out = out or Path("lotus-bench.json")
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
@@ -372,6 +374,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Most images gathered into one ONNX Runtime call.")] = 32,
     max_delay_ms: Annotated[float, typer.Option(help="Longest a request waits for others to join its batch, in ms.")] = 2.0,
     batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Gather concurrent requests into one call (dynamic batching).")] = True,
+    spinning: Annotated[bool, typer.Option("--spinning/--no-spinning", help="Let ONNX Runtime's idle threads spin-wait: faster calls, more CPU burnt.")] = False,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MB; larger ones get 413.")] = 8.0,
     max_images: Annotated[int, typer.Option(help="Most images in one inference request.")] = 64,
     max_pixels: Annotated[int, typer.Option(help="Most pixels an uploaded image may have (image bombs get 413).")] = 40_000_000,
@@ -385,7 +388,7 @@ def serve(
 
     try:
         settings = Settings(model=model, host=host, port=port, workers=workers, name=name, threads=threads,
-                            max_batch=max_batch, max_delay_ms=max_delay_ms, batching=batching, max_body_mb=max_body_mb,
+                            max_batch=max_batch, max_delay_ms=max_delay_ms, batching=batching, spinning=spinning, max_body_mb=max_body_mb,
                             max_images=max_images, max_pixels=max_pixels)
     except ValidationError as e:
         from serve.protocol import validation_message

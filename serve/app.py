@@ -49,14 +49,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         path = resolve_model(settings.model)
-        model = await run_in_threadpool(ServedModel.load, path, settings.threads)
+        model = await run_in_threadpool(ServedModel.load, path, settings.threads, settings.spinning)
         # The first ONNX Runtime call is slow (allocations); pay it before accepting traffic.
         await run_in_threadpool(model.run, np.zeros([1, *model.input_shape[1:]], dtype=np.float32), 0.0)
         batcher = Batcher(model.run, model.num_patches, max_batch=settings.max_batch, max_delay_ms=settings.max_delay_ms,
                           enabled=settings.batching, on_batch=service.metrics.observe_batch)
         await batcher.start()
         service.model, service.batcher, service.ready = model, batcher, True
-        log.info("serving %s as %r (%s, batching %s)", path, settings.name, ", ".join(model.session.get_providers()),
+        log.info("serving %s as %r (%s, spinning %s, batching %s)", path, settings.name, ", ".join(model.session.get_providers()),
+                 "on" if settings.spinning else "off",
                  f"up to {settings.max_batch} images / {settings.max_delay_ms:g} ms" if settings.batching else "off")
         try:
             yield

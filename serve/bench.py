@@ -3,7 +3,9 @@
 For each concurrency C and each drop ratio, C clients (asyncio tasks on keep-alive connections)
 send back-to-back infer requests, each waiting for its answer before sending the next (closed
 loop), until the cell's request count (or duration) is reached. Each cell starts with untimed
-warm-up requests. The client is aiohttp: it costs the CPU it shares with the server about half
+warm-up requests. With `rounds` R > 1 every cell is visited R times, round-robin, each visit a
+1/R share of its requests: slow drifts of a shared machine then hit every cell alike, and each
+p50 ratio to drop 0 is the median of the R ratios measured side by side. The client is aiohttp: it costs the CPU it shares with the server about half
 of what httpx does per request, so less of the client is counted as the server's overhead. Bodies are encoded once per drop ratio before timing, so the client spends its
 time on HTTP, not on JSON. Latency is measured by the client, from the first byte sent to the
 last byte read: what a caller sees. With `local`, ONNX Runtime alone is timed on the same model
@@ -38,6 +40,7 @@ class HttpBenchConfig:
     api_key: str | None = None  # sent as 'Authorization: Bearer KEY'
     timeout: float = 60.0  # seconds before a request counts as an error
     seed: int = 0  # of the random input images (speed does not depend on them)
+    rounds: int = 1  # visits of every cell, round-robin, each with a 1/rounds share of its requests
 
 
 def _body(images: np.ndarray, drop: float, binary: bool) -> tuple[bytes, dict[str, str]]:
@@ -105,44 +108,55 @@ async def _bench(url: str, cfg: HttpBenchConfig, progress: Callable[[int, int], 
         images = np.random.default_rng(cfg.seed).standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
         bodies = {drop: _body(images, drop, cfg.binary) for drop in cfg.drops}
         path = f"/v2/models/{cfg.model}/infer"
-        cells = []
-        total = len(cfg.concurrency) * len(cfg.drops)
-        for concurrency in cfg.concurrency:
-            for drop in cfg.drops:
+        keys = [(c, d) for c in cfg.concurrency for d in cfg.drops]
+        pooled = {key: {"latencies": [], "errors": [], "wall": 0.0, "p50s": []} for key in keys}
+        rounds = max(1, cfg.rounds)
+        for round_ in range(rounds):
+            for concurrency, drop in keys:
                 body, body_headers = bodies[drop]
                 # Warm-up at the cell's concurrency: connections open, the server's batching settled.
-                await _closed_loop(client, path, body, body_headers, concurrency, cfg.warmup, None)
+                await _closed_loop(client, path, body, body_headers, concurrency, max(1, cfg.warmup // rounds), None)
                 start = time.perf_counter()
-                deadline = start + cfg.duration if cfg.duration is not None else None
-                latencies, errors = await _closed_loop(client, path, body, body_headers, concurrency, cfg.requests, deadline)
-                wall = time.perf_counter() - start
-                cell = {"concurrency": concurrency, "drop": drop, "requests": len(latencies) + len(errors), "errors": len(errors)}
-                if latencies:
-                    stats = percentiles(latencies)
-                    cell.update({"p50_ms": stats["median_ms"], **{k: stats[k] for k in ("p90_ms", "p95_ms", "p99_ms", "mean_ms")}})
-                cell["throughput_rps"] = len(latencies) / wall
-                cell["images_per_second"] = len(latencies) * cfg.batch / wall
-                if errors:
-                    cell["first_error"] = errors[0]
-                cells.append(cell)
-                progress(len(cells), total)
-                log(_row(cell))
+                share = cfg.requests // rounds + (round_ < cfg.requests % rounds)  # the shares add up to cfg.requests
+                deadline = start + cfg.duration / rounds if cfg.duration is not None else None
+                latencies, errors = await _closed_loop(client, path, body, body_headers, concurrency, share, deadline)
+                cell = pooled[(concurrency, drop)]
+                cell["wall"] += time.perf_counter() - start
+                cell["latencies"] += latencies
+                cell["errors"] += errors
+                cell["p50s"].append(float(np.median(latencies)) if latencies else None)
+                progress(round_ * len(keys) + keys.index((concurrency, drop)) + 1, rounds * len(keys))
+        cells = []
+        for (concurrency, drop), pool in pooled.items():
+            latencies, errors = pool["latencies"], pool["errors"]
+            cell = {"concurrency": concurrency, "drop": drop, "requests": len(latencies) + len(errors), "errors": len(errors)}
+            if latencies:
+                stats = percentiles(latencies)
+                cell.update({"p50_ms": stats["median_ms"], **{k: stats[k] for k in ("p90_ms", "p95_ms", "p99_ms", "mean_ms")}})
+            cell["throughput_rps"] = len(latencies) / pool["wall"]
+            cell["images_per_second"] = len(latencies) * cfg.batch / pool["wall"]
+            cell["round_p50_ms"] = [None if x is None else 1000 * x for x in pool["p50s"]]
+            if errors:
+                cell["first_error"] = errors[0]
+            cells.append(cell)
+            log(_row(cell))
     for cell in cells:
         base = next((c for c in cells if c["concurrency"] == cell["concurrency"] and c["drop"] == 0.0 and "p50_ms" in c), None)
-        cell["p50_vs_drop0"] = cell["p50_ms"] / base["p50_ms"] if base and "p50_ms" in cell else None
+        ratios = [x / b for x, b in zip(cell["round_p50_ms"], base["round_p50_ms"]) if x and b] if base else []
+        cell["p50_vs_drop0"] = float(np.median(ratios)) if ratios else None  # per-round ratios: side by side
     return {"url": url, "body_bytes": {str(d): len(b[0]) for d, b in bodies.items()}, "cells": cells}
 
 
 def bench_http(
     url: str, cfg: HttpBenchConfig = HttpBenchConfig(), *, local: str | Path | None = None, threads: int | None = None,
-    progress: Callable[[int, int], None] = lambda done, total: None, log: Callable[[str], None] = lambda line: None,
+    spinning: bool = False, progress: Callable[[int, int], None] = lambda done, total: None, log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Load `url` (a `lotus serve` or any OIP v2 server) at every (concurrency, drop) cell.
 
     Args:
         local: also time this ONNX model in ONNX Runtime alone (same batch and drops) and report
             the HTTP overhead: server p50 at concurrency 1 minus ONNX Runtime's median.
-        threads: ONNX Runtime intra-op threads for the local timing (use the server's).
+        threads, spinning: ONNX Runtime settings of the local timing (use the server's).
     """
     if cfg.requests < 1 and cfg.duration is None:
         raise LotusError("--requests must be at least 1")
@@ -152,7 +166,8 @@ def bench_http(
     result = asyncio.run(_bench(url, cfg, progress, log))
     result["config"] = asdict(cfg) | {"api_key": "***" if cfg.api_key else None}
     if local is not None:
-        result["local"] = time_local(local, cfg.batch, cfg.drops, runs=max(50, min(cfg.requests, 500)), threads=threads)
+        result["local"] = time_local(local, cfg.batch, cfg.drops, runs=max(50, min(cfg.requests, 500)), threads=threads,
+                                     spinning=spinning)
         overhead = {}
         for cell in result["local"]:
             http = next((c for c in result["cells"] if c["concurrency"] == 1 and c["drop"] == cell["drop"] and "p50_ms" in c), None)
@@ -165,7 +180,7 @@ def bench_http(
 
 
 def time_local(path: str | Path, batch: int, drops: tuple[float, ...], runs: int = 200, warmup: int = 5,
-               threads: int | None = None) -> list[dict[str, Any]]:
+               threads: int | None = None, spinning: bool = False) -> list[dict[str, Any]]:
     """ONNX Runtime alone on the session the server makes (serve.model.serving_session), one
     `batch`-image run after another at each drop: the baseline the HTTP overhead is measured against.
 
@@ -174,7 +189,7 @@ def time_local(path: str | Path, batch: int, drops: tuple[float, ...], runs: int
     """
     from serve.model import ServedModel
 
-    model = ServedModel.load(path, threads)
+    model = ServedModel.load(path, threads, spinning)
     images = np.random.default_rng(0).standard_normal((batch, 3, model.img_size, model.img_size), dtype=np.float32)
     cells = []
     for drop in drops:

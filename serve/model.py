@@ -29,9 +29,9 @@ def num_keep(drop: float, num_patches: int) -> int:
     return int(min(max(num_patches - int(dropped), 1), num_patches))
 
 
-def serving_session(path: Path, threads: int | None) -> object:
-    """The server's session: no spin-waiting between calls (see lotus.runtime.ort_session)."""
-    return ort_session(path, threads, spinning=False)
+def serving_session(path: Path, threads: int | None, spinning: bool = False) -> object:
+    """The server's session: by default no spin-waiting between calls (see lotus.runtime.ort_session)."""
+    return ort_session(path, threads, spinning=spinning)
 
 
 @dataclass
@@ -61,10 +61,10 @@ class ServedModel:
         return meta
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None) -> ServedModel:
+    def load(cls, path: str | Path, threads: int | None = None, spinning: bool = False) -> ServedModel:
         path = Path(path)
         meta = cls.check(path)
-        session = serving_session(path, threads)
+        session = serving_session(path, threads, spinning)
         inputs = {i.name for i in session.get_inputs()}
         if inputs != {"pixel_values", "drop"}:
             raise LotusError(f"{path} takes inputs {sorted(inputs)}, not pixel_values and drop: serve the drop-by-attention graph (model.onnx)")

@@ -53,6 +53,17 @@ def test_bench_url_reports_every_cell_and_the_http_overhead(server, tiny_onnx, t
     assert timed["cells"][0]["requests"] > 2 and timed["cells"][0]["errors"] == 0
 
 
+def test_bench_url_rounds_split_every_cell_and_ratio_side_by_side(server):
+    result = bench_http(server, HttpBenchConfig(concurrency=(1, 2), drops=(0.0, 0.5), requests=7, warmup=1, rounds=3))
+    for cell in result["cells"]:
+        assert cell["requests"] == 7 and cell["errors"] == 0  # shares of 3, 2 and 2 add up to the count asked for
+        assert len(cell["round_p50_ms"]) == 3 and all(p > 0 for p in cell["round_p50_ms"])
+    drop0, drop5 = result["cells"][0], result["cells"][1]
+    assert drop0["p50_vs_drop0"] == 1.0
+    ratios = sorted(x / b for x, b in zip(drop5["round_p50_ms"], drop0["round_p50_ms"]))
+    assert drop5["p50_vs_drop0"] == pytest.approx(ratios[1])  # the median of the per-round ratios
+
+
 def test_bench_url_errors_are_one_line(server, tiny_onnx):
     with pytest.raises(LotusError, match="cannot reach"):
         with socket.socket() as s:
@@ -71,10 +82,11 @@ def test_bench_url_errors_are_one_line(server, tiny_onnx):
 def test_lotus_bench_url_writes_table_json_and_plot(server, tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", server, "--concurrency", "1,2", "--drop", "0,0.5", "--requests", "6",
-                                      "--warmup", "1", "--out", str(out)], env={"LOTUS_API_KEY": ""})
+                                      "--warmup", "1", "--rounds", "2", "--out", str(out)], env={"LOTUS_API_KEY": ""})
     assert result.exit_code == 0, result.output
     assert "p50" in result.stdout and len(result.stdout.strip().splitlines()) == 5  # header + 4 cells
-    assert len(json.loads(out.read_text())["cells"]) == 4
+    cells = json.loads(out.read_text())["cells"]
+    assert len(cells) == 4 and all(c["requests"] == 6 and len(c["round_p50_ms"]) == 2 for c in cells)
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
@@ -86,7 +98,7 @@ def test_lotus_serve_runs_a_model_until_stopped(tiny_onnx, tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "LOTUS_API_KEY": "k"}
     proc = subprocess.Popen([LOTUS, "serve", str(tmp_path / "model.onnx"), "--port", str(port), "--name", "digits",
-                             "--max-images", "2", "--no-access-log"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--max-images", "2", "--spinning", "--no-access-log"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -109,6 +121,7 @@ def test_lotus_serve_runs_a_model_until_stopped(tiny_onnx, tmp_path):
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode in (0, -15), output  # uvicorn re-raises SIGTERM once it has shut down
     assert "serving" in output and "'digits'" in output and "Application shutdown complete" in output
+    assert "spinning on" in output  # --spinning reached the worker's ONNX Runtime session
 
 
 def test_lotus_serve_and_bench_errors_are_one_line(tmp_path):
