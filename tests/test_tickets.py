@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from lotus import LotusError
-from lotus.data import AugmentConfig, Batch, BatchLoader, DataConfig, ImageData, load_split
+from lotus.data import AugmentConfig, Batch, BatchLoader, augment_batch, DataConfig, ImageData, load_split
 from lotus.tickets import (
     TicketConfig,
+    Tickets,
     attention_rollout,
     correct_cls_sink,
     fill_from_neighbours,
@@ -86,6 +87,29 @@ def test_scores_move_with_the_augmentation():
     # a 1px shift rounds to no shift; a flip mirrors the columns
     flipped = transport_scores(scores, grid, patch, torch.tensor([[1, -1]]), torch.tensor([True])).view(4, 4)
     assert flipped.equal(scores.view(4, 4).flip(-1))
+
+
+def test_kept_patch_follows_the_content_through_the_real_augmentation():
+    """One bright patch per image, scored highest; after augment_batch's crop and flip, the one
+    patch kept must hold (most of) the bright block, wherever the augmentation moved it."""
+    gen = torch.Generator().manual_seed(0)
+    B, grid, patch = 256, 4, 4
+    where = torch.randint(0, grid * grid, (B,), generator=gen)
+    images = torch.zeros(B, 3, 16, 16, dtype=torch.uint8)
+    for i, w in enumerate(where.tolist()):
+        r, c = divmod(w, grid)
+        images[i, 0, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = 255
+    scores = torch.full((B, grid * grid), 0.1)
+    scores[torch.arange(B), where] = 1.0
+    tickets = Tickets(keep_from_scores(scores, 1), scores, grid, patch, {"config": {"select": "attention"}})
+    augmented, shift, flip = augment_batch(images, AugmentConfig(padding=4, hflip=True), gen)
+    keep = tickets.for_batch(Batch(augmented.float(), torch.zeros(B, dtype=torch.long), torch.arange(B), shift, flip))
+    bright = (augmented[:, 0] > 0).float().view(B, grid, patch, grid, patch).sum((2, 4)).view(B, -1)  # bright pixels per patch
+    visible = bright.sum(-1) >= 8  # the crop did not push the block (mostly) out of the image
+    kept = bright[torch.arange(B), keep[:, 0]]
+    assert visible.sum() > B // 2 and flip.any() and (shift != 0).any()
+    assert (kept[visible] >= 4).all()  # the kept patch holds at least a quarter of the block...
+    assert (kept[visible] == bright[visible].max(-1).values).float().mean() > 0.9  # ...and almost always its largest share
 
 
 def test_sampled_keys_draw_each_patch_with_weight_score_to_the_one_over_t():
