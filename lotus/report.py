@@ -58,6 +58,15 @@ def write_report(run: Path, cfg: Any, done: dict[str, dict[str, Any]]) -> dict[s
     return metrics
 
 
+def _selection(tickets: Any) -> str:
+    """How the kept patches were chosen, in words."""
+    kind = "by attention" if tickets.select == "attention" else "at random"
+    temperature = getattr(tickets, "temperature", 0.0)
+    if not temperature:
+        return f"fixed per image, {kind}"
+    return "re-drawn every batch, " + (f"weight score^(1/T), T = {temperature:g}" if tickets.select == "attention" else "uniformly")
+
+
 def _fmt(value: Any, spec: str = ".2f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
@@ -74,7 +83,7 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
         "|---|---|---|",
         f"| test accuracy | {m['dense_accuracy']:.2f}% | {m['compressed_accuracy']:.2f}% |",
         f"| sparsity of the prunable weights (measured) | 0 | {m['sparsity']:.4f} |",
-        f"| patches per training image | {m['patches']} | {m['patches_kept']} (drop {m['drop']:g}) |",
+        f"| patches per training image | {m['patches']} | {m['patches_kept']} (drop {m['drop']:g}, {_selection(cfg.tickets)}) |",
         *([f"| parameters | 1 | x{m['parameters_ratio']:.3f} (heads and MLP neurons removed) |"] if m.get("parameters_ratio") else []),
         "",
         "## What kind of sparsity, and what speed it can bring",

@@ -62,7 +62,8 @@ def test_compress_writes_the_run_folder_and_reproduces_from_its_recipe(tmp_path)
     assert metrics["sparsity"] == pytest.approx(0.3, abs=1e-5)
     for stage in ("baseline", "tickets", "prune", "finetune", "evaluate"):
         assert {"accuracy", "seconds", "images_per_second"} <= set(metrics["stages"][stage])
-    assert "| test accuracy |" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "| test accuracy |" in report and "(drop 0.1, fixed per image, by attention)" in report
     assert json.loads(first.stdout.splitlines()[-1])["compressed_accuracy"] == metrics["compressed_accuracy"]
 
     lotus("compress", "--recipe", run / "recipe.yaml", "--out", tmp_path / "b")

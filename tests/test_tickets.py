@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lotus import LotusError
-from lotus.data import AugmentConfig, Batch, BatchLoader, augment_batch, DataConfig, ImageData, load_split
+from lotus.data import AugmentConfig, Batch, BatchLoader, DataConfig, ImageData, augment_batch, load_split
 from lotus.tickets import (
     TicketConfig,
     Tickets,
