@@ -5,12 +5,15 @@ send back-to-back infer requests, each waiting for its answer before sending the
 loop), until the cell's request count (or duration) is reached. Each cell starts with untimed
 warm-up requests. With `rounds` R > 1 every cell is visited R times, round-robin, each visit a
 1/R share of its requests: slow drifts of a shared machine then hit every cell alike, and each
-p50 ratio to drop 0 is the median of the R ratios measured side by side. The client is aiohttp: it costs the CPU it shares with the server about half
-of what httpx does per request, so less of the client is counted as the server's overhead. Bodies are encoded once per drop ratio before timing, so the client spends its
-time on HTTP, not on JSON. Latency is measured by the client, from the first byte sent to the
-last byte read: what a caller sees. With `local`, ONNX Runtime alone is timed on the same model
-with the server's session settings, and the HTTP overhead is the difference of the medians at
-concurrency 1 (everything a request costs beyond the model: client, network stack, server).
+p50 ratio to drop 0 is the median of the R ratios measured side by side.
+
+The client is aiohttp: it costs the CPU it shares with the server about half of what httpx does
+per request, so less of the client is counted as the server's overhead. Bodies are encoded once
+per drop ratio before timing, so the client spends its time on HTTP, not on JSON. Latency is
+measured by the client, from the first byte sent to the last byte read: what a caller sees. With
+`local`, ONNX Runtime alone is timed on the same model with the server's session settings, and
+the HTTP overhead is the difference of the medians at concurrency 1 (everything a request costs
+beyond the model: client, network stack, server).
 """
 from __future__ import annotations
 
