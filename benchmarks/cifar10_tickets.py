@@ -71,7 +71,7 @@ def report(epochs: int) -> None:
             if len(accs) > 1:
                 print(f"{name:>28}: mean {sum(accs) / len(accs):.2f} (" + ", ".join(f"{a:.2f}" for a in accs) + ")")
     grid = {n: r for n, r in runs.items() if n == "full" or (r.get("temperature", 0) == 0 and r.get("method", "cls") == "cls"
-                                                              and not r.get("layers") and not r.get("seed"))}
+                                                              and not r.get("layers") and r.get("spread", 1) == 1 and not r.get("seed"))}
     _plot(grid, out / "curves.png", "CIFAR-10 tickets grid")
     variants = {n: r for n, r in runs.items() if n == "full" or (r["drop"] == 0.5 and not r.get("seed"))}
     if len(variants) > len(grid.keys() & variants.keys()):
@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="ticket sampling (see lotus.tickets): 0 = fixed top-K")
     p.add_argument("--method", default="cls", choices=["cls", "rollout"], help="attention scoring (see lotus tickets)")
     p.add_argument("--layers", default=None, help="blocks scored, e.g. '2' or '0,1,2' (default: lotus tickets' default)")
+    p.add_argument("--spread", type=int, default=1, help="keep the best of every S x S block of patches first (lotus tickets --spread)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training run (and of the random tickets)")
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-cifar10-tickets")
@@ -128,7 +129,8 @@ def main() -> None:
     todo += [(s, d) for d in drops for s in ("attention", "random") if s in selects]
     for select, drop in todo:
         layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
-        scoring = "-".join(([args.method] if args.method != "cls" else []) + ([f"layers{args.layers.replace(',', '.')}"] if layers else []))
+        scoring = "-".join(([args.method] if args.method != "cls" else []) + ([f"layers{args.layers.replace(',', '.')}"] if layers else [])
+                           + ([f"spread{args.spread}"] if args.spread > 1 else []))
         name = run_name(select, drop, args.temperature, args.seed, scoring)
         result_path = out / f"{name}.json"
         if result_path.exists():
@@ -141,14 +143,14 @@ def main() -> None:
             if not (tickets_dir / "tickets.json").exists():
                 start = time.perf_counter()
                 ticket_cfg = TicketConfig(drop=drop, select=select, method=args.method, layers=layers,
-                                          temperature=args.temperature, seed=args.seed)
+                                          temperature=args.temperature, spread=args.spread, seed=args.seed)
                 tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir)
                 scoring_seconds = time.perf_counter() - start
         start = time.perf_counter()
         history = train(data_cfg, ModelConfig(), train_cfg, args.work / f"epochs{args.epochs}-{name}", tickets=tickets_dir, resume=True)
         result = {
             "machine": machine(), "run": name, "select": select, "drop": drop, "temperature": args.temperature, "seed": args.seed,
-            "method": args.method, "layers": layers, "train": asdict(train_cfg),
+            "method": args.method, "layers": layers, "spread": args.spread, "train": asdict(train_cfg),
             "baseline": str(args.baseline), "scoring_seconds": scoring_seconds,
             "wall_seconds": time.perf_counter() - start, "history": history,
             "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),

@@ -11,10 +11,12 @@
 #    epochs, and structured pruning (1 head in 3, MLP halved) against unstructured at the same
 #    parameter count, both fine-tuned 5 epochs.
 # 4. 2:4 kernels again on the fine-tuned 2:4 model, with its test accuracy through them.
-# PHASES picks what runs (default: all of "sparse24 baseline grid compress structured"); "sampled"
-# (not in the default) trains sampled attention tickets (temperature 1, two seeds; 3, one seed)
-# against sampled random (two seeds) at drop 0.3 and 0.5, and temperature 1 at drop 0.1. A baseline already
-# in WORK/baseline is used, not retrained.
+# PHASES picks what runs (default: all of "sparse24 baseline grid compress structured"). Not in
+# the default: "sampled" trains sampled attention tickets (temperature 1, two seeds; 3, one seed)
+# against sampled random (two seeds) at drop 0.3 and 0.5, and temperature 1 at drop 0.1;
+# "scoring" trains on drop-0.5 tickets scored by rollout and by early blocks; "spread" on block-2
+# attention tickets spread over 2x2 blocks at drop 0.3 and 0.5, two seeds; "isp-step" compresses
+# with stage 1 at 0.3 and ISP to 0.5. A baseline already in WORK/baseline is used, not retrained.
 # OUTDIR gets results.tar.gz (JSON results, logs, per-epoch metrics) and models.tar.gz.part*. Accuracies are the figures these runs
 # give; epoch times are not comparable between runs (they share the GPU): time ratios come from
 # the CPU benchmarks (token_gather_step.py, cifar10_tickets.py on the CPU).
@@ -90,6 +92,13 @@ if [ -f "$BASE/model.json" ] && has scoring; then
   tickets attention-0.5-rollout --selects attention --drops 0.5 --method rollout
   tickets attention-0.5-layers2 --selects attention --drops 0.5 --layers 2
   tickets attention-0.5-rollout-layers0.1.2 --selects attention --drops 0.5 --method rollout --layers 0,1,2
+fi
+if [ -f "$BASE/model.json" ] && has spread; then
+  for drop in 0.5 0.3; do
+    for seed in 0 1; do
+      tickets "attention-$drop-layers2-spread2-$seed" --selects attention --drops "$drop" --layers 2 --spread 2 --seed "$seed"
+    done
+  done
 fi
 if [ -f "$BASE/model.json" ] && has isp-step; then
   run compress-s0.3-isp0.5-d0.3 cifar10_compress.py --name s0.3-isp0.5-d0.3 --sparsity 0.3 --isp-target 0.5 --drop 0.3 \

@@ -160,6 +160,7 @@ def tickets(
     cls_sink: Annotated[bool, typer.Option(help="Replace the class token's self-attention by its row mean.")] = True,
     norm_outliers: Annotated[bool, typer.Option(help="Replace scores of high-norm outlier patch tokens by their neighbours' mean.")] = True,
     temperature: Annotated[float, typer.Option(help="0: fixed tickets, each image's top-K patches every epoch (the published method). >0: K patches re-drawn in every batch, patch i with weight score**(1/T), 1 = in proportion to its attention; with --select random, uniform re-draws.")] = 0.0,
+    spread: Annotated[int, typer.Option(help="1: keep each image's K best patches; S > 1: every S x S block of patches keeps its best first, so the kept patches cover the image.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of --select random.")] = 0,
     device: DeviceOpt = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Tickets folder (default: a new runs/tickets-DATE-TIME).")] = None,
@@ -175,7 +176,7 @@ def tickets(
     except ValueError:
         raise lotus.LotusError(f"--layers {layers!r} is not a comma-separated list of block numbers") from None
     cfg = TicketConfig(drop=drop, select=select.value, method=method.value, layers=layer_list,
-                       cls_sink=cls_sink, norm_outliers=norm_outliers, temperature=temperature, seed=seed)
+                       cls_sink=cls_sink, norm_outliers=norm_outliers, temperature=temperature, spread=spread, seed=seed)
     checkpoint = checkpoint or latest_run()
     out = out or new_run_dir("tickets")
     with make_progress() as progress:
@@ -204,6 +205,7 @@ def compress(
     download: Annotated[Optional[bool], typer.Option("--download", help="Let torchvision download CIFAR-10.")] = None,
     select: Annotated[Optional[Select], typer.Option(help="Ticket selection: 'attention' or the 'random' control.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Ticket sampling: 0 keeps each image's top-K (default); >0 re-draws K patches per batch, weight score**(1/T) (see `lotus tickets`).")] = None,
+    spread: Annotated[Optional[int], typer.Option(help="Tickets: S > 1 keeps the best of every S x S block of patches first (see `lotus tickets`). [default: 1]")] = None,
     structure: Annotated[Optional[str], typer.Option(help="Structured pruning before fine-tuning, e.g. 'heads=0.34,mlp=0.5' (shares removed; see `lotus prune structured`).")] = None,
     structure_importance: Annotated[Optional[str], typer.Option(help="With --structure: 'magnitude' (default), 'activation' or 'taylor'.")] = None,
     structure_scope: Annotated[Optional[str], typer.Option(help="With --structure: 'block' (the same share of every block, default) or 'global'.")] = None,
@@ -229,7 +231,7 @@ def compress(
         cfg,
         data=replace(cfg.data, **_given(data_dir=str(data_dir) if data_dir else None, download=download)),
         model=replace(cfg.model, **_given(name=model, pretrained=pretrained)),
-        tickets=replace(cfg.tickets, **_given(drop=drop, select=select.value if select else None, temperature=temperature)),
+        tickets=replace(cfg.tickets, **_given(drop=drop, select=select.value if select else None, temperature=temperature, spread=spread)),
         sweep=replace(cfg.sweep, **_given(tolerance=tolerance)),
         finetune=replace(cfg.finetune, **_given(epochs=epochs)),
         structure=replace(cfg.structure, **_parse_structure(structure), **_given(importance=structure_importance, scope=structure_scope)),

@@ -63,6 +63,7 @@ class TicketConfig:
     outlier_z: float = 3.5  # robust z-score above which a patch's output norm is an outlier...
     outlier_ratio: float = 2.0  # ...if it is also this many times its image's median norm
     temperature: float = 0.0  # 0: fixed top-K tickets; > 0: K patches re-drawn per batch, weight score ** (1 / T)
+    spread: int = 1  # 1: the K best of the image; S > 1: every S x S block of patches keeps its best first
     batch_size: int = 256  # images per scoring pass
     seed: int = 0  # seed of the random control
 
@@ -72,6 +73,8 @@ class TicketConfig:
             raise LotusError(f"--select {self.select!r} is not one of: attention, random")
         if self.method not in ("cls", "rollout"):
             raise LotusError(f"--method {self.method!r} is not one of: cls, rollout")
+        if self.spread < 1:
+            raise LotusError(f"--spread {self.spread} must be at least 1 (the side of the patch blocks, 1 = whole image)")
         if not self.temperature >= 0:
             raise LotusError(f"--temperature {self.temperature} is negative: use 0 for fixed tickets or a positive value to sample")
 
@@ -164,6 +167,30 @@ def sample_keys(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     u = torch.rand(scores.shape, device=scores.device).clamp_(1e-20, 1 - 1e-7)
     keys = scores.clamp_min(1e-30).log() / temperature - (-u.log()).log()
     return torch.where(scores == float("-inf"), scores, keys)
+
+
+def spread_scores(scores: torch.Tensor, grid: int, cell: int) -> torch.Tensor:
+    """Scores whose top-K keeps patches spread over the image: every `cell` x `cell` block of the
+    grid gives its best patch first, then its second best, and so on; within one round the
+    higher-scored patches come first. -inf (patches moved in from the padding) stays last.
+
+    Args:
+        scores: (B, N) patch scores, N = grid * grid in row-major order; grid % cell == 0.
+    """
+    B, g = scores.shape[0], grid // cell
+    blocks = scores.view(B, g, cell, g, cell).permute(0, 1, 3, 2, 4).reshape(B, g * g, cell * cell)
+    rank = blocks.argsort(-1, descending=True).argsort(-1)  # 0 = best of its block
+    rank = rank.view(B, g, g, cell, cell).permute(0, 1, 3, 2, 4).reshape(B, -1).to(scores.dtype)
+    finite = torch.isfinite(scores)
+    low = torch.where(finite, scores, torch.full_like(scores, float("inf"))).min(-1, keepdim=True).values
+    high = torch.where(finite, scores, torch.full_like(scores, float("-inf"))).max(-1, keepdim=True).values
+    unit = (scores - low) / (high - low).clamp_min(1e-12)  # in [0, 1]: orders patches within a round
+    return torch.where(finite, -rank + 0.5 * unit, torch.full_like(scores, float("-inf")))
+
+
+def select_keep(scores: torch.Tensor, k: int, grid: int, spread: int = 1) -> torch.Tensor:
+    """(B, K) indices kept: the K highest scores, or spread over `spread` x `spread` blocks."""
+    return keep_from_scores(spread_scores(scores, grid, spread) if spread > 1 else scores, k)
 
 
 def transport_scores(scores: torch.Tensor, grid: int, patch_size: int, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -264,7 +291,7 @@ class Tickets:
             scores = transport_scores(scores, self.grid, self.patch_size, batch.shift, batch.flip)
         if self.temperature:
             scores = sample_keys(scores, self.temperature)
-        return keep_from_scores(scores, self.num_keep)
+        return select_keep(scores, self.num_keep, self.grid, self.meta["config"].get("spread", 1))
 
     def check(self, data: ImageData, grid: int, patch_size: int) -> None:
         """Refuse tickets made for another dataset, split or patch grid."""
@@ -292,6 +319,8 @@ def make_tickets(
     """
     grid = model.patch_embed.grid_size[0]
     patch_size = model.patch_embed.patch_size[0]
+    if grid % cfg.spread:
+        raise LotusError(f"--spread {cfg.spread} does not divide the {grid}x{grid} patch grid: use a divisor of {grid}")
     N = grid * grid
     k = num_keep(N, cfg.drop)
     model.eval().to(device)
@@ -313,7 +342,7 @@ def make_tickets(
         "model_sha256": model_sha256, "outlier_patches": outlier_count,
         "layers": resolve_layers(cfg, len(model.blocks)) if cfg.select == "attention" else None,
     }
-    return Tickets(keep_from_scores(scores, k), scores, grid, patch_size, meta)
+    return Tickets(select_keep(scores, k, grid, cfg.spread), scores, grid, patch_size, meta)
 
 
 def save_tickets(tickets: Tickets, out_dir: str | Path) -> Path:

@@ -20,6 +20,7 @@ from lotus.tickets import (
     sample_keys,
     save_tickets,
     score_batch,
+    select_keep,
     transport_scores,
 )
 from lotus.train import TrainConfig, train
@@ -110,6 +111,28 @@ def test_kept_patch_follows_the_content_through_the_real_augmentation():
     assert visible.sum() > B // 2 and flip.any() and (shift != 0).any()
     assert (kept[visible] >= 4).all()  # the kept patch holds at least a quarter of the block...
     assert (kept[visible] == bright[visible].max(-1).values).float().mean() > 0.9  # ...and almost always its largest share
+
+
+def test_spread_keeps_the_best_of_every_block_first():
+    # 4x4 grid, attention concentrated in the top-left 2x2 block
+    scores = torch.tensor([[9.0, 8.0, 1.0, 1.5], [7.0, 6.0, 1.2, 1.1], [0.5, 0.4, 0.3, 0.2], [0.6, 0.1, 0.05, 0.01]]).view(1, 16)
+    assert select_keep(scores, 4, grid=4).tolist() == [[0, 1, 4, 5]]  # the plain top 4: one corner
+    assert select_keep(scores, 4, grid=4, spread=2).tolist() == [[0, 3, 10, 12]]  # the best of each block
+    assert select_keep(scores, 6, grid=4, spread=2).tolist() == [[0, 1, 3, 6, 10, 12]]  # then the best second-bests
+    moved = scores.clone()
+    moved[0, [0, 1, 4, 5]] = float("-inf")  # a block pushed out by the crop gives nothing
+    assert select_keep(moved, 4, grid=4, spread=2).tolist() == [[3, 6, 10, 12]]
+    with pytest.raises(LotusError, match="at least 1"):
+        TicketConfig(spread=0)
+
+
+def test_spread_must_divide_the_grid(tiny_cfg):
+    data, model, mean, std = _digits_and_model(tiny_cfg)  # a 4x4 grid
+    with pytest.raises(LotusError, match="does not divide the 4x4 patch grid"):
+        make_tickets(model, data, mean, std, TicketConfig(spread=3))
+    tickets = make_tickets(model, data, mean, std, TicketConfig(drop=0.5, spread=2))
+    blocks = (tickets.keep_idx // 4 // 2) * 2 + (tickets.keep_idx % 4) // 2  # block of each kept patch
+    assert all(sorted(torch.bincount(row, minlength=4).tolist()) == [2, 2, 2, 2] for row in blocks)  # 8 kept: 2 per block
 
 
 def test_sampled_keys_draw_each_patch_with_weight_score_to_the_one_over_t():
