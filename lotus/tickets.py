@@ -33,6 +33,11 @@ afresh in every batch, without replacement, patch i with weight `score_i ** (1 /
 towards infinity uniform. The random control then draws uniformly in every batch (patch
 dropout), so sampled attention is compared with sampled random at the same K. The draws use
 torch's global generator, which training seeds per epoch, so a resumed run draws the same.
+
+Spread (`spread`). At 1 the K best patches of the image are kept wherever they are. At S > 1
+every S x S block of the patch grid gives its best patch first, then its second best, and so on,
+so the kept patches cover the image (the last block's class-token attention piles onto a few
+neighbouring patches: see benchmarks/tickets_keep_accuracy.py).
 """
 from __future__ import annotations
 
