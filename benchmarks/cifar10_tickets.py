@@ -22,7 +22,7 @@ from pathlib import Path
 from common import RESULTS, ROOT, SHARED_CIFAR, cifar10_folder, machine
 
 from lotus.data import DataConfig
-from lotus.tickets import TicketConfig, tickets_from_checkpoint
+from lotus.tickets import TicketConfig, parse_layers, tickets_from_checkpoint
 from lotus.train import TrainConfig, train
 from lotus.vit import ModelConfig
 
@@ -128,7 +128,7 @@ def main() -> None:
     todo = [("full", 0.0)] if "full" in selects else []
     todo += [(s, d) for d in drops for s in ("attention", "random") if s in selects]
     for select, drop in todo:
-        layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+        layers = parse_layers(args.layers)
         scoring = "-".join(([args.method] if args.method != "cls" else []) + ([f"layers{args.layers.replace(',', '.')}"] if layers else [])
                            + ([f"spread{args.spread}"] if args.spread > 1 else []))
         name = run_name(select, drop, args.temperature, args.seed, scoring)

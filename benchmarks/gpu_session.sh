@@ -15,7 +15,9 @@
 # the default: "sampled" trains sampled attention tickets (temperature 1, two seeds; 3, one seed)
 # against sampled random (two seeds) at drop 0.3 and 0.5, and temperature 1 at drop 0.1;
 # "scoring" trains on drop-0.5 tickets scored by rollout and by early blocks; "spread" on block-2
-# attention tickets spread over 2x2 blocks at drop 0.3 and 0.5, two seeds; "isp-step" compresses
+# attention tickets spread over 2x2 blocks at drop 0.3 and 0.5, two seeds; "allblocks" on tickets
+# scored by the class-token attention of all blocks averaged (fixed and spread, two seeds) against
+# random tickets of two more seeds, at drop 0.3 and 0.5; "isp-step" compresses
 # with stage 1 at 0.3 and ISP to 0.5. A baseline already in WORK/baseline is used, not retrained.
 # OUTDIR gets results.tar.gz (JSON results, logs, per-epoch metrics) and models.tar.gz.part*. Accuracies are the figures these runs
 # give; epoch times are not comparable between runs (they share the GPU): time ratios come from
@@ -97,6 +99,17 @@ if [ -f "$BASE/model.json" ] && has spread; then
   for drop in 0.5 0.3; do
     for seed in 0 1; do
       tickets "attention-$drop-layers2-spread2-$seed" --selects attention --drops "$drop" --layers 2 --spread 2 --seed "$seed"
+    done
+  done
+fi
+if [ -f "$BASE/model.json" ] && has allblocks; then
+  for drop in 0.5 0.3; do
+    for seed in 0 1; do
+      tickets "attention-$drop-layersall-$seed" --selects attention --drops "$drop" --layers all --seed "$seed"
+      tickets "attention-$drop-layersall-spread2-$seed" --selects attention --drops "$drop" --layers all --spread 2 --seed "$seed"
+    done
+    for seed in 1 2; do
+      tickets "random-$drop-$seed" --selects random --drops "$drop" --seed "$seed"
     done
   done
 fi

@@ -20,7 +20,7 @@ from common import ROOT, SHARED_CIFAR, cifar10_folder, write_result
 
 from lotus.checkpoint import load_model
 from lotus.data import BatchLoader, DataConfig, load_split_for_model
-from lotus.tickets import TicketConfig, keep_from_scores, num_keep, score_batch, select_keep
+from lotus.tickets import TicketConfig, keep_from_scores, num_keep, parse_layers, score_batch, select_keep
 
 
 @torch.inference_mode()
@@ -38,7 +38,7 @@ def main() -> None:
     pre = meta["preprocess"]
     data = load_split_for_model(DataConfig(str(cifar10_folder(args.archive))), pre, "test")
     drops = [float(d) for d in args.drops.split(",")]
-    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    layers = parse_layers(args.layers)
     scoring = TicketConfig(method=args.method, layers=layers)  # the tickets' scoring, sink corrections on
     n = model.patch_embed.num_patches
     gen = torch.Generator().manual_seed(0)

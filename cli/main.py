@@ -156,7 +156,7 @@ def tickets(
     drop: Annotated[float, typer.Option(help="Fraction of each image's patches to drop, in [0, 1).")] = 0.1,
     select: Annotated[Select, typer.Option(help="'attention' (scored by the model) or 'random' (the control, same drop ratio).")] = Select.attention,
     method: Annotated[Method, typer.Option(help="'cls': class-token attention row; 'rollout': attention rollout.")] = Method.cls,
-    layers: Annotated[Optional[str], typer.Option(help="Comma-separated blocks to use, e.g. '-1' or '9,10,11' (default: last for cls, all for rollout).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Blocks whose attention is averaged: 'all', or comma-separated, e.g. '-1' or '9,10,11' (default: last for cls, all for rollout).")] = None,
     cls_sink: Annotated[bool, typer.Option(help="Replace the class token's self-attention by its row mean.")] = True,
     norm_outliers: Annotated[bool, typer.Option(help="Replace scores of high-norm outlier patch tokens by their neighbours' mean.")] = True,
     temperature: Annotated[float, typer.Option(help="0: fixed tickets, each image's top-K patches every epoch (the published method). >0: K patches re-drawn in every batch, patch i with weight score**(1/T), 1 = in proportion to its attention; with --select random, uniform re-draws.")] = 0.0,
@@ -168,14 +168,10 @@ def tickets(
     """Score every training patch with a model's attention and write the keep masks (data lottery tickets)."""
     from lotus.checkpoint import latest_run, new_run_dir
     from lotus.data import DataConfig
-    from lotus.tickets import TicketConfig, tickets_from_checkpoint
+    from lotus.tickets import TicketConfig, parse_layers, tickets_from_checkpoint
     from lotus.train import make_progress
 
-    try:
-        layer_list = tuple(int(x) for x in layers.split(",")) if layers else None
-    except ValueError:
-        raise lotus.LotusError(f"--layers {layers!r} is not a comma-separated list of block numbers") from None
-    cfg = TicketConfig(drop=drop, select=select.value, method=method.value, layers=layer_list,
+    cfg = TicketConfig(drop=drop, select=select.value, method=method.value, layers=parse_layers(layers),
                        cls_sink=cls_sink, norm_outliers=norm_outliers, temperature=temperature, spread=spread, seed=seed)
     checkpoint = checkpoint or latest_run()
     out = out or new_run_dir("tickets")

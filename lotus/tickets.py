@@ -62,7 +62,7 @@ class TicketConfig:
     drop: float = 0.1  # fraction of each image's patches dropped, in [0, 1)
     select: str = "attention"  # 'attention' (scored by the model) or 'random' (the control)
     method: str = "cls"  # 'cls' (class-token attention row) or 'rollout'
-    layers: tuple[int, ...] | None = None  # blocks used (negative counts from the end); None = last (cls) / all (rollout)
+    layers: tuple[int, ...] | str | None = None  # blocks used (negative counts from the end) or 'all'; None = last (cls) / all (rollout)
     cls_sink: bool = True  # replace the class token's self-attention by its row mean
     norm_outliers: bool = True  # replace scores of high-norm outlier patches by their neighbours' mean
     outlier_z: float = 3.5  # robust z-score above which a patch's output norm is an outlier...
@@ -78,6 +78,8 @@ class TicketConfig:
             raise LotusError(f"--select {self.select!r} is not one of: attention, random")
         if self.method not in ("cls", "rollout"):
             raise LotusError(f"--method {self.method!r} is not one of: cls, rollout")
+        if isinstance(self.layers, str) and self.layers != "all":
+            raise LotusError(f"--layers {self.layers!r} is not 'all' or a comma-separated list of block numbers")
         if self.spread < 1:
             raise LotusError(f"--spread {self.spread} must be at least 1 (the side of the patch blocks, 1 = whole image)")
         if not self.temperature >= 0:
@@ -220,7 +222,19 @@ def transport_scores(scores: torch.Tensor, grid: int, patch_size: int, shift: to
 # Scoring a dataset with a model
 
 
+def parse_layers(text: str | None) -> tuple[int, ...] | str | None:
+    """`--layers` as typed: None (the method's default), 'all', or block numbers such as '9,10,11'."""
+    if not text or text.strip() == "all":
+        return text.strip() if text else None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise LotusError(f"--layers {text!r} is not 'all' or a comma-separated list of block numbers") from None
+
+
 def resolve_layers(cfg: TicketConfig, depth: int) -> list[int]:
+    if cfg.layers == "all":
+        return list(range(depth))
     layers = cfg.layers if cfg.layers else ((depth - 1,) if cfg.method == "cls" else tuple(range(depth)))
     resolved = sorted({layer % depth for layer in layers if -depth <= layer < depth})
     if len(resolved) != len(set(layers)):

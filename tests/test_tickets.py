@@ -17,6 +17,7 @@ from lotus.tickets import (
     make_tickets,
     norm_outliers,
     num_keep,
+    parse_layers,
     sample_keys,
     save_tickets,
     score_batch,
@@ -194,6 +195,19 @@ def test_attention_scores_come_from_the_real_attention(tiny_cfg):
     expected = rows["attn"][:, :, 0, 1:].mean(1)  # (B, N) class-token row, heads averaged
     scores, _ = score_batch(model, x, TicketConfig(cls_sink=False, norm_outliers=False))
     assert torch.allclose(scores, expected, atol=1e-6)
+
+
+def test_layers_all_averages_every_blocks_class_token_row(tiny_cfg):
+    model = build_model(tiny_cfg).eval()
+    x = torch.randn(2, 3, 16, 16)
+    plain = dict(cls_sink=False, norm_outliers=False)
+    per_block = [score_batch(model, x, TicketConfig(layers=(i,), **plain))[0] for i in range(len(model.blocks))]
+    every, _ = score_batch(model, x, TicketConfig(layers=parse_layers("all"), **plain))
+    assert len(per_block) > 1 and torch.allclose(every, torch.stack(per_block).mean(0), atol=1e-6)
+    assert parse_layers("9,10,11") == (9, 10, 11) and parse_layers(None) is None
+    for bad in ("last", "1,x"):
+        with pytest.raises(LotusError, match="--layers"):
+            TicketConfig(layers=parse_layers(bad))
 
 
 def _digits_and_model(tiny_cfg):
