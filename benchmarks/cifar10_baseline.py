@@ -26,13 +26,14 @@ def main() -> None:
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-cifar10-baseline")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--name", default="cifar10_baseline", help="result file name (benchmarks/results/NAME.json)")
     args = p.parse_args()
 
     root = cifar10_folder(args.archive)
     cfg = TrainConfig(epochs=args.epochs, warmup_epochs=args.warmup_epochs)
     start = time.perf_counter()
     history = train(DataConfig(str(root)), ModelConfig(img_size=32, patch_size=4), cfg, args.out, resume=args.resume)
-    write_result("cifar10_baseline", {
+    write_result(args.name, {
         "model": "vit_tiny_patch16_224 shape, img 32, patch 4 (64 patches), depth 12",
         "train": asdict(cfg),
         "checkpoint": str(args.out),

@@ -112,6 +112,7 @@ def main() -> None:
     p.add_argument("--layers", default=None, help="blocks scored, e.g. '2' or '0,1,2' (default: lotus tickets' default)")
     p.add_argument("--spread", type=int, default=1, help="keep the best of every S x S block of patches first (lotus tickets --spread)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training run (and of the random tickets)")
+    p.add_argument("--tag", default="", help="added to the attention runs' names, e.g. which --baseline scored them")
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-cifar10-tickets")
     p.add_argument("--report-only", action="store_true")
@@ -130,7 +131,7 @@ def main() -> None:
     for select, drop in todo:
         layers = parse_layers(args.layers)
         scoring = "-".join(([args.method] if args.method != "cls" else []) + ([f"layers{args.layers.replace(',', '.')}"] if layers else [])
-                           + ([f"spread{args.spread}"] if args.spread > 1 else []))
+                           + ([f"spread{args.spread}"] if args.spread > 1 else []) + ([args.tag] if args.tag else []))
         name = run_name(select, drop, args.temperature, args.seed, scoring)
         result_path = out / f"{name}.json"
         if result_path.exists():

@@ -17,7 +17,9 @@
 # "scoring" trains on drop-0.5 tickets scored by rollout and by early blocks; "spread" on block-2
 # attention tickets spread over 2x2 blocks at drop 0.3 and 0.5, two seeds; "allblocks" on tickets
 # scored by the class-token attention of all blocks averaged (fixed and spread, two seeds) against
-# random tickets of two more seeds, at drop 0.3 and 0.5; "isp-step" compresses
+# random tickets of two more seeds, at drop 0.3 and 0.5; "selector" trains a scorer for
+# SELECTOR_EPOCHS (20) epochs, then trains on its tickets (all blocks, two seeds; last block) at
+# drop 0.5 and 0.3; "isp-step" compresses
 # with stage 1 at 0.3 and ISP to 0.5. A baseline already in WORK/baseline is used, not retrained.
 # OUTDIR gets results.tar.gz (JSON results, logs, per-epoch metrics) and models.tar.gz.part*. Accuracies are the figures these runs
 # give; epoch times are not comparable between runs (they share the GPU): time ratios come from
@@ -110,6 +112,17 @@ if [ -f "$BASE/model.json" ] && has allblocks; then
     done
     for seed in 1 2; do
       tickets "random-$drop-$seed" --selects random --drops "$drop" --seed "$seed"
+    done
+  done
+fi
+if has selector; then  # a longer-trained scorer (SELECTOR_EPOCHS), then its tickets at drop 0.5 and 0.3
+  SEL=$WORK/selector${SELECTOR_EPOCHS:=20}
+  [ -f "$SEL/model.json" ] || run selector cifar10_baseline.py --epochs "$SELECTOR_EPOCHS" --warmup-epochs 1 --archive "$ARCHIVE" \
+    --out "$SEL" --name "cifar10_baseline_$SELECTOR_EPOCHS"
+  for drop in 0.5 0.3; do
+    for args in "--layers all --seed 0" "--layers all --seed 1" "--seed 0"; do
+      run "tickets-$drop-selector$SELECTOR_EPOCHS${args// /}" cifar10_tickets.py --epochs "$EPOCHS" --baseline "$SEL" \
+        --work "$WORK/tickets" --archive "$ARCHIVE" --selects attention --drops "$drop" --tag "selector$SELECTOR_EPOCHS" $args &
     done
   done
 fi
