@@ -2,7 +2,8 @@
 
 A trained ViT's attention says which patches matter. The score of a patch is the attention the
 class token pays it, averaged over heads, from the last block by default (`layers` picks other
-blocks, averaged), or attention rollout through the chosen blocks (Abnar & Zuidema, 2020: add
+blocks, averaged; 'all' averages every block, the score that trained best on CIFAR-10 above drop
+0.1: see README), or attention rollout through the chosen blocks (Abnar & Zuidema, 2020: add
 the identity, row-normalise, multiply through the layers). Two corrections, both on by default:
 
 - class-token sink (`cls_sink`): in every attention map used, the class token's attention to
