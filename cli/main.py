@@ -202,6 +202,7 @@ def compress(
     select: Annotated[Optional[Select], typer.Option(help="Ticket selection: 'attention' or the 'random' control.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Ticket sampling: 0 keeps each image's top-K (default); >0 re-draws K patches per batch, weight score**(1/T) (see `lotus tickets`).")] = None,
     spread: Annotated[Optional[int], typer.Option(help="Tickets: S > 1 keeps the best of every S x S block of patches first (see `lotus tickets`). [default: 1]")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Tickets: blocks whose attention scores the patches, 'all' or e.g. '9,10,11' (see `lotus tickets`). [default: the last]")] = None,
     structure: Annotated[Optional[str], typer.Option(help="Structured pruning before fine-tuning, e.g. 'heads=0.34,mlp=0.5' (shares removed; see `lotus prune structured`).")] = None,
     structure_importance: Annotated[Optional[str], typer.Option(help="With --structure: 'magnitude' (default), 'activation' or 'taylor'.")] = None,
     structure_scope: Annotated[Optional[str], typer.Option(help="With --structure: 'block' (the same share of every block, default) or 'global'.")] = None,
@@ -215,6 +216,7 @@ def compress(
     from lotus.checkpoint import latest_run, new_run_dir
     from lotus.pipeline import compress as compress_run
     from lotus.pipeline import default_compress_config, load_recipe
+    from lotus.tickets import parse_layers
 
     if resume and recipe is None:  # continue with the settings the run was started with
         out = out or latest_run(containing="recipe.yaml")
@@ -227,7 +229,8 @@ def compress(
         cfg,
         data=replace(cfg.data, **_given(data_dir=str(data_dir) if data_dir else None, download=download)),
         model=replace(cfg.model, **_given(name=model, pretrained=pretrained)),
-        tickets=replace(cfg.tickets, **_given(drop=drop, select=select.value if select else None, temperature=temperature, spread=spread)),
+        tickets=replace(cfg.tickets, **_given(drop=drop, select=select.value if select else None, temperature=temperature, spread=spread,
+                                              layers=parse_layers(layers))),
         sweep=replace(cfg.sweep, **_given(tolerance=tolerance)),
         finetune=replace(cfg.finetune, **_given(epochs=epochs)),
         structure=replace(cfg.structure, **_parse_structure(structure), **_given(importance=structure_importance, scope=structure_scope)),

@@ -60,7 +60,14 @@ def write_report(run: Path, cfg: Any, done: dict[str, dict[str, Any]]) -> dict[s
 
 def _selection(tickets: Any) -> str:
     """How the kept patches were chosen, in words."""
-    kind = "by attention" if tickets.select == "attention" else "at random"
+    kind = "at random"
+    if tickets.select == "attention":
+        layers = getattr(tickets, "layers", None)
+        rollout = getattr(tickets, "method", "cls") == "rollout"
+        blocks = ("all blocks" if rollout else "the last block") if not layers else "all blocks" if layers == "all" \
+            else "blocks " + ", ".join(map(str, layers))
+        kind = f"by {'attention rollout over' if rollout else 'the attention of'} {blocks}" + (f", spread over {tickets.spread}x{tickets.spread} blocks of patches"
+                                                   if getattr(tickets, "spread", 1) > 1 else "")
     temperature = getattr(tickets, "temperature", 0.0)
     if not temperature:
         return f"fixed per image, {kind}"

@@ -11,9 +11,10 @@ The client is aiohttp: it costs the CPU it shares with the server about half of 
 per request, so less of the client is counted as the server's overhead. Bodies are encoded once
 per drop ratio before timing, so the client spends its time on HTTP, not on JSON. Latency is
 measured by the client, from the first byte sent to the last byte read: what a caller sees. With
-`local`, ONNX Runtime alone is timed on the same model with the server's session settings, and
-the HTTP overhead is the difference of the medians at concurrency 1 (everything a request costs
-beyond the model: client, network stack, server).
+`local`, ONNX Runtime alone is timed on the same model and input with the server's session
+settings, just before each concurrency-1 cell of every round, and the HTTP overhead is the median
+over rounds of the difference of the two medians (everything a request costs beyond the model:
+client, network stack, server), each difference measured side by side.
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ async def _closed_loop(client, path: str, body: bytes, headers: dict[str, str], 
     return latencies, errors
 
 
-async def _bench(url: str, cfg: HttpBenchConfig, progress: Callable[[int, int], None], log: Callable[[str], None]) -> dict[str, Any]:
+async def _bench(url: str, cfg: HttpBenchConfig, local, progress: Callable[[int, int], None], log: Callable[[str], None]) -> dict[str, Any]:
     import aiohttp
 
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -113,10 +114,15 @@ async def _bench(url: str, cfg: HttpBenchConfig, progress: Callable[[int, int], 
         path = f"/v2/models/{cfg.model}/infer"
         keys = [(c, d) for c in cfg.concurrency for d in cfg.drops]
         pooled = {key: {"latencies": [], "errors": [], "wall": 0.0, "p50s": []} for key in keys}
+        alone = {drop: {"seconds": [], "medians": []} for drop in cfg.drops}  # ONNX Runtime alone, per round
         rounds = max(1, cfg.rounds)
         for round_ in range(rounds):
             for concurrency, drop in keys:
                 body, body_headers = bodies[drop]
+                if local is not None and concurrency == 1:  # ONNX Runtime alone just before its HTTP twin
+                    seconds = _time_runs(local, images, drop, max(50, min(cfg.requests, 500)) // rounds or 1)
+                    alone[drop]["seconds"] += seconds
+                    alone[drop]["medians"].append(1000 * float(np.median(seconds)))
                 # Warm-up at the cell's concurrency: connections open, the server's batching settled.
                 await _closed_loop(client, path, body, body_headers, concurrency, max(1, cfg.warmup // rounds), None)
                 start = time.perf_counter()
@@ -147,7 +153,21 @@ async def _bench(url: str, cfg: HttpBenchConfig, progress: Callable[[int, int], 
         base = next((c for c in cells if c["concurrency"] == cell["concurrency"] and c["drop"] == 0.0 and "p50_ms" in c), None)
         ratios = [x / b for x, b in zip(cell["round_p50_ms"], base["round_p50_ms"]) if x and b] if base else []
         cell["p50_vs_drop0"] = float(np.median(ratios)) if ratios else None  # per-round ratios: side by side
-    return {"url": url, "body_bytes": {str(d): len(b[0]) for d, b in bodies.items()}, "cells": cells}
+    result: dict[str, Any] = {"url": url, "body_bytes": {str(d): len(b[0]) for d, b in bodies.items()}, "cells": cells}
+    if local is not None:
+        result["local"] = [{"batch": cfg.batch, "drop": drop, **percentiles(t["seconds"]), "round_median_ms": t["medians"]}
+                           for drop, t in alone.items() if t["seconds"]]
+        result["http_overhead_ms"], result["http_overhead_ms_per_round"] = {}, {}
+        for drop, t in alone.items():
+            http = next((c for c in cells if c["concurrency"] == 1 and c["drop"] == drop and "p50_ms" in c), None)
+            if http is None:
+                continue
+            per_round = [h - m for h, m in zip(http["round_p50_ms"], t["medians"]) if h is not None]
+            result["http_overhead_ms"][str(drop)] = float(np.median(per_round))
+            result["http_overhead_ms_per_round"][str(drop)] = per_round
+            log(f"drop {drop:<4g} ONNX Runtime median {float(np.median(t['medians'])):.2f} ms, HTTP p50 {http['p50_ms']:.2f} ms: "
+                f"overhead {result['http_overhead_ms'][str(drop)]:.2f} ms (median of {len(per_round)} side-by-side rounds)")
+    return result
 
 
 def bench_http(
@@ -157,8 +177,9 @@ def bench_http(
     """Load `url` (a `lotus serve` or any OIP v2 server) at every (concurrency, drop) cell.
 
     Args:
-        local: also time this ONNX model in ONNX Runtime alone (same batch and drops) and report
-            the HTTP overhead: server p50 at concurrency 1 minus ONNX Runtime's median.
+        local: also time this ONNX model in ONNX Runtime alone (same batch and drops), just before
+            each concurrency-1 cell of every round, and report the HTTP overhead: the median over
+            rounds of server p50 minus ONNX Runtime's median, each pair measured side by side.
         threads, spinning: ONNX Runtime settings of the local timing (use the server's).
     """
     if cfg.requests < 1 and cfg.duration is None:
@@ -166,45 +187,31 @@ def bench_http(
     url = url.rstrip("/")
     if not url.startswith(("http://", "https://")):
         url = "http://" + url
-    result = asyncio.run(_bench(url, cfg, progress, log))
-    result["config"] = asdict(cfg) | {"api_key": "***" if cfg.api_key else None}
+    model = None
     if local is not None:
-        result["local"] = time_local(local, cfg.batch, cfg.drops, runs=max(50, min(cfg.requests, 500)), threads=threads,
-                                     spinning=spinning)
-        overhead = {}
-        for cell in result["local"]:
-            http = next((c for c in result["cells"] if c["concurrency"] == 1 and c["drop"] == cell["drop"] and "p50_ms" in c), None)
-            if http is not None:
-                overhead[str(cell["drop"])] = http["p50_ms"] - cell["median_ms"]
-                log(f"drop {cell['drop']:<4g} ONNX Runtime median {cell['median_ms']:.2f} ms, HTTP p50 {http['p50_ms']:.2f} ms: "
-                    f"overhead {overhead[str(cell['drop'])]:.2f} ms")
-        result["http_overhead_ms"] = overhead
+        from serve.model import ServedModel
+
+        model = ServedModel.load(local, threads, spinning)
+    result = asyncio.run(_bench(url, cfg, model, progress, log))
+    result["config"] = asdict(cfg) | {"api_key": "***" if cfg.api_key else None}
     return result
 
 
-def time_local(path: str | Path, batch: int, drops: tuple[float, ...], runs: int = 200, warmup: int = 5,
-               threads: int | None = None, spinning: bool = False) -> list[dict[str, Any]]:
-    """ONNX Runtime alone on the session the server makes (serve.model.serving_session), one
-    `batch`-image run after another at each drop: the baseline the HTTP overhead is measured against.
+def _time_runs(model, images: np.ndarray, drop: float, runs: int, warmup: int = 5) -> list[float]:
+    """Seconds of `runs` ONNX Runtime calls, one after another, on the session the server makes
+    (serve.model.serving_session): the baseline the HTTP overhead is measured against.
 
     Not lotus.bench.bench_local: its session lets idle threads spin, which the server's does not,
     and on a busy machine that alone moves the median by milliseconds either way.
     """
-    from serve.model import ServedModel
-
-    model = ServedModel.load(path, threads, spinning)
-    images = np.random.default_rng(0).standard_normal((batch, 3, model.img_size, model.img_size), dtype=np.float32)
-    cells = []
-    for drop in drops:
-        for _ in range(warmup):
-            model.run(images, drop)
-        seconds = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            model.run(images, drop)
-            seconds.append(time.perf_counter() - start)
-        cells.append({"batch": batch, "drop": drop, **percentiles(seconds)})
-    return cells
+    for _ in range(warmup):
+        model.run(images, drop)
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model.run(images, drop)
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def _row(cell: dict[str, Any]) -> str:

@@ -64,6 +64,16 @@ def test_bench_url_rounds_split_every_cell_and_ratio_side_by_side(server):
     assert drop5["p50_vs_drop0"] == pytest.approx(ratios[1])  # the median of the per-round ratios
 
 
+def test_bench_url_http_overhead_is_measured_side_by_side_in_every_round(server, tiny_onnx):
+    result = bench_http(server, HttpBenchConfig(concurrency=(1, 2), drops=(0.0,), requests=9, warmup=1, rounds=3), local=tiny_onnx, threads=1)
+    http = result["cells"][0]
+    (alone,) = result["local"]
+    assert len(alone["round_median_ms"]) == 3 and all(m > 0 for m in alone["round_median_ms"])  # ONNX Runtime timed in each round
+    per_round = [h - m for h, m in zip(http["round_p50_ms"], alone["round_median_ms"])]
+    assert result["http_overhead_ms_per_round"]["0.0"] == pytest.approx(per_round)
+    assert result["http_overhead_ms"]["0.0"] == pytest.approx(sorted(per_round)[1])
+
+
 def test_bench_url_errors_are_one_line(server, tiny_onnx):
     with pytest.raises(LotusError, match="cannot reach"):
         with socket.socket() as s:
