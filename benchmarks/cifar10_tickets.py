@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -70,12 +71,24 @@ def report(epochs: int) -> None:
         for name, accs in seeds.items():
             if len(accs) > 1:
                 print(f"{name:>28}: mean {sum(accs) / len(accs):.2f} (" + ", ".join(f"{a:.2f}" for a in accs) + ")")
-    grid = {n: r for n, r in runs.items() if n == "full" or (r.get("temperature", 0) == 0 and r.get("method", "cls") == "cls"
-                                                              and not r.get("layers") and r.get("spread", 1) == 1 and not r.get("seed"))}
+    grid = {n: r for n, r in runs.items() if n == "full" or re.fullmatch(r"(attention|random)-[0-9.]+", n)}  # the default scoring, seed 0
     _plot(grid, out / "curves.png", "CIFAR-10 tickets grid")
-    variants = {n: r for n, r in runs.items() if n == "full" or (r["drop"] == 0.5 and not r.get("seed"))}
+    variants = _seed_means({n: r for n, r in runs.items() if n == "full" or r["drop"] == 0.5})
     if len(variants) > len(grid.keys() & variants.keys()):
-        _plot(variants, out / "curves-drop0.5.png", "CIFAR-10, drop 0.5: selections")
+        _plot(variants, out / "curves-drop0.5.png", "CIFAR-10, drop 0.5: selections (seed means)")
+
+
+def _seed_means(runs: dict[str, dict]) -> dict[str, dict]:
+    """Runs that differ only by the training seed, averaged epoch by epoch ('name (mean of N)')."""
+    groups: dict[str, list[dict]] = {}
+    for name, r in runs.items():
+        groups.setdefault(name.split("-seed")[0], []).append(r)
+    means = {}
+    for name, group in groups.items():
+        history = [{"epoch": hs[0]["epoch"], **{k: sum(h[k] for h in hs) / len(hs) for k in ("test_accuracy", "train_loss")}}
+                   for hs in zip(*(r["history"] for r in group))]
+        means[name + (f" (mean of {len(group)})" if len(group) > 1 else "")] = {**group[0], "history": history}
+    return means
 
 
 def _plot(runs: dict[str, dict], path: Path, title: str) -> None:
@@ -85,15 +98,17 @@ def _plot(runs: dict[str, dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, r in runs.items():
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.5))
+    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+    for i, (name, r) in enumerate(runs.items()):
         ep = [h["epoch"] for h in r["history"]]
-        style = "-" if name == "full" else ("--" if name.startswith("attention") else ":")
-        ax_acc.plot(ep, [h["test_accuracy"] for h in r["history"]], style, marker="o", label=name)
-        ax_loss.plot(ep, [h["train_loss"] for h in r["history"]], style, marker="o", label=name)
+        style = dict(linestyle="-" if name == "full" else ("--" if name.startswith("attention") else ":"),
+                     marker="o", color=colors[i % len(colors)], label=name)
+        ax_acc.plot(ep, [h["test_accuracy"] for h in r["history"]], **style)
+        ax_loss.plot(ep, [h["train_loss"] for h in r["history"]], **style)
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{title}: accuracy per epoch")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss per epoch")
-    ax_acc.legend(fontsize=7)
+    ax_loss.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -151,7 +166,7 @@ def main() -> None:
         history = train(data_cfg, ModelConfig(), train_cfg, args.work / f"epochs{args.epochs}-{name}", tickets=tickets_dir, resume=True)
         result = {
             "machine": machine(), "run": name, "select": select, "drop": drop, "temperature": args.temperature, "seed": args.seed,
-            "method": args.method, "layers": layers, "spread": args.spread, "train": asdict(train_cfg),
+            "method": args.method, "layers": layers, "tag": args.tag, "spread": args.spread, "train": asdict(train_cfg),
             "baseline": str(args.baseline), "scoring_seconds": scoring_seconds,
             "wall_seconds": time.perf_counter() - start, "history": history,
             "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),
