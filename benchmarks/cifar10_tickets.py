@@ -30,14 +30,17 @@ from lotus.vit import ModelConfig
 OUT = RESULTS / "cifar10_tickets"
 
 
-def run_name(select: str, drop: float, temperature: float = 0.0, seed: int = 0, scoring: str = "") -> str:
+def run_name(select: str, drop: float, temperature: float = 0.0, seed: int = 0, scoring: str = "", fuse: bool = False) -> str:
     """'full', 'attention-0.5', 'attention-0.5-t1' (sampled at temperature 1), 'random-0.5-sampled',
-    'attention-0.5-rollout' (another scoring), each with '-seed1' when trained with another seed."""
+    'attention-0.5-rollout' (another scoring), 'random-0.5-fuse' (with a fused token), each with
+    '-seed1' when trained with another seed."""
     name = "full" if select == "full" else f"{select}-{drop:g}"
     if scoring and select == "attention":
         name += f"-{scoring}"
     if temperature and select != "full":
         name += "-sampled" if select == "random" else f"-t{temperature:g}"
+    if fuse and select != "full":
+        name += "-fuse"
     return name + (f"-seed{seed}" if seed else "")
 
 
@@ -127,6 +130,7 @@ def main() -> None:
     p.add_argument("--layers", default=None, help="blocks scored, e.g. '2' or '0,1,2' (default: lotus tickets' default)")
     p.add_argument("--spread", type=int, default=1, help="keep the best of every S x S block of patches first (lotus tickets --spread)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training run (and of the random tickets)")
+    p.add_argument("--fuse", action="store_true", help="one more token fusing the dropped patches (lotus tickets --fuse)")
     p.add_argument("--tag", default="", help="added to the attention runs' names, e.g. which --baseline scored them")
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-cifar10-tickets")
@@ -147,7 +151,7 @@ def main() -> None:
         layers = parse_layers(args.layers)
         scoring = "-".join(([args.method] if args.method != "cls" else []) + ([f"layers{args.layers.replace(',', '.')}"] if layers else [])
                            + ([f"spread{args.spread}"] if args.spread > 1 else []) + ([args.tag] if args.tag else []))
-        name = run_name(select, drop, args.temperature, args.seed, scoring)
+        name = run_name(select, drop, args.temperature, args.seed, scoring, args.fuse)
         result_path = out / f"{name}.json"
         if result_path.exists():
             print(f"{name}: already measured ({result_path})")
@@ -159,14 +163,14 @@ def main() -> None:
             if not (tickets_dir / "tickets.json").exists():
                 start = time.perf_counter()
                 ticket_cfg = TicketConfig(drop=drop, select=select, method=args.method, layers=layers,
-                                          temperature=args.temperature, spread=args.spread, seed=args.seed)
+                                          temperature=args.temperature, spread=args.spread, fuse=args.fuse, seed=args.seed)
                 tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir)
                 scoring_seconds = time.perf_counter() - start
         start = time.perf_counter()
         history = train(data_cfg, ModelConfig(), train_cfg, args.work / f"epochs{args.epochs}-{name}", tickets=tickets_dir, resume=True)
         result = {
             "machine": machine(), "run": name, "select": select, "drop": drop, "temperature": args.temperature, "seed": args.seed,
-            "method": args.method, "layers": layers, "tag": args.tag, "spread": args.spread, "train": asdict(train_cfg),
+            "method": args.method, "layers": layers, "fuse": args.fuse, "tag": args.tag, "spread": args.spread, "train": asdict(train_cfg),
             "baseline": str(args.baseline), "scoring_seconds": scoring_seconds,
             "wall_seconds": time.perf_counter() - start, "history": history,
             "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),

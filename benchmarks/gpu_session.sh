@@ -19,7 +19,8 @@
 # scored by the class-token attention of all blocks averaged (fixed and spread, two seeds) against
 # random tickets of two more seeds, at drop 0.3 and 0.5; "selector" trains a scorer for
 # SELECTOR_EPOCHS (20) epochs, then trains on its tickets (all blocks, two seeds; last block) at
-# drop 0.5 and 0.3; "isp-step" compresses
+# drop 0.5 and 0.3; "fuse" trains on tickets with one more token fusing the dropped patches
+# (all-blocks attention and random, two seeds each, drop 0.5 and 0.3); "isp-step" compresses
 # with stage 1 at 0.3 and ISP to 0.5. A baseline already in WORK/baseline is used, not retrained.
 # OUTDIR gets results.tar.gz (JSON results, logs, per-epoch metrics) and models.tar.gz.part*. Accuracies are the figures these runs
 # give; epoch times are not comparable between runs (they share the GPU): time ratios come from
@@ -123,6 +124,14 @@ if has selector; then  # a longer-trained scorer (SELECTOR_EPOCHS), then its tic
     for args in "--layers all --seed 0" "--layers all --seed 1" "--seed 0"; do
       run "tickets-$drop-selector$SELECTOR_EPOCHS${args// /}" cifar10_tickets.py --epochs "$EPOCHS" --baseline "$SEL" \
         --work "$WORK/tickets" --archive "$ARCHIVE" --selects attention --drops "$drop" --tag "selector$SELECTOR_EPOCHS" $args &
+    done
+  done
+fi
+if [ -f "$BASE/model.json" ] && has fuse; then
+  for drop in 0.5 0.3; do
+    for seed in 0 1; do
+      tickets "attention-$drop-layersall-fuse-$seed" --selects attention --drops "$drop" --layers all --fuse --seed "$seed"
+      tickets "random-$drop-fuse-$seed" --selects random --drops "$drop" --fuse --seed "$seed"
     done
   done
 fi

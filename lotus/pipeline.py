@@ -255,12 +255,12 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float
     times = {"dense": [], "lottery": []}
     for i, batch in zip(range(2 * steps + 2), loader.epoch(0)):
         mode = "dense" if i % 2 == 0 else "lottery"
-        keep = tickets.for_batch(batch).to(device) if mode == "lottery" else None
+        keep, fuse = (t if t is None else t.to(device) for t in tickets.tokens_for_batch(batch)) if mode == "lottery" else (None, None)
         images, labels = batch.images.to(device), batch.labels.to(device)
         _sync(device)
         start = time.perf_counter()
         with autocast(device):
-            logits = model(images, keep)
+            logits = model(images, keep, fuse)
         loss = F.cross_entropy(logits.float(), labels)
         opt.zero_grad()
         loss.backward()

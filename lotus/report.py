@@ -69,9 +69,10 @@ def _selection(tickets: Any) -> str:
         kind = f"by {'attention rollout over' if rollout else 'the attention of'} {blocks}" + (f", spread over {tickets.spread}x{tickets.spread} blocks of patches"
                                                    if getattr(tickets, "spread", 1) > 1 else "")
     temperature = getattr(tickets, "temperature", 0.0)
+    fused = ", the dropped ones fused into one token" if getattr(tickets, "fuse", False) else ""
     if not temperature:
-        return f"fixed per image, {kind}"
-    return "re-drawn every batch, " + (f"weight score^(1/T), T = {temperature:g}" if tickets.select == "attention" else "uniformly")
+        return f"fixed per image, {kind}{fused}"
+    return "re-drawn every batch, " + (f"weight score^(1/T), T = {temperature:g}" if tickets.select == "attention" else "uniformly") + fused
 
 
 def _fmt(value: Any, spec: str = ".2f", none: str = "-") -> str:

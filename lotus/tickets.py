@@ -39,6 +39,11 @@ Spread (`spread`). At 1 the K best patches of the image are kept wherever they a
 every S x S block of the patch grid gives its best patch first, then its second best, and so on,
 so the kept patches cover the image (the last block's class-token attention piles onto a few
 neighbouring patches: see benchmarks/tickets_keep_accuracy.py).
+
+Fused (`fuse`). Off: training sees the K kept patch tokens. On: one more token, the weighted mean
+of the dropped patch tokens (after the positional embedding), as EViT (Liang et al., 2022) fuses
+its inattentive tokens: weighted by attention score for attention tickets, uniform for random
+ones, so the context the tickets drop still reaches the model as one summary token (K + 1 tokens).
 """
 from __future__ import annotations
 
@@ -70,6 +75,7 @@ class TicketConfig:
     outlier_ratio: float = 2.0  # ...if it is also this many times its image's median norm
     temperature: float = 0.0  # 0: fixed top-K tickets; > 0: K patches re-drawn per batch, weight score ** (1 / T)
     spread: int = 1  # 1: the K best of the image; S > 1: every S x S block of patches keeps its best first
+    fuse: bool = False  # train on K kept patches plus one token fusing the dropped ones (EViT)
     batch_size: int = 256  # images per scoring pass
     seed: int = 0  # seed of the random control
 
@@ -299,16 +305,40 @@ class Tickets:
     def temperature(self) -> float:
         return self.meta["config"].get("temperature", 0.0)
 
+    @property
+    def fuse(self) -> bool:
+        return self.meta["config"].get("fuse", False)
+
     def for_batch(self, batch: Batch) -> torch.Tensor:
         """(B, K) keep indices of a batch's images, moved with their augmentation (and drawn
         afresh when the tickets are sampled)."""
         if batch.shift is None and not self.temperature:
             return self.keep_idx[batch.index]
+        return self._keep(self._moved_scores(batch))
+
+    def tokens_for_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What training feeds the model: the (B, K) keep indices, and with `fuse` the (B, N)
+        weights of the fused token (None without): over the dropped patches that lie inside the
+        image, in proportion to their attention score (EViT), or uniform for random tickets (and
+        when the dropped patches hold no attention)."""
+        if not self.fuse:
+            return self.for_batch(batch), None
+        scores = self._moved_scores(batch)
+        keep = self.keep_idx[batch.index] if batch.shift is None and not self.temperature else self._keep(scores)
+        dropped = torch.isfinite(scores).float().scatter(1, keep, 0.0)  # dropped, and inside the image
+        weights = dropped if self.meta["config"]["select"] == "random" else dropped * scores.clamp_min(0).nan_to_num(posinf=0.0)
+        weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, dropped)  # no attention left: uniform
+        return keep, weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    def _moved_scores(self, batch: Batch) -> torch.Tensor:
         scores = self.scores[batch.index]
         if self.temperature and self.meta["config"]["select"] == "random":
             scores = torch.ones_like(scores)  # the control: uniform draws
         if batch.shift is not None:
             scores = transport_scores(scores, self.grid, self.patch_size, batch.shift, batch.flip)
+        return scores
+
+    def _keep(self, scores: torch.Tensor) -> torch.Tensor:
         if self.temperature:
             scores = sample_keys(scores, self.temperature)
         return select_keep(scores, self.num_keep, self.grid, self.meta["config"].get("spread", 1))

@@ -148,7 +148,7 @@ def fit(
     *,
     meta: dict[str, Any],
     resume: bool = False,
-    keep_fn: Callable[[Batch], torch.Tensor] | None = None,
+    keep_fn: Callable[[Batch], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     masks: Masks | None = None,
 ) -> list[dict[str, Any]]:
     """Train `model` for `cfg.epochs`, evaluating and checkpointing after every epoch.
@@ -160,8 +160,9 @@ def fit(
         meta: what identifies the run (configs, preprocessing); written into every checkpoint,
             and a resumed run must match it.
         resume: continue from `out_dir`'s last completed epoch instead of starting afresh.
-        keep_fn: gives the (B, K) patch indices to train each batch on (data lottery tickets);
-            None trains on every patch.
+        keep_fn: gives the (B, K) patch indices to train each batch on (data lottery tickets)
+            and the (B, N) weights of a fused token or None (Tickets.tokens_for_batch); None
+            trains on every patch.
         masks: pruning masks (True = kept) that hold through training: pruned weights get no
             gradient and are re-zeroed, with their optimizer state, after every step.
     Returns:
@@ -202,9 +203,9 @@ def fit(
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
                 images, labels = batch.images.to(device), batch.labels.to(device)
-                keep_idx = keep_fn(batch).to(device) if keep_fn is not None else None
+                keep_idx, fuse = (t if t is None else t.to(device) for t in keep_fn(batch)) if keep_fn is not None else (None, None)
                 with autocast(device):
-                    logits = train_model(images, keep_idx)
+                    logits = train_model(images, keep_idx, fuse)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -338,9 +339,9 @@ def train(
     if tickets is not None:
         lottery = load_tickets(tickets)
         lottery.check(train_data, model_cfg.grid_size, model_cfg.patch_size or default_patch_size(model_cfg.img_size))
-        keep_fn = lottery.for_batch
+        keep_fn = lottery.tokens_for_batch
         tickets_meta = {"path": str(tickets), "drop": lottery.meta["config"]["drop"], "select": lottery.meta["config"]["select"],
-                        "temperature": lottery.temperature, "num_keep": lottery.num_keep, "sha256": lottery.meta["sha256"]}
+                        "temperature": lottery.temperature, "fuse": lottery.fuse, "num_keep": lottery.num_keep, "sha256": lottery.meta["sha256"]}
     train_loader = BatchLoader(
         train_data, cfg.batch_size, mean, std, shuffle=True, augment=default_augment(data_cfg.name),
         drop_last=len(train_data) >= 2 * cfg.batch_size, seed=cfg.seed,

@@ -46,40 +46,45 @@ def default_patch_size(img_size: int) -> int:
     return 16
 
 
-def gather_tokens(x: torch.Tensor, keep_idx: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, keep_idx: torch.Tensor, num_prefix_tokens: int, fuse: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the prefix (class, register) tokens and the patch tokens at `keep_idx`.
 
     Args:
         x: (B, P + N, D) tokens, P prefix tokens then N patch tokens.
         keep_idx: (B, K) indices into the N patch tokens, int64.
+        fuse: optional (B, N) weights over the patch tokens (zero on the kept ones): one more
+            token is appended, the weighted sum of the patch tokens (EViT's fused token).
     Returns:
-        (B, P + K, D) tokens.
+        (B, P + K, D) tokens, or (B, P + K + 1, D) with `fuse`.
     """
     prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
     kept = torch.gather(patches, 1, keep_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-    return torch.cat([prefix, kept], dim=1)
+    if fuse is None:
+        return torch.cat([prefix, kept], dim=1)
+    fused = torch.einsum("bn,bnd->bd", fuse.to(patches.dtype), patches).unsqueeze(1)
+    return torch.cat([prefix, kept, fused], dim=1)
 
 
 class TokenGatherViT(VisionTransformer):
-    """timm's VisionTransformer with `forward(x, keep_idx=None)`.
+    """timm's VisionTransformer with `forward(x, keep_idx=None, fuse=None)`.
 
     Differs from timm only by the `gather_tokens` call after `_pos_embed`; attention masks,
     causal attention and gradient checkpointing are not used by LOTUS and not supported here.
     """
 
-    def forward_features(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None, fuse: torch.Tensor | None = None) -> torch.Tensor:
         x = self.patch_embed(x)
         x = self._pos_embed(x)  # positional embeddings are added before any patch is dropped
         if keep_idx is not None:
-            x = gather_tokens(x, keep_idx, self.num_prefix_tokens)
+            x = gather_tokens(x, keep_idx, self.num_prefix_tokens, fuse)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
         x = self.blocks(x)
         x = self.norm(x)
         return x
 
-    def forward(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.forward_features(x, keep_idx)
+    def forward(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None, fuse: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.forward_features(x, keep_idx, fuse)
         return self.forward_head(x)
 
     def forward_dropping(self, x: torch.Tensor, num_keep: int, select_block: int) -> torch.Tensor:

@@ -75,7 +75,8 @@ def test_compress_writes_the_run_folder_and_reproduces_from_its_recipe(tmp_path)
 
 def test_compress_with_structure_fine_tunes_a_shrunk_model(tmp_path):
     recipe = tiny_recipe(tmp_path / "tiny.yaml", finetune=TrainConfig(epochs=1, batch_size=64, lr=5e-4, warmup_epochs=0.5))
-    done = lotus("compress", "--recipe", recipe, "--structure", "heads=0.34,mlp=0.5", "--layers", "all", "--out", tmp_path / "s")
+    done = lotus("compress", "--recipe", recipe, "--structure", "heads=0.34,mlp=0.5", "--layers", "all", "--fuse",
+                 "--out", tmp_path / "s")
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert metrics["structure"] == {"num_heads": [2], "mlp_hidden": [384]} and 0.5 < metrics["parameters_ratio"] < 0.8
     assert metrics["sparsity"] == pytest.approx(0.3, abs=0.01)  # the unstructured masks were cut to the new shapes
@@ -87,8 +88,9 @@ def test_compress_with_structure_fine_tunes_a_shrunk_model(tmp_path):
     assert structure_of(model) == metrics["structure"] and meta["masks"]
     assert "Structured: heads per block [2]" in (tmp_path / "s" / "report.md").read_text()
     assert load_recipe(tmp_path / "s" / "recipe.yaml").structure.mlp == 0.5
-    assert load_recipe(tmp_path / "s" / "recipe.yaml").tickets.layers == "all"  # tickets scored by every block's attention
-    assert "by the attention of all blocks" in (tmp_path / "s" / "report.md").read_text()
+    tickets = load_recipe(tmp_path / "s" / "recipe.yaml").tickets
+    assert tickets.layers == "all" and tickets.fuse  # scored by every block's attention, dropped patches fused
+    assert "by the attention of all blocks, the dropped ones fused into one token" in (tmp_path / "s" / "report.md").read_text()
     bad = lotus("compress", "--recipe", recipe, "--structure", "heads=half", "--out", tmp_path / "t", check=False)
     assert bad.returncode == 2 and "--structure heads" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -1,5 +1,6 @@
 """Data lottery tickets: the score corrections, exact K, fingerprints, and training on kept patches."""
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from lotus.tickets import (
     transport_scores,
 )
 from lotus.train import TrainConfig, train
-from lotus.vit import ModelConfig, build_model
+from lotus.vit import ModelConfig, build_model, gather_tokens
 
 
 def test_cls_sink_is_replaced_by_the_mean_of_the_other_entries():
@@ -249,9 +250,10 @@ def test_tickets_are_refused_on_other_data(tiny_cfg, tmp_path):
         loaded.check(data, grid=8, patch_size=2)
 
 
-def test_training_on_tickets_feeds_k_tokens_to_the_blocks(tiny_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_training_on_tickets_feeds_k_tokens_to_the_blocks(tiny_cfg, tmp_path, monkeypatch, fuse):
     data, model, mean, std = _digits_and_model(tiny_cfg)
-    save_tickets(make_tickets(model, data, mean, std, TicketConfig(drop=0.5)), tmp_path / "tickets")
+    save_tickets(make_tickets(model, data, mean, std, TicketConfig(drop=0.5, fuse=fuse)), tmp_path / "tickets")
 
     seen = []
     import lotus.train as T
@@ -268,11 +270,40 @@ def test_training_on_tickets_feeds_k_tokens_to_the_blocks(tiny_cfg, tmp_path, mo
                     tmp_path / "run", tickets=tmp_path / "tickets")
     train_lengths = {n for training, n in seen if training}
     eval_lengths = {n for training, n in seen if not training}
-    assert train_lengths == {1 + 8}  # class token + 8 of 16 patches in every training step
+    assert train_lengths == {1 + 8 + fuse}  # class token + 8 of 16 patches (+ the fused token) in every training step
     assert eval_lengths == {1 + 16}  # evaluation sees whole images
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
-    assert meta["tickets"]["num_keep"] == 8 and meta["tickets"]["drop"] == 0.5
+    assert meta["tickets"]["num_keep"] == 8 and meta["tickets"]["drop"] == 0.5 and meta["tickets"]["fuse"] == fuse
     assert history[0]["test_accuracy"] >= 0
+
+
+def test_fused_token_is_the_weighted_sum_of_the_dropped_patch_tokens():
+    x = torch.randn(2, 1 + 4, 3)  # class token + 4 patch tokens
+    keep = torch.tensor([[0, 2], [1, 3]])
+    weights = torch.tensor([[0.0, 0.25, 0.0, 0.75], [0.5, 0.0, 0.5, 0.0]])
+    out = gather_tokens(x, keep, 1, weights)
+    assert out.shape == (2, 1 + 2 + 1, 3)
+    assert torch.equal(out[:, :3], gather_tokens(x, keep, 1))  # the kept tokens are untouched
+    assert torch.allclose(out[0, -1], 0.25 * x[0, 2] + 0.75 * x[0, 4])
+    assert torch.allclose(out[1, -1], 0.5 * x[1, 1] + 0.5 * x[1, 3])
+
+
+@pytest.mark.parametrize("select", ["attention", "random"])
+def test_fusion_weights_cover_the_dropped_patches_inside_the_image(select):
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.0, 0.0, 0.0, 0.0, 0.1, 0.1, 0.1, 0.1]])
+    cfg = TicketConfig(drop=0.5, select=select, fuse=True)
+    tickets = Tickets(keep_from_scores(scores, 8), scores, 4, 4, {"config": asdict(cfg)})
+    batch = Batch(torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long), torch.tensor([0]), None, None)
+    keep, weights = tickets.tokens_for_batch(batch)
+    assert torch.equal(keep, tickets.for_batch(batch))
+    assert torch.all(weights[0, keep[0]] == 0) and weights.sum().item() == pytest.approx(1.0)
+    dropped = torch.ones(16, dtype=torch.bool).scatter(0, keep[0], False)
+    expected = torch.ones(8) / 8 if select == "random" else scores[0, dropped] / scores[0, dropped].sum()
+    assert torch.allclose(weights[0, dropped], expected)
+    # shifted one patch down: the top row comes from the padding, is dropped first, and gets no weight
+    shifted = Batch(batch.images, batch.labels, batch.index, torch.tensor([[4, 0]]), torch.tensor([False]))
+    keep, weights = tickets.tokens_for_batch(shifted)
+    assert keep.shape == (1, 8) and torch.all(weights[0, :4] == 0) and weights.sum().item() == pytest.approx(1.0)
 
 
 def test_tickets_from_the_wrong_split_size_fail_in_train(tiny_cfg, tmp_path):
