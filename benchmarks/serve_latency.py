@@ -40,15 +40,15 @@ from common import RESULTS, ROOT, write_result
 from serve.bench import HttpBenchConfig, bench_http, format_table, save_plot
 
 
-def synthetic_model(out: Path) -> Path:
-    """ViT-Tiny (width 192, depth 12) on 32x32 images with 4x4 patches, random weights, exported."""
+def synthetic_model(out: Path, depth: int | None = None) -> Path:
+    """ViT-Tiny (width 192, depth 12, or `depth`) on 32x32 images with 4x4 patches, random weights, exported."""
     import torch
 
     from lotus.checkpoint import save_model
     from lotus.export import ExportConfig, export_onnx
     from lotus.vit import ModelConfig, build_model
 
-    cfg = ModelConfig(num_classes=10, img_size=32, patch_size=4, drop_path_rate=0.0)
+    cfg = ModelConfig(num_classes=10, img_size=32, patch_size=4, depth=depth, drop_path_rate=0.0)
     torch.manual_seed(0)
     pre = {"img_size": 32, "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616],
            "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
