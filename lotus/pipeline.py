@@ -28,7 +28,7 @@ from lotus.masks import nm_pattern, prunable_names, sparsity_report
 from lotus.prune import ISPConfig, PruneConfig, SweepConfig, isp, prune_oneshot, prune_structured, sweep
 from lotus.structured import StructuredConfig
 from lotus.tickets import TicketConfig, tickets_from_checkpoint
-from lotus.train import TrainConfig, default_configs, evaluate_checkpoint, train
+from lotus.train import TrainConfig, batch_tokens, default_configs, evaluate_checkpoint, train
 from lotus.vit import ModelConfig
 
 STAGES = ("baseline", "tickets", "prune", "isp", "structure", "finetune", "evaluate", "report")
@@ -255,7 +255,7 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float
     times = {"dense": [], "lottery": []}
     for i, batch in zip(range(2 * steps + 2), loader.epoch(0)):
         mode = "dense" if i % 2 == 0 else "lottery"
-        keep, fuse = (t if t is None else t.to(device) for t in tickets.tokens_for_batch(batch)) if mode == "lottery" else (None, None)
+        keep, fuse = batch_tokens(tickets.tokens_for_batch if mode == "lottery" else None, batch, device)
         images, labels = batch.images.to(device), batch.labels.to(device)
         _sync(device)
         start = time.perf_counter()

@@ -58,16 +58,22 @@ def write_report(run: Path, cfg: Any, done: dict[str, dict[str, Any]]) -> dict[s
     return metrics
 
 
+def _scoring(tickets: Any) -> str:
+    """Which attention scored the patches, in words."""
+    layers = getattr(tickets, "layers", None)
+    rollout = getattr(tickets, "method", "cls") == "rollout"
+    if layers == "all" or (rollout and not layers):
+        blocks = "all blocks"
+    else:
+        blocks = "blocks " + ", ".join(map(str, layers)) if layers else "the last block"
+    return f"{'attention rollout over' if rollout else 'the attention of'} {blocks}"
+
+
 def _selection(tickets: Any) -> str:
     """How the kept patches were chosen, in words."""
-    kind = "at random"
-    if tickets.select == "attention":
-        layers = getattr(tickets, "layers", None)
-        rollout = getattr(tickets, "method", "cls") == "rollout"
-        blocks = ("all blocks" if rollout else "the last block") if not layers else "all blocks" if layers == "all" \
-            else "blocks " + ", ".join(map(str, layers))
-        kind = f"by {'attention rollout over' if rollout else 'the attention of'} {blocks}" + (f", spread over {tickets.spread}x{tickets.spread} blocks of patches"
-                                                   if getattr(tickets, "spread", 1) > 1 else "")
+    kind = f"by {_scoring(tickets)}" if tickets.select == "attention" else "at random"
+    if tickets.select == "attention" and getattr(tickets, "spread", 1) > 1:
+        kind += f", spread over {tickets.spread}x{tickets.spread} blocks of patches"
     temperature = getattr(tickets, "temperature", 0.0)
     fused = ", the dropped ones fused into one token" if getattr(tickets, "fuse", False) else ""
     if not temperature:

@@ -326,7 +326,7 @@ class Tickets:
         scores = self._moved_scores(batch)
         keep = self.keep_idx[batch.index] if batch.shift is None and not self.temperature else self._keep(scores)
         dropped = torch.isfinite(scores).float().scatter(1, keep, 0.0)  # dropped, and inside the image
-        weights = dropped if self.meta["config"]["select"] == "random" else dropped * scores.clamp_min(0).nan_to_num(posinf=0.0)
+        weights = dropped if self.meta["config"]["select"] == "random" else dropped * scores.clamp_min(0)
         weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, dropped)  # no attention left: uniform
         return keep, weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
 

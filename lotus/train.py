@@ -139,6 +139,15 @@ def _restore(
     return saved["history"], saved["epoch"]
 
 
+def batch_tokens(keep_fn: Callable[[Batch], tuple[torch.Tensor, torch.Tensor | None]] | None, batch: Batch,
+                 device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A batch's keep indices and fused-token weights on `device` (None, None without tickets)."""
+    if keep_fn is None:
+        return None, None
+    keep_idx, fuse = keep_fn(batch)
+    return keep_idx.to(device), None if fuse is None else fuse.to(device)
+
+
 def fit(
     model: TokenGatherViT,
     train_loader: BatchLoader,
@@ -203,7 +212,7 @@ def fit(
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
                 images, labels = batch.images.to(device), batch.labels.to(device)
-                keep_idx, fuse = (t if t is None else t.to(device) for t in keep_fn(batch)) if keep_fn is not None else (None, None)
+                keep_idx, fuse = batch_tokens(keep_fn, batch, device)
                 with autocast(device):
                     logits = train_model(images, keep_idx, fuse)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
