@@ -120,7 +120,8 @@ if has selector; then  # a longer-trained scorer (SELECTOR_EPOCHS), then its tic
   SEL=$WORK/selector${SELECTOR_EPOCHS:=20}
   [ -f "$SEL/model.json" ] || run selector cifar10_baseline.py --epochs "$SELECTOR_EPOCHS" --warmup-epochs 1 --archive "$ARCHIVE" \
     --out "$SEL" --name "cifar10_baseline_$SELECTOR_EPOCHS"
-  for drop in 0.5 0.3; do
+  [ -f "$SEL/model.json" ] || echo "no selector: its tickets are not trained" | tee -a "$RAW/logs/driver.log"
+  [ -f "$SEL/model.json" ] && for drop in 0.5 0.3; do
     for args in "--layers all --seed 0" "--layers all --seed 1" "--seed 0"; do
       run "tickets-$drop-selector$SELECTOR_EPOCHS${args// /}" cifar10_tickets.py --epochs "$EPOCHS" --baseline "$SEL" \
         --work "$WORK/tickets" --archive "$ARCHIVE" --selects attention --drops "$drop" --tag "selector$SELECTOR_EPOCHS" $args &

@@ -23,12 +23,15 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from lotus.bench import percentiles
 from lotus.errors import LotusError
+
+if TYPE_CHECKING:
+    from serve.model import ServedModel
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ async def _closed_loop(client, path: str, body: bytes, headers: dict[str, str], 
     return latencies, errors
 
 
-async def _bench(url: str, cfg: HttpBenchConfig, local, progress: Callable[[int, int], None], log: Callable[[str], None]) -> dict[str, Any]:
+async def _bench(url: str, cfg: HttpBenchConfig, local: ServedModel | None, progress: Callable[[int, int], None], log: Callable[[str], None]) -> dict[str, Any]:
     import aiohttp
 
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -197,7 +200,7 @@ def bench_http(
     return result
 
 
-def _time_runs(model, images: np.ndarray, drop: float, runs: int, warmup: int = 5) -> list[float]:
+def _time_runs(model: ServedModel, images: np.ndarray, drop: float, runs: int, warmup: int = 5) -> list[float]:
     """Seconds of `runs` ONNX Runtime calls, one after another, on the session the server makes
     (serve.model.serving_session): the baseline the HTTP overhead is measured against.
 
