@@ -163,6 +163,7 @@ def tickets(
     spread: Annotated[int, typer.Option(help="1: keep each image's K best patches; S > 1: every S x S block of patches keeps its best first, so the kept patches cover the image.")] = 1,
     fuse: Annotated[bool, typer.Option("--fuse", help="Train on the kept patches plus one token fusing the dropped ones, weighted by attention (EViT).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of --select random.")] = 0,
+    scores_from: Annotated[Optional[Path], typer.Option(help="Earlier tickets of this checkpoint and data: cut their scores again (another --drop, --spread, --temperature or --fuse) instead of scoring.")] = None,
     device: DeviceOpt = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Tickets folder (default: a new runs/tickets-DATE-TIME).")] = None,
 ) -> None:
@@ -177,10 +178,10 @@ def tickets(
     checkpoint = checkpoint or latest_run()
     out = out or new_run_dir("tickets")
     with make_progress() as progress:
-        task = progress.add_task("scoring patches", total=None, status="")
+        task = progress.add_task("scoring patches" if scores_from is None else "cutting earlier scores", total=None, status="")
         result = tickets_from_checkpoint(
             checkpoint, DataConfig(data, data_dir=str(data_dir), download=download), cfg, out, device=device,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            progress=lambda done, total: progress.update(task, completed=done, total=total), scores_from=scores_from,
         )
     m = result.meta
     err.print(f"kept {result.num_keep} of {m['num_patches']} patches in each of {m['data']['num_images']} images "

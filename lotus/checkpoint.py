@@ -72,7 +72,8 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     blob = save(tensors)
     weights = _with_suffix(stem, ".safetensors")
     atomic_write_bytes(weights, blob)
-    sidecar = {"format": FORMAT, "lotus_version": lotus.__version__, "sha256": hashlib.sha256(blob).hexdigest(), **meta}
+    # the file's own fields last: a meta read from another checkpoint cannot carry a stale hash over
+    sidecar = {**meta, "format": FORMAT, "lotus_version": lotus.__version__, "sha256": hashlib.sha256(blob).hexdigest()}
     atomic_write_text(_with_suffix(stem, ".json"), json.dumps(sidecar, indent=2) + "\n")
     return weights
 

@@ -48,6 +48,7 @@ ones, so the context the tickets drop still reaches the model as one summary tok
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -369,8 +370,7 @@ def make_tickets(
     """
     grid = model.patch_embed.grid_size[0]
     patch_size = model.patch_embed.patch_size[0]
-    if grid % cfg.spread:
-        raise LotusError(f"--spread {cfg.spread} does not divide the {grid}x{grid} patch grid: use a divisor of {grid}")
+    _check_spread(cfg.spread, grid)
     N = grid * grid
     k = num_keep(N, cfg.drop)
     model.eval().to(device)
@@ -395,6 +395,31 @@ def make_tickets(
     return Tickets(select_keep(scores, k, grid, cfg.spread), scores, grid, patch_size, meta)
 
 
+# The settings that decide the scores; the others (drop, temperature, spread, fuse) only cut them.
+SCORING_FIELDS = ("select", "method", "layers", "cls_sink", "norm_outliers", "outlier_z", "outlier_ratio")
+
+
+def recut_tickets(tickets: Tickets, cfg: TicketConfig) -> Tickets:
+    """The same scores cut again with `cfg`: another drop ratio, temperature, spread or fuse,
+    without a scoring pass. Refused when `cfg` would score differently (selection, method,
+    blocks, corrections; for random tickets also the seed)."""
+    made, wanted = tickets.meta["config"], asdict(cfg)
+    fields = SCORING_FIELDS + (("seed",) if cfg.select == "random" else ())
+    differ = [f"{f} {made.get(f)!r} (asked: {wanted[f]!r})" for f in fields
+              if json.dumps(made.get(f)) != json.dumps(wanted[f])]  # as JSON: the saved config holds lists for tuples
+    if differ:
+        raise LotusError(f"these tickets were scored with other settings, {', '.join(differ)}: score again with `lotus tickets`")
+    _check_spread(cfg.spread, tickets.grid)
+    k = num_keep(tickets.grid ** 2, cfg.drop)
+    meta = {**tickets.meta, "config": wanted, "num_keep": k}
+    return Tickets(select_keep(tickets.scores, k, tickets.grid, cfg.spread), tickets.scores, tickets.grid, tickets.patch_size, meta)
+
+
+def _check_spread(spread: int, grid: int) -> None:
+    if grid % spread:
+        raise LotusError(f"--spread {spread} does not divide the {grid}x{grid} patch grid: use a divisor of {grid}")
+
+
 def save_tickets(tickets: Tickets, out_dir: str | Path) -> Path:
     # Keep indices fit int16 for any grid up to 181x181; scores stay fp32 (N floats per image).
     tensors = {"keep_idx": tickets.keep_idx.to(torch.int16), "scores": tickets.scores}
@@ -413,9 +438,17 @@ def load_tickets(path: str | Path) -> Tickets:
     return Tickets(tensors["keep_idx"].long(), tensors["scores"].float(), grid, patch_size, meta)
 
 
-def tickets_from_checkpoint(checkpoint: str | Path, data_cfg: DataConfig, cfg: TicketConfig, out_dir: str | Path, *, device: str = "auto", progress=None) -> Tickets:
+def tickets_from_checkpoint(
+    checkpoint: str | Path, data_cfg: DataConfig, cfg: TicketConfig, out_dir: str | Path, *,
+    device: str = "auto", progress=None, scores_from: str | Path | None = None,
+) -> Tickets:
     """What `lotus tickets` runs: score a dataset's training split with a checkpoint, write
-    `out_dir/tickets.safetensors` + `tickets.json` and the figure `out_dir/tickets.png`."""
+    `out_dir/tickets.safetensors` + `tickets.json` and the figure `out_dir/tickets.png`.
+
+    Args:
+        scores_from: earlier tickets of the same checkpoint and data: their scores are cut again
+            with `cfg` (see `recut_tickets`) instead of running the model over the data.
+    """
     from lotus.checkpoint import load_model
     from lotus.data import load_split_for_model
     from lotus.device import resolve_device
@@ -425,7 +458,15 @@ def tickets_from_checkpoint(checkpoint: str | Path, data_cfg: DataConfig, cfg: T
     model, meta = load_model(checkpoint, dev)
     pre = meta["preprocess"]
     data = load_split_for_model(data_cfg, pre, "train")
-    tickets = make_tickets(model, data, pre["mean"], pre["std"], cfg, model_sha256=meta["sha256"], device=dev, progress=progress)
+    if scores_from is None:
+        tickets = make_tickets(model, data, pre["mean"], pre["std"], cfg, model_sha256=meta["sha256"], device=dev, progress=progress)
+    else:
+        earlier = load_tickets(scores_from)
+        earlier.check(data, model.patch_embed.grid_size[0], model.patch_embed.patch_size[0])
+        if cfg.select == "attention" and earlier.meta["model_sha256"] != meta["sha256"]:
+            raise LotusError(f"the tickets in {scores_from} were scored by another model than {checkpoint}: "
+                             "pass the checkpoint that scored them, or score again without --scores-from")
+        tickets = recut_tickets(earlier, cfg)
     out_dir = Path(out_dir)
     save_tickets(tickets, out_dir)
     show = _one_per_class(data.labels, 16)

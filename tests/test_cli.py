@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 LOTUS = str(Path(sys.executable).with_name("lotus"))
 FAST = ["--depth", "1", "--batch-size", "16", "--seed", "3"]
@@ -89,3 +90,12 @@ def test_tickets_then_train_on_them(tmp_path):
     assert meta["tickets"]["num_keep"] == 12
     bad = lotus("tickets", "--checkpoint", tmp_path / "base", "--drop", "1.5", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "--drop 1.5 is outside [0, 1)" in bad.stderr
+    # the same scores cut at another drop ratio, without scoring again
+    proc = lotus("tickets", "--checkpoint", tmp_path / "base", "--scores-from", tmp_path / "tk", "--drop", "0.5", "--out", tmp_path / "tk2")
+    assert "kept 8 of 16 patches" in proc.stderr.replace("\n", " ")
+    from lotus.tickets import load_tickets
+
+    first, second = load_tickets(tmp_path / "tk"), load_tickets(tmp_path / "tk2")
+    assert torch.equal(second.scores, first.scores) and torch.equal(second.keep_idx, second.scores.topk(8).indices.sort().values)
+    bad = lotus("tickets", "--checkpoint", tmp_path / "base", "--scores-from", tmp_path / "tk", "--layers", "all", "--out", tmp_path / "x", check=False)
+    assert bad.returncode == 2 and "scored with other settings, layers None (asked: 'all')" in bad.stderr and not (tmp_path / "x").exists()

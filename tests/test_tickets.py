@@ -19,6 +19,7 @@ from lotus.tickets import (
     norm_outliers,
     num_keep,
     parse_layers,
+    recut_tickets,
     sample_keys,
     save_tickets,
     score_batch,
@@ -231,6 +232,27 @@ def test_every_image_keeps_exactly_k(tiny_cfg, cfg, tmp_path):
     batch = next(loader.epoch(0))
     keep = loaded.for_batch(batch)
     assert keep.shape == (64, k) and all(len(set(r.tolist())) == k for r in keep)
+
+
+def test_recut_tickets_are_the_tickets_scored_at_that_setting(tiny_cfg, tmp_path):
+    data, model, mean, std = _digits_and_model(tiny_cfg)
+    scored = make_tickets(model, data, mean, std, TicketConfig(drop=0.5, layers=(0, 1)))
+    save_tickets(scored, tmp_path)  # the saved config holds layers as a list
+    cut = TicketConfig(drop=0.25, layers=(0, 1), spread=2, fuse=True)
+    loaded = load_tickets(tmp_path)
+    recut = recut_tickets(loaded, cut)
+    direct = make_tickets(model, data, mean, std, cut)
+    assert recut.num_keep == 12 and torch.equal(recut.keep_idx, direct.keep_idx) and torch.equal(recut.scores, direct.scores)
+    assert recut.meta["config"] == direct.meta["config"] and recut.fuse
+    with pytest.raises(LotusError, match=r"scored with other settings, layers \[0, 1\] \(asked: 'all'\): score again"):
+        recut_tickets(loaded, TicketConfig(drop=0.25, layers="all"))
+    with pytest.raises(LotusError, match="does not divide the 4x4 patch grid"):
+        recut_tickets(scored, TicketConfig(drop=0.25, layers=(0, 1), spread=3))
+    random = make_tickets(model, data, mean, std, TicketConfig(drop=0.5, select="random", seed=1))
+    assert torch.equal(recut_tickets(random, TicketConfig(drop=0.25, select="random", seed=1)).keep_idx,
+                       make_tickets(model, data, mean, std, TicketConfig(drop=0.25, select="random", seed=1)).keep_idx)
+    with pytest.raises(LotusError, match="seed 1 \\(asked: 0\\)"):
+        recut_tickets(random, TicketConfig(drop=0.25, select="random"))
 
 
 def test_tickets_are_refused_on_other_data(tiny_cfg, tmp_path):
