@@ -76,9 +76,10 @@ def report(epochs: int) -> None:
                 print(f"{name:>28}: mean {sum(accs) / len(accs):.2f} (" + ", ".join(f"{a:.2f}" for a in accs) + ")")
     grid = {n: r for n, r in runs.items() if n == "full" or re.fullmatch(r"(attention|random)-[0-9.]+", n)}  # the default scoring, seed 0
     _plot(grid, out / "curves.png", "CIFAR-10 tickets grid")
-    variants = _seed_means({n: r for n, r in runs.items() if n == "full" or r["drop"] == 0.5})
-    if len(variants) > len(grid.keys() & variants.keys()):
-        _plot(variants, out / "curves-drop0.5.png", "CIFAR-10, drop 0.5: selections (seed means)")
+    for drop in (0.3, 0.5):  # every selection tried at this ratio, seeds averaged
+        variants = _seed_means({n: r for n, r in runs.items() if n == "full" or r["drop"] == drop})
+        if len(variants) > len(grid.keys() & variants.keys()):
+            _plot(variants, out / f"curves-drop{drop:g}.png", f"CIFAR-10, drop {drop:g}: selections (seed means)")
 
 
 def _seed_means(runs: dict[str, dict]) -> dict[str, dict]:
@@ -132,6 +133,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the training run (and of the random tickets)")
     p.add_argument("--fuse", action="store_true", help="one more token fusing the dropped patches (lotus tickets --fuse)")
     p.add_argument("--tag", default="", help="added to the attention runs' names, e.g. which --baseline scored them")
+    p.add_argument("--scores-from", type=Path, default=None,
+                   help="earlier attention tickets of the same baseline: cut their scores again (lotus tickets --scores-from)")
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-cifar10-tickets")
     p.add_argument("--report-only", action="store_true")
@@ -164,7 +167,8 @@ def main() -> None:
                 start = time.perf_counter()
                 ticket_cfg = TicketConfig(drop=drop, select=select, method=args.method, layers=layers,
                                           temperature=args.temperature, spread=args.spread, fuse=args.fuse, seed=args.seed)
-                tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir)
+                scores_from = args.scores_from if select == "attention" else None
+                tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir, scores_from=scores_from)
                 scoring_seconds = time.perf_counter() - start
         start = time.perf_counter()
         history = train(data_cfg, ModelConfig(), train_cfg, args.work / f"epochs{args.epochs}-{name}", tickets=tickets_dir, resume=True)
