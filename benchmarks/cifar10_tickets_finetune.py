@@ -41,9 +41,9 @@ def report(out: Path) -> None:
     if not runs:
         print("no runs saved yet")
         return
-    pruned = next(iter(runs.values()))["pruned_accuracy"]
-    print(f"pruned model before fine-tuning: {pruned:.2f}%")
-    print(f"{'run':>30} " + " ".join(f"{'ep' + str(h['epoch']):>6}" for h in next(iter(runs.values()))["history"]) + f" {'s/epoch':>8}")
+    first = next(iter(runs.values()))
+    print(f"pruned model before fine-tuning: {first['pruned_accuracy']:.2f}%")
+    print(f"{'run':>30} " + " ".join(f"{'ep' + str(h['epoch']):>6}" for h in first["history"]) + f" {'s/epoch':>8}")
     for name, r in runs.items():
         seconds = sum(h["epoch_seconds"] for h in r["history"]) / len(r["history"])
         print(f"{name:>30} " + " ".join(f"{h['test_accuracy']:6.2f}" for h in r["history"]) + f" {seconds:8.0f}")
@@ -51,7 +51,7 @@ def report(out: Path) -> None:
     for name, r in means.items():
         if "(mean of" in name:
             print(f"{name:>40}: {r['history'][-1]['test_accuracy']:.2f}")
-    _plot(means, out / "curves.png", f"fine-tuning the {runs[next(iter(runs))]['sparsity']:g}-sparse model")
+    _plot(means, out / "curves.png", f"fine-tuning the {first['sparsity']:g}-sparse model")
 
 
 def main() -> None:
