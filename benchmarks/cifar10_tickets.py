@@ -132,6 +132,7 @@ def main() -> None:
     p.add_argument("--spread", type=int, default=1, help="keep the best of every S x S block of patches first (lotus tickets --spread)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training run (and of the random tickets)")
     p.add_argument("--fuse", action="store_true", help="one more token fusing the dropped patches (lotus tickets --fuse)")
+    p.add_argument("--balance", action="store_true", help="rank attention scores by patch position (lotus tickets --balance)")
     p.add_argument("--tag", default="", help="added to the attention runs' names, e.g. which --baseline scored them")
     p.add_argument("--scores-from", type=Path, default=None,
                    help="earlier attention tickets of the same baseline: cut their scores again (lotus tickets --scores-from)")
@@ -153,7 +154,8 @@ def main() -> None:
     for select, drop in todo:
         layers = parse_layers(args.layers)
         scoring = "-".join(([args.method] if args.method != "cls" else []) + ([f"layers{args.layers.replace(',', '.')}"] if layers else [])
-                           + ([f"spread{args.spread}"] if args.spread > 1 else []) + ([args.tag] if args.tag else []))
+                           + ([f"spread{args.spread}"] if args.spread > 1 else []) + (["balance"] if args.balance else [])
+                           + ([args.tag] if args.tag else []))
         name = run_name(select, drop, args.temperature, args.seed, scoring, args.fuse)
         result_path = out / f"{name}.json"
         if result_path.exists():
@@ -166,7 +168,8 @@ def main() -> None:
             if not (tickets_dir / "tickets.json").exists():
                 start = time.perf_counter()
                 ticket_cfg = TicketConfig(drop=drop, select=select, method=args.method, layers=layers,
-                                          temperature=args.temperature, spread=args.spread, fuse=args.fuse, seed=args.seed)
+                                          temperature=args.temperature, spread=args.spread, fuse=args.fuse, seed=args.seed,
+                                          balance=args.balance and select == "attention")
                 scores_from = args.scores_from if select == "attention" else None
                 tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir, scores_from=scores_from)
                 scoring_seconds = time.perf_counter() - start
@@ -174,7 +177,8 @@ def main() -> None:
         history = train(data_cfg, ModelConfig(), train_cfg, args.work / f"epochs{args.epochs}-{name}", tickets=tickets_dir, resume=True)
         result = {
             "machine": machine(), "run": name, "select": select, "drop": drop, "temperature": args.temperature, "seed": args.seed,
-            "method": args.method, "layers": layers, "fuse": args.fuse, "tag": args.tag, "spread": args.spread, "train": asdict(train_cfg),
+            "method": args.method, "layers": layers, "fuse": args.fuse, "tag": args.tag, "spread": args.spread,
+            "balance": args.balance and select == "attention", "train": asdict(train_cfg),
             "baseline": str(args.baseline), "scoring_seconds": scoring_seconds,
             "wall_seconds": time.perf_counter() - start, "history": history,
             "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),

@@ -161,9 +161,10 @@ def tickets(
     norm_outliers: Annotated[bool, typer.Option(help="Replace scores of high-norm outlier patch tokens by their neighbours' mean.")] = True,
     temperature: Annotated[float, typer.Option(help="0: fixed tickets, each image's top-K patches every epoch (the published method). >0: K patches re-drawn in every batch, patch i with weight score**(1/T), 1 = in proportion to its attention; with --select random, uniform re-draws.")] = 0.0,
     spread: Annotated[int, typer.Option(help="1: keep each image's K best patches; S > 1: every S x S block of patches keeps its best first, so the kept patches cover the image.")] = 1,
+    balance: Annotated[bool, typer.Option("--balance", help="Rank each patch's score among all images' scores at its position, so every position is kept about equally often (attention tickets).")] = False,
     fuse: Annotated[bool, typer.Option("--fuse", help="Train on the kept patches plus one token fusing the dropped ones, weighted by attention (EViT).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of --select random.")] = 0,
-    scores_from: Annotated[Optional[Path], typer.Option(help="Earlier tickets of this checkpoint and data: cut their scores again (another --drop, --spread, --temperature or --fuse) instead of scoring.")] = None,
+    scores_from: Annotated[Optional[Path], typer.Option(help="Earlier tickets of this checkpoint and data: cut their scores again (another --drop, --spread, --temperature, --balance or --fuse) instead of scoring.")] = None,
     device: DeviceOpt = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Tickets folder (default: a new runs/tickets-DATE-TIME).")] = None,
 ) -> None:
@@ -174,7 +175,8 @@ def tickets(
     from lotus.train import make_progress
 
     cfg = TicketConfig(drop=drop, select=select.value, method=method.value, layers=parse_layers(layers),
-                       cls_sink=cls_sink, norm_outliers=norm_outliers, temperature=temperature, spread=spread, fuse=fuse, seed=seed)
+                       cls_sink=cls_sink, norm_outliers=norm_outliers, temperature=temperature, spread=spread, balance=balance,
+                       fuse=fuse, seed=seed)
     checkpoint = checkpoint or latest_run()
     out = out or new_run_dir("tickets")
     with make_progress() as progress:
@@ -205,6 +207,7 @@ def compress(
     temperature: Annotated[Optional[float], typer.Option(help="Ticket sampling: 0 keeps each image's top-K (default); >0 re-draws K patches per batch, weight score**(1/T) (see `lotus tickets`).")] = None,
     spread: Annotated[Optional[int], typer.Option(help="Tickets: S > 1 keeps the best of every S x S block of patches first (see `lotus tickets`). [default: 1]")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Tickets: blocks whose attention scores the patches, 'all' or e.g. '9,10,11' (see `lotus tickets`). [default: the last]")] = None,
+    balance: Annotated[Optional[bool], typer.Option("--balance", help="Tickets: rank scores by patch position, so every position is kept about equally often (see `lotus tickets`).")] = None,
     fuse: Annotated[Optional[bool], typer.Option("--fuse", help="Tickets: one more token fusing the dropped patches (see `lotus tickets`).")] = None,
     structure: Annotated[Optional[str], typer.Option(help="Structured pruning before fine-tuning, e.g. 'heads=0.34,mlp=0.5' (shares removed; see `lotus prune structured`).")] = None,
     structure_importance: Annotated[Optional[str], typer.Option(help="With --structure: 'magnitude' (default), 'activation' or 'taylor'.")] = None,
@@ -233,7 +236,7 @@ def compress(
         data=replace(cfg.data, **_given(data_dir=str(data_dir) if data_dir else None, download=download)),
         model=replace(cfg.model, **_given(name=model, pretrained=pretrained)),
         tickets=replace(cfg.tickets, **_given(drop=drop, select=select.value if select else None, temperature=temperature, spread=spread,
-                                              layers=parse_layers(layers), fuse=fuse)),
+                                              layers=parse_layers(layers), balance=balance, fuse=fuse)),
         sweep=replace(cfg.sweep, **_given(tolerance=tolerance)),
         finetune=replace(cfg.finetune, **_given(epochs=epochs)),
         structure=replace(cfg.structure, **_parse_structure(structure), **_given(importance=structure_importance, scope=structure_scope)),

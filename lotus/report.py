@@ -74,6 +74,8 @@ def _selection(tickets: Any) -> str:
     kind = f"by {_scoring(tickets)}" if tickets.select == "attention" else "at random"
     if tickets.select == "attention" and getattr(tickets, "spread", 1) > 1:
         kind += f", spread over {tickets.spread}x{tickets.spread} blocks of patches"
+    if getattr(tickets, "balance", False):
+        kind += ", ranked by patch position"
     temperature = getattr(tickets, "temperature", 0.0)
     fused = ", the dropped ones fused into one token" if getattr(tickets, "fuse", False) else ""
     if not temperature:

@@ -11,6 +11,7 @@ from lotus.tickets import (
     TicketConfig,
     Tickets,
     attention_rollout,
+    balance_scores,
     correct_cls_sink,
     fill_from_neighbours,
     keep_from_scores,
@@ -127,6 +128,34 @@ def test_spread_keeps_the_best_of_every_block_first():
     assert select_keep(moved, 4, grid=4, spread=2).tolist() == [[3, 6, 10, 12]]
     with pytest.raises(LotusError, match="at least 1"):
         TicketConfig(spread=0)
+
+
+def test_balance_keeps_every_position_equally_often_and_what_an_image_attends_unusually():
+    # 2000 images on a 4x4 grid whose attention piles on the centre, as a trained ViT's does
+    gen = torch.Generator().manual_seed(0)
+    centre = torch.zeros(4, 4)
+    centre[1:3, 1:3] = 2.0
+    scores = (centre.view(1, 16) + torch.rand(2000, 16, generator=gen)).softmax(-1)
+    meta = {"config": asdict(TicketConfig(drop=0.5, balance=True)), "num_keep": 8}
+    plain = Tickets(keep_from_scores(scores, 8), scores, 4, 4, {**meta, "config": asdict(TicketConfig(drop=0.5))})
+    balanced = recut_tickets(plain, TicketConfig(drop=0.5, balance=True))
+
+    def kept_share(keep):
+        return torch.bincount(keep.flatten(), minlength=16).float() / len(keep)
+    assert kept_share(plain.keep_idx).min() < 0.4 and kept_share(plain.keep_idx).max() == 1.0  # corners rarely, centre always
+    assert torch.allclose(kept_share(balanced.keep_idx), torch.full((16,), 0.5), atol=0.04)  # every position about half the time
+    assert balanced.keep_idx.shape == (2000, 8)
+    assert torch.equal(balanced.scores, scores)  # the scores stay attention (heat maps, fused-token weights)
+    batch = Batch(torch.zeros(2000, 1, 16, 16), torch.zeros(2000, dtype=torch.long), torch.arange(2000),
+                  torch.zeros(2000, 2, dtype=torch.long), torch.zeros(2000, dtype=torch.bool))
+    assert torch.equal(balanced.for_batch(batch), balanced.keep_idx)  # an unmoved crop keeps the balanced tickets
+    with pytest.raises(LotusError, match="random tickets keep every position equally often already"):
+        TicketConfig(select="random", balance=True)
+    # the key is a patch's rank at its position: image 1 attends its patch 1 more than its patch 0,
+    # yet less than any other image attends patch 1 and more than any other attends patch 0
+    three = torch.tensor([[0.1, 0.9], [0.3, 0.5], [0.2, 0.8]])
+    assert torch.allclose(balance_scores(three), torch.tensor([[1 / 3, 1.0], [1.0, 1 / 3], [2 / 3, 2 / 3]]))
+    assert keep_from_scores(three, 1)[1].item() == 1 and keep_from_scores(balance_scores(three), 1)[1].item() == 0
 
 
 def test_spread_must_divide_the_grid(tiny_cfg):
