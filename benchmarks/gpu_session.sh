@@ -22,7 +22,8 @@
 # drop 0.5 and 0.3; "fuse" trains on tickets with one more token fusing the dropped patches
 # (all-blocks attention and random, two seeds each, drop 0.5 and 0.3); "balance" on all-blocks
 # tickets ranked by patch position (seeds 0-2) against random tickets of seeds 3-5, at drop 0.5
-# and 0.3; "isp-step" compresses
+# and 0.3; "more-seeds" adds seeds 2-4 of all-blocks tickets and 3-5 of balanced ones at both;
+# "isp-step" compresses
 # with stage 1 at 0.3 and ISP to 0.5. A baseline already in WORK/baseline is used, not retrained.
 # OUTDIR gets results.tar.gz (JSON results, logs, per-epoch metrics) and models.tar.gz.part*. Accuracies are the figures these runs
 # give; epoch times are not comparable between runs (they share the GPU): time ratios come from
@@ -145,6 +146,16 @@ if [ -f "$BASE/model.json" ] && has balance; then
     done
     for seed in 3 4 5; do
       tickets "random-$drop-$seed" --selects random --drops "$drop" --seed "$seed"
+    done
+  done
+fi
+if [ -f "$BASE/model.json" ] && has more-seeds; then
+  for drop in 0.5 0.3; do
+    for seed in 2 3 4; do
+      tickets "attention-$drop-layersall-$seed" --selects attention --drops "$drop" --layers all --seed "$seed"
+    done
+    for seed in 3 4 5; do
+      tickets "attention-$drop-layersall-balance-$seed" --selects attention --drops "$drop" --layers all --balance --seed "$seed"
     done
   done
 fi
