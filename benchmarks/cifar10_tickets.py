@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,10 +45,14 @@ def run_name(select: str, drop: float, temperature: float = 0.0, seed: int = 0, 
     return name + (f"-seed{seed}" if seed else "")
 
 
-def report(epochs: int) -> None:
-    """Print the table and draw the plot of every saved run at this epoch budget."""
+def report(epochs: int, also: list[Path] = ()) -> None:
+    """Print the table and draw the plot of every saved run at this epoch budget, with the runs
+    saved under the results folders `also` (another machine's runs; the plots go to this one's)."""
     out = OUT / f"epochs{epochs}"
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+    runs = {p.stem: json.loads(p.read_text()) for d in (*also, RESULTS)
+            for p in sorted((d / OUT.name / f"epochs{epochs}").glob("*.json"))}
+    runs = dict(sorted(runs.items()))
+    out.mkdir(parents=True, exist_ok=True)
     if not runs:
         print("no runs saved yet")
         return
@@ -56,7 +61,7 @@ def report(epochs: int) -> None:
         return sum(values) / len(values) if values else None
 
     full = runs.get("full")
-    print(f"{'run':>34} " + " ".join(f"{'ep' + str(e):>6}" for e in range(1, 6)) + f" {'s/epoch':>8} {'x full':>7} {'cpu s':>7} {'x full':>7}")
+    print(f"{'run':>34} " + " ".join(f"{'ep' + str(e):>6}" for e in range(1, 6)) + f" {'s/epoch':>8} {'x full':>7} {'cpu s':>7} {'x full':>7}  device")
     for name, r in runs.items():
         accs = " ".join(f"{h['test_accuracy']:6.2f}" for h in r["history"])
         cells = []
@@ -65,7 +70,7 @@ def report(epochs: int) -> None:
             r[f"mean_{key}"] = value
             cells.append(f"{value:>8.0f}" if value else f"{'-':>8}")
             cells.append(f"{value / base:7.3f}" if value and base else f"{'-':>7}")
-        print(f"{name:>34} {accs} " + " ".join(cells))
+        print(f"{name:>34} {accs} " + " ".join(cells) + f"  {r['machine'].get('gpu') or r['machine'].get('cpu', '')}")
     seeds: dict[str, list[float]] = {}  # runs that differ only by the training seed
     for name, r in runs.items():
         seeds.setdefault(name.split("-seed")[0], []).append(r["history"][-1]["test_accuracy"])
@@ -73,7 +78,8 @@ def report(epochs: int) -> None:
         print("\nfinal accuracy over seeds:")
         for name, accs in seeds.items():
             if len(accs) > 1:
-                print(f"{name:>28}: mean {sum(accs) / len(accs):.2f} (" + ", ".join(f"{a:.2f}" for a in accs) + ")")
+                print(f"{name:>34}: mean {statistics.mean(accs):.2f}, sd {statistics.stdev(accs):.2f} over {len(accs)} ("
+                      + ", ".join(f"{a:.2f}" for a in accs) + ")")
     grid = {n: r for n, r in runs.items() if n == "full" or re.fullmatch(r"(attention|random)-[0-9.]+", n)}  # the default scoring, seed 0
     _plot(grid, out / "curves.png", "CIFAR-10 tickets grid")
     for drop in (0.3, 0.5):  # every selection tried at this ratio, seeds averaged
@@ -139,9 +145,11 @@ def main() -> None:
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-cifar10-tickets")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--with", dest="also", type=Path, action="append", default=[],
+                   help="another results folder whose runs join the report, e.g. benchmarks/results/h200")
     args = p.parse_args()
     if args.report_only:
-        return report(args.epochs)
+        return report(args.epochs, args.also)
 
     data_cfg = DataConfig(str(cifar10_folder(args.archive)))
     drops = [float(d) for d in args.drops.split(",")]
@@ -185,7 +193,7 @@ def main() -> None:
         }
         result_path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"{name}: test accuracy per epoch {[round(h['test_accuracy'], 2) for h in history]}")
-    report(args.epochs)
+    report(args.epochs, args.also)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--selects", default="full,attention,random", help="which runs: full, attention, random")
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs")
     p.add_argument("--layers", default="all", help="blocks whose attention scores the tickets (lotus tickets --layers)")
+    p.add_argument("--balance", action="store_true", help="rank attention scores by patch position (lotus tickets --balance)")
     p.add_argument("--scores-from", type=Path, default=None, help="earlier attention tickets of --baseline to cut again")
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning run (and of the random tickets)")
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
@@ -85,7 +86,8 @@ def main() -> None:
     todo = [("full", 0.0)] if "full" in selects else []
     todo += [(s, float(d)) for d in args.drops.split(",") for s in ("attention", "random") if s in selects]
     for select, drop in todo:
-        name = run_name(select, drop, seed=args.seed, scoring=f"layers{args.layers.replace(',', '.')}" if layers else "")
+        scoring = "-".join(([f"layers{args.layers.replace(',', '.')}"] if layers else []) + (["balance"] if args.balance else []))
+        name = run_name(select, drop, seed=args.seed, scoring=scoring)
         result_path = out / f"{name}.json"
         if result_path.exists():
             print(f"{name}: already measured ({result_path})")
@@ -94,7 +96,8 @@ def main() -> None:
         if select != "full":
             tickets_dir = args.work / f"tickets-{name.split('-seed')[0] if select == 'attention' else name}"
             if not (tickets_dir / "tickets.json").exists():
-                ticket_cfg = TicketConfig(drop=drop, select=select, layers=layers, seed=args.seed)
+                ticket_cfg = TicketConfig(drop=drop, select=select, layers=layers, seed=args.seed,
+                                          balance=args.balance and select == "attention")
                 tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir,
                                         scores_from=args.scores_from if select == "attention" else None)
         start = time.perf_counter()
@@ -102,6 +105,7 @@ def main() -> None:
                         init_checkpoint=pruned_ckpt, tickets=tickets_dir, resume=True)
         result = {
             "machine": machine(), "run": name, "select": select, "drop": drop, "seed": args.seed, "layers": layers,
+            "balance": args.balance and select == "attention",
             "sparsity": args.sparsity, "pruned_accuracy": pruned["accuracy"], "finetune": asdict(finetune),
             "baseline": str(args.baseline), "wall_seconds": time.perf_counter() - start, "history": history,
         }

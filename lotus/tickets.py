@@ -299,6 +299,11 @@ def score_batch(model: TokenGatherViT, images: torch.Tensor, cfg: TicketConfig) 
     return scores, outliers
 
 
+# What identifies a split in its fingerprint: the dataset's name is left out, since an ImageFolder's
+# name is its path as given (data/cifar10 and /work/data/cifar10 are the same images).
+IDENTITY = ("split", "num_images", "img_size", "sha256")
+
+
 def fingerprint(data: ImageData) -> dict[str, Any]:
     """What identifies a split: its name, size, and a hash of its pixels and labels."""
     h = hashlib.sha256()
@@ -372,8 +377,8 @@ class Tickets:
 
     def check(self, data: ImageData, grid: int, patch_size: int) -> None:
         """Refuse tickets made for another dataset, split or patch grid."""
-        made_for = self.meta["data"]
-        if made_for != fingerprint(data):
+        made_for, this = self.meta["data"], fingerprint(data)
+        if any(made_for.get(key) != this[key] for key in IDENTITY):
             raise LotusError(
                 f"tickets were made for {made_for['dataset']} ({made_for['split']}, {made_for['num_images']} images), "
                 f"not {data.name} ({data.split}, {len(data)} images): make tickets for this data with `lotus tickets`"

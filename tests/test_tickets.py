@@ -293,6 +293,8 @@ def test_tickets_are_refused_on_other_data(tiny_cfg, tmp_path):
     test_split = load_split(DataConfig("digits", img_size=16), "test")
     with pytest.raises(LotusError, match="tickets were made for digits \\(train, 1437 images\\), not digits \\(test"):
         loaded.check(test_split, grid=4, patch_size=4)
+    moved = ImageData(data.images, data.labels, data.classes, "/elsewhere/digits", data.split)  # the same images, another path
+    loaded.check(moved, grid=4, patch_size=4)
     altered = ImageData(data.images.clone(), data.labels, data.classes, data.name, data.split)
     altered.images[0, 0, 0, 0] ^= 1  # same name and size, one pixel differs
     with pytest.raises(LotusError, match="tickets were made for"):
