@@ -337,7 +337,7 @@ class Tickets:
     @cached_property
     def keys(self) -> torch.Tensor:
         """(num_images, N) what the top-K is taken of: the scores, or their ranks by position (`balance`)."""
-        return selection_keys(self.scores, self.meta["config"])
+        return _selection_keys(self.scores, self.meta["config"])
 
     def for_batch(self, batch: Batch) -> torch.Tensor:
         """(B, K) keep indices of a batch's images, moved with their augmentation (and drawn
@@ -445,13 +445,13 @@ def recut_tickets(tickets: Tickets, cfg: TicketConfig) -> Tickets:
     return _cut(tickets.scores, tickets.grid, tickets.patch_size, meta)
 
 
-def selection_keys(scores: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+def _selection_keys(scores: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
     return balance_scores(scores) if config.get("balance") else scores
 
 
 def _cut(scores: torch.Tensor, grid: int, patch_size: int, meta: dict[str, Any]) -> Tickets:
     """Tickets keeping each image's top-K of its selection keys (see `Tickets.keys`)."""
-    keys = selection_keys(scores, meta["config"])
+    keys = _selection_keys(scores, meta["config"])
     return Tickets(select_keep(keys, meta["num_keep"], grid, meta["config"]["spread"]), scores, grid, patch_size, meta)
 
 

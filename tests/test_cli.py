@@ -93,9 +93,13 @@ def test_tickets_then_train_on_them(tmp_path):
     # the same scores cut at another drop ratio, without scoring again
     proc = lotus("tickets", "--checkpoint", tmp_path / "base", "--scores-from", tmp_path / "tk", "--drop", "0.5", "--out", tmp_path / "tk2")
     assert "kept 8 of 16 patches" in proc.stderr.replace("\n", " ")
-    from lotus.tickets import load_tickets
+    from lotus.tickets import balance_scores, load_tickets
 
     first, second = load_tickets(tmp_path / "tk"), load_tickets(tmp_path / "tk2")
     assert torch.equal(second.scores, first.scores) and torch.equal(second.keep_idx, second.scores.topk(8).indices.sort().values)
+    lotus("tickets", "--checkpoint", tmp_path / "base", "--scores-from", tmp_path / "tk", "--drop", "0.5", "--balance", "--out", tmp_path / "tk3")
+    balanced = load_tickets(tmp_path / "tk3")
+    assert torch.equal(balanced.keep_idx, balance_scores(first.scores).topk(8).indices.sort().values)
+    assert not torch.equal(balanced.keep_idx, second.keep_idx)
     bad = lotus("tickets", "--checkpoint", tmp_path / "base", "--scores-from", tmp_path / "tk", "--layers", "all", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "scored with other settings, layers None (asked: 'all')" in bad.stderr and not (tmp_path / "x").exists()
