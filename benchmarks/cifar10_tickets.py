@@ -161,6 +161,7 @@ def main() -> None:
     todo += [(s, d) for d in drops for s in ("attention", "random") if s in selects]
     for select, drop in todo:
         layers = parse_layers(args.layers)
+        balance = args.balance and select == "attention"
         scoring = "-".join(([args.method] if args.method != "cls" else []) + ([f"layers{args.layers.replace(',', '.')}"] if layers else [])
                            + ([f"spread{args.spread}"] if args.spread > 1 else []) + (["balance"] if args.balance else [])
                            + ([args.tag] if args.tag else []))
@@ -177,7 +178,7 @@ def main() -> None:
                 start = time.perf_counter()
                 ticket_cfg = TicketConfig(drop=drop, select=select, method=args.method, layers=layers,
                                           temperature=args.temperature, spread=args.spread, fuse=args.fuse, seed=args.seed,
-                                          balance=args.balance and select == "attention")
+                                          balance=balance)
                 scores_from = args.scores_from if select == "attention" else None
                 tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir, scores_from=scores_from)
                 scoring_seconds = time.perf_counter() - start
@@ -186,7 +187,7 @@ def main() -> None:
         result = {
             "machine": machine(), "run": name, "select": select, "drop": drop, "temperature": args.temperature, "seed": args.seed,
             "method": args.method, "layers": layers, "fuse": args.fuse, "tag": args.tag, "spread": args.spread,
-            "balance": args.balance and select == "attention", "train": asdict(train_cfg),
+            "balance": balance, "train": asdict(train_cfg),
             "baseline": str(args.baseline), "scoring_seconds": scoring_seconds,
             "wall_seconds": time.perf_counter() - start, "history": history,
             "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),

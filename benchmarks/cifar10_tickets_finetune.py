@@ -86,6 +86,7 @@ def main() -> None:
     todo = [("full", 0.0)] if "full" in selects else []
     todo += [(s, float(d)) for d in args.drops.split(",") for s in ("attention", "random") if s in selects]
     for select, drop in todo:
+        balance = args.balance and select == "attention"
         scoring = "-".join(([f"layers{args.layers.replace(',', '.')}"] if layers else []) + (["balance"] if args.balance else []))
         name = run_name(select, drop, seed=args.seed, scoring=scoring)
         result_path = out / f"{name}.json"
@@ -97,7 +98,7 @@ def main() -> None:
             tickets_dir = args.work / f"tickets-{name.split('-seed')[0] if select == 'attention' else name}"
             if not (tickets_dir / "tickets.json").exists():
                 ticket_cfg = TicketConfig(drop=drop, select=select, layers=layers, seed=args.seed,
-                                          balance=args.balance and select == "attention")
+                                          balance=balance)
                 tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir,
                                         scores_from=args.scores_from if select == "attention" else None)
         start = time.perf_counter()
@@ -105,7 +106,7 @@ def main() -> None:
                         init_checkpoint=pruned_ckpt, tickets=tickets_dir, resume=True)
         result = {
             "machine": machine(), "run": name, "select": select, "drop": drop, "seed": args.seed, "layers": layers,
-            "balance": args.balance and select == "attention",
+            "balance": balance,
             "sparsity": args.sparsity, "pruned_accuracy": pruned["accuracy"], "finetune": asdict(finetune),
             "baseline": str(args.baseline), "wall_seconds": time.perf_counter() - start, "history": history,
         }

@@ -136,8 +136,7 @@ def test_balance_keeps_every_position_equally_often_and_what_an_image_attends_un
     centre = torch.zeros(4, 4)
     centre[1:3, 1:3] = 2.0
     scores = (centre.view(1, 16) + torch.rand(2000, 16, generator=gen)).softmax(-1)
-    meta = {"config": asdict(TicketConfig(drop=0.5, balance=True)), "num_keep": 8}
-    plain = Tickets(keep_from_scores(scores, 8), scores, 4, 4, {**meta, "config": asdict(TicketConfig(drop=0.5))})
+    plain = Tickets(keep_from_scores(scores, 8), scores, 4, 4, {"config": asdict(TicketConfig(drop=0.5)), "num_keep": 8})
     balanced = recut_tickets(plain, TicketConfig(drop=0.5, balance=True))
 
     def kept_share(keep):
