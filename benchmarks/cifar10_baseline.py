@@ -24,17 +24,21 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--warmup-epochs", type=float, default=0.5)
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
+    p.add_argument("--data", type=Path, default=None, help="another ImageFolder root (e.g. cluttered_cifar10.py's) instead of the archive")
+    p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-cifar10-baseline")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--name", default="cifar10_baseline", help="result file name (benchmarks/results/NAME.json)")
     args = p.parse_args()
 
-    root = cifar10_folder(args.archive)
+    root = args.data or cifar10_folder(args.archive)
     cfg = TrainConfig(epochs=args.epochs, warmup_epochs=args.warmup_epochs)
     start = time.perf_counter()
-    history = train(DataConfig(str(root)), ModelConfig(img_size=32, patch_size=4), cfg, args.out, resume=args.resume)
+    model_cfg = ModelConfig(patch_size=args.patch_size)  # img_size: the data's
+    history = train(DataConfig(str(root)), model_cfg, cfg, args.out, resume=args.resume)
     write_result(args.name, {
-        "model": "vit_tiny_patch16_224 shape, img 32, patch 4 (64 patches), depth 12",
+        "data": str(root),
+        "model": f"vit_tiny_patch16_224 shape, patch {args.patch_size}, depth 12",
         "train": asdict(cfg),
         "checkpoint": str(args.out),
         "wall_seconds": time.perf_counter() - start,

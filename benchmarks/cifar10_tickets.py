@@ -28,7 +28,7 @@ from lotus.tickets import TicketConfig, parse_layers, tickets_from_checkpoint
 from lotus.train import TrainConfig, train
 from lotus.vit import ModelConfig
 
-OUT = RESULTS / "cifar10_tickets"
+SUITE = "cifar10_tickets"  # results go to RESULTS/<suite>/epochs<E>/
 
 
 def run_name(select: str, drop: float, temperature: float = 0.0, seed: int = 0, scoring: str = "", fuse: bool = False) -> str:
@@ -45,12 +45,12 @@ def run_name(select: str, drop: float, temperature: float = 0.0, seed: int = 0, 
     return name + (f"-seed{seed}" if seed else "")
 
 
-def report(epochs: int, also: list[Path] = ()) -> None:
+def report(epochs: int, also: list[Path] = (), suite: str = SUITE) -> None:
     """Print the table and draw the plot of every saved run at this epoch budget, with the runs
     saved under the results folders `also` (another machine's runs; the plots go to this one's)."""
-    out = OUT / f"epochs{epochs}"
+    out = RESULTS / suite / f"epochs{epochs}"
     runs = {p.stem: json.loads(p.read_text()) for d in (*also, RESULTS)
-            for p in sorted((d / OUT.name / f"epochs{epochs}").glob("*.json"))}
+            for p in sorted((d / suite / f"epochs{epochs}").glob("*.json"))}
     runs = dict(sorted(runs.items()))
     out.mkdir(parents=True, exist_ok=True)
     if not runs:
@@ -81,11 +81,12 @@ def report(epochs: int, also: list[Path] = ()) -> None:
                 print(f"{name:>34}: mean {statistics.mean(accs):.2f}, sd {statistics.stdev(accs):.2f} over {len(accs)} ("
                       + ", ".join(f"{a:.2f}" for a in accs) + ")")
     grid = {n: r for n, r in runs.items() if n == "full" or re.fullmatch(r"(attention|random)-[0-9.]+", n)}  # the default scoring, seed 0
-    _plot(grid, out / "curves.png", "CIFAR-10 tickets grid")
+    title = "CIFAR-10" if suite == SUITE else suite
+    _plot(grid, out / "curves.png", f"{title} tickets grid")
     for drop in (0.3, 0.5):  # every selection tried at this ratio, seeds averaged
         variants = _seed_means({n: r for n, r in runs.items() if n == "full" or r["drop"] == drop})
         if len(variants) > len(grid.keys() & variants.keys()):
-            _plot(variants, out / f"curves-drop{drop:g}.png", f"CIFAR-10, drop {drop:g}: selections (seed means)")
+            _plot(variants, out / f"curves-drop{drop:g}.png", f"{title}, drop {drop:g}: selections (seed means)")
 
 
 def _seed_means(runs: dict[str, dict]) -> dict[str, dict]:
@@ -143,19 +144,22 @@ def main() -> None:
     p.add_argument("--scores-from", type=Path, default=None,
                    help="earlier attention tickets of the same baseline: cut their scores again (lotus tickets --scores-from)")
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
+    p.add_argument("--data", type=Path, default=None, help="another ImageFolder root (e.g. cluttered_cifar10.py's) instead of the archive")
+    p.add_argument("--patch-size", type=int, default=None, help="patch side of the trained models (default: lotus's for the image size)")
+    p.add_argument("--suite", default=SUITE, help="results folder name, one per dataset: RESULTS/SUITE/epochs<E>/")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-cifar10-tickets")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--with", dest="also", type=Path, action="append", default=[],
                    help="another results folder whose runs join the report, e.g. benchmarks/results/h200")
     args = p.parse_args()
     if args.report_only:
-        return report(args.epochs, args.also)
+        return report(args.epochs, args.also, args.suite)
 
-    data_cfg = DataConfig(str(cifar10_folder(args.archive)))
+    data_cfg = DataConfig(str(args.data or cifar10_folder(args.archive)))
     drops = [float(d) for d in args.drops.split(",")]
     selects = args.selects.split(",")
     train_cfg = TrainConfig(epochs=args.epochs, warmup_epochs=args.warmup_epochs, seed=args.seed)
-    out = OUT / f"epochs{args.epochs}"  # runs are compared at equal budgets only
+    out = RESULTS / args.suite / f"epochs{args.epochs}"  # runs are compared at equal budgets only
     out.mkdir(parents=True, exist_ok=True)
     todo = [("full", 0.0)] if "full" in selects else []
     todo += [(s, d) for d in drops for s in ("attention", "random") if s in selects]
@@ -183,18 +187,18 @@ def main() -> None:
                 tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir, scores_from=scores_from)
                 scoring_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        history = train(data_cfg, ModelConfig(), train_cfg, args.work / f"epochs{args.epochs}-{name}", tickets=tickets_dir, resume=True)
+        history = train(data_cfg, ModelConfig(patch_size=args.patch_size), train_cfg, args.work / f"epochs{args.epochs}-{name}", tickets=tickets_dir, resume=True)
         result = {
             "machine": machine(), "run": name, "select": select, "drop": drop, "temperature": args.temperature, "seed": args.seed,
             "method": args.method, "layers": layers, "fuse": args.fuse, "tag": args.tag, "spread": args.spread,
-            "balance": balance, "train": asdict(train_cfg),
+            "balance": balance, "train": asdict(train_cfg), "data": data_cfg.name, "patch_size": args.patch_size,
             "baseline": str(args.baseline), "scoring_seconds": scoring_seconds,
             "wall_seconds": time.perf_counter() - start, "history": history,
             "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),
         }
         result_path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"{name}: test accuracy per epoch {[round(h['test_accuracy'], 2) for h in history]}")
-    report(args.epochs, args.also)
+    report(args.epochs, args.also, args.suite)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@
 # (all-blocks attention and random, two seeds each, drop 0.5 and 0.3); "balance" on all-blocks
 # tickets ranked by patch position (seeds 0-2) against random tickets of seeds 3-5, at drop 0.5
 # and 0.3; "more-seeds" adds seeds 2-4 of all-blocks tickets and 3-5 of balanced ones at both;
-# "isp-step" compresses
+# "cluttered-base" and "cluttered": CIFAR-10 in clutter (below); "isp-step" compresses
 # with stage 1 at 0.3 and ISP to 0.5. A baseline already in WORK/baseline is used, not retrained.
 # OUTDIR gets results.tar.gz (JSON results, logs, per-epoch metrics) and models.tar.gz.part*. Accuracies are the figures these runs
 # give; epoch times are not comparable between runs (they share the GPU): time ratios come from
@@ -65,7 +65,7 @@ if has baseline && [ ! -f "$BASE/model.json" ]; then
   has grid && run tickets-full cifar10_tickets.py --selects full --epochs "$EPOCHS" --baseline "$BASE" --work "$WORK/tickets" --archive "$ARCHIVE" &
   wait $baseline
 fi
-[ -f "$BASE/model.json" ] || { echo "no baseline: stopping" | tee -a "$RAW/logs/driver.log"; }
+[ -f "$BASE/model.json" ] || { echo "no CIFAR-10 baseline: the phases that need it are skipped" | tee -a "$RAW/logs/driver.log"; }
 
 if [ -f "$BASE/model.json" ] && has compress; then
   run compress-s0.3-d0.1 cifar10_compress.py --name s0.3-d0.1 --sparsity 0.3 --drop 0.1 --epochs "$EPOCHS" \
@@ -158,6 +158,39 @@ if [ -f "$BASE/model.json" ] && has more-seeds; then
       tickets "attention-$drop-layersall-balance-$seed" --selects attention --drops "$drop" --layers all --balance --seed "$seed"
     done
   done
+fi
+# CIFAR-10 in clutter (cluttered_cifar10.py: objects on a 64x64 canvas of other images' pieces, 8px patches):
+# "cluttered-base" makes the data and its own BASE_EPOCHS baseline, with two seeds of full data beside it;
+# "cluttered" trains on its tickets (all blocks: seeds 0-2 at drop 0.5, 0-1 at 0.3; last block: seed 0 at 0.5)
+# against random tickets of the same seeds, then measures how much of the object each kind of ticket keeps.
+CL=${CLUTTERED:-$ROOT/data/cluttered64} CL_BASE=$WORK/cluttered-baseline
+cluttered() {  # cluttered NAME ARGS...: one 5-epoch run on the cluttered data in the background
+  local name=$1; shift
+  run "cluttered-$name" cifar10_tickets.py --data "$CL" --patch-size 8 --suite cluttered64_tickets --epochs "$EPOCHS" \
+    --baseline "$CL_BASE" --work "$WORK/cluttered" "$@" &
+}
+if has cluttered-base || has cluttered; then
+  [ -f "$CL/placements.npz" ] || run cluttered-data cluttered_cifar10.py --archive "$ARCHIVE" --out "$CL"
+fi
+if has cluttered-base && [ ! -f "$CL_BASE/model.json" ]; then
+  run cluttered-baseline cifar10_baseline.py --data "$CL" --patch-size 8 --epochs "$BASE_EPOCHS" --warmup-epochs 1 \
+    --out "$CL_BASE" --name cluttered64_baseline &
+  for seed in 0 1; do cluttered "full-$seed" --selects full --seed "$seed"; done
+  wait
+fi
+if has cluttered && [ -f "$CL_BASE/model.json" ]; then
+  for seed in 0 1 2; do
+    cluttered "attention-0.5-layersall-$seed" --selects attention --drops 0.5 --layers all --seed "$seed"
+    cluttered "random-0.5-$seed" --selects random --drops 0.5 --seed "$seed"
+  done
+  for seed in 0 1; do
+    cluttered "attention-0.3-layersall-$seed" --selects attention --drops 0.3 --layers all --seed "$seed"
+    cluttered "random-0.3-$seed" --selects random --drops 0.3 --seed "$seed"
+  done
+  cluttered attention-0.5 --selects attention --drops 0.5
+  wait
+  DEADLINE=$((SECONDS - T0 + 60))  # the runs are done: a minute for the coverage
+  run cluttered-coverage cluttered_cifar10.py --out "$CL" --coverage "$WORK"/cluttered/tickets-*
 fi
 if [ -f "$BASE/model.json" ] && has isp-step; then
   run compress-s0.3-isp0.5-d0.3 cifar10_compress.py --name s0.3-isp0.5-d0.3 --sparsity 0.3 --isp-target 0.5 --drop 0.3 \

@@ -1,0 +1,121 @@
+"""CIFAR-10 in clutter: each CIFAR-10 image pasted at a random spot on a 64x64 canvas of pieces of
+other images, written as an ImageFolder, for a test of data lottery tickets that CIFAR-10 cannot give.
+
+CIFAR-10's objects fill their 32x32 images, so any half of an image holds most of its object and
+random tickets see nearly what attention tickets see. Here the object is a quarter of the canvas
+(16 to 25 of its 64 patches of 8px) and the rest is 16x16 crops of other images of the split (of
+other classes, mostly), as in cluttered MNIST (Mnih et al., 2014): dropping background is what
+attention tickets should do better than random ones, if the method works.
+
+    python benchmarks/cluttered_cifar10.py --out data/cluttered64        # train/ and test/, placements.npz
+    python benchmarks/cluttered_cifar10.py --out data/cluttered64 --coverage DIR [DIR ...]
+
+--coverage reads tickets made on the cluttered training split and reports, for each, the share
+of its kept patches that lie on the object and the share of the object's patches it keeps.
+"""
+from __future__ import annotations
+
+import argparse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import ROOT, SHARED_CIFAR, cifar10_folder, write_result
+from PIL import Image
+
+from lotus.data import DataConfig, load_split
+from lotus.tickets import load_tickets
+
+CANVAS = 64  # canvas side in pixels
+CELL = 16  # side of each background crop
+PATCH = 8  # the patch side the benchmark trains with: 64 patches, as many as CIFAR-10 at patch 4
+
+
+def clutter(images: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+    """Each (3, 32, 32) image pasted on a canvas tiled with random crops of random images of `images`.
+
+    Returns the (N, 3, CANVAS, CANVAS) uint8 canvases and the (N, 2) (y, x) pixel offset of each object.
+    """
+    n, side = len(images), images.shape[-1]
+    cells = CANVAS // CELL
+    windows = images.unfold(2, CELL, 1).unfold(3, CELL, 1)  # (N, 3, side-CELL+1, side-CELL+1, CELL, CELL), a view
+    canvas = torch.empty(n, 3, CANVAS, CANVAS, dtype=torch.uint8)
+    for row in range(cells):
+        for col in range(cells):
+            src = torch.from_numpy(rng.integers(0, n, n))
+            y, x = (torch.from_numpy(rng.integers(0, side - CELL + 1, n)) for _ in range(2))
+            crops = windows[src, :, y, x]  # (N, 3, CELL, CELL)
+            canvas[:, :, row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL] = crops
+    offsets = rng.integers(0, CANVAS - side + 1, (n, 2))
+    for i, (y, x) in enumerate(offsets):
+        canvas[i, :, y:y + side, x:x + side] = images[i]
+    return canvas, offsets
+
+
+def object_patches(offsets: np.ndarray, side: int = 32, min_overlap: float = 0.5) -> np.ndarray:
+    """(N, G*G) bool: the patches at least `min_overlap` covered by each image's object."""
+    starts = np.arange(0, CANVAS, PATCH)  # patch edges along one axis
+    def overlap(o: np.ndarray) -> np.ndarray:  # (N, G) pixels of each patch row/column inside [o, o + side)
+        return np.clip(np.minimum(starts + PATCH, o[:, None] + side) - np.maximum(starts, o[:, None]), 0, PATCH)
+    area = overlap(offsets[:, 0])[:, :, None] * overlap(offsets[:, 1])[:, None, :]  # (N, G, G)
+    return (area >= min_overlap * PATCH * PATCH).reshape(len(offsets), -1)
+
+
+def make(source: Path, out: Path, seed: int, limit: int | None) -> None:
+    placements = {}
+    for split_seed, split in enumerate(("train", "test")):
+        data = load_split(DataConfig(str(source)), split)
+        rng = np.random.default_rng([seed, split_seed])
+        pick = torch.from_numpy(np.sort(rng.permutation(len(data))[:limit]))  # the loader's order is by class
+        images, labels = data.images[pick], data.labels[pick]
+        canvas, offsets = clutter(images, rng)
+        names = [f"{i:05d}.png" for i in range(len(labels))]
+        for name in data.classes:
+            (out / split / name).mkdir(parents=True, exist_ok=True)
+        paths = [out / split / data.classes[label] / name for label, name in zip(labels.tolist(), names)]
+        pixels = canvas.permute(0, 2, 3, 1).numpy()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: Image.fromarray(pixels[i]).save(paths[i]), range(len(paths)), chunksize=512))
+        # in the order the ImageFolder loader reads them: by class, then by file name
+        placements[split] = offsets[np.argsort(labels.numpy(), kind="stable")]
+        print(f"{split}: {len(paths)} images in {out / split}")
+    np.savez(out / "placements.npz", **placements)
+
+
+def coverage(out: Path, tickets_dirs: list[Path]) -> None:
+    on_object = object_patches(np.load(out / "placements.npz")["train"])  # (N, 64)
+    rows = {}
+    for path in tickets_dirs:
+        tickets = load_tickets(path)
+        keep = tickets.keep_idx.numpy()  # (N, K)
+        if keep.shape[0] != len(on_object):
+            raise SystemExit(f"{path} holds tickets of {keep.shape[0]} images, not of the {len(on_object)} in {out}")
+        kept_on_object = np.take_along_axis(on_object, keep, axis=1)
+        rows[path.name] = {
+            "num_keep": keep.shape[1],
+            "kept_on_object": float(kept_on_object.mean()),  # share of kept patches on the object
+            "object_kept": float(kept_on_object.sum() / on_object.sum()),  # share of object patches kept
+            "config": tickets.meta.get("config"),
+        }
+        print(f"{path.name:>40}: K {keep.shape[1]}, kept patches on the object {rows[path.name]['kept_on_object']:.1%}, "
+              f"object patches kept {rows[path.name]['object_kept']:.1%}")
+    print(f"{'(the object)':>40}: {on_object.mean():.1%} of all patches")
+    write_result("cluttered64_coverage", {"object_share": float(on_object.mean()), "tickets": rows})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archive", type=Path, default=SHARED_CIFAR, help="the CIFAR-10 ImageFolder archive")
+    p.add_argument("--out", type=Path, default=ROOT / "data" / "cluttered64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="only N images of each split, drawn at random (a quick check)")
+    p.add_argument("--coverage", type=Path, nargs="+", default=None, help="tickets folders to measure against the placements")
+    args = p.parse_args()
+    if args.coverage:
+        return coverage(args.out, args.coverage)
+    make(cifar10_folder(args.archive), args.out, args.seed, args.limit)
+
+
+if __name__ == "__main__":
+    main()
