@@ -23,7 +23,7 @@
 # (all-blocks attention and random, two seeds each, drop 0.5 and 0.3); "balance" on all-blocks
 # tickets ranked by patch position (seeds 0-2) against random tickets of seeds 3-5, at drop 0.5
 # and 0.3; "more-seeds" adds seeds 2-4 of all-blocks tickets and 3-5 of balanced ones at both;
-# "cluttered-base" and "cluttered": CIFAR-10 in clutter (below); "isp-step" compresses
+# "cluttered-base", "cluttered" and "cluttered-more-seeds": CIFAR-10 in clutter (below); "isp-step" compresses
 # with stage 1 at 0.3 and ISP to 0.5. A baseline already in WORK/baseline is used, not retrained.
 # OUTDIR gets results.tar.gz (JSON results, logs, per-epoch metrics) and models.tar.gz.part*. Accuracies are the figures these runs
 # give; epoch times are not comparable between runs (they share the GPU): time ratios come from
@@ -162,14 +162,16 @@ fi
 # CIFAR-10 in clutter (cluttered_cifar10.py: objects on a 64x64 canvas of other images' pieces, 8px patches):
 # "cluttered-base" makes the data and its own BASE_EPOCHS baseline, with two seeds of full data beside it;
 # "cluttered" trains on its tickets (all blocks: seeds 0-2 at drop 0.5, 0-1 at 0.3; last block: seed 0 at 0.5)
-# against random tickets of the same seeds, then measures how much of the object each kind of ticket keeps.
+# against random tickets of the same seeds, then measures how much of the object each kind of ticket keeps;
+# "cluttered-more-seeds" adds seeds of both. The cluttered baseline joins the models archive: a later session
+# can carry it to WORK/cluttered-baseline and skip "cluttered-base" (the data are remade, about a minute).
 CL=${CLUTTERED:-$ROOT/data/cluttered64} CL_BASE=$WORK/cluttered-baseline
 cluttered() {  # cluttered NAME ARGS...: one 5-epoch run on the cluttered data in the background
   local name=$1; shift
   run "cluttered-$name" cifar10_tickets.py --data "$CL" --patch-size 8 --suite cluttered64_tickets --epochs "$EPOCHS" \
     --baseline "$CL_BASE" --work "$WORK/cluttered" "$@" &
 }
-if has cluttered-base || has cluttered; then
+if has cluttered-base || has cluttered || has cluttered-more-seeds; then
   [ -f "$CL/placements.npz" ] || run cluttered-data cluttered_cifar10.py --archive "$ARCHIVE" --out "$CL"
 fi
 if has cluttered-base && [ ! -f "$CL_BASE/model.json" ]; then
@@ -191,6 +193,16 @@ if has cluttered && [ -f "$CL_BASE/model.json" ]; then
   wait
   DEADLINE=$((SECONDS - T0 + 60))  # the runs are done: a minute for the coverage
   run cluttered-coverage cluttered_cifar10.py --out "$CL" --coverage "$WORK"/cluttered/tickets-*
+fi
+if has cluttered-more-seeds && [ -f "$CL_BASE/model.json" ]; then  # seeds 3-5 at drop 0.5, 2-4 at 0.3
+  for drop_seeds in "0.5 3 4 5" "0.3 2 3 4"; do
+    set -- $drop_seeds
+    drop=$1; shift
+    for seed in "$@"; do
+      cluttered "attention-$drop-layersall-$seed" --selects attention --drops "$drop" --layers all --seed "$seed"
+      cluttered "random-$drop-$seed" --selects random --drops "$drop" --seed "$seed"
+    done
+  done
 fi
 if [ -f "$BASE/model.json" ] && has isp-step; then
   run compress-s0.3-isp0.5-d0.3 cifar10_compress.py --name s0.3-isp0.5-d0.3 --sparsity 0.3 --isp-target 0.5 --drop 0.3 \
@@ -215,7 +227,7 @@ fi
 tar czf "$OUT/results.tar.gz" -C "$RAW" results logs runs-metrics.tar.gz
 # the models (for CPU work afterwards), in parts of 15 MB (the device tool returns files of 16 MiB at most)
 [ -n "${SKIP_MODELS:-}" ] || (cd "$ROOT/runs" && tar czf "$WORK/models.tar.gz" $(ls -d gpu/baseline/model.* bench-cifar10-compress-*/model.* \
-  gpu/structured/ft-shrunk-*/model.* 2>/dev/null))
+  gpu/structured/ft-shrunk-*/model.* gpu/cluttered-baseline/model.* 2>/dev/null))
 [ -n "${SKIP_MODELS:-}" ] || split -b 15M -d "$WORK/models.tar.gz" "$OUT/models.tar.gz.part"
 ls -la "$OUT"
 echo "done at $((SECONDS - T0)) s" | tee -a "$RAW/logs/driver.log"
