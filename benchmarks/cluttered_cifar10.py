@@ -67,7 +67,7 @@ def make(source: Path, out: Path, seed: int, limit: int | None) -> None:
     for split_seed, split in enumerate(("train", "test")):
         data = load_split(DataConfig(str(source)), split)
         rng = np.random.default_rng([seed, split_seed])
-        pick = torch.from_numpy(np.sort(rng.permutation(len(data))[:limit]))  # the loader's order is by class
+        pick = torch.from_numpy(np.sort(rng.permutation(len(data))[:limit]))  # sorted, the picks keep the loader's order
         images, labels = data.images[pick], data.labels[pick]
         canvas, offsets = clutter(images, rng)
         names = [f"{i:05d}.png" for i in range(len(labels))]
@@ -89,8 +89,9 @@ def coverage(out: Path, tickets_dirs: list[Path]) -> None:
     for path in tickets_dirs:
         tickets = load_tickets(path)
         keep = tickets.keep_idx.numpy()  # (N, K)
-        if keep.shape[0] != len(on_object):
-            raise SystemExit(f"{path} holds tickets of {keep.shape[0]} images, not of the {len(on_object)} in {out}")
+        if keep.shape[0] != len(on_object) or tickets.patch_size != PATCH:
+            raise SystemExit(f"{path} holds tickets of {keep.shape[0]} images at patch {tickets.patch_size}, "
+                             f"not of the {len(on_object)} in {out} at patch {PATCH}")
         kept_on_object = np.take_along_axis(on_object, keep, axis=1)
         rows[path.name] = {
             "num_keep": keep.shape[1],
