@@ -9,6 +9,7 @@ ONNX Runtime latency (batch 1 and 64) with `lotus bench --local`'s code.
     python benchmarks/cifar10_compress.py --name s0.3-d0.1 --sparsity 0.3 --drop 0.1 --epochs 1
     python benchmarks/cifar10_compress.py --name auto-isp0.5-d0.3 --sparsity auto --isp-target 0.5 --drop 0.3 --epochs 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,15 +44,24 @@ def main() -> None:
     data_cfg = DataConfig(str(cifar10_folder(args.archive)))
     cfg = default_compress_config(data_cfg.name)
     cfg = replace(
-        cfg, data=data_cfg, checkpoint=str(args.baseline),
+        cfg,
+        data=data_cfg,
+        checkpoint=str(args.baseline),
         sparsity=args.sparsity if args.sparsity == "auto" or nm_pattern(args.sparsity) else float(args.sparsity),
-        tickets=replace(cfg.tickets, drop=args.drop), isp_target=args.isp_target,
+        tickets=replace(cfg.tickets, drop=args.drop),
+        isp_target=args.isp_target,
         finetune=replace(cfg.finetune, epochs=args.epochs, warmup_epochs=min(0.5, args.epochs / 4)),
     )
     run = ROOT / "runs" / f"bench-cifar10-compress-{args.name}"
     start = time.perf_counter()
     metrics = compress(cfg, run, resume=True)
-    result = {"name": args.name, "recipe": asdict(cfg), "run": str(run), "wall_seconds": time.perf_counter() - start, "metrics": metrics}
+    result = {
+        "name": args.name,
+        "recipe": asdict(cfg),
+        "run": str(run),
+        "wall_seconds": time.perf_counter() - start,
+        "metrics": metrics,
+    }
 
     if not args.skip_export:
         model, meta = load_model(run)
@@ -63,8 +73,13 @@ def main() -> None:
             report = export_onnx(run, out, data_cfg, ExportConfig(quantize=quantize, select_block=args.select_block))
             accuracy = {str(d): accuracy_onnx(out, images, labels, drop=d) for d in (0.0, 0.1, 0.3, 0.5)}
             latency = bench_local(out, LocalBenchConfig(runs=args.runs))
-            exports[quantize or "fp32"] = {"bytes": report["bytes"], "accuracy": accuracy, "latency": latency["cells"],
-                                           "max_abs_diff": report.get("max_abs_diff"), "select_block": report["select_block"]}
+            exports[quantize or "fp32"] = {
+                "bytes": report["bytes"],
+                "accuracy": accuracy,
+                "latency": latency["cells"],
+                "max_abs_diff": report.get("max_abs_diff"),
+                "select_block": report["select_block"],
+            }
             print(f"{quantize or 'fp32'}: {report['bytes'] / 1e6:.1f} MB, accuracy by drop {accuracy}")
             for c in latency["cells"]:
                 print(f"  batch {c['batch']:>3} drop {c['drop']:<4} median {c['median_ms']:8.2f} ms  x drop0 {c['vs_drop0']:.3f}")

@@ -14,6 +14,7 @@ Accuracy can run on a busy machine; latency wants an idle one (`--part latency` 
 
     python benchmarks/cifar10_select_block.py --checkpoint runs/bench-cifar10-compress-auto-isp0.5-d0.3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,11 @@ def latency_grid(graphs: dict[int, Path], drops: list[float], batches: list[int]
     for key, values in cells.items():
         s, b, _ = key.split("-")
         base = statistics.median(cells[f"{s}-{b}-d0"])
-        out[key] = {"median_ms": statistics.median(values), "vs_drop0": statistics.median(values) / base, "round_medians_ms": values}
+        out[key] = {
+            "median_ms": statistics.median(values),
+            "vs_drop0": statistics.median(values) / base,
+            "round_medians_ms": values,
+        }
     return out
 
 
@@ -108,8 +113,10 @@ def main() -> None:
         for d in sorted(set(result.get("accuracy_drops", [])) | set(result.get("latency_drops", []))):
             a = acc.get(f"s{s}-d{d:g}")
             l1, l64 = lat.get(f"s{s}-b1-d{d:g}", {}).get("vs_drop0"), lat.get(f"s{s}-b64-d{d:g}", {}).get("vs_drop0")
-            print(f"{s:>5} {d:>5g} {a if a is None else round(a, 2)!s:>9} {'-' if l1 is None else f'{l1:.3f}':>8} "
-                  f"{'-' if l64 is None else f'{l64:.3f}':>9}")
+            print(
+                f"{s:>5} {d:>5g} {a if a is None else round(a, 2)!s:>9} {'-' if l1 is None else f'{l1:.3f}':>8} "
+                f"{'-' if l64 is None else f'{l64:.3f}':>9}"
+            )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ From the baseline checkpoint (benchmarks/cifar10_baseline.py):
     python benchmarks/cifar10_structured.py --finetune-epochs 0     # sizes and latency only
     python benchmarks/cifar10_structured.py --finetune-epochs 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,13 @@ def finetune(name: str, checkpoint: Path, data_cfg: DataConfig, cfg: TrainConfig
         return json.loads(path.read_text())
     start = time.perf_counter()
     history = train(data_cfg, ModelConfig(), cfg, work / f"ft-{name}-epochs{cfg.epochs}", init_checkpoint=checkpoint, resume=True)
-    result = {"run": name, "checkpoint": str(checkpoint), "train": cfg.__dict__, "history": history,
-              "wall_seconds": time.perf_counter() - start}
+    result = {
+        "run": name,
+        "checkpoint": str(checkpoint),
+        "train": cfg.__dict__,
+        "history": history,
+        "wall_seconds": time.perf_counter() - start,
+    }
     OUT.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -69,7 +75,9 @@ def finetune_both(shrunk: Path, unstructured: Path, data_cfg: DataConfig, epochs
     """The shrunk and the unstructured model fine-tuned at the same budget: the CIFAR-10 recipe at half its learning rate."""
     _, _, baseline_cfg = default_configs("cifar10")
     ft_cfg = TrainConfig(**{**baseline_cfg.__dict__, "epochs": epochs, "lr": baseline_cfg.lr / 2, "warmup_epochs": 0.5})
-    return {name: finetune(name, ckpt, data_cfg, ft_cfg, work) for name, ckpt in (("shrunk", shrunk), ("unstructured", unstructured))}
+    return {
+        name: finetune(name, ckpt, data_cfg, ft_cfg, work) for name, ckpt in (("shrunk", shrunk), ("unstructured", unstructured))
+    }
 
 
 def main() -> None:
@@ -83,9 +91,14 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=20, help="timed runs per model per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--select-block", type=int, default=None, help="export with this select block (default: the exporter's)")
-    p.add_argument("--prepare-only", action="store_true", help="prune and export, then stop (time latency later, on an idle machine)")
-    p.add_argument("--accuracy-only", action="store_true",
-                   help="prune and fine-tune only: no ONNX export or latency (e.g. on a GPU machine, whose CPU latency is not the one reported)")
+    p.add_argument(
+        "--prepare-only", action="store_true", help="prune and export, then stop (time latency later, on an idle machine)"
+    )
+    p.add_argument(
+        "--accuracy-only",
+        action="store_true",
+        help="prune and fine-tune only: no ONNX export or latency (e.g. on a GPU machine, whose CPU latency is not the one reported)",
+    )
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-cifar10-structured")
     args = p.parse_args()
@@ -96,7 +109,9 @@ def main() -> None:
     for importance in ("magnitude", "activation", "taylor"):
         folder = work / f"shrunk-{importance}"
         if not (folder / "structured.json").exists():
-            prune_structured(args.baseline, folder, StructuredConfig(heads=args.heads, mlp=args.mlp, importance=importance), data_cfg=data_cfg)
+            prune_structured(
+                args.baseline, folder, StructuredConfig(heads=args.heads, mlp=args.mlp, importance=importance), data_cfg=data_cfg
+            )
         importance_accuracy[importance] = json.loads((folder / "structured.json").read_text())["accuracy"]
     print(f"accuracy after shrinking, before fine-tuning: {importance_accuracy}")
     shrunk = work / f"shrunk-{args.importance}"
@@ -111,13 +126,21 @@ def main() -> None:
     unstructured_acc = json.loads((unstructured / "model.json").read_text())["accuracy"]
 
     result = {
-        "baseline": str(args.baseline), "structured": {k: v for k, v in structured.items() if k != "keep"},
+        "baseline": str(args.baseline),
+        "structured": {k: v for k, v in structured.items() if k != "keep"},
         "unstructured_sparsity": sparsity,
-        "parameters": {"dense": count_parameters(dense_model), "shrunk": structured["parameters"]["after"],
-                       "unstructured_nonzero": count_parameters(dense_model) - round(sparsity * prunable)},
-        "accuracy_before_finetune": {"dense": json.loads((args.baseline / "model.json").read_text())["metrics"]["test_accuracy"],
-                                     "shrunk": structured["accuracy"], "unstructured": unstructured_acc},
-        "importance": args.importance, "shrunk_accuracy_by_importance": importance_accuracy,
+        "parameters": {
+            "dense": count_parameters(dense_model),
+            "shrunk": structured["parameters"]["after"],
+            "unstructured_nonzero": count_parameters(dense_model) - round(sparsity * prunable),
+        },
+        "accuracy_before_finetune": {
+            "dense": json.loads((args.baseline / "model.json").read_text())["metrics"]["test_accuracy"],
+            "shrunk": structured["accuracy"],
+            "unstructured": unstructured_acc,
+        },
+        "importance": args.importance,
+        "shrunk_accuracy_by_importance": importance_accuracy,
     }
     if args.accuracy_only:
         if args.finetune_epochs > 0:
@@ -133,26 +156,38 @@ def main() -> None:
         "shrunk": (shrunk, work / f"{shrunk.name}{tag}.onnx", None),
         "shrunk_int8": (shrunk, work / f"{shrunk.name}{tag}.int8.onnx", "int8"),
     }
-    for name, (ckpt, path, quantize) in onnx.items():
+    for ckpt, path, quantize in onnx.values():
         if not path.exists():
             export_onnx(ckpt, path, data_cfg, ExportConfig(quantize=quantize, verify_images=32, select_block=args.select_block))
     sizes = {name: path.stat().st_size for name, (_, path, _) in onnx.items()}
     if args.prepare_only:
         return print(f"prepared: {', '.join(str(path) for _, path, _ in onnx.values())}")
 
-    latency = latency_rounds({
-        "dense": (work / "dense.onnx", 0.0),
-        "shrunk": (onnx["shrunk"][1], 0.0),
-        "shrunk_drop0.5": (onnx["shrunk"][1], 0.5),
-        "shrunk_int8_drop0.5": (onnx["shrunk_int8"][1], 0.5),
-    }, args.batch, args.runs, args.rounds)
+    latency = latency_rounds(
+        {
+            "dense": (work / "dense.onnx", 0.0),
+            "shrunk": (onnx["shrunk"][1], 0.0),
+            "shrunk_drop0.5": (onnx["shrunk"][1], 0.5),
+            "shrunk_int8_drop0.5": (onnx["shrunk_int8"][1], 0.5),
+        },
+        args.batch,
+        args.runs,
+        args.rounds,
+    )
     for cell in latency.values():  # the median of the rounds' ratios: each round's models ran minutes apart, not hours
-        cell["vs_dense_fp32"] = statistics.median(m / d for m, d in zip(cell["round_medians_ms"], latency["dense"]["round_medians_ms"]))
+        cell["vs_dense_fp32"] = statistics.median(
+            m / d for m, d in zip(cell["round_medians_ms"], latency["dense"]["round_medians_ms"])
+        )
 
-    result.update({
-        "onnx_bytes": sizes, "size_vs_dense": {n: s / sizes["dense"] for n, s in sizes.items()},
-        "latency_batch": args.batch, "latency": latency, "select_block": args.select_block,
-    })
+    result.update(
+        {
+            "onnx_bytes": sizes,
+            "size_vs_dense": {n: s / sizes["dense"] for n, s in sizes.items()},
+            "latency_batch": args.batch,
+            "latency": latency,
+            "select_block": args.select_block,
+        }
+    )
     if args.finetune_epochs > 0:
         runs = finetune_both(shrunk, unstructured, data_cfg, args.finetune_epochs, work)
         result["finetune"] = {name: [h["test_accuracy"] for h in r["history"]] for name, r in runs.items()}
@@ -166,7 +201,8 @@ def main() -> None:
             if images is None:
                 images, labels = _eval_images(load_model(tuned)[1], data_cfg, None)
             result["finetuned_shrunk_onnx"][quantize or "fp32"] = {
-                f"drop{d:g}": accuracy_onnx(path, images, labels, drop=d) for d in (0.0, 0.5)}
+                f"drop{d:g}": accuracy_onnx(path, images, labels, drop=d) for d in (0.0, 0.5)
+            }
     write_result("cifar10_structured" + tag.replace(".", "_"), result)
     print(json.dumps({k: result[k] for k in ("parameters", "accuracy_before_finetune", "size_vs_dense")}, indent=1))
     for name, cell in latency.items():

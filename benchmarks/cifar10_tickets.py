@@ -11,6 +11,7 @@ are rebuilt from all saved runs.
     python benchmarks/cifar10_tickets.py --baseline runs/bench-cifar10-baseline --epochs 5
     python benchmarks/cifar10_tickets.py --report-only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,19 +50,27 @@ def report(epochs: int, also: list[Path] = (), suite: str = SUITE) -> None:
     """Print the table and draw the plot of every saved run at this epoch budget, with the runs
     saved under the results folders `also` (another machine's runs; the plots go to this one's)."""
     out = RESULTS / suite / f"epochs{epochs}"
-    runs = {p.stem: json.loads(p.read_text()) for d in (*also, RESULTS)
-            for p in sorted((d / suite / f"epochs{epochs}").glob("*.json"))}
+    runs = {
+        p.stem: json.loads(p.read_text())
+        for d in (*also, RESULTS)
+        for p in sorted((d / suite / f"epochs{epochs}").glob("*.json"))
+    }
     runs = dict(sorted(runs.items()))
     out.mkdir(parents=True, exist_ok=True)
     if not runs:
         print("no runs saved yet")
         return
+
     def mean(r: dict, key: str) -> float | None:
         values = [h[key] for h in r["history"] if key in h]
         return sum(values) / len(values) if values else None
 
     full = runs.get("full")
-    print(f"{'run':>34} " + " ".join(f"{'ep' + str(e):>6}" for e in range(1, 6)) + f" {'s/epoch':>8} {'x full':>7} {'cpu s':>7} {'x full':>7}  device")
+    print(
+        f"{'run':>34} "
+        + " ".join(f"{'ep' + str(e):>6}" for e in range(1, 6))
+        + f" {'s/epoch':>8} {'x full':>7} {'cpu s':>7} {'x full':>7}  device"
+    )
     for name, r in runs.items():
         accs = " ".join(f"{h['test_accuracy']:6.2f}" for h in r["history"])
         cells = []
@@ -78,9 +87,14 @@ def report(epochs: int, also: list[Path] = (), suite: str = SUITE) -> None:
         print("\nfinal accuracy over seeds:")
         for name, accs in seeds.items():
             if len(accs) > 1:
-                print(f"{name:>34}: mean {statistics.mean(accs):.2f}, sd {statistics.stdev(accs):.2f} over {len(accs)} ("
-                      + ", ".join(f"{a:.2f}" for a in accs) + ")")
-    grid = {n: r for n, r in runs.items() if n == "full" or re.fullmatch(r"(attention|random)-[0-9.]+", n)}  # the default scoring, seed 0
+                print(
+                    f"{name:>34}: mean {statistics.mean(accs):.2f}, sd {statistics.stdev(accs):.2f} over {len(accs)} ("
+                    + ", ".join(f"{a:.2f}" for a in accs)
+                    + ")"
+                )
+    grid = {
+        n: r for n, r in runs.items() if n == "full" or re.fullmatch(r"(attention|random)-[0-9.]+", n)
+    }  # the default scoring, seed 0
     title = "CIFAR-10" if suite == SUITE else suite
     _plot(grid, out / "curves.png", f"{title} tickets grid")
     for drop in (0.3, 0.5):  # every selection tried at this ratio, seeds averaged
@@ -96,8 +110,10 @@ def _seed_means(runs: dict[str, dict]) -> dict[str, dict]:
         groups.setdefault(name.split("-seed")[0], []).append(r)
     means = {}
     for name, group in groups.items():
-        history = [{"epoch": hs[0]["epoch"], **{k: sum(h[k] for h in hs) / len(hs) for k in ("test_accuracy", "train_loss")}}
-                   for hs in zip(*(r["history"] for r in group))]
+        history = [
+            {"epoch": hs[0]["epoch"], **{k: sum(h[k] for h in hs) / len(hs) for k in ("test_accuracy", "train_loss")}}
+            for hs in zip(*(r["history"] for r in group))
+        ]
         means[name + (f" (mean of {len(group)})" if len(group) > 1 else "")] = {**group[0], "history": history}
     return means
 
@@ -113,8 +129,12 @@ def _plot(runs: dict[str, dict], path: Path, title: str) -> None:
     colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
     for i, (name, r) in enumerate(runs.items()):
         ep = [h["epoch"] for h in r["history"]]
-        style = dict(linestyle="-" if name == "full" else ("--" if name.startswith("attention") else ":"),
-                     marker="o", color=colors[i % len(colors)], label=name)
+        style = dict(
+            linestyle="-" if name == "full" else ("--" if name.startswith("attention") else ":"),
+            marker="o",
+            color=colors[i % len(colors)],
+            label=name,
+        )
         ax_acc.plot(ep, [h["test_accuracy"] for h in r["history"]], **style)
         ax_loss.plot(ep, [h["train_loss"] for h in r["history"]], **style)
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{title}: accuracy per epoch")
@@ -136,21 +156,37 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="ticket sampling (see lotus.tickets): 0 = fixed top-K")
     p.add_argument("--method", default="cls", choices=["cls", "rollout"], help="attention scoring (see lotus tickets)")
     p.add_argument("--layers", default=None, help="blocks scored, e.g. '2' or '0,1,2' (default: lotus tickets' default)")
-    p.add_argument("--spread", type=int, default=1, help="keep the best of every S x S block of patches first (lotus tickets --spread)")
+    p.add_argument(
+        "--spread", type=int, default=1, help="keep the best of every S x S block of patches first (lotus tickets --spread)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the training run (and of the random tickets)")
     p.add_argument("--fuse", action="store_true", help="one more token fusing the dropped patches (lotus tickets --fuse)")
     p.add_argument("--balance", action="store_true", help="rank attention scores by patch position (lotus tickets --balance)")
     p.add_argument("--tag", default="", help="added to the attention runs' names, e.g. which --baseline scored them")
-    p.add_argument("--scores-from", type=Path, default=None,
-                   help="earlier attention tickets of the same baseline: cut their scores again (lotus tickets --scores-from)")
+    p.add_argument(
+        "--scores-from",
+        type=Path,
+        default=None,
+        help="earlier attention tickets of the same baseline: cut their scores again (lotus tickets --scores-from)",
+    )
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
-    p.add_argument("--data", type=Path, default=None, help="another ImageFolder root (e.g. cluttered_cifar10.py's) instead of the archive")
-    p.add_argument("--patch-size", type=int, default=None, help="patch side of the trained models (default: lotus's for the image size)")
+    p.add_argument(
+        "--data", type=Path, default=None, help="another ImageFolder root (e.g. cluttered_cifar10.py's) instead of the archive"
+    )
+    p.add_argument(
+        "--patch-size", type=int, default=None, help="patch side of the trained models (default: lotus's for the image size)"
+    )
     p.add_argument("--suite", default=SUITE, help="results folder name, one per dataset: RESULTS/SUITE/epochs<E>/")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-cifar10-tickets")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--with", dest="also", type=Path, action="append", default=[],
-                   help="another results folder whose runs join the report, e.g. benchmarks/results/h200")
+    p.add_argument(
+        "--with",
+        dest="also",
+        type=Path,
+        action="append",
+        default=[],
+        help="another results folder whose runs join the report, e.g. benchmarks/results/h200",
+    )
     args = p.parse_args()
     if args.report_only:
         return report(args.epochs, args.also, args.suite)
@@ -166,9 +202,13 @@ def main() -> None:
     for select, drop in todo:
         layers = parse_layers(args.layers)
         balance = args.balance and select == "attention"
-        scoring = "-".join(([args.method] if args.method != "cls" else []) + ([f"layers{args.layers.replace(',', '.')}"] if layers else [])
-                           + ([f"spread{args.spread}"] if args.spread > 1 else []) + (["balance"] if args.balance else [])
-                           + ([args.tag] if args.tag else []))
+        scoring = "-".join(
+            ([args.method] if args.method != "cls" else [])
+            + ([f"layers{args.layers.replace(',', '.')}"] if layers else [])
+            + ([f"spread{args.spread}"] if args.spread > 1 else [])
+            + (["balance"] if args.balance else [])
+            + ([args.tag] if args.tag else [])
+        )
         name = run_name(select, drop, args.temperature, args.seed, scoring, args.fuse)
         result_path = out / f"{name}.json"
         if result_path.exists():
@@ -180,20 +220,49 @@ def main() -> None:
             tickets_dir = args.work / f"tickets-{name}"
             if not (tickets_dir / "tickets.json").exists():
                 start = time.perf_counter()
-                ticket_cfg = TicketConfig(drop=drop, select=select, method=args.method, layers=layers,
-                                          temperature=args.temperature, spread=args.spread, fuse=args.fuse, seed=args.seed,
-                                          balance=balance)
+                ticket_cfg = TicketConfig(
+                    drop=drop,
+                    select=select,
+                    method=args.method,
+                    layers=layers,
+                    temperature=args.temperature,
+                    spread=args.spread,
+                    fuse=args.fuse,
+                    seed=args.seed,
+                    balance=balance,
+                )
                 scores_from = args.scores_from if select == "attention" else None
                 tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir, scores_from=scores_from)
                 scoring_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        history = train(data_cfg, ModelConfig(patch_size=args.patch_size), train_cfg, args.work / f"epochs{args.epochs}-{name}", tickets=tickets_dir, resume=True)
+        history = train(
+            data_cfg,
+            ModelConfig(patch_size=args.patch_size),
+            train_cfg,
+            args.work / f"epochs{args.epochs}-{name}",
+            tickets=tickets_dir,
+            resume=True,
+        )
         result = {
-            "machine": machine(), "run": name, "select": select, "drop": drop, "temperature": args.temperature, "seed": args.seed,
-            "method": args.method, "layers": layers, "fuse": args.fuse, "tag": args.tag, "spread": args.spread,
-            "balance": balance, "train": asdict(train_cfg), "data": data_cfg.name, "patch_size": args.patch_size,
-            "baseline": str(args.baseline), "scoring_seconds": scoring_seconds,
-            "wall_seconds": time.perf_counter() - start, "history": history,
+            "machine": machine(),
+            "run": name,
+            "select": select,
+            "drop": drop,
+            "temperature": args.temperature,
+            "seed": args.seed,
+            "method": args.method,
+            "layers": layers,
+            "fuse": args.fuse,
+            "tag": args.tag,
+            "spread": args.spread,
+            "balance": balance,
+            "train": asdict(train_cfg),
+            "data": data_cfg.name,
+            "patch_size": args.patch_size,
+            "baseline": str(args.baseline),
+            "scoring_seconds": scoring_seconds,
+            "wall_seconds": time.perf_counter() - start,
+            "history": history,
             "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),
         }
         result_path.write_text(json.dumps(result, indent=2) + "\n")

@@ -14,6 +14,7 @@ and skipped when the script runs again.
     python benchmarks/cifar10_tickets_finetune.py --baseline runs/gpu/baseline --sparsity 0.5 --epochs 1 \\
         --layers all --scores-from runs/bench-cifar10-tickets/tickets-attention-0.5-layersall-fuse
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,18 +98,38 @@ def main() -> None:
         if select != "full":
             tickets_dir = args.work / f"tickets-{name.split('-seed')[0] if select == 'attention' else name}"
             if not (tickets_dir / "tickets.json").exists():
-                ticket_cfg = TicketConfig(drop=drop, select=select, layers=layers, seed=args.seed,
-                                          balance=balance)
-                tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir,
-                                        scores_from=args.scores_from if select == "attention" else None)
+                ticket_cfg = TicketConfig(drop=drop, select=select, layers=layers, seed=args.seed, balance=balance)
+                tickets_from_checkpoint(
+                    args.baseline,
+                    data_cfg,
+                    ticket_cfg,
+                    tickets_dir,
+                    scores_from=args.scores_from if select == "attention" else None,
+                )
         start = time.perf_counter()
-        history = train(data_cfg, ModelConfig(), finetune, args.work / f"s{args.sparsity:g}-epochs{args.epochs}-{name}",
-                        init_checkpoint=pruned_ckpt, tickets=tickets_dir, resume=True)
+        history = train(
+            data_cfg,
+            ModelConfig(),
+            finetune,
+            args.work / f"s{args.sparsity:g}-epochs{args.epochs}-{name}",
+            init_checkpoint=pruned_ckpt,
+            tickets=tickets_dir,
+            resume=True,
+        )
         result = {
-            "machine": machine(), "run": name, "select": select, "drop": drop, "seed": args.seed, "layers": layers,
+            "machine": machine(),
+            "run": name,
+            "select": select,
+            "drop": drop,
+            "seed": args.seed,
+            "layers": layers,
             "balance": balance,
-            "sparsity": args.sparsity, "pruned_accuracy": pruned["accuracy"], "finetune": asdict(finetune),
-            "baseline": str(args.baseline), "wall_seconds": time.perf_counter() - start, "history": history,
+            "sparsity": args.sparsity,
+            "pruned_accuracy": pruned["accuracy"],
+            "finetune": asdict(finetune),
+            "baseline": str(args.baseline),
+            "wall_seconds": time.perf_counter() - start,
+            "history": history,
         }
         result_path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"{name}: test accuracy per epoch {[round(h['test_accuracy'], 2) for h in history]}")

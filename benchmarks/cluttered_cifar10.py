@@ -13,6 +13,7 @@ attention tickets should do better than random ones, if the method works.
 --coverage reads tickets made on the cluttered training split and reports, for each, the share
 of its kept patches that lie on the object and the share of the object's patches it keeps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,18 +47,20 @@ def clutter(images: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tenso
             src = torch.from_numpy(rng.integers(0, n, n))
             y, x = (torch.from_numpy(rng.integers(0, side - CELL + 1, n)) for _ in range(2))
             crops = windows[src, :, y, x]  # (N, 3, CELL, CELL)
-            canvas[:, :, row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL] = crops
+            canvas[:, :, row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL] = crops
     offsets = rng.integers(0, CANVAS - side + 1, (n, 2))
     for i, (y, x) in enumerate(offsets):
-        canvas[i, :, y:y + side, x:x + side] = images[i]
+        canvas[i, :, y : y + side, x : x + side] = images[i]
     return canvas, offsets
 
 
 def object_patches(offsets: np.ndarray, side: int = 32, min_overlap: float = 0.5) -> np.ndarray:
     """(N, G*G) bool: the patches at least `min_overlap` covered by each image's object."""
     starts = np.arange(0, CANVAS, PATCH)  # patch edges along one axis
+
     def overlap(o: np.ndarray) -> np.ndarray:  # (N, G) pixels of each patch row/column inside [o, o + side)
         return np.clip(np.minimum(starts + PATCH, o[:, None] + side) - np.maximum(starts, o[:, None]), 0, PATCH)
+
     area = overlap(offsets[:, 0])[:, :, None] * overlap(offsets[:, 1])[:, None, :]  # (N, G, G)
     return (area >= min_overlap * PATCH * PATCH).reshape(len(offsets), -1)
 
@@ -76,7 +79,7 @@ def make(source: Path, out: Path, seed: int, limit: int | None) -> None:
         paths = [out / split / data.classes[label] / name for label, name in zip(labels.tolist(), names)]
         pixels = canvas.permute(0, 2, 3, 1).numpy()
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: Image.fromarray(pixels[i]).save(paths[i]), range(len(paths)), chunksize=512))
+            list(pool.map(lambda pixel, path: Image.fromarray(pixel).save(path), pixels, paths, chunksize=512))
         # in the order the ImageFolder loader reads them: by class, then by file name
         placements[split] = offsets[np.argsort(labels.numpy(), kind="stable")]
         print(f"{split}: {len(paths)} images in {out / split}")
@@ -90,8 +93,10 @@ def coverage(out: Path, tickets_dirs: list[Path]) -> None:
         tickets = load_tickets(path)
         keep = tickets.keep_idx.numpy()  # (N, K)
         if keep.shape[0] != len(on_object) or tickets.patch_size != PATCH:
-            raise SystemExit(f"{path} holds tickets of {keep.shape[0]} images at patch {tickets.patch_size}, "
-                             f"not of the {len(on_object)} in {out} at patch {PATCH}")
+            raise SystemExit(
+                f"{path} holds tickets of {keep.shape[0]} images at patch {tickets.patch_size}, "
+                f"not of the {len(on_object)} in {out} at patch {PATCH}"
+            )
         kept_on_object = np.take_along_axis(on_object, keep, axis=1)
         rows[path.name] = {
             "num_keep": keep.shape[1],
@@ -99,8 +104,10 @@ def coverage(out: Path, tickets_dirs: list[Path]) -> None:
             "object_kept": float(kept_on_object.sum() / on_object.sum()),  # share of object patches kept
             "config": tickets.meta.get("config"),
         }
-        print(f"{path.name:>40}: K {keep.shape[1]}, kept patches on the object {rows[path.name]['kept_on_object']:.1%}, "
-              f"object patches kept {rows[path.name]['object_kept']:.1%}")
+        print(
+            f"{path.name:>40}: K {keep.shape[1]}, kept patches on the object {rows[path.name]['kept_on_object']:.1%}, "
+            f"object patches kept {rows[path.name]['object_kept']:.1%}"
+        )
     print(f"{'(the object)':>40}: {on_object.mean():.1%} of all patches")
     write_result("cluttered64_coverage", {"object_share": float(on_object.mean()), "tickets": rows})
 

@@ -20,6 +20,7 @@ Latency does not depend on the weights, so --synthetic (the CIFAR-10 model's gra
 weights) gives the same timings when no compressed CIFAR-10 run is at hand; the JSON says which
 model was timed. Writes benchmarks/results/serve_latency.json and serve_latency.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,13 @@ def synthetic_model(out: Path, depth: int | None = None) -> Path:
 
     cfg = ModelConfig(num_classes=10, img_size=32, patch_size=4, depth=depth, drop_path_rate=0.0)
     torch.manual_seed(0)
-    pre = {"img_size": 32, "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616],
-           "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-           "dataset": "cifar10"}
+    pre = {
+        "img_size": 32,
+        "mean": [0.4914, 0.4822, 0.4465],
+        "std": [0.247, 0.2435, 0.2616],
+        "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+        "dataset": "cifar10",
+    }
     save_model(out / "run", build_model(cfg).eval(), cfg, pre, None, sparsity={"overall": 0.0})
     export_onnx(out / "run", out / "model.onnx", None, ExportConfig(verify=False))
     return out / "model.onnx"
@@ -106,9 +111,13 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=500, help="Timed requests per (concurrency, drop) cell.")
     p.add_argument("--rounds", type=int, default=5, help="Round-robin rounds the requests are split into.")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads of the server and the local timing.")
-    p.add_argument("--spinning", action="store_true", help="Let the server's ONNX Runtime threads spin-wait (lotus serve --spinning).")
+    p.add_argument(
+        "--spinning", action="store_true", help="Let the server's ONNX Runtime threads spin-wait (lotus serve --spinning)."
+    )
     p.add_argument("--binary", action="store_true", help="Send tensors with the binary extension instead of JSON.")
-    p.add_argument("--tag", default="", help="Suffix of the result files (serve_latency_TAG.json), to keep several models' figures.")
+    p.add_argument(
+        "--tag", default="", help="Suffix of the result files (serve_latency_TAG.json), to keep several models' figures."
+    )
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,29 +143,47 @@ def main() -> None:
             plain_server.stop()
 
     print(format_table(batched))
-    gains = {str(drop): [on["cells"][i]["throughput_rps"] / off["cells"][i]["throughput_rps"] for on, off in pairs]
-             for i, drop in enumerate(c16.drops)}
+    gains = {
+        str(drop): [on["cells"][i]["throughput_rps"] / off["cells"][i]["throughput_rps"] for on, off in pairs]
+        for i, drop in enumerate(c16.drops)
+    }
     unbatched = {str(drop): [off["cells"][i] for _, off in pairs] for i, drop in enumerate(c16.drops)}
     c16_cells = [c for c in batched["cells"] if c["concurrency"] == 16]
     checks = {
         "requests_at_concurrency_16": sum(c["requests"] for c in c16_cells),
         "errors_at_concurrency_16": sum(c["errors"] for c in c16_cells),
-        "p50_drop_0.5_over_drop_0": {str(k): next(c["p50_vs_drop0"] for c in batched["cells"] if c["concurrency"] == k and c["drop"] == 0.5)
-                                     for k in (1, 4, 16)},
+        "p50_drop_0.5_over_drop_0": {
+            str(k): next(c["p50_vs_drop0"] for c in batched["cells"] if c["concurrency"] == k and c["drop"] == 0.5)
+            for k in (1, 4, 16)
+        },
         "http_overhead_ms_concurrency_1": batched.get("http_overhead_ms"),
         "throughput_gain_batching_concurrency_16": {drop: statistics.median(g) for drop, g in gains.items()},
         "throughput_gain_per_round": gains,
     }
     for key, value in checks.items():
         print(f"{key}: {value}")
-    print("no batching, concurrency 16: " + ", ".join(
-        f"drop {drop} {statistics.median(c['throughput_rps'] for c in cells):.1f} req/s" for drop, cells in unbatched.items()))
+    print(
+        "no batching, concurrency 16: "
+        + ", ".join(
+            f"drop {drop} {statistics.median(c['throughput_rps'] for c in cells):.1f} req/s" for drop, cells in unbatched.items()
+        )
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "serve_latency" + (f"_{args.tag}" if args.tag else "")
     plot = save_plot(batched, RESULTS / f"{name}.png")
     print(f"wrote {plot}")
-    write_result(name, {"model": str(model), "synthetic": args.synthetic, "spinning": args.spinning, "cores": os.cpu_count(), "checks": checks,
-                                   "batching": batched, "c16_pairs": [{"batching": on, "no_batching": off} for on, off in pairs]})
+    write_result(
+        name,
+        {
+            "model": str(model),
+            "synthetic": args.synthetic,
+            "spinning": args.spinning,
+            "cores": os.cpu_count(),
+            "checks": checks,
+            "batching": batched,
+            "c16_pairs": [{"batching": on, "no_batching": off} for on, off in pairs],
+        },
+    )
 
 
 if __name__ == "__main__":

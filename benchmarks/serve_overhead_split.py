@@ -10,6 +10,7 @@ to one block (`--one-block`): the same HTTP work around a bigger model.
 
     python benchmarks/serve_overhead_split.py MODEL.onnx --one-block [--runs 3] [--requests 600]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,14 @@ def one_run(model: Path, requests: int) -> dict[str, float]:
     request = 1000 * delta["lotus_request_duration_seconds_sum"] / delta["lotus_request_duration_seconds_count"]
     inference = 1000 * delta["lotus_inference_duration_seconds_sum"] / delta["lotus_inference_duration_seconds_count"]
     cell, (alone,) = result["cells"][0], result["local"]
-    return {"client_p50_ms": cell["p50_ms"], "server_request_mean_ms": request, "server_onnxruntime_mean_ms": inference,
-            "server_around_model_ms": request - inference, "onnxruntime_alone_mean_ms": alone["mean_ms"],
-            "http_overhead_ms": result["http_overhead_ms"]["0.0"]}
+    return {
+        "client_p50_ms": cell["p50_ms"],
+        "server_request_mean_ms": request,
+        "server_onnxruntime_mean_ms": inference,
+        "server_around_model_ms": request - inference,
+        "onnxruntime_alone_mean_ms": alone["mean_ms"],
+        "http_overhead_ms": result["http_overhead_ms"]["0.0"],
+    }
 
 
 def main() -> None:
@@ -68,9 +74,12 @@ def main() -> None:
             for name, path in models.items():
                 runs[name].append(one_run(path, args.requests))
                 r = runs[name][-1]
-                print(f"run {i + 1} {name:>9}: client p50 {r['client_p50_ms']:6.2f} ms, server {r['server_request_mean_ms']:6.2f} ms "
-                      f"of which ONNX Runtime {r['server_onnxruntime_mean_ms']:6.2f} (alone {r['onnxruntime_alone_mean_ms']:6.2f}): "
-                      f"around the model {r['server_around_model_ms']:.2f} ms", flush=True)
+                print(
+                    f"run {i + 1} {name:>9}: client p50 {r['client_p50_ms']:6.2f} ms, server {r['server_request_mean_ms']:6.2f} ms "
+                    f"of which ONNX Runtime {r['server_onnxruntime_mean_ms']:6.2f} (alone {r['onnxruntime_alone_mean_ms']:6.2f}): "
+                    f"around the model {r['server_around_model_ms']:.2f} ms",
+                    flush=True,
+                )
     write_result("serve_overhead_split", {"model": str(args.model), "runs": runs})
 
 

@@ -10,6 +10,7 @@ on a machine without one it says so and exits: no speed is guessed.
 
     python benchmarks/sparse24_gpu.py [--checkpoint runs/NAME --data PATH] [--batches 64,256,1024]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,9 @@ def time_forward(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
 
 @torch.inference_mode()
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> float:
-    correct = sum((model(images[i : i + batch]).argmax(-1) == labels[i : i + batch]).sum().item() for i in range(0, len(images), batch))
+    correct = sum(
+        (model(images[i : i + batch]).argmax(-1) == labels[i : i + batch]).sum().item() for i in range(0, len(images), batch)
+    )
     return 100.0 * correct / len(images)
 
 
@@ -67,8 +70,14 @@ def main() -> None:
         apply_masks_(dense, semi_structured_masks({n: params[n].detach() for n in names}))
     sparse = to_semi_structured_(copy.deepcopy(dense), names)
     size = dense.patch_embed.img_size[0]
-    result = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-              "pruned_here": not holds_24, "torch": torch.__version__, "rows": []}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "dtype": "bfloat16",
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "pruned_here": not holds_24,
+        "torch": torch.__version__,
+        "rows": [],
+    }
     with torch.inference_mode():
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, size, size, device="cuda", dtype=torch.bfloat16)
@@ -77,8 +86,13 @@ def main() -> None:
             for _ in range(args.rounds):
                 dense_ms.append(time_forward(dense, x, args.runs))
                 sparse_ms.append(time_forward(sparse, x, args.runs))
-            row = {"batch": batch, "dense_ms": statistics.median(dense_ms), "sparse24_ms": statistics.median(sparse_ms),
-                   "speedup": statistics.median(d / s for d, s in zip(dense_ms, sparse_ms)), "max_abs_diff_vs_dense_masked": error}
+            row = {
+                "batch": batch,
+                "dense_ms": statistics.median(dense_ms),
+                "sparse24_ms": statistics.median(sparse_ms),
+                "speedup": statistics.median(d / s for d, s in zip(dense_ms, sparse_ms)),
+                "max_abs_diff_vs_dense_masked": error,
+            }
             print(row, flush=True)
             result["rows"].append(row)
     if args.linear:  # one square Linear of the width sparse kernels are made for, at a batch of tokens
@@ -93,8 +107,13 @@ def main() -> None:
         with torch.inference_mode():
             d = [time_forward(lin_dense, x, args.runs) for _ in range(args.rounds)]
             sp = [time_forward(lin_sparse, x, args.runs) for _ in range(args.rounds)]
-        result["linear"] = {"in_out": n, "tokens": 8192, "dense_ms": statistics.median(d), "sparse24_ms": statistics.median(sp),
-                            "speedup": statistics.median(a / b for a, b in zip(d, sp))}
+        result["linear"] = {
+            "in_out": n,
+            "tokens": 8192,
+            "dense_ms": statistics.median(d),
+            "sparse24_ms": statistics.median(sp),
+            "speedup": statistics.median(a / b for a, b in zip(d, sp)),
+        }
         print(result["linear"], flush=True)
     if args.checkpoint and args.data:
         from lotus.data import DataConfig, load_split_for_model

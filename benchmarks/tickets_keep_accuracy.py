@@ -10,6 +10,7 @@ whole images), which cifar10_tickets.py measures.
 
     python benchmarks/tickets_keep_accuracy.py --checkpoint runs/gpu/baseline [--drops 0.3,0.5,0.7]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,12 @@ def main() -> None:
         correct["full"] += (model(batch.images).argmax(-1) == batch.labels).sum().item()
         for d in drops:
             k = num_keep(n, d)
-            choices = {"highest": keep_from_scores(scores, k), "lowest": keep_from_scores(-scores, k),
-                       "spread": select_keep(scores, k, model.patch_embed.grid_size[0], 2),
-                       "random": keep_from_scores(torch.rand(scores.shape, generator=gen), k)}
+            choices = {
+                "highest": keep_from_scores(scores, k),
+                "lowest": keep_from_scores(-scores, k),
+                "spread": select_keep(scores, k, model.patch_embed.grid_size[0], 2),
+                "random": keep_from_scores(torch.rand(scores.shape, generator=gen), k),
+            }
             for how, keep in choices.items():
                 correct[f"{how}-{d:g}"] += (model(batch.images, keep).argmax(-1) == batch.labels).sum().item()
     accuracy = {name: 100.0 * c / len(data) for name, c in correct.items()}
@@ -58,9 +62,21 @@ def main() -> None:
     print(f"{'drop':>5} " + " ".join(f"{how:>8}" for how in ("highest", "spread", "random", "lowest")))
     for d in drops:
         print(f"{d:>5g} " + " ".join(f"{accuracy[f'{how}-{d:g}']:>8.2f}" for how in ("highest", "spread", "random", "lowest")))
-    name = "tickets_keep_accuracy" + (f"_{args.method}" if args.method != "cls" else "") + (f"_layers{args.layers}" if layers else "")
-    write_result(name, {"checkpoint": str(args.checkpoint), "method": args.method, "layers": layers, "test_images": len(data),
-                        "accuracy": accuracy})
+    name = (
+        "tickets_keep_accuracy"
+        + (f"_{args.method}" if args.method != "cls" else "")
+        + (f"_layers{args.layers}" if layers else "")
+    )
+    write_result(
+        name,
+        {
+            "checkpoint": str(args.checkpoint),
+            "method": args.method,
+            "layers": layers,
+            "test_images": len(data),
+            "accuracy": accuracy,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Target: scoring throughput >= 0.8x evaluation.
 
     python benchmarks/tickets_scoring_speed.py [--batches 8]
 """
+
 from __future__ import annotations
 
 import argparse

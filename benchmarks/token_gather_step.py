@@ -7,6 +7,7 @@ of the rounds is reported.
 
     python benchmarks/token_gather_step.py [--rounds 5] [--batch-size 128]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,13 +65,26 @@ def main() -> None:
     for r in KEEP_RATIOS:
         med = statistics.median(times[r])
         token_ratio = (1 + keeps[r]) / (1 + N)  # class token + kept patches
-        rows.append({"keep_ratio": r, "num_keep": keeps[r], "token_ratio": token_ratio,
-                     "step_seconds": med, "fraction_of_dense": med / dense, "all_step_seconds": times[r]})
+        rows.append(
+            {
+                "keep_ratio": r,
+                "num_keep": keeps[r],
+                "token_ratio": token_ratio,
+                "step_seconds": med,
+                "fraction_of_dense": med / dense,
+                "all_step_seconds": times[r],
+            }
+        )
         print(f"{r:>5.1f} {keeps[r]:>3d} {token_ratio:>11.3f} {med * 1000:>8.1f} {med / dense:>8.3f}")
-    write_result("token_gather_step", {
-        "model": "vit_tiny_patch16_224 shape, img 32, patch 4, depth 12",
-        "batch_size": B, "rounds": args.rounds, "rows": rows,
-    })
+    write_result(
+        "token_gather_step",
+        {
+            "model": "vit_tiny_patch16_224 shape, img 32, patch 4, depth 12",
+            "batch_size": B,
+            "rounds": args.rounds,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

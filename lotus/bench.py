@@ -5,12 +5,14 @@ timings), warm-up runs first, then at least `runs` timed runs per (batch, drop) 
 p90 and p99 are reported. Cells are timed in order, each on a fresh batch of random inputs
 (speed does not depend on the pixel values).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -28,11 +30,19 @@ class LocalBenchConfig:
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
     ms = np.array(seconds) * 1000
-    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "p95_ms": float(np.percentile(ms, 95)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "runs": len(ms)}
+    return {
+        "median_ms": float(np.median(ms)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "runs": len(ms),
+    }
 
 
-def bench_local(path: str | Path, cfg: LocalBenchConfig = LocalBenchConfig(), *, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+def bench_local(
+    path: str | Path, cfg: LocalBenchConfig = LocalBenchConfig(), *, log: Callable[[str], None] = lambda line: None
+) -> dict[str, Any]:
     """Time `path` at every (batch, drop); returns the cells and their ratios to drop 0."""
     from lotus.runtime import ort_session, read_metadata
 
@@ -60,7 +70,9 @@ def bench_local(path: str | Path, cfg: LocalBenchConfig = LocalBenchConfig(), *,
             cell = {"batch": batch, "drop": drop, **percentiles(times)}
             cell["images_per_second"] = batch / (cell["median_ms"] / 1000)
             cells.append(cell)
-            log(f"batch {batch:>3} drop {drop:<4} median {cell['median_ms']:8.2f} ms  p90 {cell['p90_ms']:8.2f}  p99 {cell['p99_ms']:8.2f}")
+            log(
+                f"batch {batch:>3} drop {drop:<4} median {cell['median_ms']:8.2f} ms  p90 {cell['p90_ms']:8.2f}  p99 {cell['p99_ms']:8.2f}"
+            )
     for cell in cells:
         base = next(c for c in cells if c["batch"] == cell["batch"] and c["drop"] == 0.0) if 0.0 in cfg.drops else None
         cell["vs_drop0"] = cell["median_ms"] / base["median_ms"] if base else None

@@ -4,6 +4,7 @@ A checkpoint `NAME` is the pair `NAME.safetensors` + `NAME.json`. The sidecar re
 sha256 of the tensor file, so a pair torn by an interruption (new tensors, old sidecar) is
 refused rather than loaded. Nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -88,7 +89,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     weights, sidecar = _with_suffix(stem, ".safetensors"), _with_suffix(stem, ".json")
     for f in (weights, sidecar):
         if not f.is_file():
-            raise LotusError(f"checkpoint file {f} not found: pass a LOTUS checkpoint (.safetensors with its .json) or a run folder")
+            raise LotusError(
+                f"checkpoint file {f} not found: pass a LOTUS checkpoint (.safetensors with its .json) or a run folder"
+            )
     try:
         meta = json.loads(sidecar.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -130,7 +133,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[To
     tensors, meta = load_checkpoint(path)
     if "model" not in meta:
         raise LotusError(f"checkpoint {_stem(path)} holds no model config: is it a training-state file?")
-    masks = {k[len(MASK_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
+    masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     weights = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     cfg = ModelConfig(**{**meta["model"], "pretrained": False})
     model = build_model(cfg)

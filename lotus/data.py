@@ -11,13 +11,15 @@ dataset index of every sample trivial to carry, which later stages need to look 
 patch keep masks. Augmentation (random crop with zero padding, horizontal flip) runs batched on
 those tensors and reports the shift and flip it applied to each image.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -131,9 +133,7 @@ def _load_digits(split: str) -> ImageData:
 
     digits = load_digits()
     # Fixed stratified 80/20 split: sklearn ships no test split, and results must be comparable.
-    train_idx, test_idx = train_test_split(
-        np.arange(len(digits.target)), test_size=0.2, random_state=0, stratify=digits.target
-    )
+    train_idx, test_idx = train_test_split(np.arange(len(digits.target)), test_size=0.2, random_state=0, stratify=digits.target)
     idx = train_idx if split == "train" else test_idx
     gray = torch.from_numpy(digits.images[idx] * (255.0 / 16.0)).round().to(torch.uint8)  # (N, 8, 8)
     images = gray[:, None].expand(-1, 3, -1, -1).contiguous()  # grey to RGB, as every model takes 3 channels

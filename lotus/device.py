@@ -1,4 +1,5 @@
 """Where tensors run: device choice and mixed precision."""
+
 from __future__ import annotations
 
 import contextlib

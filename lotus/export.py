@@ -20,14 +20,16 @@ Output `logits` float32 [B, classes]. The metadata (`metadata_props`) carries th
 mean and std, patch size, class names, measured sparsity, training drop ratio and the LOTUS
 version, so any ONNX user can preprocess correctly without the run folder.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,8 +94,16 @@ def _export(module: torch.nn.Module, args: tuple, input_names: list[str], dynami
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, args, str(path), dynamo=True, input_names=input_names, output_names=["logits"],
-            dynamic_shapes=dynamic_shapes, opset_version=opset, external_data=False, verbose=False,
+            module,
+            args,
+            str(path),
+            dynamo=True,
+            input_names=input_names,
+            output_names=["logits"],
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
         )
 
 
@@ -186,7 +196,9 @@ def accuracy_onnx(path: Path, images: torch.Tensor, labels: torch.Tensor, drop: 
     session = ort_session(path)
     correct = 0
     for i in range(0, len(images), batch_size):
-        logits = session.run(None, {"pixel_values": images[i : i + batch_size].numpy(), "drop": np.array(drop, dtype=np.float32)})[0]
+        logits = session.run(
+            None, {"pixel_values": images[i : i + batch_size].numpy(), "drop": np.array(drop, dtype=np.float32)}
+        )[0]
         correct += int((logits.argmax(-1) == labels[i : i + batch_size].numpy()).sum())
     return 100.0 * correct / len(images)
 
@@ -206,8 +218,12 @@ def quantize_int8(src: Path, dst: Path) -> Path:
 
 
 def export_onnx(
-    checkpoint: str | Path, out: str | Path, data_cfg: DataConfig | None, cfg: ExportConfig = ExportConfig(),
-    *, log: Callable[[str], None] = lambda line: None,
+    checkpoint: str | Path,
+    out: str | Path,
+    data_cfg: DataConfig | None,
+    cfg: ExportConfig = ExportConfig(),
+    *,
+    log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Export a LOTUS checkpoint (or run folder) to `out` (and its keep-index twin), verified.
 
@@ -236,12 +252,24 @@ def export_onnx(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp_main, tmp_keep = Path(tmp) / "model.onnx", Path(tmp) / "model_keep_idx.onnx"
         log("exporting the drop-by-attention graph")
-        _export(DropByAttention(model, select_block), (example, torch.tensor(0.0)), ["pixel_values", "drop"],
-                ({0: batch}, None), cfg.opset, tmp_main)
+        _export(
+            DropByAttention(model, select_block),
+            (example, torch.tensor(0.0)),
+            ["pixel_values", "drop"],
+            ({0: batch}, None),
+            cfg.opset,
+            tmp_main,
+        )
         log("exporting the keep-index graph")
         keep = torch.stack([torch.randperm(n)[: n // 2] for _ in range(2)])
-        _export(KeepIndices(model), (example, keep), ["pixel_values", "keep_idx"],
-                ({0: batch}, {0: batch, 1: torch.export.Dim("num_keep", min=1, max=n)}), cfg.opset, tmp_keep)
+        _export(
+            KeepIndices(model),
+            (example, keep),
+            ["pixel_values", "keep_idx"],
+            ({0: batch}, {0: batch, 1: torch.export.Dim("num_keep", min=1, max=n)}),
+            cfg.opset,
+            tmp_keep,
+        )
         report.update(check_exported_sparsity(tmp_main, model, prunable_names(model)))
 
         images = labels = None
@@ -250,7 +278,9 @@ def export_onnx(
         if cfg.verify:
             if images is None:
                 raise LotusError("verification needs eval images: pass --data, or --no-verify to skip it")
-            log(f"verifying against PyTorch on {min(cfg.verify_images, len(images))} eval images at drop {', '.join(map(str, VERIFY_DROPS))}")
+            log(
+                f"verifying against PyTorch on {min(cfg.verify_images, len(images))} eval images at drop {', '.join(map(str, VERIFY_DROPS))}"
+            )
             report["max_abs_diff"] = verify(tmp_main, model, images[: cfg.verify_images], select_block, cfg.tolerance)
 
         final_main = tmp_main
@@ -267,7 +297,9 @@ def export_onnx(
 
         props = _metadata(meta, model, select_block, {"quantize": cfg.quantize or "none"})
         _set_metadata(final_main, props)
-        _set_metadata(tmp_keep, {**props, "inputs": "pixel_values float32 [B,3,H,W] normalised; keep_idx int64 [B,K] patch indices"})
+        _set_metadata(
+            tmp_keep, {**props, "inputs": "pixel_values float32 [B,3,H,W] normalised; keep_idx int64 [B,K] patch indices"}
+        )
         os.replace(tmp_keep, keep_idx_path(out))
         os.replace(final_main, out)
     report.update({"path": str(out), "keep_idx_path": str(keep_idx_path(out)), "bytes": out.stat().st_size})

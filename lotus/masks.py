@@ -9,9 +9,10 @@ Prunable by default: the Linear weights inside the transformer blocks (attention
 projection, both MLP layers). Patch embedding, positional embeddings, class token, norms,
 biases and the classifier head stay dense unless `include` names them.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -34,7 +35,9 @@ def prunable_names(model: torch.nn.Module, include: Iterable[str] = ()) -> list[
     return names
 
 
-def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, *, scope: str = "global", keep: Masks | None = None) -> Masks:
+def magnitude_masks(
+    weights: dict[str, torch.Tensor], sparsity: float, *, scope: str = "global", keep: Masks | None = None
+) -> Masks:
     """Keep the largest-magnitude weights so that exactly round(sparsity * n) are pruned.
 
     Args:

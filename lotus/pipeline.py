@@ -10,13 +10,15 @@ figures, so `resume=True` skips finished stages, and the training stages (baseli
 continue from their last finished epoch. The recipe (`recipe.yaml`) holds every setting, so
 `lotus compress --recipe RUN/recipe.yaml` repeats the run.
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -81,7 +83,9 @@ def from_dict(cls: type, values: dict[str, Any]) -> Any:
 
 
 def save_recipe(cfg: CompressConfig, path: Path) -> None:
-    atomic_write_text(path, "# lotus compress --recipe THIS_FILE repeats the run\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(
+        path, "# lotus compress --recipe THIS_FILE repeats the run\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    )
 
 
 def load_recipe(path: str | Path) -> CompressConfig:
@@ -102,7 +106,7 @@ class RunState:
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: Path) -> "RunState":
+    def open(cls, path: Path) -> RunState:
         if path.exists():
             return cls(path, json.loads(path.read_text()))
         return cls(path)
@@ -113,7 +117,9 @@ class RunState:
         return record
 
 
-def compress(cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+def compress(
+    cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Run the whole pipeline into `run_dir`; returns metrics.json's contents."""
     run = Path(run_dir)
     state_path = run / STATE_FILE
@@ -126,9 +132,13 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, 
     state = RunState.open(state_path)
     cfg.structure.check()
     if nm_pattern(cfg.sparsity) and (cfg.isp_target is not None or cfg.structure.enabled):
-        raise LotusError(f"--sparsity {cfg.sparsity} keeps an N:M pattern that ISP and structured pruning would break: "
-                         "drop --isp-target and --structure, or use a plain sparsity")
-    todo = [s for s in STAGES if not (s == "isp" and cfg.isp_target is None) and not (s == "structure" and not cfg.structure.enabled)]
+        raise LotusError(
+            f"--sparsity {cfg.sparsity} keeps an N:M pattern that ISP and structured pruning would break: "
+            "drop --isp-target and --structure, or use a plain sparsity"
+        )
+    todo = [
+        s for s in STAGES if not (s == "isp" and cfg.isp_target is None) and not (s == "structure" and not cfg.structure.enabled)
+    ]
 
     def stage(name: str) -> bool:
         """Announce a stage; False when an earlier run already finished it."""
@@ -148,16 +158,26 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, 
             log("  no --checkpoint: training the dense baseline first")
             history = train(cfg.data, cfg.model, replace(cfg.baseline, device=cfg.device), run / "baseline", resume=True)
         result = evaluate_checkpoint(baseline_ckpt, cfg.data, device=cfg.device)
-        state.finish("baseline", _stage_record(result["accuracy"], time.perf_counter() - start, history, checkpoint=str(baseline_ckpt)))
+        state.finish(
+            "baseline", _stage_record(result["accuracy"], time.perf_counter() - start, history, checkpoint=str(baseline_ckpt))
+        )
 
     # 2. data lottery tickets
     if stage("tickets"):
         start = time.perf_counter()
         tickets = tickets_from_checkpoint(baseline_ckpt, cfg.data, cfg.tickets, run / "tickets", device=cfg.device)
         seconds = time.perf_counter() - start
-        state.finish("tickets", {"seconds": seconds, "images_per_second": tickets.meta["data"]["num_images"] / seconds,
-                                 "num_keep": tickets.num_keep, "num_patches": tickets.meta["num_patches"],
-                                 "outlier_patches": tickets.meta["outlier_patches"], "accuracy": None})
+        state.finish(
+            "tickets",
+            {
+                "seconds": seconds,
+                "images_per_second": tickets.meta["data"]["num_images"] / seconds,
+                "num_keep": tickets.num_keep,
+                "num_patches": tickets.meta["num_patches"],
+                "outlier_patches": tickets.meta["outlier_patches"],
+                "accuracy": None,
+            },
+        )
 
     # 3. stage 1: one-shot magnitude pruning at the given or essential sparsity
     if stage("prune"):
@@ -170,19 +190,41 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, 
             log(f"  essential sparsity {essential:g} (dense {swept['dense_accuracy']:.2f}%)")
         level = level if nm_pattern(level) else float(level)
         result = prune_oneshot(baseline_ckpt, level, run / "stage1", cfg.prune, data_cfg=cfg.data, device=cfg.device)
-        state.finish("prune", {"accuracy": result["accuracy"], "seconds": time.perf_counter() - start, "images_per_second": None,
-                               "requested_sparsity": level, "sparsity": result["sparsity"]["overall"],
-                               "essential_sparsity": essential})
+        state.finish(
+            "prune",
+            {
+                "accuracy": result["accuracy"],
+                "seconds": time.perf_counter() - start,
+                "images_per_second": None,
+                "requested_sparsity": level,
+                "sparsity": result["sparsity"]["overall"],
+                "essential_sparsity": essential,
+            },
+        )
     pruned_ckpt = run / "stage1"
 
     # 4. stage 2: Instant Soup Pruning
     if cfg.isp_target is not None:
         if stage("isp"):
             start = time.perf_counter()
-            result = isp(pruned_ckpt, cfg.data, replace(cfg.isp, target=cfg.isp_target, prune=cfg.prune), run / "stage2",
-                         device=cfg.device, log=lambda line: log("  " + line))
-            state.finish("isp", {"accuracy": result["rounds"][-1]["accuracy"], "seconds": time.perf_counter() - start,
-                                 "images_per_second": None, "sparsity": result["achieved_sparsity"], "rounds": result["rounds"]})
+            result = isp(
+                pruned_ckpt,
+                cfg.data,
+                replace(cfg.isp, target=cfg.isp_target, prune=cfg.prune),
+                run / "stage2",
+                device=cfg.device,
+                log=lambda line: log("  " + line),
+            )
+            state.finish(
+                "isp",
+                {
+                    "accuracy": result["rounds"][-1]["accuracy"],
+                    "seconds": time.perf_counter() - start,
+                    "images_per_second": None,
+                    "sparsity": result["achieved_sparsity"],
+                    "rounds": result["rounds"],
+                },
+            )
         pruned_ckpt = run / "stage2"
 
     # 5. structured pruning: whole heads and MLP neurons removed, the model shrunk
@@ -190,17 +232,34 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, 
         if stage("structure"):
             start = time.perf_counter()
             result = prune_structured(pruned_ckpt, run / "structured", cfg.structure, data_cfg=cfg.data, device=cfg.device)
-            log(f"  heads per block {result['structure']['num_heads']}, MLP widths {result['structure']['mlp_hidden']}, "
-                f"parameters x{result['parameters']['ratio']:.3f}")
-            state.finish("structure", {"accuracy": result["accuracy"], "seconds": time.perf_counter() - start, "images_per_second": None,
-                                       "structure": result["structure"], "parameters": result["parameters"]})
+            log(
+                f"  heads per block {result['structure']['num_heads']}, MLP widths {result['structure']['mlp_hidden']}, "
+                f"parameters x{result['parameters']['ratio']:.3f}"
+            )
+            state.finish(
+                "structure",
+                {
+                    "accuracy": result["accuracy"],
+                    "seconds": time.perf_counter() - start,
+                    "images_per_second": None,
+                    "structure": result["structure"],
+                    "parameters": result["parameters"],
+                },
+            )
         pruned_ckpt = run / "structured"
 
     # 6. fine-tune the pruned model on the lottery data (resumes from its last finished epoch)
     if stage("finetune"):
         start = time.perf_counter()
-        history = train(cfg.data, cfg.model, replace(cfg.finetune, device=cfg.device), run / "finetune",
-                        init_checkpoint=pruned_ckpt, tickets=run / "tickets", resume=True)
+        history = train(
+            cfg.data,
+            cfg.model,
+            replace(cfg.finetune, device=cfg.device),
+            run / "finetune",
+            init_checkpoint=pruned_ckpt,
+            tickets=run / "tickets",
+            resume=True,
+        )
         seconds = time.perf_counter() - start
         ratio = measure_step_ratio(run, cfg)
         log(f"  a dense training step takes {ratio:.2f}x a lottery step (measured side by side)")
@@ -211,12 +270,27 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, 
         start = time.perf_counter()
         model, meta = load_model(run / "finetune")
         report = sparsity_report(model, prunable_names(model, cfg.prune.include))
-        save_model(run, model, ModelConfig(**meta["model"]), meta["preprocess"], meta["masks"],
-                   tickets=meta.get("tickets"), sparsity={k: report[k] for k in ("overall", "zeros", "numel")}, stage="compressed")
+        save_model(
+            run,
+            model,
+            ModelConfig(**meta["model"]),
+            meta["preprocess"],
+            meta["masks"],
+            tickets=meta.get("tickets"),
+            sparsity={k: report[k] for k in ("overall", "zeros", "numel")},
+            stage="compressed",
+        )
         result = evaluate_checkpoint(run, cfg.data, device=cfg.device)
-        state.finish("evaluate", {"accuracy": result["accuracy"], "seconds": time.perf_counter() - start,
-                                  "images_per_second": result["images_per_second"], "sparsity": report["overall"],
-                                  "layers": {k: v["sparsity"] for k, v in report["layers"].items()}})
+        state.finish(
+            "evaluate",
+            {
+                "accuracy": result["accuracy"],
+                "seconds": time.perf_counter() - start,
+                "images_per_second": result["images_per_second"],
+                "sparsity": report["overall"],
+                "layers": {k: v["sparsity"] for k, v in report["layers"].items()},
+            },
+        )
 
     # 8. report
     from lotus.report import write_report
@@ -231,8 +305,14 @@ def _stage_record(accuracy: float, seconds: float, history: list[dict], **extra:
     """A training stage's figures: accuracy, wall time, and training images/s over its epochs."""
     train_seconds = sum(h["epoch_seconds"] for h in history)
     images = sum(h["epoch_seconds"] * h["images_per_second"] for h in history)
-    return {"accuracy": accuracy, "seconds": seconds, "images_per_second": images / train_seconds if history else None,
-            "train_seconds": train_seconds if history else None, "history": history, **extra}
+    return {
+        "accuracy": accuracy,
+        "seconds": seconds,
+        "images_per_second": images / train_seconds if history else None,
+        "train_seconds": train_seconds if history else None,
+        "history": history,
+        **extra,
+    }
 
 
 def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float:

@@ -1,4 +1,5 @@
 """Figures (matplotlib, headless). Each function draws one picture into a PNG file."""
+
 from __future__ import annotations
 
 from pathlib import Path

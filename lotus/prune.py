@@ -15,15 +15,17 @@ the one it reaches. Here the diversity comes from different data slices and seed
 result is cut to exactly the round's sparsity, and fine-tuning keeps the masks. The source
 variant stays available (`merge="levels"`) and reports the sparsity it actually achieves.
 """
+
 from __future__ import annotations
 
 import copy
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -97,8 +99,13 @@ def _eval_loader(checkpoint_meta: dict, data_cfg: DataConfig, batch_size: int = 
 
 
 def sweep(
-    checkpoint: str | Path, data_cfg: DataConfig, cfg: SweepConfig, out_dir: str | Path,
-    *, device: str = "auto", progress: Callable[[int, int], None] | None = None,
+    checkpoint: str | Path,
+    data_cfg: DataConfig,
+    cfg: SweepConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """One-shot global magnitude pruning at each sparsity, evaluated; finds the essential sparsity.
 
@@ -116,14 +123,26 @@ def sweep(
         masks = magnitude_masks(_weights(model, names), s, scope=cfg.prune.scope, keep=meta["masks"] or None)
         apply_masks_(model, masks)
         result = evaluate(model, loader, dev)
-        rows.append({"sparsity": s, "measured_sparsity": sparsity_report(model, names)["overall"],
-                     "accuracy": result["accuracy"], "loss": result["loss"]})
+        rows.append(
+            {
+                "sparsity": s,
+                "measured_sparsity": sparsity_report(model, names)["overall"],
+                "accuracy": result["accuracy"],
+                "loss": result["loss"],
+            }
+        )
         model.load_state_dict(original)
         if progress:
             progress(i + 1, len(cfg.sparsities))
     knee = essential_sparsity([r["sparsity"] for r in rows], [r["accuracy"] for r in rows], dense["accuracy"], cfg.tolerance)
-    summary = {"checkpoint": str(checkpoint), "dense_accuracy": dense["accuracy"], "tolerance": cfg.tolerance,
-               "essential_sparsity": knee, "scope": cfg.prune.scope, "rows": rows}
+    summary = {
+        "checkpoint": str(checkpoint),
+        "dense_accuracy": dense["accuracy"],
+        "tolerance": cfg.tolerance,
+        "essential_sparsity": knee,
+        "scope": cfg.prune.scope,
+        "rows": rows,
+    }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -139,8 +158,13 @@ def sweep(
 
 
 def prune_oneshot(
-    checkpoint: str | Path, sparsity: float | str, out_dir: str | Path, cfg: PruneConfig = PruneConfig(),
-    *, data_cfg: DataConfig | None = None, device: str = "auto",
+    checkpoint: str | Path,
+    sparsity: float | str,
+    out_dir: str | Path,
+    cfg: PruneConfig = PruneConfig(),
+    *,
+    data_cfg: DataConfig | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Stage 1: prune by magnitude to `sparsity` in one shot; saves the masked model (and, with
     `data_cfg`, its accuracy) to `out_dir`. Returns the sparsity report.
@@ -161,8 +185,9 @@ def prune_oneshot(
     apply_masks_(model, masks)
     report = sparsity_report(model, names)
     accuracy = evaluate(model, _eval_loader(meta, data_cfg), dev)["accuracy"] if data_cfg else None
-    _save_pruned(out_dir, model, meta, masks, {"stage": "oneshot", "requested_sparsity": sparsity, "prune": asdict(cfg)},
-                 report, accuracy)
+    _save_pruned(
+        out_dir, model, meta, masks, {"stage": "oneshot", "requested_sparsity": sparsity, "prune": asdict(cfg)}, report, accuracy
+    )
     return {"sparsity": report, "accuracy": accuracy}
 
 
@@ -170,15 +195,29 @@ def _save_pruned(out_dir, model, meta, masks, how: dict, report: dict, accuracy:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     keep = {k: meta[k] for k in ("data", "train", "tickets") if k in meta}
-    save_model(out_dir, model, ModelConfig(**meta["model"]), meta["preprocess"], masks,
-               pruning=how, sparsity={"overall": report["overall"], "zeros": report["zeros"], "numel": report["numel"]},
-               accuracy=accuracy, parent=meta.get("sha256"), **keep)
+    save_model(
+        out_dir,
+        model,
+        ModelConfig(**meta["model"]),
+        meta["preprocess"],
+        masks,
+        pruning=how,
+        sparsity={"overall": report["overall"], "zeros": report["zeros"], "numel": report["numel"]},
+        accuracy=accuracy,
+        parent=meta.get("sha256"),
+        **keep,
+    )
     atomic_write_text(out_dir / "sparsity.json", json.dumps(report, indent=2) + "\n")
 
 
 def isp(
-    checkpoint: str | Path, data_cfg: DataConfig, cfg: ISPConfig, out_dir: str | Path,
-    *, device: str = "auto", log: Callable[[str], None] = print,
+    checkpoint: str | Path,
+    data_cfg: DataConfig,
+    cfg: ISPConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Stage 2: Instant Soup Pruning from a (stage-1) checkpoint to `cfg.target` sparsity.
 
@@ -215,8 +254,9 @@ def isp(
             apply_masks_(model, masks)
             rounds.append(_round_record(r + 1, level, model, names, eval_loader, dev, log))
     report = sparsity_report(model, names)
-    _save_pruned(out_dir, model, meta, masks, {"stage": "isp", "isp": asdict(cfg), "rounds": rounds},
-                 report, rounds[-1]["accuracy"])
+    _save_pruned(
+        out_dir, model, meta, masks, {"stage": "isp", "isp": asdict(cfg), "rounds": rounds}, report, rounds[-1]["accuracy"]
+    )
     return {"target": cfg.target, "achieved_sparsity": report["overall"], "rounds": rounds}
 
 
@@ -234,8 +274,9 @@ def _weak_copy(model, masks: Masks, data: ImageData, pre: dict, cfg: ISPConfig, 
     size = max(1, round(cfg.data_fraction * len(data)))
     index = torch.randperm(len(data), generator=gen)[:size]
     subset = ImageData(data.images[index], data.labels[index], data.classes, data.name, data.split)
-    loader = BatchLoader(subset, 64, pre["mean"], pre["std"], shuffle=True, augment=default_augment(data.name),
-                         drop_last=size >= 128, seed=seed)
+    loader = BatchLoader(
+        subset, 64, pre["mean"], pre["std"], shuffle=True, augment=default_augment(data.name), drop_last=size >= 128, seed=seed
+    )
     weak = copy.deepcopy(model)
     train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, min_lr=cfg.lr, warmup_epochs=0.1, seed=seed, device=str(dev))
     torch.manual_seed(seed)
@@ -270,8 +311,12 @@ def soup_(model: torch.nn.Module, copies: list[torch.nn.Module]) -> torch.nn.Mod
 
 
 def prune_structured(
-    checkpoint: str | Path, out_dir: str | Path, cfg: StructuredConfig = StructuredConfig(),
-    *, data_cfg: DataConfig | None = None, device: str = "auto",
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    cfg: StructuredConfig = StructuredConfig(),
+    *,
+    data_cfg: DataConfig | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Remove `cfg.heads` of the attention heads and `cfg.mlp` of the MLP neurons, shrinking the
     model; saves it (and, with `data_cfg`, its accuracy) to `out_dir`.
@@ -299,7 +344,10 @@ def prune_structured(
     accuracy = evaluate(model, _eval_loader(meta, data_cfg), dev)["accuracy"] if data_cfg else None
     params_after = count_parameters(model)
     result = {
-        "config": asdict(cfg), "structure": structure_of(model), "keep": keep, "accuracy": accuracy,
+        "config": asdict(cfg),
+        "structure": structure_of(model),
+        "keep": keep,
+        "accuracy": accuracy,
         "parameters": {"before": params_before, "after": params_after, "ratio": params_after / params_before},
     }
     out_dir = Path(out_dir)
@@ -308,7 +356,17 @@ def prune_structured(
     if masks:
         report = sparsity_report(model, list(masks))
         extra["sparsity"] = {"overall": report["overall"], "zeros": report["zeros"], "numel": report["numel"]}
-    save_model(out_dir, model, ModelConfig(**meta["model"]), pre, masks, pruning={"stage": "structured", **asdict(cfg)},
-               parameters=result["parameters"], accuracy=accuracy, parent=meta.get("sha256"), **extra)
+    save_model(
+        out_dir,
+        model,
+        ModelConfig(**meta["model"]),
+        pre,
+        masks,
+        pruning={"stage": "structured", **asdict(cfg)},
+        parameters=result["parameters"],
+        accuracy=accuracy,
+        parent=meta.get("sha256"),
+        **extra,
+    )
     atomic_write_text(out_dir / "structured.json", json.dumps(result, indent=2) + "\n")
     return result

@@ -1,4 +1,5 @@
 """The report of a `lotus compress` run: metrics.json, history.csv, plots and report.md."""
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,11 @@ from lotus.plots import save_finetune_figure, save_stage_figure
 
 def build_metrics(cfg: Any, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """metrics.json: the figures tools read, from the finished stages."""
-    stages = {name: {"accuracy": rec.get("accuracy"), "seconds": rec.get("seconds"), "images_per_second": rec.get("images_per_second")}
-              for name, rec in done.items() if name != "report"}
+    stages = {
+        name: {"accuracy": rec.get("accuracy"), "seconds": rec.get("seconds"), "images_per_second": rec.get("images_per_second")}
+        for name, rec in done.items()
+        if name != "report"
+    }
     finetune = done.get("finetune", {})
     train_seconds = finetune.get("train_seconds") or 0.0
     ratio = finetune.get("dense_step_ratio")
@@ -80,7 +84,11 @@ def _selection(tickets: Any) -> str:
     fused = ", the dropped ones fused into one token" if getattr(tickets, "fuse", False) else ""
     if not temperature:
         return f"fixed per image, {kind}{fused}"
-    return "re-drawn every batch, " + (f"weight score^(1/T), T = {temperature:g}" if tickets.select == "attention" else "uniformly") + fused
+    return (
+        "re-drawn every batch, "
+        + (f"weight score^(1/T), T = {temperature:g}" if tickets.select == "attention" else "uniformly")
+        + fused
+    )
 
 
 def _fmt(value: Any, spec: str = ".2f", none: str = "-") -> str:
@@ -100,24 +108,41 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
         f"| test accuracy | {m['dense_accuracy']:.2f}% | {m['compressed_accuracy']:.2f}% |",
         f"| sparsity of the prunable weights (measured) | 0 | {m['sparsity']:.4f} |",
         f"| patches per training image | {m['patches']} | {m['patches_kept']} (drop {m['drop']:g}, {_selection(cfg.tickets)}) |",
-        *([f"| parameters | 1 | x{m['parameters_ratio']:.3f} (heads and MLP neurons removed) |"] if m.get("parameters_ratio") else []),
+        *(
+            [f"| parameters | 1 | x{m['parameters_ratio']:.3f} (heads and MLP neurons removed) |"]
+            if m.get("parameters_ratio")
+            else []
+        ),
         "",
         "## What kind of sparsity, and what speed it can bring",
         "",
-        *(["- 2:4 semi-structured (stage 1 at `--sparsity 2:4`): two zeros in every group of four inputs of each block "
-           "Linear, held through fine-tuning. NVIDIA sparse tensor cores (Ampere and newer) can run it through PyTorch's "
-           "semi-structured tensors (`lotus.masks.to_semi_structured_`), but whether that is faster depends on the kernels: "
-           "time it (`benchmarks/sparse24_gpu.py`; for ViT-Tiny on an H200 with torch 2.11 it was slower than dense). On CPUs "
-           "and in ONNX Runtime the zeros bring no speed."] if nm_pattern(cfg.sparsity) else
-          ["- Unstructured (stages 1 and 2): the Linear weights inside the transformer blocks"
-           + (f" and {', '.join(cfg.prune.include)}" if cfg.prune.include else "")
-           + f", ranked {cfg.prune.scope}ly by magnitude. The zeros make the weights compress well, but dense kernels "
-           "(PyTorch, ONNX Runtime) still multiply them: no speed-up by itself.",
-           "- 2:4 semi-structured sparsity (`--sparsity 2:4`) is the pattern NVIDIA sparse tensor cores (Ampere and newer) "
-           "can run; this run does not hold it."]),
-        *([f"- Structured: heads per block {m['structure']['num_heads']}, MLP widths {m['structure']['mlp_hidden']} "
-           f"({cfg.structure.importance} importance, {cfg.structure.scope} scope). The layers are physically smaller: "
-           f"parameters and multiply-adds fall to about x{m['parameters_ratio']:.2f}, on any hardware."] if m.get("structure") else []),
+        *(
+            [
+                "- 2:4 semi-structured (stage 1 at `--sparsity 2:4`): two zeros in every group of four inputs of each block "
+                "Linear, held through fine-tuning. NVIDIA sparse tensor cores (Ampere and newer) can run it through PyTorch's "
+                "semi-structured tensors (`lotus.masks.to_semi_structured_`), but whether that is faster depends on the kernels: "
+                "time it (`benchmarks/sparse24_gpu.py`; for ViT-Tiny on an H200 with torch 2.11 it was slower than dense). On CPUs "
+                "and in ONNX Runtime the zeros bring no speed."
+            ]
+            if nm_pattern(cfg.sparsity)
+            else [
+                "- Unstructured (stages 1 and 2): the Linear weights inside the transformer blocks"
+                + (f" and {', '.join(cfg.prune.include)}" if cfg.prune.include else "")
+                + f", ranked {cfg.prune.scope}ly by magnitude. The zeros make the weights compress well, but dense kernels "
+                "(PyTorch, ONNX Runtime) still multiply them: no speed-up by itself.",
+                "- 2:4 semi-structured sparsity (`--sparsity 2:4`) is the pattern NVIDIA sparse tensor cores (Ampere and newer) "
+                "can run; this run does not hold it.",
+            ]
+        ),
+        *(
+            [
+                f"- Structured: heads per block {m['structure']['num_heads']}, MLP widths {m['structure']['mlp_hidden']} "
+                f"({cfg.structure.importance} importance, {cfg.structure.scope} scope). The layers are physically smaller: "
+                f"parameters and multiply-adds fall to about x{m['parameters_ratio']:.2f}, on any hardware."
+            ]
+            if m.get("structure")
+            else []
+        ),
         "- Patch dropping (`drop` at inference, `lotus export onnx`): compute falls with the patches skipped, on any hardware.",
         "",
         "## Stages",
@@ -128,9 +153,13 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
     notes = {
         "baseline": "trained here" if done["baseline"].get("history") else f"loaded from {done['baseline'].get('checkpoint')}",
         "tickets": f"{done['tickets']['num_keep']} of {done['tickets']['num_patches']} patches kept per image; "
-                   f"{done['tickets']['outlier_patches']} high-norm outlier patches re-scored",
+        f"{done['tickets']['outlier_patches']} high-norm outlier patches re-scored",
         "prune": f"one-shot to {done['prune']['sparsity']:.4f}"
-                 + (f" (essential sparsity {done['prune']['essential_sparsity']:g})" if done["prune"].get("essential_sparsity") is not None else ""),
+        + (
+            f" (essential sparsity {done['prune']['essential_sparsity']:g})"
+            if done["prune"].get("essential_sparsity") is not None
+            else ""
+        ),
         "isp": f"Instant Soup Pruning to {_fmt(done.get('isp', {}).get('sparsity'), '.4f')}",
         "structure": f"parameters x{_fmt(done.get('structure', {}).get('parameters', {}).get('ratio'), '.3f')}",
         "finetune": f"{len(done.get('finetune', {}).get('history', []))} epochs on the lottery data, masks held",
@@ -140,20 +169,30 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
         if name == "report":
             continue
         acc = _fmt(rec.get("accuracy"))
-        lines.append(f"| {name} | {acc}{'%' if rec.get('accuracy') is not None else ''} | {_fmt(rec.get('seconds'), '.1f')} | "
-                     f"{_fmt(rec.get('images_per_second'), '.0f')} | {notes.get(name, '')} |")
+        lines.append(
+            f"| {name} | {acc}{'%' if rec.get('accuracy') is not None else ''} | {_fmt(rec.get('seconds'), '.1f')} | "
+            f"{_fmt(rec.get('images_per_second'), '.0f')} | {notes.get(name, '')} |"
+        )
     if m["finetune_seconds_saved"] is not None:
         ratio = done["finetune"]["dense_step_ratio"]
-        lines += ["", f"Fine-tuning on the lottery data took {m['finetune_train_seconds']:.1f} s of training; a dense training "
-                  f"step measured side by side takes {ratio:.2f}x a lottery step, so dense fine-tuning would have taken about "
-                  f"{m['dense_finetune_seconds_estimate']:.1f} s: {m['finetune_seconds_saved']:.1f} s saved."]
+        lines += [
+            "",
+            f"Fine-tuning on the lottery data took {m['finetune_train_seconds']:.1f} s of training; a dense training "
+            f"step measured side by side takes {ratio:.2f}x a lottery step, so dense fine-tuning would have taken about "
+            f"{m['dense_finetune_seconds_estimate']:.1f} s: {m['finetune_seconds_saved']:.1f} s saved.",
+        ]
     layers = done["evaluate"].get("layers", {})
     if layers:
         lines += ["", "## Measured sparsity per layer", "", "| weight | sparsity |", "|---|---|"]
         lines += [f"| `{name}` | {value:.4f} |" for name, value in layers.items()]
-    lines += ["", "Files: `model.safetensors` + `model.json` (the compressed model, masks included), `metrics.json`, "
-              "`history.csv`, `tickets/` (with `tickets.png`), `stage1/`" + (", `stage2/`" if "isp" in done else "")
-              + (", `sweep/`" if done["prune"].get("essential_sparsity") is not None else "")
-              + (", `structured/`" if "structure" in done else "")
-              + ", `finetune/`, `accuracy_per_stage.png`, `finetune.png`.", ""]
+    lines += [
+        "",
+        "Files: `model.safetensors` + `model.json` (the compressed model, masks included), `metrics.json`, "
+        "`history.csv`, `tickets/` (with `tickets.png`), `stage1/`"
+        + (", `stage2/`" if "isp" in done else "")
+        + (", `sweep/`" if done["prune"].get("essential_sparsity") is not None else "")
+        + (", `structured/`" if "structure" in done else "")
+        + ", `finetune/`, `accuracy_per_stage.png`, `finetune.png`.",
+        "",
+    ]
     return "\n".join(lines)

@@ -4,6 +4,7 @@ Kept apart from `lotus.export` (which needs torch to build graphs) so that whate
 exported model (the service, `lotus bench`) stays a small process: importing torch takes a
 serving process from about 80 MB to 750 MB.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

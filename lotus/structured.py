@@ -25,10 +25,11 @@ heads and neurons (each keeps at least one of each).
 or neuron contributes exactly nothing when its `attn.proj` / `mlp.fc2` columns are zero), which
 is what the shrunk model is checked against.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from timm.layers import Mlp
@@ -69,7 +70,9 @@ IMPORTANCE = ("magnitude", "activation", "taylor")
 def _check_block(i: int, blk: torch.nn.Module) -> None:
     attn, mlp = blk.attn, blk.mlp
     if not hasattr(attn, "attn_dim"):  # older timm reshaped the heads' output to the input width
-        raise LotusError("structured pruning needs a newer timm, whose Attention has attn_dim (tested with 1.0.31): pip install -U timm")
+        raise LotusError(
+            "structured pruning needs a newer timm, whose Attention has attn_dim (tested with 1.0.31): pip install -U timm"
+        )
     if type(attn) is not Attention or not isinstance(attn.norm, torch.nn.Identity) or getattr(attn, "gate", None) is not None:
         raise LotusError(f"block {i}: structured pruning supports timm's plain Attention (no scale norm, no gate)")
     if type(mlp) is not Mlp or not isinstance(mlp.norm, torch.nn.Identity):
@@ -107,7 +110,9 @@ def magnitude_scores(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[t
 
 
 @torch.inference_mode()
-def activation_scores(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def activation_scores(
+    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per block: each head's and each neuron's mean contribution to the residual stream."""
     blocks = list(model.blocks)
     heads = [torch.zeros(b.attn.num_heads, device=device) for b in blocks]
@@ -120,11 +125,13 @@ def activation_scores(model: torch.nn.Module, batches: Iterable[tuple[torch.Tens
             o = args[0].reshape(*args[0].shape[:-1], attn.num_heads, attn.head_dim)  # (B, T, H, hd)
             w = module.weight.reshape(-1, attn.num_heads, attn.head_dim)  # (D, H, hd)
             heads[i].add_(torch.einsum("bthd,ehd->bthe", o.float(), w.float()).norm(dim=-1).sum((0, 1)))
+
         return hook
 
     def on_fc2(i: int):
         def hook(module, args):
             neurons[i].add_(args[0].float().abs().sum((0, 1)) * module.weight.float().norm(dim=0))
+
         return hook
 
     handles = [b.attn.proj.register_forward_pre_hook(on_proj(i)) for i, b in enumerate(blocks)]
@@ -141,7 +148,9 @@ def activation_scores(model: torch.nn.Module, batches: Iterable[tuple[torch.Tens
     return [h.cpu() / tokens for h in heads], [n.cpu() / tokens for n in neurons]
 
 
-def taylor_scores(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def taylor_scores(
+    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per block: each head's and each neuron's (sum of w * dL/dw)^2, summed over the batches."""
     blocks = list(model.blocks)
     heads = [torch.zeros(b.attn.num_heads) for b in blocks]
@@ -182,7 +191,10 @@ def choose(head_scores: list[torch.Tensor], neuron_scores: list[torch.Tensor], c
     """
     cfg.check()
     keep: Keep = {"heads": [], "mlp": []}
-    for key, scores, fraction, what in (("heads", head_scores, cfg.heads, "heads"), ("mlp", neuron_scores, cfg.mlp, "MLP neurons")):
+    for key, scores, fraction, what in (
+        ("heads", head_scores, cfg.heads, "heads"),
+        ("mlp", neuron_scores, cfg.mlp, "MLP neurons"),
+    ):
         if cfg.scope == "block":
             for s in scores:
                 n = s.numel() - _num_removed(fraction, s.numel(), what)
@@ -247,8 +259,10 @@ def shrink_(model: torch.nn.Module, keep: Keep, masks: Masks | None = None) -> M
     """Remove the heads and neurons `keep` leaves out, in place; returns `masks` (unstructured
     pruning masks of the unshrunk model) cut to the new shapes."""
     slices = _slices(model, keep)
-    state = {name: t.index_select(slices[name][0], slices[name][1].to(t.device)) if name in slices else t
-             for name, t in model.state_dict().items()}
+    state = {
+        name: t.index_select(slices[name][0], slices[name][1].to(t.device)) if name in slices else t
+        for name, t in model.state_dict().items()
+    }
     for blk, heads, neurons in zip(model.blocks, keep["heads"], keep["mlp"]):
         attn, mlp = blk.attn, blk.mlp
         attn.num_heads, attn.attn_dim = len(heads), len(heads) * attn.head_dim

@@ -52,6 +52,7 @@ of the dropped patch tokens (after the positional embedding), as EViT (Liang et 
 its inattentive tokens: weighted by attention score for attention tickets, uniform for random
 ones, so the context the tickets drop still reaches the model as one summary token (K + 1 tokens).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,7 +78,9 @@ class TicketConfig:
     drop: float = 0.1  # fraction of each image's patches dropped, in [0, 1)
     select: str = "attention"  # 'attention' (scored by the model) or 'random' (the control)
     method: str = "cls"  # 'cls' (class-token attention row) or 'rollout'
-    layers: tuple[int, ...] | str | None = None  # blocks used (negative counts from the end) or 'all'; None = last (cls) / all (rollout)
+    layers: tuple[int, ...] | str | None = (
+        None  # blocks used (negative counts from the end) or 'all'; None = last (cls) / all (rollout)
+    )
     cls_sink: bool = True  # replace the class token's self-attention by its row mean
     norm_outliers: bool = True  # replace scores of high-norm outlier patches by their neighbours' mean
     outlier_z: float = 3.5  # robust z-score above which a patch's output norm is an outlier...
@@ -100,9 +103,13 @@ class TicketConfig:
         if self.spread < 1:
             raise LotusError(f"--spread {self.spread} must be at least 1 (the side of the patch blocks, 1 = whole image)")
         if self.balance and self.select == "random":
-            raise LotusError("--balance ranks attention scores by position: random tickets keep every position equally often already")
+            raise LotusError(
+                "--balance ranks attention scores by position: random tickets keep every position equally often already"
+            )
         if not self.temperature >= 0:
-            raise LotusError(f"--temperature {self.temperature} is negative: use 0 for fixed tickets or a positive value to sample")
+            raise LotusError(
+                f"--temperature {self.temperature} is negative: use 0 for fixed tickets or a positive value to sample"
+            )
 
 
 def num_keep(num_patches: int, drop: float) -> int:
@@ -288,12 +295,11 @@ def score_batch(model: TokenGatherViT, images: torch.Tensor, cfg: TicketConfig) 
     for i in layers:
         attn = cls_attention(model.blocks[i].attn, qkvs[i], full).mean(1)  # heads averaged: (B, T[, T])
         maps.append(correct_cls_sink(attn) if cfg.cls_sink else attn)
-    if full:
-        scores = attention_rollout(maps)[:, 0, prefix:]
-    else:
-        scores = torch.stack(maps).mean(0)[:, prefix:]
+    scores = attention_rollout(maps)[:, 0, prefix:] if full else torch.stack(maps).mean(0)[:, prefix:]
     norms = outputs["x"][:, prefix:].float().norm(dim=-1)  # (B, N) output norm of each patch token
-    outliers = norm_outliers(norms, cfg.outlier_z, cfg.outlier_ratio) if cfg.norm_outliers else torch.zeros_like(norms, dtype=torch.bool)
+    outliers = (
+        norm_outliers(norms, cfg.outlier_z, cfg.outlier_ratio) if cfg.norm_outliers else torch.zeros_like(norms, dtype=torch.bool)
+    )
     if cfg.norm_outliers:
         scores = fill_from_neighbours(scores, outliers, int(scores.shape[-1] ** 0.5))
     return scores, outliers
@@ -309,7 +315,13 @@ def fingerprint(data: ImageData) -> dict[str, Any]:
     h = hashlib.sha256()
     h.update(data.images.numpy().tobytes())
     h.update(data.labels.numpy().tobytes())
-    return {"dataset": data.name, "split": data.split, "num_images": len(data), "img_size": data.img_size, "sha256": h.hexdigest()}
+    return {
+        "dataset": data.name,
+        "split": data.split,
+        "num_images": len(data),
+        "img_size": data.img_size,
+        "sha256": h.hexdigest(),
+    }
 
 
 @dataclass
@@ -391,8 +403,15 @@ class Tickets:
 
 
 def make_tickets(
-    model: TokenGatherViT, data: ImageData, mean: list[float], std: list[float], cfg: TicketConfig,
-    *, model_sha256: str | None = None, device: torch.device | str = "cpu", progress=None,
+    model: TokenGatherViT,
+    data: ImageData,
+    mean: list[float],
+    std: list[float],
+    cfg: TicketConfig,
+    *,
+    model_sha256: str | None = None,
+    device: torch.device | str = "cpu",
+    progress=None,
 ) -> Tickets:
     """Score every patch of every image of `data` and keep the top K per image.
 
@@ -419,8 +438,12 @@ def make_tickets(
                 progress(i + 1, len(loader))
     scores = torch.cat(scores).float()
     meta = {
-        "config": asdict(cfg), "num_keep": k, "num_patches": N, "data": fingerprint(data),
-        "model_sha256": model_sha256, "outlier_patches": outlier_count,
+        "config": asdict(cfg),
+        "num_keep": k,
+        "num_patches": N,
+        "data": fingerprint(data),
+        "model_sha256": model_sha256,
+        "outlier_patches": outlier_count,
         "layers": resolve_layers(cfg, len(model.blocks)) if cfg.select == "attention" else None,
     }
     return _cut(scores, grid, patch_size, meta)
@@ -436,12 +459,13 @@ def recut_tickets(tickets: Tickets, cfg: TicketConfig) -> Tickets:
     blocks, corrections; for random tickets also the seed)."""
     made, wanted = tickets.meta["config"], asdict(cfg)
     fields = SCORING_FIELDS + (("seed",) if cfg.select == "random" else ())
-    differ = [f"{f} {made.get(f)!r} (asked: {wanted[f]!r})" for f in fields
-              if json.dumps(made.get(f)) != json.dumps(wanted[f])]  # as JSON: the saved config holds lists for tuples
+    differ = [
+        f"{f} {made.get(f)!r} (asked: {wanted[f]!r})" for f in fields if json.dumps(made.get(f)) != json.dumps(wanted[f])
+    ]  # as JSON: the saved config holds lists for tuples
     if differ:
         raise LotusError(f"these tickets were scored with other settings, {', '.join(differ)}: score again with `lotus tickets`")
     _check_spread(cfg.spread, tickets.grid)
-    meta = {**tickets.meta, "config": wanted, "num_keep": num_keep(tickets.grid ** 2, cfg.drop)}
+    meta = {**tickets.meta, "config": wanted, "num_keep": num_keep(tickets.grid**2, cfg.drop)}
     return _cut(tickets.scores, tickets.grid, tickets.patch_size, meta)
 
 
@@ -463,7 +487,9 @@ def _check_spread(spread: int, grid: int) -> None:
 def save_tickets(tickets: Tickets, out_dir: str | Path) -> Path:
     # Keep indices fit int16 for any grid up to 181x181; scores stay fp32 (N floats per image).
     tensors = {"keep_idx": tickets.keep_idx.to(torch.int16), "scores": tickets.scores}
-    return save_checkpoint(Path(out_dir) / TICKETS_FILE, tensors, {"grid": tickets.grid, "patch_size": tickets.patch_size, **tickets.meta})
+    return save_checkpoint(
+        Path(out_dir) / TICKETS_FILE, tensors, {"grid": tickets.grid, "patch_size": tickets.patch_size, **tickets.meta}
+    )
 
 
 def load_tickets(path: str | Path) -> Tickets:
@@ -479,8 +505,14 @@ def load_tickets(path: str | Path) -> Tickets:
 
 
 def tickets_from_checkpoint(
-    checkpoint: str | Path, data_cfg: DataConfig, cfg: TicketConfig, out_dir: str | Path, *,
-    device: str = "auto", progress=None, scores_from: str | Path | None = None,
+    checkpoint: str | Path,
+    data_cfg: DataConfig,
+    cfg: TicketConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    progress=None,
+    scores_from: str | Path | None = None,
 ) -> Tickets:
     """What `lotus tickets` runs: score a dataset's training split with a checkpoint, write
     `out_dir/tickets.safetensors` + `tickets.json` and the figure `out_dir/tickets.png`.
@@ -499,19 +531,25 @@ def tickets_from_checkpoint(
     pre = meta["preprocess"]
     data = load_split_for_model(data_cfg, pre, "train")
     if scores_from is None:
-        tickets = make_tickets(model, data, pre["mean"], pre["std"], cfg, model_sha256=meta["sha256"], device=dev, progress=progress)
+        tickets = make_tickets(
+            model, data, pre["mean"], pre["std"], cfg, model_sha256=meta["sha256"], device=dev, progress=progress
+        )
     else:
         earlier = load_tickets(scores_from)
         earlier.check(data, model.patch_embed.grid_size[0], model.patch_embed.patch_size[0])
         if cfg.select == "attention" and earlier.meta["model_sha256"] != meta["sha256"]:
-            raise LotusError(f"the tickets in {scores_from} were scored by another model than {checkpoint}: "
-                             "pass the checkpoint that scored them, or score again without --scores-from")
+            raise LotusError(
+                f"the tickets in {scores_from} were scored by another model than {checkpoint}: "
+                "pass the checkpoint that scored them, or score again without --scores-from"
+            )
         tickets = recut_tickets(earlier, cfg)
     out_dir = Path(out_dir)
     save_tickets(tickets, out_dir)
     show = _one_per_class(data.labels, 16)
-    title = f"{cfg.select} tickets, drop {cfg.drop:g}: {tickets.num_keep} of {tickets.grid ** 2} patches kept"
-    save_tickets_figure(out_dir / "tickets.png", data.images[show], tickets.scores[show], tickets.keep_idx[show], tickets.grid, title)
+    title = f"{cfg.select} tickets, drop {cfg.drop:g}: {tickets.num_keep} of {tickets.grid**2} patches kept"
+    save_tickets_figure(
+        out_dir / "tickets.png", data.images[show], tickets.scores[show], tickets.keep_idx[show], tickets.grid, title
+    )
     return tickets
 
 

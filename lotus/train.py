@@ -6,14 +6,16 @@ The order of batches, the augmentation and the dropout noise of epoch `e` depend
 (seed, e), and the optimizer state is checkpointed at every epoch end, so a run resumed after
 an interruption ends with exactly the weights of an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -133,14 +135,15 @@ def _restore(
     tensors, saved = load_checkpoint(out_dir / STATE_FILE)
     if saved["run"] != json.loads(json.dumps(meta)):
         raise LotusError(f"{out_dir} holds a run with other settings: resume it with the same flags, or pass a new --out")
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     _load_optimizer(opt, {k: v.to(device) for k, v in tensors.items()}, saved["param_groups"])
     console.print(f"resuming {out_dir} after epoch {saved['epoch']}")
     return saved["history"], saved["epoch"]
 
 
-def batch_tokens(keep_fn: Callable[[Batch], tuple[torch.Tensor, torch.Tensor | None]] | None, batch: Batch,
-                 device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def batch_tokens(
+    keep_fn: Callable[[Batch], tuple[torch.Tensor, torch.Tensor | None]] | None, batch: Batch, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A batch's keep indices and fused-token weights on `device` (None, None without tickets)."""
     if keep_fn is None:
         return None, None
@@ -349,26 +352,57 @@ def train(
         lottery = load_tickets(tickets)
         lottery.check(train_data, model_cfg.grid_size, model_cfg.patch_size or default_patch_size(model_cfg.img_size))
         keep_fn = lottery.tokens_for_batch
-        tickets_meta = {"path": str(tickets), "drop": lottery.meta["config"]["drop"], "select": lottery.meta["config"]["select"],
-                        "temperature": lottery.temperature, "fuse": lottery.fuse, "num_keep": lottery.num_keep, "sha256": lottery.meta["sha256"]}
+        tickets_meta = {
+            "path": str(tickets),
+            "drop": lottery.meta["config"]["drop"],
+            "select": lottery.meta["config"]["select"],
+            "temperature": lottery.temperature,
+            "fuse": lottery.fuse,
+            "num_keep": lottery.num_keep,
+            "sha256": lottery.meta["sha256"],
+        }
     train_loader = BatchLoader(
-        train_data, cfg.batch_size, mean, std, shuffle=True, augment=default_augment(data_cfg.name),
-        drop_last=len(train_data) >= 2 * cfg.batch_size, seed=cfg.seed,
+        train_data,
+        cfg.batch_size,
+        mean,
+        std,
+        shuffle=True,
+        augment=default_augment(data_cfg.name),
+        drop_last=len(train_data) >= 2 * cfg.batch_size,
+        seed=cfg.seed,
     )
     eval_loader = BatchLoader(test_data, 256, mean, std)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"data": asdict(data_cfg), "model": asdict(model_cfg), "train": asdict(cfg), "preprocess": preprocess,
-            "init_checkpoint": str(init_checkpoint) if init_checkpoint else None, "tickets": tickets_meta}
+    meta = {
+        "data": asdict(data_cfg),
+        "model": asdict(model_cfg),
+        "train": asdict(cfg),
+        "preprocess": preprocess,
+        "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
+        "tickets": tickets_meta,
+    }
     history = fit(model, train_loader, eval_loader, cfg, out_dir, meta=meta, resume=resume, keep_fn=keep_fn, masks=masks)
     rank, world = distributed()
     if rank == 0:  # one process writes the run folder; the others wait until it is there
-        save_model(out_dir, model, model_cfg, preprocess, masks, data=asdict(data_cfg), train=asdict(cfg), tickets=tickets_meta, metrics=history[-1])
+        save_model(
+            out_dir,
+            model,
+            model_cfg,
+            preprocess,
+            masks,
+            data=asdict(data_cfg),
+            train=asdict(cfg),
+            tickets=tickets_meta,
+            metrics=history[-1],
+        )
     if world > 1:
         torch.distributed.barrier()
     return history
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data_cfg: DataConfig, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint: str | Path, data_cfg: DataConfig, batch_size: int = 256, device: str = "auto"
+) -> dict[str, Any]:
     """Evaluate a LOTUS checkpoint on a dataset's test split, preprocessed as the checkpoint says."""
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)

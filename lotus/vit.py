@@ -5,6 +5,7 @@
 `forward_features`: after the positional embedding, the patch tokens named by `keep_idx` are
 gathered (the class and register tokens always stay), and only those go through the blocks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,7 +47,9 @@ def default_patch_size(img_size: int) -> int:
     return 16
 
 
-def gather_tokens(x: torch.Tensor, keep_idx: torch.Tensor, num_prefix_tokens: int, fuse: torch.Tensor | None = None) -> torch.Tensor:
+def gather_tokens(
+    x: torch.Tensor, keep_idx: torch.Tensor, num_prefix_tokens: int, fuse: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keep the prefix (class, register) tokens and the patch tokens at `keep_idx`.
 
     Args:
@@ -72,7 +75,9 @@ class TokenGatherViT(VisionTransformer):
     causal attention and gradient checkpointing are not used by LOTUS and not supported here.
     """
 
-    def forward_features(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None, fuse: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor, keep_idx: torch.Tensor | None = None, fuse: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = self.patch_embed(x)
         x = self._pos_embed(x)  # positional embeddings are added before any patch is dropped
         if keep_idx is not None:

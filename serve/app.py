@@ -1,14 +1,15 @@
 """The FastAPI app: `create_app(settings)`; the model is loaded in the lifespan, never at import.
 
-    uvicorn serve.app:create_app --factory      # settings from LOTUS_* environment variables
-    lotus serve runs/compress-.../model.onnx    # the same, from flags
+uvicorn serve.app:create_app --factory      # settings from LOTUS_* environment variables
+lotus serve runs/compress-.../model.onnx    # the same, from flags
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -52,13 +53,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model = await run_in_threadpool(ServedModel.load, path, settings.threads, settings.spinning)
         # The first ONNX Runtime call is slow (allocations); pay it before accepting traffic.
         await run_in_threadpool(model.run, np.zeros([1, *model.input_shape[1:]], dtype=np.float32), 0.0)
-        batcher = Batcher(model.run, model.num_patches, max_batch=settings.max_batch, max_delay_ms=settings.max_delay_ms,
-                          enabled=settings.batching, on_batch=service.metrics.observe_batch)
+        batcher = Batcher(
+            model.run,
+            model.num_patches,
+            max_batch=settings.max_batch,
+            max_delay_ms=settings.max_delay_ms,
+            enabled=settings.batching,
+            on_batch=service.metrics.observe_batch,
+        )
         await batcher.start()
         service.model, service.batcher, service.ready = model, batcher, True
-        log.info("serving %s as %r (%s, spinning %s, batching %s)", path, settings.name, ", ".join(model.session.get_providers()),
-                 "on" if settings.spinning else "off",
-                 f"up to {settings.max_batch} images / {settings.max_delay_ms:g} ms" if settings.batching else "off")
+        log.info(
+            "serving %s as %r (%s, spinning %s, batching %s)",
+            path,
+            settings.name,
+            ", ".join(model.session.get_providers()),
+            "on" if settings.spinning else "off",
+            f"up to {settings.max_batch} images / {settings.max_delay_ms:g} ms" if settings.batching else "off",
+        )
         try:
             yield
         finally:
@@ -145,5 +157,13 @@ def run_server(settings: Settings, log_level: str = "info", access_log: bool = T
     with tempfile.TemporaryDirectory(prefix="lotus-metrics-") as metrics_dir:
         if settings.workers > 1:
             os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
-        uvicorn.run("serve.app:create_app", factory=True, host=settings.host, port=settings.port, workers=settings.workers,
-                    log_level=log_level, access_log=access_log, timeout_graceful_shutdown=10)
+        uvicorn.run(
+            "serve.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=log_level,
+            access_log=access_log,
+            timeout_graceful_shutdown=10,
+        )

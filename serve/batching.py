@@ -10,14 +10,16 @@ drop ratio, so every request gets exactly the logits its own drop gives; each ca
 rows back. Inference runs in one worker thread: ONNX Runtime already spreads a call over the
 cores, and while it runs, the next batch gathers.
 """
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -47,8 +49,16 @@ class Batcher:
         on_batch: called with (images, drop, seconds) after every model call (metrics).
     """
 
-    def __init__(self, run: RunFn, num_patches: int, *, max_batch: int = 32, max_delay_ms: float = 2.0,
-                 enabled: bool = True, on_batch: Callable[[int, float, float], None] = lambda images, drop, seconds: None):
+    def __init__(
+        self,
+        run: RunFn,
+        num_patches: int,
+        *,
+        max_batch: int = 32,
+        max_delay_ms: float = 2.0,
+        enabled: bool = True,
+        on_batch: Callable[[int, float, float], None] = lambda images, drop, seconds: None,
+    ):
         self.run = run
         self.num_patches = num_patches
         self.max_batch = max_batch
@@ -67,10 +77,8 @@ class Batcher:
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-            except asyncio.CancelledError:
-                pass
         while not self.queue.empty():
             pending = self.queue.get_nowait()
             if not pending.future.done():

@@ -16,14 +16,16 @@ settings, just before each concurrency-1 cell of every round, and the HTTP overh
 over rounds of the difference of the two medians (everything a request costs beyond the model:
 client, network stack, server), each difference measured side by side.
 """
+
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,7 +61,10 @@ def _body(images: np.ndarray, drop: float, binary: bool) -> tuple[bytes, dict[st
     tensor["parameters"] = {"binary_data_size": images.nbytes}
     request["parameters"]["binary_data_output"] = True
     header = json.dumps(request).encode()
-    return header + images.tobytes(), {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    return header + images.tobytes(), {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }
 
 
 async def _model_input_size(client, cfg: HttpBenchConfig, url: str) -> int:
@@ -78,8 +83,9 @@ async def _model_input_size(client, cfg: HttpBenchConfig, url: str) -> int:
     return int(shape[-1])
 
 
-async def _closed_loop(client, path: str, body: bytes, headers: dict[str, str], concurrency: int,
-                       count: int, deadline: float | None) -> tuple[list[float], list[str]]:
+async def _closed_loop(
+    client, path: str, body: bytes, headers: dict[str, str], concurrency: int, count: int, deadline: float | None
+) -> tuple[list[float], list[str]]:
     """`concurrency` clients sending back to back until `count` requests (or the deadline)."""
     latencies: list[float] = []
     errors: list[str] = []
@@ -104,7 +110,9 @@ async def _closed_loop(client, path: str, body: bytes, headers: dict[str, str], 
     return latencies, errors
 
 
-async def _bench(url: str, cfg: HttpBenchConfig, local: ServedModel | None, progress: Callable[[int, int], None], log: Callable[[str], None]) -> dict[str, Any]:
+async def _bench(
+    url: str, cfg: HttpBenchConfig, local: ServedModel | None, progress: Callable[[int, int], None], log: Callable[[str], None]
+) -> dict[str, Any]:
     import aiohttp
 
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -158,8 +166,11 @@ async def _bench(url: str, cfg: HttpBenchConfig, local: ServedModel | None, prog
         cell["p50_vs_drop0"] = float(np.median(ratios)) if ratios else None  # per-round ratios: side by side
     result: dict[str, Any] = {"url": url, "body_bytes": {str(d): len(b[0]) for d, b in bodies.items()}, "cells": cells}
     if local is not None:
-        result["local"] = [{"batch": cfg.batch, "drop": drop, **percentiles(t["seconds"]), "round_median_ms": t["medians"]}
-                           for drop, t in alone.items() if t["seconds"]]
+        result["local"] = [
+            {"batch": cfg.batch, "drop": drop, **percentiles(t["seconds"]), "round_median_ms": t["medians"]}
+            for drop, t in alone.items()
+            if t["seconds"]
+        ]
         result["http_overhead_ms"], result["http_overhead_ms_per_round"] = {}, {}
         for drop, t in alone.items():
             http = next((c for c in cells if c["concurrency"] == 1 and c["drop"] == drop and "p50_ms" in c), None)
@@ -168,14 +179,22 @@ async def _bench(url: str, cfg: HttpBenchConfig, local: ServedModel | None, prog
             per_round = [h - m for h, m in zip(http["round_p50_ms"], t["medians"]) if h is not None]
             result["http_overhead_ms"][str(drop)] = float(np.median(per_round))
             result["http_overhead_ms_per_round"][str(drop)] = per_round
-            log(f"drop {drop:<4g} ONNX Runtime median {float(np.median(t['medians'])):.2f} ms, HTTP p50 {http['p50_ms']:.2f} ms: "
-                f"overhead {result['http_overhead_ms'][str(drop)]:.2f} ms (median of {len(per_round)} side-by-side rounds)")
+            log(
+                f"drop {drop:<4g} ONNX Runtime median {float(np.median(t['medians'])):.2f} ms, HTTP p50 {http['p50_ms']:.2f} ms: "
+                f"overhead {result['http_overhead_ms'][str(drop)]:.2f} ms (median of {len(per_round)} side-by-side rounds)"
+            )
     return result
 
 
 def bench_http(
-    url: str, cfg: HttpBenchConfig = HttpBenchConfig(), *, local: str | Path | None = None, threads: int | None = None,
-    spinning: bool = False, progress: Callable[[int, int], None] = lambda done, total: None, log: Callable[[str], None] = lambda line: None,
+    url: str,
+    cfg: HttpBenchConfig = HttpBenchConfig(),
+    *,
+    local: str | Path | None = None,
+    threads: int | None = None,
+    spinning: bool = False,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+    log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Load `url` (a `lotus serve` or any OIP v2 server) at every (concurrency, drop) cell.
 
@@ -219,10 +238,14 @@ def _time_runs(model: ServedModel, images: np.ndarray, drop: float, runs: int, w
 
 def _row(cell: dict[str, Any]) -> str:
     if "p50_ms" not in cell:
-        return f"{cell['concurrency']:>5} {cell['drop']:>5g}  every request failed ({cell['errors']}): {cell.get('first_error', '')}"
+        return (
+            f"{cell['concurrency']:>5} {cell['drop']:>5g}  every request failed ({cell['errors']}): {cell.get('first_error', '')}"
+        )
     ratio = f"{cell['p50_vs_drop0']:.3f}" if cell.get("p50_vs_drop0") is not None else "-"
-    return (f"{cell['concurrency']:>5} {cell['drop']:>5g} {cell['p50_ms']:>8.2f} {cell['p90_ms']:>8.2f} {cell['p95_ms']:>8.2f} "
-            f"{cell['p99_ms']:>8.2f} {cell['throughput_rps']:>9.1f} {cell['errors']:>6} {ratio:>8}")
+    return (
+        f"{cell['concurrency']:>5} {cell['drop']:>5g} {cell['p50_ms']:>8.2f} {cell['p90_ms']:>8.2f} {cell['p95_ms']:>8.2f} "
+        f"{cell['p99_ms']:>8.2f} {cell['throughput_rps']:>9.1f} {cell['errors']:>6} {ratio:>8}"
+    )
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -247,16 +270,22 @@ def save_plot(result: dict[str, Any], path: str | Path) -> Path:
     for concurrency in sorted({c["concurrency"] for c in result["cells"]}):
         cells = [c for c in result["cells"] if c["concurrency"] == concurrency and "p50_ms" in c]
         drops = [c["drop"] for c in cells]
-        line, = absolute.plot(drops, [c["p50_ms"] for c in cells], marker="o", label=f"concurrency {concurrency}")
-        absolute.fill_between(drops, [c["p50_ms"] for c in cells], [c["p99_ms"] for c in cells], color=line.get_color(), alpha=0.15)
+        (line,) = absolute.plot(drops, [c["p50_ms"] for c in cells], marker="o", label=f"concurrency {concurrency}")
+        absolute.fill_between(
+            drops, [c["p50_ms"] for c in cells], [c["p99_ms"] for c in cells], color=line.get_color(), alpha=0.15
+        )
         if all(c.get("p50_vs_drop0") is not None for c in cells):
-            relative.plot(drops, [c["p50_vs_drop0"] for c in cells], marker="o", color=line.get_color(), label=f"concurrency {concurrency}")
+            relative.plot(
+                drops, [c["p50_vs_drop0"] for c in cells], marker="o", color=line.get_color(), label=f"concurrency {concurrency}"
+            )
     local = result.get("local")
     if local:
         absolute.plot([c["drop"] for c in local], [c["median_ms"] for c in local], "k--", marker="x", label="ONNX Runtime alone")
         base = next((c["median_ms"] for c in local if c["drop"] == 0.0), None)
         if base:
-            relative.plot([c["drop"] for c in local], [c["median_ms"] / base for c in local], "k--", marker="x", label="ONNX Runtime alone")
+            relative.plot(
+                [c["drop"] for c in local], [c["median_ms"] / base for c in local], "k--", marker="x", label="ONNX Runtime alone"
+            )
     absolute.set_yscale("log")
     absolute.set_ylabel("p50 latency per request (ms), shaded to p99")
     relative.set_ylabel("p50 latency / p50 at drop 0")

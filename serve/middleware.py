@@ -3,6 +3,7 @@
 Order, outermost first: metrics (so 401s and 413s are counted too), then the API key (an
 unauthenticated client never gets a body read), then the body limit.
 """
+
 from __future__ import annotations
 
 import hmac

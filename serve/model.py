@@ -2,6 +2,7 @@
 
 Nothing here knows about HTTP; routes turn its `InputError`s into 4xx answers.
 """
+
 from __future__ import annotations
 
 import io
@@ -67,9 +68,14 @@ class ServedModel:
         session = serving_session(path, threads, spinning)
         inputs = {i.name for i in session.get_inputs()}
         if inputs != {"pixel_values", "drop"}:
-            raise LotusError(f"{path} takes inputs {sorted(inputs)}, not pixel_values and drop: serve the drop-by-attention graph (model.onnx)")
+            raise LotusError(
+                f"{path} takes inputs {sorted(inputs)}, not pixel_values and drop: serve the drop-by-attention graph (model.onnx)"
+            )
         return cls(
-            path=path, session=session, img_size=int(meta["img_size"]), num_patches=int(meta["num_patches"]),
+            path=path,
+            session=session,
+            img_size=int(meta["img_size"]),
+            num_patches=int(meta["num_patches"]),
             classes=json.loads(meta["classes"]),
             mean=np.array(json.loads(meta["mean"]), dtype=np.float32).reshape(3, 1, 1),
             std=np.array(json.loads(meta["std"]), dtype=np.float32).reshape(3, 1, 1),

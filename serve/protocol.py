@@ -4,6 +4,7 @@ The binary tensor extension (Triton's, which its HTTP client uses by default) pu
 and the raw little-endian tensor bytes after it; the `Inference-Header-Content-Length` header says
 where the JSON ends, and `binary_data_size` in a tensor's parameters says how many bytes it has.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,10 @@ def parse_infer(body: bytes, header_length: str | None, model: ServedModel, max_
         if tensor.data is not None:
             raise InputError("pixel_values has both data and binary_data_size: send one of them")
         if binary_size != count * 4 or len(binary) != binary_size:
-            raise InputError(f"pixel_values {shape} needs {count * 4} bytes of FP32; binary_data_size is {binary_size} "
-                             f"and {len(binary)} bytes follow the JSON")
+            raise InputError(
+                f"pixel_values {shape} needs {count * 4} bytes of FP32; binary_data_size is {binary_size} "
+                f"and {len(binary)} bytes follow the JSON"
+            )
         pixel_values = np.frombuffer(binary, dtype="<f4").reshape(shape)
     else:
         if tensor.data is None:
@@ -111,11 +114,14 @@ def parse_infer(body: bytes, header_length: str | None, model: ServedModel, max_
             raise InputError(f"the model has one output, 'logits', not {output.name!r}")
     parameters = request.parameters or {}
     binary_output = bool(parameters.get("binary_data_output", False)) or any(
-        bool((o.parameters or {}).get("binary_data", False)) for o in request.outputs or [])
+        bool((o.parameters or {}).get("binary_data", False)) for o in request.outputs or []
+    )
     return Inference(np.ascontiguousarray(pixel_values), parse_drop(parameters.get("drop")), request.id, binary_output)
 
 
-def infer_response(logits: np.ndarray, inference: Inference, model_name: str, version: str, patches_kept: int) -> tuple[bytes, int | None]:
+def infer_response(
+    logits: np.ndarray, inference: Inference, model_name: str, version: str, patches_kept: int
+) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when the logits follow it in binary."""
     output = {"name": "logits", "datatype": "FP32", "shape": list(logits.shape)}
     if inference.binary_output:

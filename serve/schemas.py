@@ -1,4 +1,5 @@
 """Request and response bodies: the Open Inference Protocol (v2) REST shapes and /v1/classify's."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,7 +32,9 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
-    parameters: dict[str, Any] = Field(default_factory=dict, description="The model's LOTUS metadata (preprocessing, classes...).")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="The model's LOTUS metadata (preprocessing, classes...)."
+    )
 
 
 class RequestInput(BaseModel):
@@ -39,7 +42,9 @@ class RequestInput(BaseModel):
     shape: list[int] = Field(description="[B, 3, H, W]: B images at the model's input size.")
     datatype: str = Field(description="FP32")
     parameters: dict[str, Any] | None = Field(None, description="binary_data_size when the tensor follows the JSON in binary.")
-    data: list[Any] | None = Field(None, description="The values in row-major order, flat or nested; normalised as the metadata says.")
+    data: list[Any] | None = Field(
+        None, description="The values in row-major order, flat or nested; normalised as the metadata says."
+    )
 
 
 class RequestOutput(BaseModel):
@@ -50,7 +55,8 @@ class RequestOutput(BaseModel):
 class InferenceRequest(BaseModel):
     id: str | None = Field(None, description="Echoed in the response.")
     parameters: dict[str, Any] | None = Field(
-        None, description="drop: fraction of each image's patches to skip, in [0, 0.95] (default 0); binary_data_output.")
+        None, description="drop: fraction of each image's patches to skip, in [0, 0.95] (default 0); binary_data_output."
+    )
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = None
 

@@ -1,4 +1,5 @@
 """What the routes share: the settings, the model, the batcher and the metrics (on app.state)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ class Service:
         if name != self.settings.name:
             raise InputError(f"unknown model {name!r}: this server serves {self.settings.name!r}", 404)
         if version is not None and version != self.settings.version:
-            raise InputError(f"unknown version {version!r} of model {name!r}: this server serves version {self.settings.version!r}", 404)
+            raise InputError(
+                f"unknown version {version!r} of model {name!r}: this server serves version {self.settings.version!r}", 404
+            )
         if not self.ready or self.model is None:
             raise InputError(f"model {name!r} is not ready", 503)
         return self.model

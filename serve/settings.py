@@ -3,6 +3,7 @@
 `lotus serve` fills them from its flags; under `--workers N` every worker process reads the same
 environment, so the flags reach all of them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
     workers: int = Field(1, ge=1, description="uvicorn worker processes, each with its own ONNX Runtime session.")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per worker (default: its own choice).")
-    spinning: bool = Field(False, description="Let ONNX Runtime's idle threads spin-wait: faster single calls, but they burn "
-                                              "CPU the event loop may need (see lotus.runtime.ort_session).")
+    spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's idle threads spin-wait: faster single calls, but they burn "
+        "CPU the event loop may need (see lotus.runtime.ort_session).",
+    )
     batching: bool = Field(True, description="Gather concurrent requests into one ONNX Runtime call.")
     max_batch: int = Field(32, ge=1, description="Most images in one ONNX Runtime call.")
     max_delay_ms: float = Field(2.0, ge=0, description="Longest a request waits for others to join its batch, in ms.")

@@ -1,4 +1,5 @@
 """Checkpoints: safetensors + sidecar round trips, torn pairs refused, atomic writes."""
+
 import json
 
 import pytest

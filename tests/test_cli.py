@@ -1,4 +1,5 @@
 """The `lotus` console script as users run it: real processes, real files, a real kill."""
+
 import json
 import os
 import signal
@@ -45,14 +46,17 @@ def test_latest_run_is_the_default(tmp_path):
     assert json.loads(lotus("eval", cwd=tmp_path).stdout)["checkpoint"] == str(Path("runs") / run.name)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--data", "no/such/folder"], "neither 'digits', 'cifar10' nor a folder"),
-    (["train", "--model", "resnet18"], "not a timm VisionTransformer"),
-    (["train", "--pretrained", "--epochs", "1"], "could not load pretrained weights"),
-    (["train", "--data", "cifar10", "--data-dir", "empty"], "CIFAR-10 not found"),
-    (["eval"], "no run folder under runs/"),
-    (["eval", "missing.safetensors"], "missing.safetensors not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "no/such/folder"], "neither 'digits', 'cifar10' nor a folder"),
+        (["train", "--model", "resnet18"], "not a timm VisionTransformer"),
+        (["train", "--pretrained", "--epochs", "1"], "could not load pretrained weights"),
+        (["train", "--data", "cifar10", "--data-dir", "empty"], "CIFAR-10 not found"),
+        (["eval"], "no run folder under runs/"),
+        (["eval", "missing.safetensors"], "missing.safetensors not found"),
+    ],
+)
 def test_user_errors_are_one_line(tmp_path, args, message):
     proc = lotus(*args, cwd=tmp_path, check=False)
     assert proc.returncode == 2
@@ -67,7 +71,9 @@ def test_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path):
 
     run = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([LOTUS, *args, "--out", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [LOTUS, *args, "--out", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     first = proc.stdout.readline()  # epoch 1 finished; epoch 2 is running
     assert json.loads(first)["epoch"] == 1
     time.sleep(0.5)
@@ -91,15 +97,43 @@ def test_tickets_then_train_on_them(tmp_path):
     bad = lotus("tickets", "--checkpoint", tmp_path / "base", "--drop", "1.5", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "--drop 1.5 is outside [0, 1)" in bad.stderr
     # the same scores cut at another drop ratio, without scoring again
-    proc = lotus("tickets", "--checkpoint", tmp_path / "base", "--scores-from", tmp_path / "tk", "--drop", "0.5", "--out", tmp_path / "tk2")
+    proc = lotus(
+        "tickets", "--checkpoint", tmp_path / "base", "--scores-from", tmp_path / "tk", "--drop", "0.5", "--out", tmp_path / "tk2"
+    )
     assert "kept 8 of 16 patches" in proc.stderr.replace("\n", " ")
     from lotus.tickets import balance_scores, load_tickets
 
     first, second = load_tickets(tmp_path / "tk"), load_tickets(tmp_path / "tk2")
     assert torch.equal(second.scores, first.scores) and torch.equal(second.keep_idx, second.scores.topk(8).indices.sort().values)
-    lotus("tickets", "--checkpoint", tmp_path / "base", "--scores-from", tmp_path / "tk", "--drop", "0.5", "--balance", "--out", tmp_path / "tk3")
+    lotus(
+        "tickets",
+        "--checkpoint",
+        tmp_path / "base",
+        "--scores-from",
+        tmp_path / "tk",
+        "--drop",
+        "0.5",
+        "--balance",
+        "--out",
+        tmp_path / "tk3",
+    )
     balanced = load_tickets(tmp_path / "tk3")
     assert torch.equal(balanced.keep_idx, balance_scores(first.scores).topk(8).indices.sort().values)
     assert not torch.equal(balanced.keep_idx, second.keep_idx)
-    bad = lotus("tickets", "--checkpoint", tmp_path / "base", "--scores-from", tmp_path / "tk", "--layers", "all", "--out", tmp_path / "x", check=False)
-    assert bad.returncode == 2 and "scored with other settings, layers None (asked: 'all')" in bad.stderr and not (tmp_path / "x").exists()
+    bad = lotus(
+        "tickets",
+        "--checkpoint",
+        tmp_path / "base",
+        "--scores-from",
+        tmp_path / "tk",
+        "--layers",
+        "all",
+        "--out",
+        tmp_path / "x",
+        check=False,
+    )
+    assert (
+        bad.returncode == 2
+        and "scored with other settings, layers None (asked: 'all')" in bad.stderr
+        and not (tmp_path / "x").exists()
+    )

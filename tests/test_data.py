@@ -24,7 +24,9 @@ def test_batches_carry_the_index_of_each_sample():
     for batch in loader.epoch(0):
         seen += batch.index.tolist()
         # each image is the normalised sample its index names
-        expected = (data.images[batch.index].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        expected = (data.images[batch.index].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+            1, 3, 1, 1
+        )
         assert torch.allclose(batch.images, expected, atol=1e-5)
         assert torch.equal(batch.labels, data.labels[batch.index])
     assert sorted(seen) == list(range(len(data)))  # every sample exactly once per epoch
@@ -72,10 +74,13 @@ def test_empty_class_folder_is_named(image_folder):
         load_split(DataConfig(str(image_folder)), "train")
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda root: (root / "test").rename(root / "elsewhere"), "has no test/ or val/ folder"),
-    (lambda root: (root / "test" / "cat").rename(root / "test" / "lion"), "differ from those of"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda root: (root / "test").rename(root / "elsewhere"), "has no test/ or val/ folder"),
+        (lambda root: (root / "test" / "cat").rename(root / "test" / "lion"), "differ from those of"),
+    ],
+)
 def test_wrong_layout_is_explained(image_folder, breakage, message):
     breakage(image_folder)
     with pytest.raises(LotusError, match=message):

@@ -1,4 +1,5 @@
 """Training under torchrun: two gloo processes on the CPU must hold the same weights."""
+
 import os
 import re
 import subprocess
@@ -15,8 +16,14 @@ DIGEST = re.compile(r"rank (\d)/2 weights ([0-9a-f]{16})")
 
 def torchrun(*args, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "lotus"), *map(str, args)],
-                          capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "lotus"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

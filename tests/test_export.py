@@ -1,4 +1,5 @@
 """ONNX export: real ONNX Runtime against PyTorch, metadata, int8, keep indices, failures."""
+
 import json
 
 import numpy as np

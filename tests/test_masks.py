@@ -1,4 +1,5 @@
 """Pruning masks: exact sparsity, merges, the knee, masks that hold, and round trips."""
+
 import pytest
 import torch
 
@@ -42,7 +43,7 @@ def test_achieved_sparsity_is_the_requested_one(tiny_cfg, scope, sparsity):
         assert abs(sum(int((~m).sum()) for m in masks.values()) - sparsity * total) <= 1
     else:  # within one weight in every layer
         assert all(abs(int((~masks[n]).sum()) - sparsity * w.numel()) <= 1 for n, w in weights.items())
-    if 0 < sparsity:  # every pruned weight is no larger than every kept one
+    if sparsity > 0:  # every pruned weight is no larger than every kept one
         pruned_max = max(w[~masks[n]].abs().max() for n, w in weights.items() if (~masks[n]).any())
         kept_min = min(w[masks[n]].abs().min() for n, w in weights.items()) if scope == "global" else None
         assert kept_min is None or pruned_max <= kept_min
@@ -134,8 +135,13 @@ def test_masks_round_trip_and_hold_through_finetuning(tmp_path):
     assert all(torch.equal(loaded_meta["masks"][n], masks[n]) for n in names)
 
     # fine-tuning a pruned checkpoint keeps its masks (and resumable state carries them)
-    train(DataConfig("digits", img_size=16), ModelConfig(), TrainConfig(epochs=2, batch_size=64), tmp_path / "ft",
-          init_checkpoint=tmp_path / "pruned")
+    train(
+        DataConfig("digits", img_size=16),
+        ModelConfig(),
+        TrainConfig(epochs=2, batch_size=64),
+        tmp_path / "ft",
+        init_checkpoint=tmp_path / "pruned",
+    )
     tuned, tuned_meta = load_model(tmp_path / "ft")
     params = dict(tuned.named_parameters())
     assert all((params[n][~masks[n]] == 0).all() for n in names)

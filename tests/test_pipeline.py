@@ -1,4 +1,5 @@
 """`lotus compress`: the run folder, the recipe, resuming after a kill, reproducing a run."""
+
 import json
 import os
 import signal
@@ -22,18 +23,21 @@ def tiny_recipe(path: Path, **changes) -> Path:
     cfg = default_compress_config("digits")
     cfg = replace(
         cfg,
-        **{"model": ModelConfig(depth=1, drop_path_rate=0.0),
-           "baseline": TrainConfig(epochs=3, batch_size=64, lr=1e-3, warmup_epochs=0.5),
-           "finetune": TrainConfig(epochs=4, batch_size=32, lr=5e-4, warmup_epochs=0.5),
-           **changes},
+        **{
+            "model": ModelConfig(depth=1, drop_path_rate=0.0),
+            "baseline": TrainConfig(epochs=3, batch_size=64, lr=1e-3, warmup_epochs=0.5),
+            "finetune": TrainConfig(epochs=4, batch_size=32, lr=5e-4, warmup_epochs=0.5),
+            **changes,
+        },
     )
     save_recipe(cfg, path)
     return path
 
 
 def lotus(*args, check=True, cwd=None):
-    proc = subprocess.run([LOTUS, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [LOTUS, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -53,9 +57,20 @@ def test_compress_writes_the_run_folder_and_reproduces_from_its_recipe(tmp_path)
     recipe = tiny_recipe(tmp_path / "tiny.yaml")
     first = lotus("compress", "--recipe", recipe, "--out", tmp_path / "a")
     run = tmp_path / "a"
-    for name in ("recipe.yaml", "metrics.json", "history.csv", "report.md", "model.safetensors", "model.json",
-                 "accuracy_per_stage.png", "finetune.png", "tickets/tickets.png", "stage1/model.safetensors",
-                 "baseline/model.safetensors", "finetune/model.safetensors"):
+    for name in (
+        "recipe.yaml",
+        "metrics.json",
+        "history.csv",
+        "report.md",
+        "model.safetensors",
+        "model.json",
+        "accuracy_per_stage.png",
+        "finetune.png",
+        "tickets/tickets.png",
+        "stage1/model.safetensors",
+        "baseline/model.safetensors",
+        "finetune/model.safetensors",
+    ):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(RESULT_KEYS) <= set(metrics) and metrics["drop"] == 0.1
@@ -75,8 +90,9 @@ def test_compress_writes_the_run_folder_and_reproduces_from_its_recipe(tmp_path)
 
 def test_compress_with_structure_fine_tunes_a_shrunk_model(tmp_path):
     recipe = tiny_recipe(tmp_path / "tiny.yaml", finetune=TrainConfig(epochs=1, batch_size=64, lr=5e-4, warmup_epochs=0.5))
-    done = lotus("compress", "--recipe", recipe, "--structure", "heads=0.34,mlp=0.5", "--layers", "all", "--fuse",
-                 "--out", tmp_path / "s")
+    done = lotus(
+        "compress", "--recipe", recipe, "--structure", "heads=0.34,mlp=0.5", "--layers", "all", "--fuse", "--out", tmp_path / "s"
+    )
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert metrics["structure"] == {"num_heads": [2], "mlp_hidden": [384]} and 0.5 < metrics["parameters_ratio"] < 0.8
     assert metrics["sparsity"] == pytest.approx(0.3, abs=0.01)  # the unstructured masks were cut to the new shapes
@@ -100,8 +116,13 @@ def test_killed_during_finetuning_then_resumed(tmp_path):
     lotus("compress", "--recipe", recipe, "--out", tmp_path / "straight")
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([LOTUS, "compress", "--recipe", str(recipe), "--out", str(run)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [LOTUS, "compress", "--recipe", str(recipe), "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     epochs_seen = 0
     for line in proc.stdout:  # stdout: one JSON line per epoch (3 baseline, then fine-tuning)
         epochs_seen += line.startswith('{"epoch"')

@@ -1,4 +1,5 @@
 """The pruning stages end to end on a small digits model: sweep, one-shot, Instant Soup Pruning."""
+
 import csv
 import json
 
@@ -17,8 +18,12 @@ DATA = DataConfig("digits")
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline")
-    train(DataConfig("digits", img_size=16), ModelConfig(depth=2, drop_path_rate=0.0),
-          TrainConfig(epochs=4, batch_size=32, lr=5e-4, warmup_epochs=0.5), out)
+    train(
+        DataConfig("digits", img_size=16),
+        ModelConfig(depth=2, drop_path_rate=0.0),
+        TrainConfig(epochs=4, batch_size=32, lr=5e-4, warmup_epochs=0.5),
+        out,
+    )
     return out
 
 
@@ -28,8 +33,11 @@ def test_sweep_writes_its_curve_and_finds_the_knee(baseline, tmp_path):
     assert [float(r["sparsity"]) for r in rows] == [0.1, 0.5, 0.9]
     assert all(abs(float(r["measured_sparsity"]) - float(r["sparsity"])) < 1e-5 for r in rows)
     saved = json.loads((tmp_path / "sweep.json").read_text())
-    assert saved["essential_sparsity"] == result["essential_sparsity"] == essential_sparsity(
-        [0.1, 0.5, 0.9], [r["accuracy"] for r in result["rows"]], result["dense_accuracy"], 1.0)
+    assert (
+        saved["essential_sparsity"]
+        == result["essential_sparsity"]
+        == essential_sparsity([0.1, 0.5, 0.9], [r["accuracy"] for r in result["rows"]], result["dense_accuracy"], 1.0)
+    )
     assert result["rows"][-1]["accuracy"] < result["dense_accuracy"]  # 90% one-shot hurts
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
 
@@ -37,8 +45,13 @@ def test_sweep_writes_its_curve_and_finds_the_knee(baseline, tmp_path):
 def test_oneshot_then_isp_reach_their_sparsities(baseline, tmp_path):
     stage1 = prune_oneshot(baseline, 0.3, tmp_path / "s1", data_cfg=DATA)
     assert stage1["sparsity"]["overall"] == pytest.approx(0.3, abs=1e-5)
-    result = isp(tmp_path / "s1", DATA, ISPConfig(target=0.6, rounds=2, copies=2, data_fraction=0.1), tmp_path / "s2",
-                 log=lambda line: None)
+    result = isp(
+        tmp_path / "s1",
+        DATA,
+        ISPConfig(target=0.6, rounds=2, copies=2, data_fraction=0.1),
+        tmp_path / "s2",
+        log=lambda line: None,
+    )
     assert [r["measured_sparsity"] for r in result["rounds"]] == pytest.approx([0.45, 0.6], abs=1e-5)
     model, meta = load_model(tmp_path / "s2")
     names = prunable_names(model)
@@ -50,7 +63,9 @@ def test_oneshot_then_isp_reach_their_sparsities(baseline, tmp_path):
 
 def test_the_source_variant_reports_what_it_achieved(baseline, tmp_path):
     prune_oneshot(baseline, 0.3, tmp_path / "s1")
-    result = isp(tmp_path / "s1", DATA, ISPConfig(target=0.6, rounds=3, merge="levels"), tmp_path / "levels", log=lambda line: None)
+    result = isp(
+        tmp_path / "s1", DATA, ISPConfig(target=0.6, rounds=3, merge="levels"), tmp_path / "levels", log=lambda line: None
+    )
     # union of nested masks = the least sparse level (0.4), not the 0.6 asked for
     assert result["achieved_sparsity"] == pytest.approx(0.4, abs=1e-5)
 
@@ -58,8 +73,13 @@ def test_the_source_variant_reports_what_it_achieved(baseline, tmp_path):
 def test_two_four_oneshot_holds_its_pattern_through_finetuning(baseline, tmp_path):
     stage1 = prune_oneshot(baseline, "2:4", tmp_path / "s1", data_cfg=DATA)
     assert stage1["sparsity"]["overall"] == pytest.approx(0.5)
-    train(DATA, ModelConfig(), TrainConfig(epochs=1, batch_size=32, lr=5e-4, warmup_epochs=0.5), tmp_path / "ft",
-          init_checkpoint=tmp_path / "s1")
+    train(
+        DATA,
+        ModelConfig(),
+        TrainConfig(epochs=1, batch_size=32, lr=5e-4, warmup_epochs=0.5),
+        tmp_path / "ft",
+        init_checkpoint=tmp_path / "s1",
+    )
     model, _ = load_model(tmp_path / "ft")
     params = dict(model.named_parameters())
     for name in prunable_names(model):
@@ -87,10 +107,12 @@ def test_cli_prunes_to_two_four_and_refuses_a_bad_pattern(baseline, tmp_path):
 
     from cli.main import app
 
-    result = CliRunner().invoke(app, ["prune", "oneshot", "--checkpoint", str(baseline), "--sparsity", "2:4",
-                                      "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app, ["prune", "oneshot", "--checkpoint", str(baseline), "--sparsity", "2:4", "--out", str(tmp_path / "run")]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["sparsity"] == pytest.approx(0.5)
-    result = CliRunner().invoke(app, ["prune", "oneshot", "--checkpoint", str(baseline), "--sparsity", "4:2",
-                                      "--out", str(tmp_path / "bad")])
+    result = CliRunner().invoke(
+        app, ["prune", "oneshot", "--checkpoint", str(baseline), "--sparsity", "4:2", "--out", str(tmp_path / "bad")]
+    )
     assert result.exit_code == 2 and "not N:M" in result.output and "Traceback" not in result.output

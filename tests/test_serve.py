@@ -1,5 +1,6 @@
 """The inference service against a real uvicorn on loopback: the OIP v2 shapes, /v1/classify,
 dynamic batching under concurrency, every bad input's 4xx, the API key, metrics."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,8 +46,17 @@ def images(batch: int, seed: int = 0) -> np.ndarray:
 
 
 def infer_body(x: np.ndarray, drop: float | None = None, nested: bool = False, **extra) -> dict:
-    body = {"inputs": [{"name": "pixel_values", "shape": list(x.shape), "datatype": "FP32",
-                        "data": x.tolist() if nested else x.ravel().tolist()}], **extra}
+    body = {
+        "inputs": [
+            {
+                "name": "pixel_values",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.tolist() if nested else x.ravel().tolist(),
+            }
+        ],
+        **extra,
+    }
     if drop is not None:
         body["parameters"] = {"drop": drop}
     return body
@@ -102,12 +112,25 @@ def test_oip_routes_answer_in_the_protocols_shapes(server, session):
 def test_binary_tensor_extension_both_ways(server, session):
     """Triton's HTTP client sends and asks for tensors in binary by default."""
     x = images(2, seed=5)
-    header = json.dumps({"inputs": [{"name": "pixel_values", "shape": [2, 3, SIZE, SIZE], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": x.nbytes}}],
-                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
-                         "parameters": {"drop": 0.5}}).encode()
-    response = httpx.post(server + INFER, content=header + x.tobytes(),
-                          headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"})
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "pixel_values",
+                    "shape": [2, 3, SIZE, SIZE],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+            "parameters": {"drop": 0.5},
+        }
+    ).encode()
+    response = httpx.post(
+        server + INFER,
+        content=header + x.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+    )
     assert response.status_code == 200
     split = int(response.headers["Inference-Header-Content-Length"])
     meta = json.loads(response.content[:split])
@@ -116,7 +139,9 @@ def test_binary_tensor_extension_both_ways(server, session):
     logits = np.frombuffer(response.content[split:], dtype="<f4").reshape(output["shape"])
     np.testing.assert_allclose(logits, ort_logits(session, x, 0.5), atol=1e-5)
 
-    short = httpx.post(server + INFER, content=header + x.tobytes()[:-4], headers={"Inference-Header-Content-Length": str(len(header))})
+    short = httpx.post(
+        server + INFER, content=header + x.tobytes()[:-4], headers={"Inference-Header-Content-Length": str(len(header))}
+    )
     assert short.status_code == 400 and "binary_data_size" in short.json()["error"]
 
 
@@ -223,7 +248,11 @@ BAD_INFER = {
     "not JSON": (400, "Invalid JSON", _raw("{inputs: oops")),
     "empty body": (400, "no body", {"content": b""}),
     "missing inputs": (400, "inputs: Field required", _json({"parameters": {"drop": 0.1}})),
-    "missing shape": (400, "shape: Field required", _json({"inputs": [{"name": "pixel_values", "datatype": "FP32", "data": [1.0]}]})),
+    "missing shape": (
+        400,
+        "shape: Field required",
+        _json({"inputs": [{"name": "pixel_values", "datatype": "FP32", "data": [1.0]}]}),
+    ),
     "wrong input name": (400, "'pixel_values'", _json(_with_input(name="images"))),
     "two inputs": (400, "one input", _json({"inputs": _good()["inputs"] * 2})),
     "wrong dtype": (400, "must be FP32, not INT64", _json(_with_input(datatype="INT64"))),
@@ -234,8 +263,16 @@ BAD_INFER = {
     "ragged nesting": (400, "not a rectangular array", _json(_with_input(data=[[0.5] * 700, [0.5] * 68]))),
     "strings in data": (400, "only numbers", _json(_with_input(data=["0.5"] * 768))),
     "nulls in data": (400, "only numbers", _json(_with_input(data=[None] * 768))),
-    "NaN": (400, "NaN or infinite", _raw('{"inputs":[{"name":"pixel_values","shape":[1,3,16,16],"datatype":"FP32","data":' + _FLAT + ',NaN]}]}')),
-    "Infinity": (400, "NaN or infinite", _raw('{"inputs":[{"name":"pixel_values","shape":[1,3,16,16],"datatype":"FP32","data":' + _FLAT + ',-Infinity]}]}')),
+    "NaN": (
+        400,
+        "NaN or infinite",
+        _raw('{"inputs":[{"name":"pixel_values","shape":[1,3,16,16],"datatype":"FP32","data":' + _FLAT + ",NaN]}]}"),
+    ),
+    "Infinity": (
+        400,
+        "NaN or infinite",
+        _raw('{"inputs":[{"name":"pixel_values","shape":[1,3,16,16],"datatype":"FP32","data":' + _FLAT + ",-Infinity]}]}"),
+    ),
     "FP32 overflow": (400, "NaN or infinite", _json(_with_input(data=[1e39] * 768))),
     "drop over 0.95": (400, "outside [0, 0.95]", _json({**_good(), "parameters": {"drop": 0.96}})),
     "negative drop": (400, "outside [0, 0.95]", _json({**_good(), "parameters": {"drop": -0.1}})),
@@ -284,16 +321,23 @@ def test_api_key_is_required_everywhere_but_the_health_checks(tiny_onnx):
         key = {"Authorization": "Bearer s3cret"}
         assert httpx.get(url + "/v2/health/live").status_code == 200
         assert httpx.get(url + "/v2/health/ready").status_code == 200
-        for method, path, kwargs in [("POST", INFER, {"json": _good()}), ("GET", "/v2", {}), ("GET", "/v2/models/lotus", {}),
-                                     ("GET", "/metrics", {}), ("GET", "/docs", {}),
-                                     ("POST", "/v1/classify", {"files": {"file": ("x.jpg", _JPEG)}})]:
+        for method, path, kwargs in [
+            ("POST", INFER, {"json": _good()}),
+            ("GET", "/v2", {}),
+            ("GET", "/v2/models/lotus", {}),
+            ("GET", "/metrics", {}),
+            ("GET", "/docs", {}),
+            ("POST", "/v1/classify", {"files": {"file": ("x.jpg", _JPEG)}}),
+        ]:
             missing = httpx.request(method, url + path, **kwargs)
             assert missing.status_code == 401 and "missing API key" in missing.json()["error"], path
             assert missing.headers["WWW-Authenticate"] == "Bearer"
             wrong = httpx.request(method, url + path, headers={"Authorization": "Bearer guess"}, **kwargs)
             assert wrong.status_code == 401 and wrong.json() == {"error": "wrong API key"}
             assert httpx.request(method, url + path, headers=key, **kwargs).status_code == 200, path
-        assert httpx.get(url + "/v2", headers={"Authorization": "bearer s3cret"}).status_code == 200  # the scheme is case-insensitive
+        assert (
+            httpx.get(url + "/v2", headers={"Authorization": "bearer s3cret"}).status_code == 200
+        )  # the scheme is case-insensitive
         assert httpx.get(url + "/v2", headers={"Authorization": "Basic s3cret"}).status_code == 401
 
 

@@ -1,4 +1,5 @@
 """Dynamic batching on its own (no HTTP, a recording fake model): who shares a call, who waits."""
+
 from __future__ import annotations
 
 import asyncio
@@ -54,7 +55,9 @@ def test_requests_queued_together_share_calls_by_patches_kept_and_get_their_own_
     async def main():
         batcher = Batcher(model, PATCHES, max_batch=8, max_delay_ms=0)
         await batcher.start()
-        cases = [(images(1 + i % 3, float(i)), drop) for i, drop in enumerate([0.0, 0.1, 0.12, 0.5, 0.0, 0.1, 0.5, 0.0, 0.12, 0.5])]
+        cases = [
+            (images(1 + i % 3, float(i)), drop) for i, drop in enumerate([0.0, 0.1, 0.12, 0.5, 0.0, 0.1, 0.5, 0.0, 0.12, 0.5])
+        ]
         tasks = [asyncio.create_task(batcher.submit(x, drop)) for x, drop in cases]
         results = await asyncio.gather(*tasks)
         await batcher.stop()

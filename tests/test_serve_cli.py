@@ -1,5 +1,6 @@
 """`lotus serve` and `lotus bench URL` as users run them: a real server process, the load
 generator against a live uvicorn, its table, JSON and plot."""
+
 from __future__ import annotations
 
 import json
@@ -65,7 +66,9 @@ def test_bench_url_rounds_split_every_cell_and_ratio_side_by_side(server):
 
 
 def test_bench_url_http_overhead_is_measured_side_by_side_in_every_round(server, tiny_onnx):
-    result = bench_http(server, HttpBenchConfig(concurrency=(1, 2), drops=(0.0,), requests=9, warmup=1, rounds=3), local=tiny_onnx, threads=1)
+    result = bench_http(
+        server, HttpBenchConfig(concurrency=(1, 2), drops=(0.0,), requests=9, warmup=1, rounds=3), local=tiny_onnx, threads=1
+    )
     http = result["cells"][0]
     (alone,) = result["local"]
     assert len(alone["round_median_ms"]) == 3 and all(m > 0 for m in alone["round_median_ms"])  # ONNX Runtime timed in each round
@@ -91,8 +94,26 @@ def test_bench_url_errors_are_one_line(server, tiny_onnx):
 
 def test_lotus_bench_url_writes_table_json_and_plot(server, tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["bench", server, "--concurrency", "1,2", "--drop", "0,0.5", "--requests", "6",
-                                      "--warmup", "1", "--rounds", "2", "--out", str(out)], env={"LOTUS_API_KEY": ""})
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            server,
+            "--concurrency",
+            "1,2",
+            "--drop",
+            "0,0.5",
+            "--requests",
+            "6",
+            "--warmup",
+            "1",
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+        ],
+        env={"LOTUS_API_KEY": ""},
+    )
     assert result.exit_code == 0, result.output
     assert "p50" in result.stdout and len(result.stdout.strip().splitlines()) == 5  # header + 4 cells
     cells = json.loads(out.read_text())["cells"]
@@ -107,8 +128,25 @@ def test_lotus_serve_runs_a_model_until_stopped(tiny_onnx, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "LOTUS_API_KEY": "k"}
-    proc = subprocess.Popen([LOTUS, "serve", str(tmp_path / "model.onnx"), "--port", str(port), "--name", "digits",
-                             "--max-images", "2", "--spinning", "--no-access-log"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            LOTUS,
+            "serve",
+            str(tmp_path / "model.onnx"),
+            "--port",
+            str(port),
+            "--name",
+            "digits",
+            "--max-images",
+            "2",
+            "--spinning",
+            "--no-access-log",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

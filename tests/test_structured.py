@@ -1,4 +1,5 @@
 """Structured pruning: heads and MLP neurons removed for real, and the shrunk model everywhere."""
+
 import copy
 import io
 import json
@@ -135,7 +136,9 @@ def trained(tmp_path_factory):
 
 def test_prune_structured_saves_a_smaller_model_that_reloads(trained):
     out = trained / "shrunk"
-    result = prune_structured(trained / "masked", out, StructuredConfig(heads=1 / 3, mlp=0.5, importance="activation"), data_cfg=DIGITS)
+    result = prune_structured(
+        trained / "masked", out, StructuredConfig(heads=1 / 3, mlp=0.5, importance="activation"), data_cfg=DIGITS
+    )
     assert result["structure"] == {"num_heads": [2, 2], "mlp_hidden": [384, 384]}
     assert 0.5 < result["parameters"]["ratio"] < 0.7
     model, meta = load_model(out)  # the sidecar's structure rebuilds the narrow blocks
@@ -148,9 +151,19 @@ def test_prune_structured_saves_a_smaller_model_that_reloads(trained):
 
 
 def test_fine_tuning_a_shrunk_model_keeps_its_shape_and_masks(trained):
-    prune_structured(trained / "masked", trained / "shrunk-ft-src", StructuredConfig(heads=1 / 3, mlp=0.5, importance="taylor"), data_cfg=DIGITS)
-    history = train(DIGITS, ModelConfig(), TrainConfig(epochs=1, batch_size=64), trained / "shrunk-ft",
-                    init_checkpoint=trained / "shrunk-ft-src")
+    prune_structured(
+        trained / "masked",
+        trained / "shrunk-ft-src",
+        StructuredConfig(heads=1 / 3, mlp=0.5, importance="taylor"),
+        data_cfg=DIGITS,
+    )
+    history = train(
+        DIGITS,
+        ModelConfig(),
+        TrainConfig(epochs=1, batch_size=64),
+        trained / "shrunk-ft",
+        init_checkpoint=trained / "shrunk-ft-src",
+    )
     model, meta = load_model(trained / "shrunk-ft")
     assert structure_of(model) == {"num_heads": [2, 2], "mlp_hidden": [384, 384]}
     assert history[-1]["test_accuracy"] > 10
@@ -158,8 +171,21 @@ def test_fine_tuning_a_shrunk_model_keeps_its_shape_and_masks(trained):
 
 
 def test_cli_shrinks_then_export_int8_and_serving_work(trained, tmp_path):
-    result = CliRunner().invoke(app, ["prune", "structured", "--checkpoint", str(trained / "dense"), "--heads", "0.34",
-                                      "--mlp", "0.5", "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "prune",
+            "structured",
+            "--checkpoint",
+            str(trained / "dense"),
+            "--heads",
+            "0.34",
+            "--mlp",
+            "0.5",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["structure"]["num_heads"] == [2, 2] and line["parameters"]["ratio"] < 0.7
@@ -183,9 +209,12 @@ def test_cli_shrinks_then_export_int8_and_serving_work(trained, tmp_path):
 
 
 def test_cli_errors_are_one_line(trained, tmp_path):
-    result = CliRunner().invoke(app, ["prune", "structured", "--checkpoint", str(trained / "dense"), "--heads", "1.0",
-                                      "--out", str(tmp_path / "x")])
+    result = CliRunner().invoke(
+        app, ["prune", "structured", "--checkpoint", str(trained / "dense"), "--heads", "1.0", "--out", str(tmp_path / "x")]
+    )
     assert result.exit_code == 2 and "outside [0, 1)" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(app, ["prune", "structured", "--checkpoint", str(trained / "dense"), "--importance", "fisher",
-                                      "--out", str(tmp_path / "y")])
+    result = CliRunner().invoke(
+        app,
+        ["prune", "structured", "--checkpoint", str(trained / "dense"), "--importance", "fisher", "--out", str(tmp_path / "y")],
+    )
     assert result.exit_code == 2 and "is not one of: magnitude, activation, taylor" in result.output

@@ -1,4 +1,5 @@
 """Data lottery tickets: the score corrections, exact K, fingerprints, and training on kept patches."""
+
 import json
 from dataclasses import asdict
 
@@ -103,7 +104,7 @@ def test_kept_patch_follows_the_content_through_the_real_augmentation():
     images = torch.zeros(B, 3, 16, 16, dtype=torch.uint8)
     for i, w in enumerate(where.tolist()):
         r, c = divmod(w, grid)
-        images[i, 0, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = 255
+        images[i, 0, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch] = 255
     scores = torch.full((B, grid * grid), 0.1)
     scores[torch.arange(B), where] = 1.0
     tickets = Tickets(keep_from_scores(scores, 1), scores, grid, patch, {"config": {"select": "attention"}})
@@ -141,12 +142,18 @@ def test_balance_keeps_every_position_equally_often_and_what_an_image_attends_un
 
     def kept_share(keep):
         return torch.bincount(keep.flatten(), minlength=16).float() / len(keep)
+
     assert kept_share(plain.keep_idx).min() < 0.4 and kept_share(plain.keep_idx).max() == 1.0  # corners rarely, centre always
     assert torch.allclose(kept_share(balanced.keep_idx), torch.full((16,), 0.5), atol=0.04)  # every position about half the time
     assert balanced.keep_idx.shape == (2000, 8)
     assert torch.equal(balanced.scores, scores)  # the scores stay attention (heat maps, fused-token weights)
-    batch = Batch(torch.zeros(2000, 1, 16, 16), torch.zeros(2000, dtype=torch.long), torch.arange(2000),
-                  torch.zeros(2000, 2, dtype=torch.long), torch.zeros(2000, dtype=torch.bool))
+    batch = Batch(
+        torch.zeros(2000, 1, 16, 16),
+        torch.zeros(2000, dtype=torch.long),
+        torch.arange(2000),
+        torch.zeros(2000, 2, dtype=torch.long),
+        torch.zeros(2000, dtype=torch.bool),
+    )
     assert torch.equal(balanced.for_batch(batch), balanced.keep_idx)  # an unmoved crop keeps the balanced tickets
     with pytest.raises(LotusError, match="random tickets keep every position equally often already"):
         TicketConfig(select="random", balance=True)
@@ -245,7 +252,9 @@ def _digits_and_model(tiny_cfg):
     return data, build_model(tiny_cfg).eval(), *data.channel_stats()
 
 
-@pytest.mark.parametrize("cfg", [TicketConfig(drop=0.3), TicketConfig(drop=0.5, method="rollout"), TicketConfig(drop=0.3, select="random")])
+@pytest.mark.parametrize(
+    "cfg", [TicketConfig(drop=0.3), TicketConfig(drop=0.5, method="rollout"), TicketConfig(drop=0.3, select="random")]
+)
 def test_every_image_keeps_exactly_k(tiny_cfg, cfg, tmp_path):
     data, model, mean, std = _digits_and_model(tiny_cfg)
     tickets = make_tickets(model, data, mean, std, cfg)
@@ -277,8 +286,10 @@ def test_recut_tickets_are_the_tickets_scored_at_that_setting(tiny_cfg, tmp_path
     with pytest.raises(LotusError, match="does not divide the 4x4 patch grid"):
         recut_tickets(scored, TicketConfig(drop=0.25, layers=(0, 1), spread=3))
     random = make_tickets(model, data, mean, std, TicketConfig(drop=0.5, select="random", seed=1))
-    assert torch.equal(recut_tickets(random, TicketConfig(drop=0.25, select="random", seed=1)).keep_idx,
-                       make_tickets(model, data, mean, std, TicketConfig(drop=0.25, select="random", seed=1)).keep_idx)
+    assert torch.equal(
+        recut_tickets(random, TicketConfig(drop=0.25, select="random", seed=1)).keep_idx,
+        make_tickets(model, data, mean, std, TicketConfig(drop=0.25, select="random", seed=1)).keep_idx,
+    )
     with pytest.raises(LotusError, match="seed 1 \\(asked: 0\\)"):
         recut_tickets(random, TicketConfig(drop=0.25, select="random"))
 
@@ -318,8 +329,13 @@ def test_training_on_tickets_feeds_k_tokens_to_the_blocks(tiny_cfg, tmp_path, mo
         return m
 
     monkeypatch.setattr(T, "build_model", build_and_watch)
-    history = train(DataConfig("digits", img_size=16), ModelConfig(depth=1), TrainConfig(epochs=1, batch_size=128),
-                    tmp_path / "run", tickets=tmp_path / "tickets")
+    history = train(
+        DataConfig("digits", img_size=16),
+        ModelConfig(depth=1),
+        TrainConfig(epochs=1, batch_size=128),
+        tmp_path / "run",
+        tickets=tmp_path / "tickets",
+    )
     train_lengths = {n for training, n in seen if training}
     eval_lengths = {n for training, n in seen if not training}
     assert train_lengths == {1 + 8 + fuse}  # class token + 8 of 16 patches (+ the fused token) in every training step
@@ -362,5 +378,10 @@ def test_tickets_from_the_wrong_split_size_fail_in_train(tiny_cfg, tmp_path):
     data, model, mean, std = _digits_and_model(tiny_cfg)
     save_tickets(make_tickets(model, data, mean, std, TicketConfig(drop=0.5)), tmp_path / "tickets")
     with pytest.raises(LotusError, match="grid"):
-        train(DataConfig("digits", img_size=16), ModelConfig(depth=1, patch_size=2), TrainConfig(epochs=1),
-              tmp_path / "run", tickets=tmp_path / "tickets")
+        train(
+            DataConfig("digits", img_size=16),
+            ModelConfig(depth=1, patch_size=2),
+            TrainConfig(epochs=1),
+            tmp_path / "run",
+            tickets=tmp_path / "tickets",
+        )

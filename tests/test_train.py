@@ -1,4 +1,5 @@
 """Training: the schedule, learning, exact resume, and refusing to overwrite a run."""
+
 import json
 import math
 

@@ -1,4 +1,5 @@
 """The token-gathering forward against timm's own, and the errors users get when building models."""
+
 import copy
 
 import pytest

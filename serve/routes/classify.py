@@ -1,4 +1,5 @@
 """POST /v1/classify: an image file in, class names with probabilities out (for people and curl)."""
+
 from __future__ import annotations
 
 import time
@@ -16,11 +17,14 @@ from serve.settings import MAX_DROP
 router = APIRouter(prefix="/v1", tags=["Classification"])
 
 
-@router.post("/classify", response_model=ClassifyResponse,
-             responses={code: {"model": ErrorResponse} for code in (400, 401, 413, 415)})
+@router.post(
+    "/classify", response_model=ClassifyResponse, responses={code: {"model": ErrorResponse} for code in (400, 401, 413, 415)}
+)
 async def classify(
     service: ServiceDep,
-    file: Annotated[UploadFile, File(description="A JPEG or PNG image of any size; resized to the model's input as in training.")],
+    file: Annotated[
+        UploadFile, File(description="A JPEG or PNG image of any size; resized to the model's input as in training.")
+    ],
     drop: Annotated[float, Query(ge=0, le=MAX_DROP, description="Fraction of the patches to skip (faster, less exact).")] = 0.0,
     top_k: Annotated[int, Query(ge=1, description="How many classes to answer, most probable first.")] = 5,
 ) -> ClassifyResponse:
@@ -38,6 +42,8 @@ async def classify(
     return ClassifyResponse(
         model_name=service.settings.name,
         predictions=[Prediction(label=model.classes[i], index=int(i), probability=float(probabilities[i])) for i in top],
-        drop=drop, patches_kept=num_keep(drop, model.num_patches), num_patches=model.num_patches,
+        drop=drop,
+        patches_kept=num_keep(drop, model.num_patches),
+        num_patches=model.num_patches,
         time_ms=(time.perf_counter() - start) * 1000,
     )

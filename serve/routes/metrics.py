@@ -1,4 +1,5 @@
 """GET /metrics: Prometheus text format."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Response

@@ -1,4 +1,5 @@
 """Open Inference Protocol (v2) REST routes, as Triton and KServe serve them."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
@@ -32,12 +33,19 @@ async def server_metadata() -> ServerMetadata:
 
 
 @router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata, responses=ERRORS)
-@router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)", response_model=ModelMetadata,
-            responses=ERRORS, include_in_schema=False)
+@router.get(
+    "/models/{name}/versions/{version}",
+    summary="Model metadata (one version)",
+    response_model=ModelMetadata,
+    responses=ERRORS,
+    include_in_schema=False,
+)
 async def model_metadata(name: str, service: ServiceDep, version: str | None = None) -> ModelMetadata:
     model = service.check_model(name, version)
     return ModelMetadata(
-        name=name, versions=[service.settings.version], platform="onnxruntime_onnx",
+        name=name,
+        versions=[service.settings.version],
+        platform="onnxruntime_onnx",
         inputs=[TensorMetadata(name="pixel_values", datatype="FP32", shape=model.input_shape)],
         outputs=[TensorMetadata(name="logits", datatype="FP32", shape=[-1, len(model.classes)])],
         parameters={"drop": "request parameter, fraction of patches to skip in [0, 0.95], default 0", **model.metadata},
@@ -45,16 +53,24 @@ async def model_metadata(name: str, service: ServiceDep, version: str | None = N
 
 
 @router.get("/models/{name}/ready", summary="Model readiness", responses=ERRORS)
-@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (one version)", responses=ERRORS,
-            include_in_schema=False)
+@router.get(
+    "/models/{name}/versions/{version}/ready", summary="Model readiness (one version)", responses=ERRORS, include_in_schema=False
+)
 async def model_ready(name: str, service: ServiceDep, version: str | None = None) -> dict:
     service.check_model(name, version)
     return {"name": name, "ready": True}
 
 
 @router.post(
-    "/models/{name}/infer", summary="Inference", responses={200: {"model": InferenceResponse}, 413: {"model": ErrorResponse}, **ERRORS},
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}}}},
+    "/models/{name}/infer",
+    summary="Inference",
+    responses={200: {"model": InferenceResponse}, 413: {"model": ErrorResponse}, **ERRORS},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}},
+        }
+    },
 )
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(name: str, request: Request, service: ServiceDep, version: str | None = None) -> Response:
@@ -69,8 +85,9 @@ async def infer(name: str, request: Request, service: ServiceDep, version: str |
     service.metrics.drop.observe(inference.drop)
     service.metrics.images.labels("infer").inc(len(inference.pixel_values))
     logits = await service.batcher.submit(inference.pixel_values, inference.drop)
-    body, header_length = infer_response(logits, inference, name, service.settings.version,
-                                         num_keep(inference.drop, model.num_patches))
+    body, header_length = infer_response(
+        logits, inference, name, service.settings.version, num_keep(inference.drop, model.num_patches)
+    )
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_length)})
