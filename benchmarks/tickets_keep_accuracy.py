@@ -21,7 +21,8 @@ from common import ROOT, SHARED_CIFAR, cifar10_folder, write_result
 
 from lotus.checkpoint import load_model
 from lotus.data import BatchLoader, DataConfig, load_split_for_model
-from lotus.tickets import TicketConfig, keep_from_scores, num_keep, parse_layers, score_batch, select_keep
+from lotus.drop import num_keep
+from lotus.tickets import TicketConfig, keep_from_scores, parse_layers, score_batch, select_keep
 
 
 @torch.inference_mode()

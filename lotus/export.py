@@ -37,6 +37,7 @@ import torch
 import lotus
 from lotus.checkpoint import load_model
 from lotus.data import BatchLoader, DataConfig, load_split_for_model
+from lotus.drop import num_keep
 from lotus.errors import LotusError
 from lotus.masks import prunable_names
 from lotus.runtime import ort_session
@@ -67,10 +68,10 @@ class DropByAttention(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         n = self.num_patches
-        num_keep = (n - torch.round(drop.float() * n)).to(torch.int64).clamp(1, n).item()
-        torch._check(num_keep >= 1)
-        torch._check(num_keep <= n)
-        return self.model.forward_dropping(pixel_values, num_keep, self.select_block)
+        keep = num_keep(n, drop).item()
+        torch._check(keep >= 1)
+        torch._check(keep <= n)
+        return self.model.forward_dropping(pixel_values, keep, self.select_block)
 
 
 class KeepIndices(torch.nn.Module):
@@ -181,7 +182,7 @@ def verify(path: Path, model: TokenGatherViT, images: torch.Tensor, select_block
     diffs = {}
     for drop in VERIFY_DROPS:
         with torch.no_grad():
-            expected = model.forward_dropping(images, n - round(drop * n), select_block).numpy()
+            expected = model.forward_dropping(images, num_keep(n, drop), select_block).numpy()
         got = session.run(None, {"pixel_values": images.numpy(), "drop": np.array(drop, dtype=np.float32)})[0]
         diffs[str(drop)] = float(np.abs(got - expected).max())
         if diffs[str(drop)] > tolerance:

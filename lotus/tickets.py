@@ -67,6 +67,7 @@ import torch.nn.functional as F
 
 from lotus.checkpoint import load_checkpoint, save_checkpoint
 from lotus.data import Batch, BatchLoader, DataConfig, ImageData
+from lotus.drop import num_keep
 from lotus.errors import LotusError
 from lotus.vit import TokenGatherViT, cls_attention
 
@@ -93,7 +94,8 @@ class TicketConfig:
     seed: int = 0  # seed of the random control
 
     def __post_init__(self):
-        num_keep(1, self.drop)  # raises on a drop ratio outside [0, 1)
+        if not 0 <= self.drop < 1:
+            raise LotusError(f"--drop {self.drop} is outside [0, 1): it is the fraction of patches dropped")
         if self.select not in ("attention", "random"):
             raise LotusError(f"--select {self.select!r} is not one of: attention, random")
         if self.method not in ("cls", "rollout"):
@@ -110,13 +112,6 @@ class TicketConfig:
             raise LotusError(
                 f"--temperature {self.temperature} is negative: use 0 for fixed tickets or a positive value to sample"
             )
-
-
-def num_keep(num_patches: int, drop: float) -> int:
-    """Patches kept per image at a drop ratio: the same K for every image."""
-    if not 0 <= drop < 1:
-        raise LotusError(f"--drop {drop} is outside [0, 1): it is the fraction of patches dropped")
-    return num_patches - round(drop * num_patches)
 
 
 # ---------------------------------------------------------------------------------------------

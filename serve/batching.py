@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serve.model import InputError, num_keep
+from lotus.drop import num_keep
+from serve.model import InputError
 
 RunFn = Callable[[np.ndarray, float], np.ndarray]  # (B, 3, H, W), drop -> (B, classes)
 
@@ -125,7 +126,7 @@ class Batcher:
         (of each call's oldest request)."""
         groups: dict[int, list[_Pending]] = defaultdict(list)
         for pending in gathered:
-            groups[num_keep(pending.drop, self.num_patches)].append(pending)
+            groups[num_keep(self.num_patches, pending.drop)].append(pending)
         batches = []
         for group in groups.values():
             batch, images = [], 0

@@ -10,6 +10,8 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest, multiprocess
 
+from lotus.drop import MAX_DROP
+
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -31,7 +33,7 @@ LATENCY_BUCKETS = (
     5.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-DROP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+DROP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, MAX_DROP)
 
 disable_created_metrics()  # no *_created series: they double the output and dashboards ignore them
 

@@ -24,12 +24,6 @@ class InputError(ValueError):
         self.status = status
 
 
-def num_keep(drop: float, num_patches: int) -> int:
-    """Patches the graph keeps at `drop`, computed as the graph does (float32, round half to even)."""
-    dropped = np.round(np.float32(drop) * np.float32(num_patches))
-    return int(min(max(num_patches - int(dropped), 1), num_patches))
-
-
 def serving_session(path: Path, threads: int | None, spinning: bool = False) -> object:
     """The server's session: by default no spin-waiting between calls (see lotus.runtime.ort_session)."""
     return ort_session(path, threads, spinning=spinning)

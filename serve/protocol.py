@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import ValidationError
 
+from lotus.drop import MAX_DROP
 from serve.model import InputError, ServedModel
 from serve.schemas import InferenceRequest
-from serve.settings import MAX_DROP
 
 HEADER_LENGTH = "inference-header-content-length"
 

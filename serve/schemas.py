@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from lotus.drop import MAX_DROP
+
 
 class ErrorResponse(BaseModel):
     error: str = Field(description="What is wrong with the request.")
@@ -55,7 +57,7 @@ class RequestOutput(BaseModel):
 class InferenceRequest(BaseModel):
     id: str | None = Field(None, description="Echoed in the response.")
     parameters: dict[str, Any] | None = Field(
-        None, description="drop: fraction of each image's patches to skip, in [0, 0.95] (default 0); binary_data_output."
+        None, description=f"drop: fraction of each image's patches to skip, in [0, {MAX_DROP}] (default 0); binary_data_output."
     )
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = None

@@ -11,8 +11,6 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-MAX_DROP = 0.95  # highest drop ratio a request may ask for (at least one patch must stay)
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOTUS_", frozen=True, protected_namespaces=())

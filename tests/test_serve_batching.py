@@ -8,9 +8,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
+from lotus.drop import num_keep
 from serve.batching import Batcher
-from serve.model import InputError, num_keep
+from serve.model import InputError
 
 PATCHES = 16
 
@@ -28,12 +30,12 @@ class FakeModel:
         self.gate.wait(5)
         time.sleep(self.seconds)
         self.calls.append((len(pixel_values), drop))
-        value = pixel_values.reshape(len(pixel_values), -1).mean(1, keepdims=True) + num_keep(drop, PATCHES)
+        value = pixel_values.reshape(len(pixel_values), -1).mean(1, keepdims=True) + num_keep(PATCHES, drop)
         return np.repeat(value, 2, axis=1)
 
 
 def expected(x: np.ndarray, drop: float) -> np.ndarray:
-    return np.repeat(x.reshape(len(x), -1).mean(1, keepdims=True) + num_keep(drop, PATCHES), 2, axis=1)
+    return np.repeat(x.reshape(len(x), -1).mean(1, keepdims=True) + num_keep(PATCHES, drop), 2, axis=1)
 
 
 def images(batch: int, value: float) -> np.ndarray:
@@ -45,8 +47,11 @@ def run(coroutine):
 
 
 def test_num_keep_is_the_graphs_rounding():
-    assert [num_keep(d, 16) for d in (0.0, 0.1, 0.12, 0.5, 0.95)] == [16, 14, 14, 8, 1]
-    assert num_keep(0.03125, 16) == 16  # 0.5 patch rounds half to even, as ONNX Round does
+    assert [num_keep(16, d) for d in (0.0, 0.1, 0.12, 0.5, 0.95)] == [16, 14, 14, 8, 1]
+    assert num_keep(16, 0.03125) == 16  # 0.5 patch rounds half to even, as ONNX Round does
+    # the graph's tensor form keeps the same count at every ratio a request may ask for
+    drops = [i / 1000 for i in range(951)]
+    assert [int(num_keep(196, torch.tensor(d))) for d in drops] == [num_keep(196, d) for d in drops]
 
 
 def test_requests_queued_together_share_calls_by_patches_kept_and_get_their_own_rows():
@@ -68,7 +73,7 @@ def test_requests_queued_together_share_calls_by_patches_kept_and_get_their_own_
         np.testing.assert_array_equal(logits, expected(x, drop))
     # All ten were queued when the model came free: one call per patches-kept group (0.1 and
     # 0.12 both keep 14 patches), the 11 images keeping 14 split to stay within max_batch 8.
-    assert [(size, num_keep(drop, PATCHES)) for size, drop in model.calls] == [(5, 16), (8, 14), (3, 8), (3, 14)]
+    assert [(size, num_keep(PATCHES, drop)) for size, drop in model.calls] == [(5, 16), (8, 14), (3, 8), (3, 14)]
 
 
 def test_a_request_larger_than_max_batch_runs_alone():

@@ -8,6 +8,7 @@ import torch
 
 from lotus import LotusError
 from lotus.data import AugmentConfig, Batch, BatchLoader, DataConfig, ImageData, augment_batch, load_split
+from lotus.drop import num_keep
 from lotus.tickets import (
     TicketConfig,
     Tickets,
@@ -19,7 +20,6 @@ from lotus.tickets import (
     load_tickets,
     make_tickets,
     norm_outliers,
-    num_keep,
     parse_layers,
     recut_tickets,
     sample_keys,
@@ -79,8 +79,9 @@ def test_keep_exactly_k_highest():
     scores = torch.tensor([[0.1, 0.9, 0.3, 0.8], [0.5, 0.4, 0.7, 0.6]])
     assert keep_from_scores(scores, 2).tolist() == [[1, 3], [2, 3]]
     assert num_keep(64, 0.1) == 58 and num_keep(64, 0.5) == 32 and num_keep(16, 0.0) == 16
+    assert num_keep(16, 0.99) == 1  # at least one patch stays
     with pytest.raises(LotusError, match="outside"):
-        num_keep(16, 1.0)
+        TicketConfig(drop=1.0)
 
 
 def test_scores_move_with_the_augmentation():

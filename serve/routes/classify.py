@@ -9,10 +9,9 @@ import numpy as np
 from fastapi import APIRouter, File, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from serve.model import num_keep
+from lotus.drop import MAX_DROP, num_keep
 from serve.schemas import ClassifyResponse, ErrorResponse, Prediction
 from serve.service import ServiceDep
-from serve.settings import MAX_DROP
 
 router = APIRouter(prefix="/v1", tags=["Classification"])
 
@@ -43,7 +42,7 @@ async def classify(
         model_name=service.settings.name,
         predictions=[Prediction(label=model.classes[i], index=int(i), probability=float(probabilities[i])) for i in top],
         drop=drop,
-        patches_kept=num_keep(drop, model.num_patches),
+        patches_kept=num_keep(model.num_patches, drop),
         num_patches=model.num_patches,
         time_ms=(time.perf_counter() - start) * 1000,
     )

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 import lotus
-from serve.model import num_keep
+from lotus.drop import MAX_DROP, num_keep
 from serve.protocol import HEADER_LENGTH, infer_response, parse_infer
 from serve.schemas import ErrorResponse, InferenceResponse, ModelMetadata, ServerMetadata, TensorMetadata
 from serve.service import ServiceDep
@@ -48,7 +48,7 @@ async def model_metadata(name: str, service: ServiceDep, version: str | None = N
         platform="onnxruntime_onnx",
         inputs=[TensorMetadata(name="pixel_values", datatype="FP32", shape=model.input_shape)],
         outputs=[TensorMetadata(name="logits", datatype="FP32", shape=[-1, len(model.classes)])],
-        parameters={"drop": "request parameter, fraction of patches to skip in [0, 0.95], default 0", **model.metadata},
+        parameters={"drop": f"request parameter, fraction of patches to skip in [0, {MAX_DROP}], default 0", **model.metadata},
     )
 
 
@@ -86,7 +86,7 @@ async def infer(name: str, request: Request, service: ServiceDep, version: str |
     service.metrics.images.labels("infer").inc(len(inference.pixel_values))
     logits = await service.batcher.submit(inference.pixel_values, inference.drop)
     body, header_length = infer_response(
-        logits, inference, name, service.settings.version, num_keep(inference.drop, model.num_patches)
+        logits, inference, name, service.settings.version, num_keep(model.num_patches, inference.drop)
     )
     if header_length is None:
         return Response(body, media_type="application/json")
