@@ -40,6 +40,18 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
     }
 
 
+def time_calls(call: Callable[[], object], runs: int, warmup: int = 5) -> list[float]:
+    """Seconds of each of `runs` calls of `call`, one after another, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        call()
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def bench_local(
     path: str | Path, cfg: LocalBenchConfig = LocalBenchConfig(), *, log: Callable[[str], None] = lambda line: None
 ) -> dict[str, Any]:
@@ -60,13 +72,7 @@ def bench_local(
         images = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
         for drop in cfg.drops:
             feed = {"pixel_values": images, "drop": np.array(drop, dtype=np.float32)}
-            for _ in range(cfg.warmup):
-                session.run(None, feed)
-            times = []
-            for _ in range(cfg.runs):
-                start = time.perf_counter()
-                session.run(None, feed)
-                times.append(time.perf_counter() - start)
+            times = time_calls(lambda feed=feed: session.run(None, feed), cfg.runs, cfg.warmup)
             cell = {"batch": batch, "drop": drop, **percentiles(times)}
             cell["images_per_second"] = batch / (cell["median_ms"] / 1000)
             cells.append(cell)

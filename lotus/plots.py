@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,7 +35,9 @@ def save_tickets_figure(
         scores: (n, N) patch scores, N = grid * grid.
         keep_idx: (n, K) kept patch indices.
     """
-    plt = _pyplot()
+    import torch
+
+    plt = pyplot()
     n = len(images)
     cols = min(n, 8)
     rows = 2 * -(-n // cols)
@@ -66,7 +71,7 @@ def save_tickets_figure(
 
 def save_sweep_figure(path: str | Path, rows: list[dict], dense_accuracy: float, knee: float, tolerance: float) -> Path:
     """Like the LOTUS paper's Figure 2: accuracy against one-shot sparsity, the knee marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     xs = [100 * r["sparsity"] for r in rows]
     ax.plot(xs, [r["accuracy"] for r in rows], marker="o", label="one-shot magnitude pruning")
@@ -84,7 +89,7 @@ def save_sweep_figure(path: str | Path, rows: list[dict], dense_accuracy: float,
 
 def save_stage_figure(path: str | Path, accuracies: dict[str, float | None]) -> Path:
     """Test accuracy after each pipeline stage that has one."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [k for k, v in accuracies.items() if v is not None]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     bars = ax.bar(names, [accuracies[k] for k in names], color="tab:blue")
@@ -99,7 +104,7 @@ def save_stage_figure(path: str | Path, accuracies: dict[str, float | None]) -> 
 
 def save_finetune_figure(path: str | Path, history: list[dict], dense_accuracy: float) -> Path:
     """Fine-tuning curves: test accuracy and training loss per epoch, the dense accuracy for reference."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_acc.plot(epochs, [h["test_accuracy"] for h in history], marker="o", label="compressed, lottery data")

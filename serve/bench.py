@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lotus.bench import percentiles
+from lotus.bench import percentiles, time_calls
 from lotus.errors import LotusError
 
 if TYPE_CHECKING:
@@ -226,14 +226,7 @@ def _time_runs(model: ServedModel, images: np.ndarray, drop: float, runs: int, w
     Not lotus.bench.bench_local: its session lets idle threads spin, which the server's does not,
     and on a busy machine that alone moves the median by milliseconds either way.
     """
-    for _ in range(warmup):
-        model.run(images, drop)
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model.run(images, drop)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    return time_calls(lambda: model.run(images, drop), runs, warmup)
 
 
 def _row(cell: dict[str, Any]) -> str:
@@ -260,11 +253,9 @@ def format_table(result: dict[str, Any]) -> str:
 def save_plot(result: dict[str, Any], path: str | Path) -> Path:
     """Latency against drop ratio, one line per concurrency: p50 (shaded to p99, log scale) on
     the left, p50 relative to drop 0 on the right; ONNX Runtime alone dashed when timed."""
-    import matplotlib
+    from lotus.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     fig, (absolute, relative) = plt.subplots(1, 2, figsize=(10, 4))
     for concurrency in sorted({c["concurrency"] for c in result["cells"]}):
