@@ -7,7 +7,7 @@ EXTRAS ?= cpu,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint format docs docs-cli results bench check clean
 
 install: $(STAMP)
 
@@ -24,12 +24,40 @@ demo: install
 	$(BIN)/lotus compress --sparsity 0.3 --drop 0.1 --out $(DEMO_OUT)
 	@echo "demo results: $(DEMO_OUT)/report.md (metrics.json, model.safetensors, plots beside it)"
 
+# The whole suite (CI runs this); test-fast skips the tests marked slow, for the edit loop.
 test: install
 	$(BIN)/python -m pytest -q
 
-# Benchmarks print figures and write benchmarks/results/*.json; they need ../shared for CIFAR-10.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/python scripts/function_length.py
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# The documentation site (mkdocs-material) into site/; warnings fail the build.
+docs: install
+	$(BIN)/mkdocs build --strict --quiet
+
+# Regenerate the generated pages: the CLI reference (from the Typer app) and the results page
+# (from benchmarks/results/). Tests fail when either is out of date.
+docs-cli: install
+	$(BIN)/python scripts/cli_reference.py
+
+results: install
+	$(BIN)/python scripts/render_results.py
+
+# `make bench` lists the benchmarks; `make bench NAME=token_gather_step [ARGS='--rounds 3']` runs one.
 bench: install
-	$(BIN)/python benchmarks/token_gather_step.py
+	$(BIN)/python benchmarks/run.py $(NAME) $(ARGS)
+
+# Everything CI checks.
+check: lint docs test
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

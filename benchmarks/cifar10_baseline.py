@@ -1,7 +1,7 @@
 """Train the default LOTUS model (ViT-Tiny shape, patch 4) on CIFAR-10 from ../shared.
 
-Records test accuracy after every epoch and training images/s, for README's results table.
-The budget is an argument: at about 13 min an epoch on 2 CPU cores, 3 epochs fit a session.
+Records test accuracy after every epoch and training images/s (docs/results.md renders them).
+The budget is an argument: an epoch takes about 13 min on 2 CPU cores.
 
     python benchmarks/cifar10_baseline.py --epochs 3
 """

@@ -1,6 +1,6 @@
 """`lotus compress` on CIFAR-10 (../shared) from the baseline checkpoint, at a stated budget.
 
-Runs the pipeline at the settings given (the issue's two: sparsity 0.3 with drop 0.1, and
+Runs the pipeline at the settings given (for example sparsity 0.3 with drop 0.1, and
 sparsity 'auto' with ISP to 0.5 and drop 0.3), writes the run folder under runs/ and a summary
 to benchmarks/results/cifar10_compress_<name>.json; then exports the compressed model to ONNX
 (fp32 and int8), measures its accuracy at drop 0, 0.1, 0.3, 0.5 on the whole test split and its

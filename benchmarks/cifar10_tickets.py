@@ -5,7 +5,7 @@ at each drop ratio, then trains a fresh default model for the same number of epo
 (a) full data, (b) attention tickets, (c) random tickets at each ratio, recording test accuracy,
 loss and time after every epoch. Each finished run is saved to
 benchmarks/results/cifar10_tickets/epochs<E>/<run>.json and skipped when the script runs again, so the
-grid can be filled over several sessions; the table and the plot (like the paper's Figure 4)
+grid can be filled over several runs of the script; the table and the plot (like the paper's Figure 4)
 are rebuilt from all saved runs.
 
     python benchmarks/cifar10_tickets.py --baseline runs/bench-cifar10-baseline --epochs 5

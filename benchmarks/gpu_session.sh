@@ -163,7 +163,7 @@ fi
 # "cluttered-base" makes the data and its own BASE_EPOCHS baseline, with two seeds of full data beside it;
 # "cluttered" trains on its tickets (all blocks: seeds 0-2 at drop 0.5, 0-1 at 0.3; last block: seed 0 at 0.5)
 # against random tickets of the same seeds, then measures how much of the object each kind of ticket keeps;
-# "cluttered-more-seeds" adds seeds of both. The cluttered baseline joins the models archive: a later session
+# "cluttered-more-seeds" adds seeds of both. The cluttered baseline joins the models archive: a later GPU run
 # can carry it to WORK/cluttered-baseline and skip "cluttered-base" (the data are remade, about a minute).
 CL=${CLUTTERED:-$ROOT/data/cluttered64} CL_BASE=$WORK/cluttered-baseline
 cluttered() {  # cluttered NAME ARGS...: one 5-epoch run on the cluttered data in the background

@@ -1,4 +1,4 @@
-"""Serving latency of an exported LOTUS model over HTTP: the figures of the serving issue.
+"""Serving latency of an exported LOTUS model over HTTP, at several concurrencies and drop ratios.
 
 Starts two `lotus serve` (real uvicorn subprocesses) on the model, one batching and one with
 --no-batching; both idle when not loaded (no spinning threads). Loads the batching one with

@@ -1,7 +1,9 @@
 """LOTUS: LOttery Transformers with Ultra Sparsity.
 
-The library behind the `lotus` CLI and the inference service: datasets, the token-gathering
-ViT, training, checkpoints (and, in later stages, tickets, pruning masks, export, serving).
+The library behind the `lotus` CLI and the inference service, one module per pipeline stage:
+datasets (`data`), the token-gathering ViT (`vit`), data lottery tickets (`tickets`), pruning
+masks (`masks`, `prune`, `structured`), training (`train`), checkpoints (`checkpoint`), the whole
+pipeline (`pipeline`, `report`) and ONNX export (`export`, `runtime`).
 """
 
 from lotus.errors import LotusError

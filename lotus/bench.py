@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from lotus.errors import LotusError
-
 
 @dataclass(frozen=True)
 class LocalBenchConfig:
@@ -29,6 +27,7 @@ class LocalBenchConfig:
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
+    """The median, p90, p95, p99 and mean of `seconds`, in ms, and how many there are."""
     ms = np.array(seconds) * 1000
     return {
         "median_ms": float(np.median(ms)),
@@ -56,14 +55,10 @@ def bench_local(
     path: str | Path, cfg: LocalBenchConfig = LocalBenchConfig(), *, log: Callable[[str], None] = lambda line: None
 ) -> dict[str, Any]:
     """Time `path` at every (batch, drop); returns the cells and their ratios to drop 0."""
-    from lotus.runtime import ort_session, read_metadata
+    from lotus.runtime import lotus_metadata, ort_session
 
     path = Path(path)
-    if not path.is_file():
-        raise LotusError(f"ONNX model {path} not found: export one with `lotus export onnx`")
-    meta = read_metadata(path)
-    if "img_size" not in meta:
-        raise LotusError(f"{path} carries no LOTUS metadata (img_size): export it with `lotus export onnx`")
+    meta = lotus_metadata(path, ("img_size",))
     size = int(meta["img_size"])
     session = ort_session(path, cfg.threads)
     rng = np.random.default_rng(0)
@@ -83,3 +78,16 @@ def bench_local(
         base = next(c for c in cells if c["batch"] == cell["batch"] and c["drop"] == 0.0) if 0.0 in cfg.drops else None
         cell["vs_drop0"] = cell["median_ms"] / base["median_ms"] if base else None
     return {"model": str(path), "providers": session.get_providers(), "metadata": meta, "config": cfg.__dict__, "cells": cells}
+
+
+def format_local_table(result: dict[str, Any]) -> str:
+    """The cells of `bench_local` as a table: latencies in ms, throughput in images/s, the median's
+    ratio to drop 0 at the same batch size ("-" when drop 0 was not timed)."""
+    lines = [f"{'batch':>5} {'drop':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>8} {'x drop 0':>8}"]
+    for c in result["cells"]:
+        ratio = f"{c['vs_drop0']:.3f}" if c.get("vs_drop0") is not None else "-"
+        lines.append(
+            f"{c['batch']:>5} {c['drop']:>5g} {c['median_ms']:>10.2f} {c['p90_ms']:>9.2f} {c['p99_ms']:>9.2f} "
+            f"{c['images_per_second']:>8.0f} {ratio:>8}"
+        )
+    return "\n".join(lines)

@@ -7,7 +7,9 @@ refused rather than loaded. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -20,8 +22,7 @@ from safetensors.torch import load, save
 
 import lotus
 from lotus.errors import LotusError
-from lotus.structured import reshape_, structure_of
-from lotus.vit import ModelConfig, TokenGatherViT, build_model
+from lotus.vit import ModelConfig, TokenGatherViT, build_model, reshape_, structure_of
 
 FORMAT = "lotus-checkpoint/1"
 MODEL_FILE = "model"  # the model checkpoint inside a run folder: model.safetensors + model.json
@@ -53,6 +54,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_json(path: Path, value: Any) -> None:
+    """Write `value` atomically as indented JSON."""
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def atomic_write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write `rows` atomically as CSV: a header row, then one line per row; the columns are the first row's keys."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
 def _with_suffix(stem: Path, suffix: str) -> Path:
     return stem.parent / (stem.name + suffix)  # not Path.with_suffix: 'model.v2' must stay whole
 
@@ -75,7 +90,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     atomic_write_bytes(weights, blob)
     # the file's own fields last: a meta read from another checkpoint cannot carry a stale hash over
     sidecar = {**meta, "format": FORMAT, "lotus_version": lotus.__version__, "sha256": hashlib.sha256(blob).hexdigest()}
-    atomic_write_text(_with_suffix(stem, ".json"), json.dumps(sidecar, indent=2) + "\n")
+    atomic_write_json(_with_suffix(stem, ".json"), sidecar)
     return weights
 
 
@@ -137,9 +152,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[To
     weights = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     cfg = ModelConfig(**{**meta["model"], "pretrained": False})
     model = build_model(cfg)
-    if meta.get("structure"):  # heads or MLP neurons removed by structured pruning
-        if meta["structure"] != structure_of(model):
-            reshape_(model, meta["structure"])
+    if meta.get("structure") and meta["structure"] != structure_of(model):  # heads or MLP neurons removed
+        reshape_(model, meta["structure"])
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise LotusError(f"checkpoint {_stem(path)} does not fit {cfg.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -7,8 +7,8 @@ Three sources, chosen by `DataConfig.name`:
 
 Every split is decoded once into a (N, 3, H, W) uint8 tensor at the model's resolution. That
 keeps small-image training (the CPU case LOTUS targets) free of loader workers, and it makes the
-dataset index of every sample trivial to carry, which later stages need to look up per-image
-patch keep masks. Augmentation (random crop with zero padding, horizontal flip) runs batched on
+dataset index of every sample trivial to carry, by which training looks up each image's data
+lottery ticket (its patch keep mask). Augmentation (random crop with zero padding, horizontal flip) runs batched on
 those tensors and reports the shift and flip it applied to each image.
 """
 

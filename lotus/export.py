@@ -7,11 +7,9 @@ Two graphs, both with a dynamic batch axis and self-contained (no external data 
   patches are kept per image, chosen by the model's own class-token attention in block
   `select_block` (default depth // 6: block 2 of 12). Blocks up to that one run on every token;
   the rest run on the class token and the K kept patches only, so latency falls with the drop
-  ratio. An early block is a trade: the later the choice, the better informed and the less
-  compute it saves. Measured on the compressed CIFAR-10 ViT-Tiny
-  (benchmarks/cifar10_select_block.py), block 2 gave the best accuracy at every latency: blocks 0
-  and 1 save more per dropped patch but choose much worse, block 3 chooses a little better but
-  saves less. drop = 0 gives the dense model's logits.
+  ratio. The block is a trade: an earlier choice saves more compute per dropped patch, a later
+  one is better informed (`benchmarks/cifar10_select_block.py` measures it for a model).
+  drop = 0 gives the dense model's logits.
 - `model_keep_idx.onnx`, inputs `pixel_values` and `keep_idx` int64 [B, K]: the caller brings
   its own patch indices (e.g. tickets); patches are gathered right after the positional
   embedding, exactly as in lottery training.
@@ -235,73 +233,97 @@ def export_onnx(
         data_cfg: the dataset whose test images verification and the int8 accuracy use
             (None skips both; the checkpoint's own dataset is the usual choice).
     """
+    if cfg.quantize not in (None, "int8"):
+        raise LotusError(f"--quantize {cfg.quantize!r} is not supported: use int8")
+    if cfg.verify and data_cfg is None:
+        raise LotusError("verification needs eval images: pass --data, or --no-verify to skip it")
     model, meta = load_model(checkpoint)
     model.float().eval()
-    depth = len(model.blocks)
-    select_block = cfg.select_block if cfg.select_block is not None else depth // 6
-    if not 0 <= select_block < depth:
-        raise LotusError(f"--select-block {select_block} is outside 0..{depth - 1}")
+    select_block = _select_block(cfg, len(model.blocks))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pre = meta["preprocess"]
-    size = pre["img_size"]
-    example = torch.randn(2, 3, size, size)
-    n = model.patch_embed.num_patches
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    report: dict[str, Any] = {"checkpoint": str(checkpoint), "select_block": select_block, "num_patches": n}
-
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "select_block": select_block,
+        "num_patches": model.patch_embed.num_patches,
+    }
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        tmp_main, tmp_keep = Path(tmp) / "model.onnx", Path(tmp) / "model_keep_idx.onnx"
-        log("exporting the drop-by-attention graph")
-        _export(
-            DropByAttention(model, select_block),
-            (example, torch.tensor(0.0)),
-            ["pixel_values", "drop"],
-            ({0: batch}, None),
-            cfg.opset,
-            tmp_main,
+        main, keep = _export_graphs(model, select_block, meta["preprocess"]["img_size"], cfg.opset, Path(tmp), log)
+        report.update(check_exported_sparsity(main, model, prunable_names(model)))
+        images, labels = (
+            _eval_images(meta, data_cfg, None) if data_cfg is not None and (cfg.verify or cfg.quantize) else (None, None)
         )
-        log("exporting the keep-index graph")
-        keep = torch.stack([torch.randperm(n)[: n // 2] for _ in range(2)])
-        _export(
-            KeepIndices(model),
-            (example, keep),
-            ["pixel_values", "keep_idx"],
-            ({0: batch}, {0: batch, 1: torch.export.Dim("num_keep", min=1, max=n)}),
-            cfg.opset,
-            tmp_keep,
-        )
-        report.update(check_exported_sparsity(tmp_main, model, prunable_names(model)))
-
-        images = labels = None
-        if data_cfg is not None and (cfg.verify or cfg.quantize):
-            images, labels = _eval_images(meta, data_cfg, None)
         if cfg.verify:
-            if images is None:
-                raise LotusError("verification needs eval images: pass --data, or --no-verify to skip it")
             log(
                 f"verifying against PyTorch on {min(cfg.verify_images, len(images))} eval images at drop {', '.join(map(str, VERIFY_DROPS))}"
             )
-            report["max_abs_diff"] = verify(tmp_main, model, images[: cfg.verify_images], select_block, cfg.tolerance)
-
-        final_main = tmp_main
+            report["max_abs_diff"] = verify(main, model, images[: cfg.verify_images], select_block, cfg.tolerance)
         if cfg.quantize == "int8":
-            log("quantizing weights to int8 (dynamic, per channel, signed)")
-            final_main = quantize_int8(tmp_main, Path(tmp) / "model.int8.onnx")
-            tmp_keep = quantize_int8(tmp_keep, Path(tmp) / "keep.int8.onnx")
-            if images is not None:
-                report["fp32_accuracy"] = accuracy_onnx(tmp_main, images, labels)
-                report["int8_accuracy"] = accuracy_onnx(final_main, images, labels)
-                report["int8_accuracy_drop_0.5"] = accuracy_onnx(final_main, images, labels, drop=0.5)
-        elif cfg.quantize is not None:
-            raise LotusError(f"--quantize {cfg.quantize!r} is not supported: use int8")
-
+            main, keep = _quantize(main, keep, images, labels, report, log)
         props = _metadata(meta, model, select_block, {"quantize": cfg.quantize or "none"})
-        _set_metadata(final_main, props)
-        _set_metadata(
-            tmp_keep, {**props, "inputs": "pixel_values float32 [B,3,H,W] normalised; keep_idx int64 [B,K] patch indices"}
-        )
-        os.replace(tmp_keep, keep_idx_path(out))
-        os.replace(final_main, out)
+        _set_metadata(main, props)
+        _set_metadata(keep, {**props, "inputs": "pixel_values float32 [B,3,H,W] normalised; keep_idx int64 [B,K] patch indices"})
+        os.replace(keep, keep_idx_path(out))
+        os.replace(main, out)
     report.update({"path": str(out), "keep_idx_path": str(keep_idx_path(out)), "bytes": out.stat().st_size})
     return report
+
+
+def _select_block(cfg: ExportConfig, depth: int) -> int:
+    """The block whose class-token attention picks the kept patches (default depth // 6)."""
+    select_block = cfg.select_block if cfg.select_block is not None else depth // 6
+    if not 0 <= select_block < depth:
+        raise LotusError(f"--select-block {select_block} is outside 0..{depth - 1}")
+    return select_block
+
+
+def _export_graphs(
+    model: TokenGatherViT, select_block: int, img_size: int, opset: int, folder: Path, log: Callable[[str], None]
+) -> tuple[Path, Path]:
+    """Export the drop-by-attention graph and the keep-index graph into `folder`, both with a
+    dynamic batch axis (and a dynamic K for keep_idx); returns their paths."""
+    main, keep = folder / "model.onnx", folder / "model_keep_idx.onnx"
+    example = torch.randn(2, 3, img_size, img_size)
+    n = model.patch_embed.num_patches
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    log("exporting the drop-by-attention graph")
+    _export(
+        DropByAttention(model, select_block),
+        (example, torch.tensor(0.0)),
+        ["pixel_values", "drop"],
+        ({0: batch}, None),
+        opset,
+        main,
+    )
+    log("exporting the keep-index graph")
+    keep_idx = torch.stack([torch.randperm(n)[: n // 2] for _ in range(2)])
+    num_keep_dim = torch.export.Dim("num_keep", min=1, max=n)
+    _export(
+        KeepIndices(model),
+        (example, keep_idx),
+        ["pixel_values", "keep_idx"],
+        ({0: batch}, {0: batch, 1: num_keep_dim}),
+        opset,
+        keep,
+    )
+    return main, keep
+
+
+def _quantize(
+    main: Path,
+    keep: Path,
+    images: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    report: dict[str, Any],
+    log: Callable[[str], None],
+) -> tuple[Path, Path]:
+    """int8 versions of both graphs, beside them; with eval images, the accuracy before and after
+    goes into `report`. Returns the int8 graphs' paths."""
+    log("quantizing weights to int8 (dynamic, per channel, signed)")
+    main_int8 = quantize_int8(main, main.with_name("model.int8.onnx"))
+    keep_int8 = quantize_int8(keep, keep.with_name("keep.int8.onnx"))
+    if images is not None:
+        report["fp32_accuracy"] = accuracy_onnx(main, images, labels)
+        report["int8_accuracy"] = accuracy_onnx(main_int8, images, labels)
+        report["int8_accuracy_drop_0.5"] = accuracy_onnx(main_int8, images, labels, drop=0.5)
+    return main_int8, keep_int8

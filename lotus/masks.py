@@ -198,6 +198,11 @@ def sparsity_report(model: torch.nn.Module, names: Iterable[str]) -> dict:
     return {"overall": zeros / max(total, 1), "zeros": zeros, "numel": total, "layers": layers}
 
 
+def sparsity_summary(report: dict) -> dict:
+    """The overall figures of a `sparsity_report`, without the per-layer ones (what checkpoints record)."""
+    return {key: report[key] for key in ("overall", "zeros", "numel")}
+
+
 def to_semi_structured_(model: torch.nn.Module, names: Iterable[str]) -> torch.nn.Module:
     """Swap the named Linear weights of a 2:4-pruned model for PyTorch's semi-structured sparse
     tensors, so its matrix products run on NVIDIA sparse tensor cores (Ampere and newer).

@@ -9,11 +9,16 @@ Everything lands in one run folder. `stages.json` records each finished stage wi
 figures, so `resume=True` skips finished stages, and the training stages (baseline, fine-tune)
 continue from their last finished epoch. The recipe (`recipe.yaml`) holds every setting, so
 `lotus compress --recipe RUN/recipe.yaml` repeats the run.
+
+The stages are a table (`STAGES`) that `compress` walks: each stage is a function from the run
+to its figures, and the runner alone announces it ("[2/7] tickets"), skips it when an earlier
+run finished it, times it and records it in stages.json.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
@@ -23,17 +28,18 @@ from typing import Any
 import torch
 import yaml
 
-from lotus.checkpoint import atomic_write_text, load_model, save_model
+from lotus.checkpoint import atomic_write_json, atomic_write_text, load_model, save_model
 from lotus.data import DataConfig
 from lotus.errors import LotusError
-from lotus.masks import nm_pattern, prunable_names, sparsity_report
+from lotus.masks import nm_pattern, prunable_names, sparsity_report, sparsity_summary
+from lotus.progress import Progress
 from lotus.prune import ISPConfig, PruneConfig, SweepConfig, isp, prune_oneshot, prune_structured, sweep
+from lotus.report import build_metrics, write_report
 from lotus.structured import StructuredConfig
 from lotus.tickets import TicketConfig, tickets_from_checkpoint
 from lotus.train import TrainConfig, batch_tokens, default_configs, evaluate_checkpoint, train
 from lotus.vit import ModelConfig
 
-STAGES = ("baseline", "tickets", "prune", "isp", "structure", "finetune", "evaluate", "report")
 STATE_FILE = "stages.json"
 
 
@@ -113,15 +119,229 @@ class RunState:
 
     def finish(self, stage: str, record: dict[str, Any]) -> dict[str, Any]:
         self.done[stage] = record
-        atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
+        atomic_write_json(self.path, self.done)
         return record
 
 
+@dataclass
+class Run:
+    """What every stage gets: the settings, the run folder, the finished stages, where to speak."""
+
+    cfg: CompressConfig
+    dir: Path
+    state: RunState
+    log: Callable[[str], None]
+    progress: Progress | None
+    started: float = 0.0  # time.perf_counter() when the current stage started
+
+    def seconds(self) -> float:
+        """Seconds since the current stage started."""
+        return time.perf_counter() - self.started
+
+    @property
+    def baseline(self) -> Path:
+        """The dense checkpoint: the one given, or the baseline trained here."""
+        return Path(self.cfg.checkpoint) if self.cfg.checkpoint else self.dir / "baseline"
+
+    @property
+    def unstructured(self) -> Path:
+        """The checkpoint of the last unstructured pruning stage: ISP's when it runs, else stage 1's."""
+        return self.dir / ("stage2" if self.cfg.isp_target is not None else "stage1")
+
+    @property
+    def pruned(self) -> Path:
+        """The last pruning stage's checkpoint, which fine-tuning starts from."""
+        return self.dir / "structured" if self.cfg.structure.enabled else self.unstructured
+
+
+# Each stage does its work and returns its figures for stages.json. The runner adds what every
+# stage has (accuracy, seconds, images/s: None where a stage has none; seconds by the runner's
+# clock unless the stage gives its own).
+
+
+def _baseline(run: Run) -> dict[str, Any]:
+    """Load or train the dense model, then evaluate it."""
+    cfg, history = run.cfg, []
+    if cfg.checkpoint is None:
+        run.log("  no --checkpoint: training the dense baseline first")
+        train_cfg = replace(cfg.baseline, device=cfg.device)
+        history = train(cfg.data, cfg.model, train_cfg, run.dir / "baseline", resume=True, progress=run.progress)
+    result = evaluate_checkpoint(run.baseline, cfg.data, device=cfg.device)
+    return {"accuracy": result["accuracy"], **_training_figures(history), "checkpoint": str(run.baseline)}
+
+
+def _tickets(run: Run) -> dict[str, Any]:
+    """Score the training images' patches with the baseline and keep the best per image."""
+    cfg = run.cfg
+    tickets = tickets_from_checkpoint(
+        run.baseline, cfg.data, cfg.tickets, run.dir / "tickets", device=cfg.device, progress=run.progress
+    )
+    seconds = run.seconds()
+    return {
+        "seconds": seconds,
+        "images_per_second": tickets.meta["data"]["num_images"] / seconds,
+        "num_keep": tickets.num_keep,
+        "num_patches": tickets.meta["num_patches"],
+        "outlier_patches": tickets.meta["outlier_patches"],
+    }
+
+
+def _prune(run: Run) -> dict[str, Any]:
+    """Stage 1: one-shot magnitude pruning at the given sparsity, or at the sweep's knee for 'auto'."""
+    cfg, essential, level = run.cfg, None, run.cfg.sparsity
+    if level == "auto":
+        sweep_cfg = replace(cfg.sweep, prune=cfg.prune)
+        swept = sweep(run.baseline, cfg.data, sweep_cfg, run.dir / "sweep", device=cfg.device, progress=run.progress)
+        essential = level = swept["essential_sparsity"]
+        run.log(f"  essential sparsity {essential:g} (dense {swept['dense_accuracy']:.2f}%)")
+    level = level if nm_pattern(level) else float(level)
+    result = prune_oneshot(run.baseline, level, run.dir / "stage1", cfg.prune, data_cfg=cfg.data, device=cfg.device)
+    return {
+        "accuracy": result["accuracy"],
+        "requested_sparsity": level,
+        "sparsity": result["sparsity"]["overall"],
+        "essential_sparsity": essential,
+    }
+
+
+def _isp(run: Run) -> dict[str, Any]:
+    """Stage 2: Instant Soup Pruning from stage 1 to `isp_target`."""
+    cfg = run.cfg
+    isp_cfg = replace(cfg.isp, target=cfg.isp_target, prune=cfg.prune)
+    result = isp(
+        run.dir / "stage1", cfg.data, isp_cfg, run.dir / "stage2", device=cfg.device, log=lambda line: run.log("  " + line)
+    )
+    return {"accuracy": result["rounds"][-1]["accuracy"], "sparsity": result["achieved_sparsity"], "rounds": result["rounds"]}
+
+
+def _structure(run: Run) -> dict[str, Any]:
+    """Remove whole heads and MLP neurons: the model shrinks."""
+    cfg = run.cfg
+    result = prune_structured(run.unstructured, run.dir / "structured", cfg.structure, data_cfg=cfg.data, device=cfg.device)
+    run.log(
+        f"  heads per block {result['structure']['num_heads']}, MLP widths {result['structure']['mlp_hidden']}, "
+        f"parameters x{result['parameters']['ratio']:.3f}"
+    )
+    return {"accuracy": result["accuracy"], "structure": result["structure"], "parameters": result["parameters"]}
+
+
+def _finetune(run: Run) -> dict[str, Any]:
+    """Fine-tune the pruned model on the lottery data (resuming from its last finished epoch), then
+    time a dense and a lottery training step side by side."""
+    cfg = run.cfg
+    history = train(
+        cfg.data,
+        cfg.model,
+        replace(cfg.finetune, device=cfg.device),
+        run.dir / "finetune",
+        init_checkpoint=run.pruned,
+        tickets=run.dir / "tickets",
+        resume=True,
+        progress=run.progress,
+    )
+    seconds = run.seconds()  # the fine-tuning's, without the timing below
+    ratio = measure_step_ratio(run.dir, cfg)
+    run.log(f"  a dense training step takes {ratio:.2f}x a lottery step (measured side by side)")
+    figures = _training_figures(history)
+    return {"accuracy": history[-1]["test_accuracy"], "seconds": seconds, **figures, "dense_step_ratio": ratio}
+
+
+def _evaluate(run: Run) -> dict[str, Any]:
+    """Save the fine-tuned model as the run's model (RUN/model.safetensors) and evaluate it."""
+    cfg = run.cfg
+    model, meta = load_model(run.dir / "finetune")
+    report = sparsity_report(model, prunable_names(model, cfg.prune.include))
+    save_model(
+        run.dir,
+        model,
+        ModelConfig(**meta["model"]),
+        meta["preprocess"],
+        meta["masks"],
+        tickets=meta.get("tickets"),
+        sparsity=sparsity_summary(report),
+        stage="compressed",
+    )
+    result = evaluate_checkpoint(run.dir, cfg.data, device=cfg.device)
+    return {
+        "accuracy": result["accuracy"],
+        "images_per_second": result["images_per_second"],
+        "sparsity": report["overall"],
+        "layers": {k: v["sparsity"] for k, v in report["layers"].items()},
+    }
+
+
+def _report(run: Run) -> dict[str, Any]:
+    """metrics.json, history.csv, the plots and report.md, from the other stages' records."""
+    write_report(run.dir, run.cfg, run.state.done)
+    return {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of `compress`."""
+
+    name: str
+    run: Callable[[Run], dict[str, Any]]  # does the stage's work; returns its figures
+    when: Callable[[CompressConfig], bool] = lambda cfg: True  # whether a run with these settings has it
+
+
+STAGES = (
+    Stage("baseline", _baseline),
+    Stage("tickets", _tickets),
+    Stage("prune", _prune),
+    Stage("isp", _isp, when=lambda cfg: cfg.isp_target is not None),
+    Stage("structure", _structure, when=lambda cfg: cfg.structure.enabled),
+    Stage("finetune", _finetune),
+    Stage("evaluate", _evaluate),
+    Stage("report", _report),
+)
+
+
 def compress(
-    cfg: CompressConfig, run_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print
+    cfg: CompressConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run the whole pipeline into `run_dir`; returns metrics.json's contents."""
-    run = Path(run_dir)
+    """Run the whole pipeline into `run_dir`; returns metrics.json's contents.
+
+    Args:
+        resume: continue the run in `run_dir`: finished stages are skipped, the training stages
+            continue from their last finished epoch.
+        log: receives the stage lines ("[2/7] tickets").
+        progress: passed to the training stages, the ticket scoring and the sweep.
+    """
+    _check(cfg)
+    state = _open(Path(run_dir), cfg, resume)
+    run = Run(cfg, Path(run_dir), state, log, progress)
+    stages = [stage for stage in STAGES if stage.when(cfg)]
+    for number, stage in enumerate(stages, 1):
+        heading = f"[{number}/{len(stages)}] {stage.name}"
+        if stage.name in state.done:
+            log(f"{heading}: done earlier, skipped")
+            continue
+        log(heading)
+        run.started = time.perf_counter()
+        figures = stage.run(run)
+        state.finish(stage.name, {"accuracy": None, "seconds": run.seconds(), "images_per_second": None, **figures})
+    return build_metrics(cfg, state.done)
+
+
+def _check(cfg: CompressConfig) -> None:
+    """Refuse settings that cannot go together."""
+    cfg.structure.check()
+    if nm_pattern(cfg.sparsity) and (cfg.isp_target is not None or cfg.structure.enabled):
+        raise LotusError(
+            f"--sparsity {cfg.sparsity} keeps an N:M pattern that ISP and structured pruning would break: "
+            "drop --isp-target and --structure, or use a plain sparsity"
+        )
+
+
+def _open(run: Path, cfg: CompressConfig, resume: bool) -> RunState:
+    """The run folder's stages.json, after writing its recipe; refuses to start over a run unasked,
+    or to resume one with other settings."""
     state_path = run / STATE_FILE
     if state_path.exists() and not resume:
         raise LotusError(f"{run} already holds a compress run: pass --resume to continue it, or a new --out")
@@ -129,195 +349,27 @@ def compress(
     if resume and (run / "recipe.yaml").exists() and load_recipe(run / "recipe.yaml") != cfg:
         raise LotusError(f"{run} was started with other settings: resume with `--recipe {run / 'recipe.yaml'} --resume`")
     save_recipe(cfg, run / "recipe.yaml")
-    state = RunState.open(state_path)
-    cfg.structure.check()
-    if nm_pattern(cfg.sparsity) and (cfg.isp_target is not None or cfg.structure.enabled):
-        raise LotusError(
-            f"--sparsity {cfg.sparsity} keeps an N:M pattern that ISP and structured pruning would break: "
-            "drop --isp-target and --structure, or use a plain sparsity"
-        )
-    todo = [
-        s for s in STAGES if not (s == "isp" and cfg.isp_target is None) and not (s == "structure" and not cfg.structure.enabled)
-    ]
-
-    def stage(name: str) -> bool:
-        """Announce a stage; False when an earlier run already finished it."""
-        number = f"[{todo.index(name) + 1}/{len(todo)}]"
-        if name in state.done:
-            log(f"{number} {name}: done earlier, skipped")
-            return False
-        log(f"{number} {name}")
-        return True
-
-    # 1. baseline: load or train, then evaluate
-    baseline_ckpt = Path(cfg.checkpoint) if cfg.checkpoint else run / "baseline"
-    if stage("baseline"):
-        start = time.perf_counter()
-        history = []
-        if cfg.checkpoint is None:
-            log("  no --checkpoint: training the dense baseline first")
-            history = train(cfg.data, cfg.model, replace(cfg.baseline, device=cfg.device), run / "baseline", resume=True)
-        result = evaluate_checkpoint(baseline_ckpt, cfg.data, device=cfg.device)
-        state.finish(
-            "baseline", _stage_record(result["accuracy"], time.perf_counter() - start, history, checkpoint=str(baseline_ckpt))
-        )
-
-    # 2. data lottery tickets
-    if stage("tickets"):
-        start = time.perf_counter()
-        tickets = tickets_from_checkpoint(baseline_ckpt, cfg.data, cfg.tickets, run / "tickets", device=cfg.device)
-        seconds = time.perf_counter() - start
-        state.finish(
-            "tickets",
-            {
-                "seconds": seconds,
-                "images_per_second": tickets.meta["data"]["num_images"] / seconds,
-                "num_keep": tickets.num_keep,
-                "num_patches": tickets.meta["num_patches"],
-                "outlier_patches": tickets.meta["outlier_patches"],
-                "accuracy": None,
-            },
-        )
-
-    # 3. stage 1: one-shot magnitude pruning at the given or essential sparsity
-    if stage("prune"):
-        start = time.perf_counter()
-        essential = None
-        level = cfg.sparsity
-        if level == "auto":
-            swept = sweep(baseline_ckpt, cfg.data, replace(cfg.sweep, prune=cfg.prune), run / "sweep", device=cfg.device)
-            essential = level = swept["essential_sparsity"]
-            log(f"  essential sparsity {essential:g} (dense {swept['dense_accuracy']:.2f}%)")
-        level = level if nm_pattern(level) else float(level)
-        result = prune_oneshot(baseline_ckpt, level, run / "stage1", cfg.prune, data_cfg=cfg.data, device=cfg.device)
-        state.finish(
-            "prune",
-            {
-                "accuracy": result["accuracy"],
-                "seconds": time.perf_counter() - start,
-                "images_per_second": None,
-                "requested_sparsity": level,
-                "sparsity": result["sparsity"]["overall"],
-                "essential_sparsity": essential,
-            },
-        )
-    pruned_ckpt = run / "stage1"
-
-    # 4. stage 2: Instant Soup Pruning
-    if cfg.isp_target is not None:
-        if stage("isp"):
-            start = time.perf_counter()
-            result = isp(
-                pruned_ckpt,
-                cfg.data,
-                replace(cfg.isp, target=cfg.isp_target, prune=cfg.prune),
-                run / "stage2",
-                device=cfg.device,
-                log=lambda line: log("  " + line),
-            )
-            state.finish(
-                "isp",
-                {
-                    "accuracy": result["rounds"][-1]["accuracy"],
-                    "seconds": time.perf_counter() - start,
-                    "images_per_second": None,
-                    "sparsity": result["achieved_sparsity"],
-                    "rounds": result["rounds"],
-                },
-            )
-        pruned_ckpt = run / "stage2"
-
-    # 5. structured pruning: whole heads and MLP neurons removed, the model shrunk
-    if cfg.structure.enabled:
-        if stage("structure"):
-            start = time.perf_counter()
-            result = prune_structured(pruned_ckpt, run / "structured", cfg.structure, data_cfg=cfg.data, device=cfg.device)
-            log(
-                f"  heads per block {result['structure']['num_heads']}, MLP widths {result['structure']['mlp_hidden']}, "
-                f"parameters x{result['parameters']['ratio']:.3f}"
-            )
-            state.finish(
-                "structure",
-                {
-                    "accuracy": result["accuracy"],
-                    "seconds": time.perf_counter() - start,
-                    "images_per_second": None,
-                    "structure": result["structure"],
-                    "parameters": result["parameters"],
-                },
-            )
-        pruned_ckpt = run / "structured"
-
-    # 6. fine-tune the pruned model on the lottery data (resumes from its last finished epoch)
-    if stage("finetune"):
-        start = time.perf_counter()
-        history = train(
-            cfg.data,
-            cfg.model,
-            replace(cfg.finetune, device=cfg.device),
-            run / "finetune",
-            init_checkpoint=pruned_ckpt,
-            tickets=run / "tickets",
-            resume=True,
-        )
-        seconds = time.perf_counter() - start
-        ratio = measure_step_ratio(run, cfg)
-        log(f"  a dense training step takes {ratio:.2f}x a lottery step (measured side by side)")
-        state.finish("finetune", _stage_record(history[-1]["test_accuracy"], seconds, history, dense_step_ratio=ratio))
-
-    # 7. evaluate the compressed model; it becomes the run's model (RUN/model.safetensors)
-    if stage("evaluate"):
-        start = time.perf_counter()
-        model, meta = load_model(run / "finetune")
-        report = sparsity_report(model, prunable_names(model, cfg.prune.include))
-        save_model(
-            run,
-            model,
-            ModelConfig(**meta["model"]),
-            meta["preprocess"],
-            meta["masks"],
-            tickets=meta.get("tickets"),
-            sparsity={k: report[k] for k in ("overall", "zeros", "numel")},
-            stage="compressed",
-        )
-        result = evaluate_checkpoint(run, cfg.data, device=cfg.device)
-        state.finish(
-            "evaluate",
-            {
-                "accuracy": result["accuracy"],
-                "seconds": time.perf_counter() - start,
-                "images_per_second": result["images_per_second"],
-                "sparsity": report["overall"],
-                "layers": {k: v["sparsity"] for k, v in report["layers"].items()},
-            },
-        )
-
-    # 8. report
-    from lotus.report import write_report
-
-    stage("report") if "report" not in state.done else None
-    metrics = write_report(run, cfg, state.done)
-    state.finish("report", {"seconds": 0.0, "accuracy": None, "images_per_second": None})
-    return metrics
+    return RunState.open(state_path)
 
 
-def _stage_record(accuracy: float, seconds: float, history: list[dict], **extra: Any) -> dict[str, Any]:
-    """A training stage's figures: accuracy, wall time, and training images/s over its epochs."""
+def _training_figures(history: list[dict]) -> dict[str, Any]:
+    """A training stage's training images/s and seconds over its epochs (None when it trained nothing here)."""
     train_seconds = sum(h["epoch_seconds"] for h in history)
     images = sum(h["epoch_seconds"] * h["images_per_second"] for h in history)
     return {
-        "accuracy": accuracy,
-        "seconds": seconds,
         "images_per_second": images / train_seconds if history else None,
         "train_seconds": train_seconds if history else None,
         "history": history,
-        **extra,
     }
 
 
 def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float:
-    """Dense training-step time over lottery training-step time, measured side by side on the
-    device the fine-tuning ran on."""
+    """Dense training-step time over lottery training-step time, on the device the fine-tuning ran on.
+
+    The two kinds of step alternate on fresh batches (the first pair warms up), so any drift in
+    the machine's speed hits both alike; only the step itself is timed, not the batch preparation
+    (which is why `lotus.bench.time_calls`, timing whole calls, does not fit here).
+    """
     import torch.nn.functional as F
 
     from lotus.data import BatchLoader, default_augment, load_split_for_model
@@ -327,8 +379,8 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float
     device = resolve_device(cfg.device)
     model, meta = load_model(run / "finetune", device)
     tickets = load_tickets(run / "tickets")
-    data = load_split_for_model(cfg.data, meta["preprocess"], "train")
     pre = meta["preprocess"]
+    data = load_split_for_model(cfg.data, pre, "train")
     loader = BatchLoader(data, cfg.finetune.batch_size, pre["mean"], pre["std"], shuffle=True, augment=default_augment(data.name))
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: time the work, change nothing that matters
     model.train()
@@ -348,7 +400,7 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float
         _sync(device)
         if i >= 2:  # the first pair warms up
             times[mode].append(time.perf_counter() - start)
-    return sorted(times["dense"])[len(times["dense"]) // 2] / sorted(times["lottery"])[len(times["lottery"]) // 2]
+    return statistics.median_high(times["dense"]) / statistics.median_high(times["lottery"])
 
 
 def _sync(device: torch.device) -> None:

@@ -8,20 +8,17 @@ each proposes a magnitude mask pruning a further step of the remaining weights; 
 are merged (by default a weight stays if any copy keeps it), the copies' weights are averaged
 (the soup), and the next round starts from there until the target sparsity.
 
-Why the source method's two-stage variant collapsed: it took masks from one set of weights at
-several sparsity levels and merged them by union. Magnitude masks of one tensor are nested, so
-that union is just the least sparse mask: it denoises nothing, and the sparsity it reports is not
-the one it reaches. Here the diversity comes from different data slices and seeds, every round's
-result is cut to exactly the round's sparsity, and fine-tuning keeps the masks. The source
-variant stays available (`merge="levels"`) and reports the sparsity it actually achieves.
+Why the proposals come from copies trained on different data slices with different seeds, not
+from one set of weights at several sparsity levels: magnitude masks of one tensor are nested, so
+the union of such masks is just the least sparse of them and denoises nothing. Every round's
+merged mask is then cut to exactly the round's sparsity (`exact_sparsity`), and fine-tuning keeps
+the masks. The levels variant stays available for comparison (`merge="levels"`) and reports the
+sparsity it actually reaches.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lotus.checkpoint import atomic_write_text, load_model, save_model
+from lotus.checkpoint import atomic_write_csv, atomic_write_json, load_model, save_model
 from lotus.data import (
     BatchLoader,
     DataConfig,
@@ -50,10 +47,12 @@ from lotus.masks import (
     prunable_names,
     semi_structured_masks,
     sparsity_report,
+    sparsity_summary,
 )
-from lotus.structured import StructuredConfig, activation_scores, choose, magnitude_scores, shrink_, structure_of, taylor_scores
+from lotus.progress import Progress, report
+from lotus.structured import StructuredConfig, activation_scores, choose, magnitude_scores, shrink_, taylor_scores
 from lotus.train import TrainConfig, evaluate, fit
-from lotus.vit import ModelConfig, count_parameters
+from lotus.vit import ModelConfig, count_parameters, structure_of
 
 DEFAULT_SPARSITIES = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 WIDE_SPARSITIES = DEFAULT_SPARSITIES + (0.6, 0.7, 0.8, 0.9)
@@ -80,7 +79,7 @@ class ISPConfig:
     data_fraction: float = 0.1  # share of the training split each weak copy sees
     epochs: int = 1  # passes of each weak copy over its slice
     lr: float = 1e-4  # weak copies' learning rate (constant after a short warm-up)
-    merge: str = "union"  # 'union', 'vote', 'intersection', or 'levels' (the source method's variant)
+    merge: str = "union"  # 'union', 'vote', 'intersection', or 'levels' (one set of weights at several sparsities)
     min_votes: int | None = None  # for merge='vote': copies that must keep a weight
     soup: bool = True  # start the next round from the average of the copies' weights
     seed: int = 0  # seeds the slices and the copies
@@ -105,12 +104,15 @@ def sweep(
     out_dir: str | Path,
     *,
     device: str = "auto",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """One-shot global magnitude pruning at each sparsity, evaluated; finds the essential sparsity.
 
     Writes `sweep.csv`, `sweep.json` and `sweep.png` (accuracy against sparsity, knee marked).
     Sparsities are of the prunable weights (and add to any pruning the checkpoint already has).
+
+    Args:
+        progress: told ("sweeping", sparsities done, sparsities) as the sweep runs.
     """
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
@@ -119,6 +121,7 @@ def sweep(
     dense = evaluate(model, loader, dev)
     original = copy.deepcopy(model.state_dict())
     rows = []
+    report(progress, "sweeping", 0, len(cfg.sparsities))
     for i, s in enumerate(sorted(cfg.sparsities)):
         masks = magnitude_masks(_weights(model, names), s, scope=cfg.prune.scope, keep=meta["masks"] or None)
         apply_masks_(model, masks)
@@ -132,8 +135,7 @@ def sweep(
             }
         )
         model.load_state_dict(original)
-        if progress:
-            progress(i + 1, len(cfg.sparsities))
+        report(progress, "sweeping", i + 1, len(cfg.sparsities))
     knee = essential_sparsity([r["sparsity"] for r in rows], [r["accuracy"] for r in rows], dense["accuracy"], cfg.tolerance)
     summary = {
         "checkpoint": str(checkpoint),
@@ -145,12 +147,8 @@ def sweep(
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out_dir / "sweep.csv", buf.getvalue())
-    atomic_write_text(out_dir / "sweep.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_csv(out_dir / "sweep.csv", rows)
+    atomic_write_json(out_dir / "sweep.json", summary)
     from lotus.plots import save_sweep_figure
 
     save_sweep_figure(out_dir / "sweep.png", rows, dense["accuracy"], knee, cfg.tolerance)
@@ -183,31 +181,40 @@ def prune_oneshot(
     else:
         masks = magnitude_masks(_weights(model, names), sparsity, scope=cfg.scope, keep=keep)
     apply_masks_(model, masks)
-    report = sparsity_report(model, names)
+    measured = sparsity_report(model, names)
     accuracy = evaluate(model, _eval_loader(meta, data_cfg), dev)["accuracy"] if data_cfg else None
-    _save_pruned(
-        out_dir, model, meta, masks, {"stage": "oneshot", "requested_sparsity": sparsity, "prune": asdict(cfg)}, report, accuracy
-    )
-    return {"sparsity": report, "accuracy": accuracy}
+    pruning = {"stage": "oneshot", "requested_sparsity": sparsity, "prune": asdict(cfg)}
+    out_dir = _save_pruned(out_dir, model, meta, masks, accuracy, pruning=pruning, sparsity=sparsity_summary(measured))
+    atomic_write_json(out_dir / "sparsity.json", measured)
+    return {"sparsity": measured, "accuracy": accuracy}
 
 
-def _save_pruned(out_dir, model, meta, masks, how: dict, report: dict, accuracy: float | None) -> None:
+def _save_pruned(
+    out_dir: str | Path,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    masks: Masks | None,
+    accuracy: float | None,
+    **figures: Any,
+) -> Path:
+    """Save a pruned model into `out_dir` with `figures` (how it was pruned, its sparsity...), its
+    accuracy, and what it keeps of its parent checkpoint: the parent's hash, data, training and
+    tickets. Returns `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keep = {k: meta[k] for k in ("data", "train", "tickets") if k in meta}
+    inherited = {k: meta[k] for k in ("data", "train", "tickets") if k in meta}
     save_model(
         out_dir,
         model,
         ModelConfig(**meta["model"]),
         meta["preprocess"],
         masks,
-        pruning=how,
-        sparsity={"overall": report["overall"], "zeros": report["zeros"], "numel": report["numel"]},
+        **figures,
         accuracy=accuracy,
         parent=meta.get("sha256"),
-        **keep,
+        **inherited,
     )
-    atomic_write_text(out_dir / "sparsity.json", json.dumps(report, indent=2) + "\n")
+    return out_dir
 
 
 def isp(
@@ -253,11 +260,13 @@ def isp(
                 soup_(model, copies)
             apply_masks_(model, masks)
             rounds.append(_round_record(r + 1, level, model, names, eval_loader, dev, log))
-    report = sparsity_report(model, names)
-    _save_pruned(
-        out_dir, model, meta, masks, {"stage": "isp", "isp": asdict(cfg), "rounds": rounds}, report, rounds[-1]["accuracy"]
+    measured = sparsity_report(model, names)
+    pruning = {"stage": "isp", "isp": asdict(cfg), "rounds": rounds}
+    out_dir = _save_pruned(
+        out_dir, model, meta, masks, rounds[-1]["accuracy"], pruning=pruning, sparsity=sparsity_summary(measured)
     )
-    return {"target": cfg.target, "achieved_sparsity": report["overall"], "rounds": rounds}
+    atomic_write_json(out_dir / "sparsity.json", measured)
+    return {"target": cfg.target, "achieved_sparsity": measured["overall"], "rounds": rounds}
 
 
 def _round_record(r: int, level: float, model, names, loader, dev, log) -> dict[str, Any]:
@@ -313,7 +322,7 @@ def soup_(model: torch.nn.Module, copies: list[torch.nn.Module]) -> torch.nn.Mod
 def prune_structured(
     checkpoint: str | Path,
     out_dir: str | Path,
-    cfg: StructuredConfig = StructuredConfig(),
+    cfg: StructuredConfig | None = None,
     *,
     data_cfg: DataConfig | None = None,
     device: str = "auto",
@@ -322,23 +331,18 @@ def prune_structured(
     model; saves it (and, with `data_cfg`, its accuracy) to `out_dir`.
 
     Unstructured masks the checkpoint carries are cut to the new shapes and still hold.
+
+    Args:
+        cfg: what to remove and how to rank it; None removes nothing (StructuredConfig()).
     """
+    cfg = cfg or StructuredConfig()
     cfg.check()
     if cfg.importance != "magnitude" and data_cfg is None:
         raise LotusError(f"{cfg.importance} importance needs calibration images: pass --data, or use --importance magnitude")
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
-    pre = meta["preprocess"]
     params_before = count_parameters(model)
-    if cfg.importance == "magnitude":
-        head_scores, neuron_scores = magnitude_scores(model)
-    else:
-        train_data = load_split_for_model(data_cfg, pre, "train")
-        index = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
-        calib = ImageData(train_data.images[index], train_data.labels[index], train_data.classes, train_data.name, "train")
-        batches = ((b.images, b.labels) for b in BatchLoader(calib, 64, pre["mean"], pre["std"]).epoch())
-        scores = activation_scores if cfg.importance == "activation" else taylor_scores
-        head_scores, neuron_scores = scores(model, batches, dev)
+    head_scores, neuron_scores = _unit_scores(model, cfg, data_cfg, meta["preprocess"], dev)
     keep = choose(head_scores, neuron_scores, cfg)
     masks = shrink_(model, keep, meta["masks"] or None)
     accuracy = evaluate(model, _eval_loader(meta, data_cfg), dev)["accuracy"] if data_cfg else None
@@ -350,23 +354,24 @@ def prune_structured(
         "accuracy": accuracy,
         "parameters": {"before": params_before, "after": params_after, "ratio": params_after / params_before},
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    extra = {k: meta[k] for k in ("data", "train", "tickets") if k in meta}
+    figures = {"pruning": {"stage": "structured", **asdict(cfg)}, "parameters": result["parameters"]}
     if masks:
-        report = sparsity_report(model, list(masks))
-        extra["sparsity"] = {"overall": report["overall"], "zeros": report["zeros"], "numel": report["numel"]}
-    save_model(
-        out_dir,
-        model,
-        ModelConfig(**meta["model"]),
-        pre,
-        masks,
-        pruning={"stage": "structured", **asdict(cfg)},
-        parameters=result["parameters"],
-        accuracy=accuracy,
-        parent=meta.get("sha256"),
-        **extra,
-    )
-    atomic_write_text(out_dir / "structured.json", json.dumps(result, indent=2) + "\n")
+        figures["sparsity"] = sparsity_summary(sparsity_report(model, list(masks)))
+    out_dir = _save_pruned(out_dir, model, meta, masks, accuracy, **figures)
+    atomic_write_json(out_dir / "structured.json", result)
     return result
+
+
+def _unit_scores(
+    model: torch.nn.Module, cfg: StructuredConfig, data_cfg: DataConfig | None, pre: dict[str, Any], dev: torch.device
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block, the head and the MLP neuron scores `cfg.importance` ranks by; 'activation' and
+    'taylor' measure them on `cfg.calib_images` training images drawn with `cfg.seed`."""
+    if cfg.importance == "magnitude":
+        return magnitude_scores(model)
+    train_data = load_split_for_model(data_cfg, pre, "train")
+    index = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
+    calib = ImageData(train_data.images[index], train_data.labels[index], train_data.classes, train_data.name, "train")
+    batches = ((b.images, b.labels) for b in BatchLoader(calib, 64, pre["mean"], pre["std"]).epoch())
+    scores = activation_scores if cfg.importance == "activation" else taylor_scores
+    return scores(model, batches, dev)

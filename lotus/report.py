@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 from typing import Any
 
-from lotus.checkpoint import atomic_write_text
+from lotus.checkpoint import atomic_write_csv, atomic_write_json, atomic_write_text
 from lotus.masks import nm_pattern
 from lotus.plots import save_finetune_figure, save_stage_figure
 
@@ -46,15 +43,11 @@ def build_metrics(cfg: Any, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def write_report(run: Path, cfg: Any, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Write metrics.json, history.csv, accuracy_per_stage.png, finetune.png and report.md."""
     metrics = build_metrics(cfg, done)
-    atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(run / "metrics.json", metrics)
 
     rows = [{"stage": stage, **h} for stage in ("baseline", "finetune") for h in done.get(stage, {}).get("history", [])]
     if rows:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(run / "history.csv", buf.getvalue())
+        atomic_write_csv(run / "history.csv", rows)
     save_stage_figure(run / "accuracy_per_stage.png", {k: v.get("accuracy") for k, v in done.items()})
     if done.get("finetune", {}).get("history"):
         save_finetune_figure(run / "finetune.png", done["finetune"]["history"], metrics["dense_accuracy"])
@@ -103,68 +96,89 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
         f"Data: `{cfg.data.name}`; baseline: {'`' + cfg.checkpoint + '`' if cfg.checkpoint else 'trained here'}; "
         f"recipe: `recipe.yaml` (`lotus compress --recipe recipe.yaml` repeats this run).",
         "",
+        *_summary_table(cfg, m),
+        "",
+        "## What kind of sparsity, and what speed it can bring",
+        "",
+        *_sparsity_kinds(cfg, m),
+        "",
+        "## Stages",
+        "",
+        *_stage_table(done),
+        *_finetune_saving(done, m),
+        *_layer_table(done),
+        "",
+        _files(done),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _summary_table(cfg: Any, m: dict[str, Any]) -> list[str]:
+    """Dense against compressed: accuracy, sparsity, patches per image, parameters."""
+    lines = [
         "| | dense | compressed |",
         "|---|---|---|",
         f"| test accuracy | {m['dense_accuracy']:.2f}% | {m['compressed_accuracy']:.2f}% |",
         f"| sparsity of the prunable weights (measured) | 0 | {m['sparsity']:.4f} |",
         f"| patches per training image | {m['patches']} | {m['patches_kept']} (drop {m['drop']:g}, {_selection(cfg.tickets)}) |",
-        *(
-            [f"| parameters | 1 | x{m['parameters_ratio']:.3f} (heads and MLP neurons removed) |"]
-            if m.get("parameters_ratio")
-            else []
-        ),
-        "",
-        "## What kind of sparsity, and what speed it can bring",
-        "",
-        *(
-            [
-                "- 2:4 semi-structured (stage 1 at `--sparsity 2:4`): two zeros in every group of four inputs of each block "
-                "Linear, held through fine-tuning. NVIDIA sparse tensor cores (Ampere and newer) can run it through PyTorch's "
-                "semi-structured tensors (`lotus.masks.to_semi_structured_`), but whether that is faster depends on the kernels: "
-                "time it (`benchmarks/sparse24_gpu.py`; for ViT-Tiny on an H200 with torch 2.11 it was slower than dense). On CPUs "
-                "and in ONNX Runtime the zeros bring no speed."
-            ]
-            if nm_pattern(cfg.sparsity)
-            else [
-                "- Unstructured (stages 1 and 2): the Linear weights inside the transformer blocks"
-                + (f" and {', '.join(cfg.prune.include)}" if cfg.prune.include else "")
-                + f", ranked {cfg.prune.scope}ly by magnitude. The zeros make the weights compress well, but dense kernels "
-                "(PyTorch, ONNX Runtime) still multiply them: no speed-up by itself.",
-                "- 2:4 semi-structured sparsity (`--sparsity 2:4`) is the pattern NVIDIA sparse tensor cores (Ampere and newer) "
-                "can run; this run does not hold it.",
-            ]
-        ),
-        *(
-            [
-                f"- Structured: heads per block {m['structure']['num_heads']}, MLP widths {m['structure']['mlp_hidden']} "
-                f"({cfg.structure.importance} importance, {cfg.structure.scope} scope). The layers are physically smaller: "
-                f"parameters and multiply-adds fall to about x{m['parameters_ratio']:.2f}, on any hardware."
-            ]
-            if m.get("structure")
-            else []
-        ),
-        "- Patch dropping (`drop` at inference, `lotus export onnx`): compute falls with the patches skipped, on any hardware.",
-        "",
-        "## Stages",
-        "",
-        "| stage | accuracy | seconds | images/s | notes |",
-        "|---|---|---|---|---|",
     ]
-    notes = {
+    if m.get("parameters_ratio"):
+        lines.append(f"| parameters | 1 | x{m['parameters_ratio']:.3f} (heads and MLP neurons removed) |")
+    return lines
+
+
+def _sparsity_kinds(cfg: Any, m: dict[str, Any]) -> list[str]:
+    """The kinds of sparsity this run holds, and on what hardware each can bring speed."""
+    if nm_pattern(cfg.sparsity):
+        lines = [
+            "- 2:4 semi-structured (stage 1 at `--sparsity 2:4`): two zeros in every group of four inputs of each block "
+            "Linear, held through fine-tuning. NVIDIA sparse tensor cores (Ampere and newer) can run it through PyTorch's "
+            "semi-structured tensors (`lotus.masks.to_semi_structured_`), but whether that is faster than dense depends on "
+            "the kernels and the layer sizes: time it on the target GPU (`benchmarks/sparse24_gpu.py`). On CPUs and in "
+            "ONNX Runtime the zeros bring no speed."
+        ]
+    else:
+        lines = [
+            "- Unstructured (stages 1 and 2): the Linear weights inside the transformer blocks"
+            + (f" and {', '.join(cfg.prune.include)}" if cfg.prune.include else "")
+            + f", ranked {cfg.prune.scope}ly by magnitude. The zeros make the weights compress well, but dense kernels "
+            "(PyTorch, ONNX Runtime) still multiply them: no speed-up by itself.",
+            "- 2:4 semi-structured sparsity (`--sparsity 2:4`) is the pattern NVIDIA sparse tensor cores (Ampere and newer) "
+            "can run; this run does not hold it.",
+        ]
+    if m.get("structure"):
+        lines.append(
+            f"- Structured: heads per block {m['structure']['num_heads']}, MLP widths {m['structure']['mlp_hidden']} "
+            f"({cfg.structure.importance} importance, {cfg.structure.scope} scope). The layers are physically smaller: "
+            f"parameters and multiply-adds fall to about x{m['parameters_ratio']:.2f}, on any hardware."
+        )
+    lines.append(
+        "- Patch dropping (`drop` at inference, `lotus export onnx`): compute falls with the patches skipped, on any hardware."
+    )
+    return lines
+
+
+def _stage_notes(done: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """One line per stage for the stages table."""
+    prune = done["prune"]
+    essential = f" (essential sparsity {prune['essential_sparsity']:g})" if prune.get("essential_sparsity") is not None else ""
+    return {
         "baseline": "trained here" if done["baseline"].get("history") else f"loaded from {done['baseline'].get('checkpoint')}",
         "tickets": f"{done['tickets']['num_keep']} of {done['tickets']['num_patches']} patches kept per image; "
         f"{done['tickets']['outlier_patches']} high-norm outlier patches re-scored",
-        "prune": f"one-shot to {done['prune']['sparsity']:.4f}"
-        + (
-            f" (essential sparsity {done['prune']['essential_sparsity']:g})"
-            if done["prune"].get("essential_sparsity") is not None
-            else ""
-        ),
+        "prune": f"one-shot to {prune['sparsity']:.4f}{essential}",
         "isp": f"Instant Soup Pruning to {_fmt(done.get('isp', {}).get('sparsity'), '.4f')}",
         "structure": f"parameters x{_fmt(done.get('structure', {}).get('parameters', {}).get('ratio'), '.3f')}",
         "finetune": f"{len(done.get('finetune', {}).get('history', []))} epochs on the lottery data, masks held",
         "evaluate": "whole images",
     }
+
+
+def _stage_table(done: dict[str, dict[str, Any]]) -> list[str]:
+    """Accuracy, wall time and throughput of every finished stage."""
+    notes = _stage_notes(done)
+    lines = ["| stage | accuracy | seconds | images/s | notes |", "|---|---|---|---|---|"]
     for name, rec in done.items():
         if name == "report":
             continue
@@ -173,26 +187,43 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
             f"| {name} | {acc}{'%' if rec.get('accuracy') is not None else ''} | {_fmt(rec.get('seconds'), '.1f')} | "
             f"{_fmt(rec.get('images_per_second'), '.0f')} | {notes.get(name, '')} |"
         )
-    if m["finetune_seconds_saved"] is not None:
-        ratio = done["finetune"]["dense_step_ratio"]
-        lines += [
-            "",
-            f"Fine-tuning on the lottery data took {m['finetune_train_seconds']:.1f} s of training; a dense training "
-            f"step measured side by side takes {ratio:.2f}x a lottery step, so dense fine-tuning would have taken about "
-            f"{m['dense_finetune_seconds_estimate']:.1f} s: {m['finetune_seconds_saved']:.1f} s saved.",
-        ]
-    layers = done["evaluate"].get("layers", {})
-    if layers:
-        lines += ["", "## Measured sparsity per layer", "", "| weight | sparsity |", "|---|---|"]
-        lines += [f"| `{name}` | {value:.4f} |" for name, value in layers.items()]
-    lines += [
+    return lines
+
+
+def _finetune_saving(done: dict[str, dict[str, Any]], m: dict[str, Any]) -> list[str]:
+    """The training time the lottery data saved in fine-tuning, from this run's step timing."""
+    if m["finetune_seconds_saved"] is None:
+        return []
+    ratio = done["finetune"]["dense_step_ratio"]
+    return [
         "",
+        f"Fine-tuning on the lottery data took {m['finetune_train_seconds']:.1f} s of training; a dense training "
+        f"step measured side by side takes {ratio:.2f}x a lottery step, so dense fine-tuning would have taken about "
+        f"{m['dense_finetune_seconds_estimate']:.1f} s: {m['finetune_seconds_saved']:.1f} s saved.",
+    ]
+
+
+def _layer_table(done: dict[str, dict[str, Any]]) -> list[str]:
+    layers = done["evaluate"].get("layers", {})
+    if not layers:
+        return []
+    return [
+        "",
+        "## Measured sparsity per layer",
+        "",
+        "| weight | sparsity |",
+        "|---|---|",
+        *(f"| `{name}` | {value:.4f} |" for name, value in layers.items()),
+    ]
+
+
+def _files(done: dict[str, dict[str, Any]]) -> str:
+    """What the run folder holds."""
+    return (
         "Files: `model.safetensors` + `model.json` (the compressed model, masks included), `metrics.json`, "
         "`history.csv`, `tickets/` (with `tickets.png`), `stage1/`"
         + (", `stage2/`" if "isp" in done else "")
         + (", `sweep/`" if done["prune"].get("essential_sparsity") is not None else "")
         + (", `structured/`" if "structure" in done else "")
-        + ", `finetune/`, `accuracy_per_stage.png`, `finetune.png`.",
-        "",
-    ]
-    return "\n".join(lines)
+        + ", `finetune/`, `accuracy_per_stage.png`, `finetune.png`."
+    )

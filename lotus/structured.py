@@ -21,6 +21,9 @@ Ranking (`scope`): 'block' (default) removes the same share of every block, so t
 regular; 'global' ranks the units of all blocks together, so blocks lose different numbers of
 heads and neurons (each keeps at least one of each).
 
+The per-block widths a shrunk model is saved with, and how a fresh model is given them again
+(`structure_of`, `reshape_`), live in `lotus.vit`, where models are built.
+
 `structure_masks` expresses the same choice as zero masks on the dense model (a removed head
 or neuron contributes exactly nothing when its `attn.proj` / `mlp.fc2` columns are zero), which
 is what the shrunk model is checked against.
@@ -32,11 +35,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from timm.layers import Mlp
 from timm.layers.attention import Attention
 
 from lotus.errors import LotusError
 from lotus.masks import Masks
+from lotus.vit import check_resizable, resize_block_
 
 Keep = dict[str, list[list[int]]]  # {"heads": per block kept head indices, "mlp": per block kept neurons}
 
@@ -65,18 +68,6 @@ class StructuredConfig:
 
 
 IMPORTANCE = ("magnitude", "activation", "taylor")
-
-
-def _check_block(i: int, blk: torch.nn.Module) -> None:
-    attn, mlp = blk.attn, blk.mlp
-    if not hasattr(attn, "attn_dim"):  # older timm reshaped the heads' output to the input width
-        raise LotusError(
-            "structured pruning needs a newer timm, whose Attention has attn_dim (tested with 1.0.31): pip install -U timm"
-        )
-    if type(attn) is not Attention or not isinstance(attn.norm, torch.nn.Identity) or getattr(attn, "gate", None) is not None:
-        raise LotusError(f"block {i}: structured pruning supports timm's plain Attention (no scale norm, no gate)")
-    if type(mlp) is not Mlp or not isinstance(mlp.norm, torch.nn.Identity):
-        raise LotusError(f"block {i}: structured pruning supports timm's plain Mlp (not GLU variants, no scale norm)")
 
 
 def _num_removed(fraction: float, count: int, what: str) -> int:
@@ -219,7 +210,7 @@ def _slices(model: torch.nn.Module, keep: Keep) -> dict[str, tuple[int, torch.Te
     """Parameter name -> (dimension, indices kept along it) for every tensor that shrinks."""
     out = {}
     for i, (blk, heads, neurons) in enumerate(zip(model.blocks, keep["heads"], keep["mlp"])):
-        _check_block(i, blk)
+        check_resizable(i, blk)
         if not heads or not neurons:
             raise LotusError(f"block {i} would keep no heads or no MLP neurons: every block needs at least one of each")
         if max(heads) >= blk.attn.num_heads or max(neurons) >= blk.mlp.fc2.in_features:
@@ -250,10 +241,6 @@ def structure_masks(model: torch.nn.Module, keep: Keep) -> Masks:
     return masks
 
 
-def _replace_linear(old: torch.nn.Linear, in_features: int, out_features: int) -> torch.nn.Linear:
-    return torch.nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
-
-
 @torch.no_grad()
 def shrink_(model: torch.nn.Module, keep: Keep, masks: Masks | None = None) -> Masks | None:
     """Remove the heads and neurons `keep` leaves out, in place; returns `masks` (unstructured
@@ -264,27 +251,8 @@ def shrink_(model: torch.nn.Module, keep: Keep, masks: Masks | None = None) -> M
         for name, t in model.state_dict().items()
     }
     for blk, heads, neurons in zip(model.blocks, keep["heads"], keep["mlp"]):
-        attn, mlp = blk.attn, blk.mlp
-        attn.num_heads, attn.attn_dim = len(heads), len(heads) * attn.head_dim
-        attn.qkv = _replace_linear(attn.qkv, attn.qkv.in_features, 3 * attn.attn_dim)
-        attn.proj = _replace_linear(attn.proj, attn.attn_dim, attn.proj.out_features)
-        mlp.fc1 = _replace_linear(mlp.fc1, mlp.fc1.in_features, len(neurons))
-        mlp.fc2 = _replace_linear(mlp.fc2, len(neurons), mlp.fc2.out_features)
+        resize_block_(blk, len(heads), len(neurons))
     model.load_state_dict(state)
     if masks is None:
         return None
     return {name: m.index_select(slices[name][0], slices[name][1]) if name in slices else m for name, m in masks.items()}
-
-
-def structure_of(model: torch.nn.Module) -> dict[str, list[int]]:
-    """Per-block widths: {"num_heads": [...], "mlp_hidden": [...]}, as saved in checkpoints."""
-    return {"num_heads": [b.attn.num_heads for b in model.blocks], "mlp_hidden": [b.mlp.fc2.in_features for b in model.blocks]}
-
-
-def reshape_(model: torch.nn.Module, structure: dict[str, list[int]]) -> torch.nn.Module:
-    """Give a freshly built model the block widths `structure` records (weights to be loaded)."""
-    heads, hidden = structure["num_heads"], structure["mlp_hidden"]
-    if len(heads) != len(model.blocks) or len(hidden) != len(model.blocks):
-        raise LotusError(f"checkpoint structure lists {len(heads)} blocks, the model has {len(model.blocks)}")
-    shrink_(model, {"heads": [list(range(h)) for h in heads], "mlp": [list(range(n)) for n in hidden]})
-    return model

@@ -2,9 +2,8 @@
 
 A trained ViT's attention says which patches matter. The score of a patch is the attention the
 class token pays it, averaged over heads, from the last block by default (`layers` picks other
-blocks, averaged; 'all' averages every block, the score that trained best on CIFAR-10 above drop
-0.1: see README), or attention rollout through the chosen blocks (Abnar & Zuidema, 2020: add
-the identity, row-normalise, multiply through the layers). Two corrections, both on by default:
+blocks, averaged; 'all' averages every block), or attention rollout through the chosen blocks
+(Abnar & Zuidema, 2020: add the identity, row-normalise, multiply through the layers). Two corrections, both on by default:
 
 - class-token sink (`cls_sink`): in every attention map used, the class token's attention to
   itself is replaced by the mean of the attention it pays to the other tokens, and the row is
@@ -37,15 +36,15 @@ torch's global generator, which training seeds per epoch, so a resumed run draws
 
 Spread (`spread`). At 1 the K best patches of the image are kept wherever they are. At S > 1
 every S x S block of the patch grid gives its best patch first, then its second best, and so on,
-so the kept patches cover the image (the last block's class-token attention piles onto a few
-neighbouring patches: see benchmarks/tickets_keep_accuracy.py).
+so the kept patches cover the image instead of clustering where the class token's attention
+piles up (often a few neighbouring patches).
 
 Balanced (`balance`). Off: each image keeps the patches it scores highest. On: each score is
 first replaced by its rank among all the images' scores at the same patch position (a
 percentile in (0, 1]), so an image keeps the patches it attends more than images usually do
 there. Every position is then kept in about (1 - drop) of the images, as with random tickets,
-while plain attention tickets keep the centre of a CIFAR-10 image in 85% of images and its edge
-in 22% (all blocks, drop 0.5). The ranks are over the whole split the tickets were made for.
+while plain attention tickets keep central positions far more often than edge ones. The ranks are
+over the whole split the tickets were made for.
 
 Fused (`fuse`). Off: training sees the K kept patch tokens. On: one more token, the weighted mean
 of the dropped patch tokens (after the positional embedding), as EViT (Liang et al., 2022) fuses
@@ -69,6 +68,7 @@ from lotus.checkpoint import load_checkpoint, save_checkpoint
 from lotus.data import Batch, BatchLoader, DataConfig, ImageData
 from lotus.drop import num_keep
 from lotus.errors import LotusError
+from lotus.progress import Progress, report
 from lotus.vit import TokenGatherViT, cls_attention
 
 TICKETS_FILE = "tickets"  # DIR/tickets.safetensors + DIR/tickets.json
@@ -406,12 +406,12 @@ def make_tickets(
     *,
     model_sha256: str | None = None,
     device: torch.device | str = "cpu",
-    progress=None,
+    progress: Progress | None = None,
 ) -> Tickets:
     """Score every patch of every image of `data` and keep the top K per image.
 
     Args:
-        progress: optional callable(done, total) for a progress display.
+        progress: told ("scoring patches", batches done, batches) as the scoring runs.
     """
     grid = model.patch_embed.grid_size[0]
     patch_size = model.patch_embed.patch_size[0]
@@ -425,12 +425,12 @@ def make_tickets(
         scores = [torch.rand(len(data), N, generator=gen)]
     else:
         loader = BatchLoader(data, cfg.batch_size, mean, std)
+        report(progress, "scoring patches", 0, len(loader))
         for i, batch in enumerate(loader):
             s, outliers = score_batch(model, batch.images.to(device), cfg)
             scores.append(s.cpu())
             outlier_count += int(outliers.sum())
-            if progress:
-                progress(i + 1, len(loader))
+            report(progress, "scoring patches", i + 1, len(loader))
     scores = torch.cat(scores).float()
     meta = {
         "config": asdict(cfg),
@@ -506,13 +506,15 @@ def tickets_from_checkpoint(
     out_dir: str | Path,
     *,
     device: str = "auto",
-    progress=None,
+    progress: Progress | None = None,
     scores_from: str | Path | None = None,
 ) -> Tickets:
     """What `lotus tickets` runs: score a dataset's training split with a checkpoint, write
     `out_dir/tickets.safetensors` + `tickets.json` and the figure `out_dir/tickets.png`.
 
     Args:
+        progress: told ("scoring patches", batches done, batches) as the scoring runs, or
+            ("cutting earlier scores", 0 then 1, 1) with `scores_from`.
         scores_from: earlier tickets of the same checkpoint and data: their scores are cut again
             with `cfg` (see `recut_tickets`) instead of running the model over the data.
     """
@@ -530,6 +532,7 @@ def tickets_from_checkpoint(
             model, data, pre["mean"], pre["std"], cfg, model_sha256=meta["sha256"], device=dev, progress=progress
         )
     else:
+        report(progress, "cutting earlier scores", 0, 1)
         earlier = load_tickets(scores_from)
         earlier.check(data, model.patch_embed.grid_size[0], model.patch_embed.patch_size[0])
         if cfg.select == "attention" and earlier.meta["model_sha256"] != meta["sha256"]:
@@ -538,6 +541,7 @@ def tickets_from_checkpoint(
                 "pass the checkpoint that scored them, or score again without --scores-from"
             )
         tickets = recut_tickets(earlier, cfg)
+        report(progress, "cutting earlier scores", 1, 1)
     out_dir = Path(out_dir)
     save_tickets(tickets, out_dir)
     show = _one_per_class(data.labels, 16)

@@ -1,33 +1,28 @@
 """Training and evaluation: AdamW, warm-up + cosine schedule, label smoothing, resumable.
 
 `train` is what `lotus train` runs: load data, build (or load) the model, `fit`, save.
-`fit` is the loop itself, reading top to bottom: batch -> loss -> backward -> step -> log.
-The order of batches, the augmentation and the dropout noise of epoch `e` depend only on
-(seed, e), and the optimizer state is checkpointed at every epoch end, so a run resumed after
-an interruption ends with exactly the weights of an uninterrupted one.
+`fit` is the loop itself, reading top to bottom: batch -> lr -> forward -> loss -> backward ->
+step -> re-apply masks -> log. The order of batches, the augmentation and the dropout noise of
+epoch `e` depend only on (seed, e), and the optimizer state is checkpointed at every epoch end,
+so a run resumed after an interruption ends with exactly the weights of an uninterrupted one.
+
+Nothing here draws: progress goes to an optional `Progress` callback (`lotus.progress`), messages
+to a `log` callable (stderr by default), and stdout carries one JSON line per finished epoch.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from lotus.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from lotus.data import (
@@ -41,14 +36,16 @@ from lotus.data import (
 )
 from lotus.device import autocast, distributed, resolve_device, weights_digest
 from lotus.errors import LotusError
-from lotus.masks import Masks, enforce_masks_
+from lotus.masks import MaskEnforcer, Masks, enforce_masks_
+from lotus.progress import Progress, report
 from lotus.tickets import load_tickets
 from lotus.vit import ModelConfig, TokenGatherViT, build_model, default_patch_size
 
 STATE_FILE = "train_state"  # resumable state in a run folder: model + optimizer + epoch
 METRICS_FILE = "metrics.jsonl"  # one JSON line per epoch
+NO_EVAL = {"loss": None, "accuracy": None}  # an epoch's test figures when nothing is evaluated
 
-console = Console(stderr=True)  # progress and messages; stdout carries the JSON metrics lines
+KeepFn = Callable[[Batch], tuple[torch.Tensor, torch.Tensor | None]]  # (B, K) keep indices, (B, N) fused-token weights or None
 
 
 @dataclass(frozen=True)
@@ -65,6 +62,11 @@ class TrainConfig:
     device: str = "auto"  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'
 
 
+def log_to_stderr(line: str) -> None:
+    """The default `log`: one line to stderr, which keeps stdout for the JSON metrics lines."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
     """Learning rate at optimizer step `step`: linear warm-up to `peak`, cosine decay to `floor`."""
     if step < warmup_steps:
@@ -73,18 +75,10 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: fl
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
+def schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """`cfg`'s learning rate as a function of the optimizer step."""
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    return lambda step: lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
 
 
 @torch.inference_mode()
@@ -121,10 +115,18 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 
 
 def _restore(
-    out_dir: Path, resume: bool, meta: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device
+    out_dir: Path | None,
+    resume: bool,
+    meta: dict[str, Any],
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device,
+    log: Callable[[str], None],
 ) -> tuple[list[dict[str, Any]], int]:
     """Load the last finished epoch's state of the run in `out_dir` when resuming; returns the
     metrics history and the epoch to start from. Refuses to start over a run unasked."""
+    if out_dir is None:
+        return [], 0  # a run that writes nothing (ISP's weak copies) has nothing to restore
     state = out_dir / f"{STATE_FILE}.json"
     if not resume:
         if state.exists():
@@ -137,13 +139,107 @@ def _restore(
         raise LotusError(f"{out_dir} holds a run with other settings: resume it with the same flags, or pass a new --out")
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     _load_optimizer(opt, {k: v.to(device) for k, v in tensors.items()}, saved["param_groups"])
-    console.print(f"resuming {out_dir} after epoch {saved['epoch']}")
+    log(f"resuming {out_dir} after epoch {saved['epoch']}")
     return saved["history"], saved["epoch"]
 
 
-def batch_tokens(
-    keep_fn: Callable[[Batch], tuple[torch.Tensor, torch.Tensor | None]] | None, batch: Batch, device: torch.device
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _writer(out_dir: Path | None, rank: int, history: list[dict[str, Any]]) -> Path | None:
+    """The run folder this process writes (rank 0 only), its metrics.jsonl started over from the
+    restored `history` (an interrupted epoch may have left a line its state never reached)."""
+    if out_dir is None or rank != 0:
+        return None
+    (out_dir / METRICS_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
+    return out_dir
+
+
+def _save_epoch(
+    out_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any], history: list[dict[str, Any]]
+) -> None:
+    """Report the epoch just finished (a JSON line on stdout and in metrics.jsonl) and save the
+    state a resumed run starts from."""
+    record = history[-1]
+    print(json.dumps(record), flush=True)
+    with (out_dir / METRICS_FILE).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    opt_tensors, groups = _optimizer_tensors(opt)
+    model_tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    save_checkpoint(
+        out_dir / STATE_FILE,
+        {**model_tensors, **opt_tensors},
+        {"run": meta, "epoch": record["epoch"], "history": history, "param_groups": groups},
+    )
+
+
+def _prepare(
+    model: torch.nn.Module, cfg: TrainConfig, masks: Masks, device: torch.device, world: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, MaskEnforcer]:
+    """Move `model` to `device`; returns the module to train, its AdamW optimizer and the
+    enforcer of `masks` (pruned weights get no gradient). Under torchrun the module to train is
+    DDP's wrapper: each process trains on its share of every batch and DDP averages the gradients."""
+    import timm.optim
+
+    model.to(device)
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return train_model, opt, enforce_masks_(model, masks)
+
+
+def _shard(batch: Batch, rank: int, world: int) -> Batch:
+    """This process's share of a batch: every `world`-th sample from `rank`."""
+    if world == 1:
+        return batch
+    return Batch(*(None if t is None else t[rank::world] for t in batch))
+
+
+@dataclass
+class EpochTally:
+    """An epoch's training figures so far: summed loss, correct predictions, images seen, time."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    start_cpu: float = field(default_factory=time.process_time)
+    seconds: float = 0.0  # wall time of the epoch's training, set by `stop`
+    cpu_seconds: float = 0.0  # CPU time of all threads of this process: robust to other load on the machine
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += loss.item() * len(labels)
+        self.correct += (logits.argmax(-1) == labels).sum().item()
+        self.seen += len(labels)
+
+    def status(self) -> str:
+        rate = self.seen / (time.perf_counter() - self.start)
+        return f"loss {self.loss_sum / self.seen:.3f} acc {100 * self.correct / self.seen:.1f}% {rate:.0f} img/s"
+
+    def stop(self, world: int) -> None:
+        """Stop the clocks; with several processes, sum the figures over all of them."""
+        self.seconds, self.cpu_seconds = time.perf_counter() - self.start, time.process_time() - self.start_cpu
+        if world > 1:
+            totals = torch.tensor([self.loss_sum, self.correct, self.seen], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            self.loss_sum, self.correct, self.seen = totals[0].item(), int(totals[1]), int(totals[2])
+
+    def record(self, epoch: int, test: dict[str, Any], lr: float) -> dict[str, Any]:
+        """One line of metrics.jsonl."""
+        return {
+            "epoch": epoch + 1,
+            "train_loss": self.loss_sum / self.seen,
+            "train_accuracy": 100.0 * self.correct / self.seen,
+            "test_loss": test["loss"],
+            "test_accuracy": test["accuracy"],
+            "lr": lr,
+            "epoch_seconds": self.seconds,
+            "epoch_cpu_seconds": self.cpu_seconds,
+            "images_per_second": self.seen / self.seconds,
+        }
+
+
+def batch_tokens(keep_fn: KeepFn | None, batch: Batch, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A batch's keep indices and fused-token weights on `device` (None, None without tickets)."""
     if keep_fn is None:
         return None, None
@@ -160,115 +256,56 @@ def fit(
     *,
     meta: dict[str, Any],
     resume: bool = False,
-    keep_fn: Callable[[Batch], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    keep_fn: KeepFn | None = None,
     masks: Masks | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = log_to_stderr,
 ) -> list[dict[str, Any]]:
-    """Train `model` for `cfg.epochs`, evaluating and checkpointing after every epoch.
+    """Train `model` for `cfg.epochs`, evaluating and checkpointing every epoch; returns metrics.jsonl's lines.
 
     Args:
         eval_loader: evaluated after every epoch; None skips evaluation.
-        out_dir: run folder for metrics.jsonl and the resumable state; None writes nothing
-            (ISP's short-lived weak copies).
-        meta: what identifies the run (configs, preprocessing); written into every checkpoint,
-            and a resumed run must match it.
-        resume: continue from `out_dir`'s last completed epoch instead of starting afresh.
-        keep_fn: gives the (B, K) patch indices to train each batch on (data lottery tickets)
-            and the (B, N) weights of a fused token or None (Tickets.tokens_for_batch); None
-            trains on every patch.
-        masks: pruning masks (True = kept) that hold through training: pruned weights get no
-            gradient and are re-zeroed, with their optimizer state, after every step.
-    Returns:
-        One metrics dict per epoch (the contents of metrics.jsonl).
+        out_dir: run folder for metrics.jsonl and the resumable state; None writes nothing.
+        meta: what identifies the run, saved with its state; a resumed run must match it.
+        keep_fn: a batch's kept patch indices and fused-token weights (data lottery tickets); None: every patch.
+        masks: pruning masks (True = kept) that hold through training.
+        progress: told ("epoch e/E", steps done, steps per epoch, status) after every step.
     """
-    import timm.optim
-
     device = resolve_device(cfg.device)
-    model.to(device)
     rank, world = distributed()
-    train_model = model
-    if world > 1:  # each process trains on its share of every batch; DDP averages the gradients
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    enforcer = enforce_masks_(model, masks) if masks else None
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-
-    history, start_epoch = _restore(out_dir, resume, meta, model, opt, device) if out_dir is not None else ([], 0)
-    if rank != 0:
-        out_dir = None  # every process restores the run; one writes it
-    if out_dir is not None:
-        (out_dir / METRICS_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
-    with make_progress() as progress:
-        for epoch in range(start_epoch, cfg.epochs):
-            torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout / drop-path noise of this epoch
-            model.train()
-            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, status="")
-            loss_sum, correct, seen = 0.0, 0, 0
-            start, start_cpu = time.perf_counter(), time.process_time()
-            for i, batch in enumerate(train_loader.epoch(epoch)):
-                if world > 1:
-                    batch = Batch(*(None if t is None else t[rank::world] for t in batch))
-                step = epoch * steps_per_epoch + i
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-                images, labels = batch.images.to(device), batch.labels.to(device)
-                keep_idx, fuse = batch_tokens(keep_fn, batch, device)
-                with autocast(device):
-                    logits = train_model(images, keep_idx, fuse)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                if enforcer is not None:
-                    enforcer.after_step(opt)
-
-                loss_sum += loss.item() * len(labels)
-                correct += (logits.argmax(-1) == labels).sum().item()
-                seen += len(labels)
-                rate = seen / (time.perf_counter() - start)
-                status = f"loss {loss_sum / seen:.3f} acc {100 * correct / seen:.1f}% {rate:.0f} img/s"
-                progress.update(task, advance=1, status=status)
-            train_seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-            progress.remove_task(task)
-            if world > 1:  # epoch figures over all processes
-                totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
-                torch.distributed.all_reduce(totals)
-                loss_sum, correct, seen = totals[0].item(), int(totals[1]), int(totals[2])
-
-            ev = evaluate(model, eval_loader, device) if eval_loader is not None else {"loss": None, "accuracy": None}
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / seen,
-                "train_accuracy": 100.0 * correct / seen,
-                "test_loss": ev["loss"],
-                "test_accuracy": ev["accuracy"],
-                "lr": opt.param_groups[0]["lr"],
-                "epoch_seconds": train_seconds,
-                "epoch_cpu_seconds": cpu_seconds,  # all threads of this process: robust to other load on the machine
-                "images_per_second": seen / train_seconds,
-            }
-            history.append(record)
-            if out_dir is None:
-                continue
-            print(json.dumps(record), flush=True)
-            with (out_dir / METRICS_FILE).open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            opt_tensors, groups = _optimizer_tensors(opt)
-            model_tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-            save_checkpoint(
-                out_dir / STATE_FILE,
-                {**model_tensors, **opt_tensors},
-                {"run": meta, "epoch": epoch + 1, "history": history, "param_groups": groups},
-            )
-    if enforcer is not None:
-        enforcer.remove()
+    train_model, opt, enforcer = _prepare(model, cfg, masks or {}, device, world)
+    history, start_epoch = _restore(out_dir, resume, meta, model, opt, device, log)
+    out_dir = _writer(out_dir, rank, history)  # every process restores the run; one writes it
+    steps_per_epoch, lr_of = len(train_loader), schedule(cfg, len(train_loader))
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout / drop-path noise of this epoch
+        model.train()
+        tally = EpochTally()
+        for i, batch in enumerate(train_loader.epoch(epoch)):
+            batch = _shard(batch, rank, world)
+            for group in opt.param_groups:
+                group["lr"] = lr_of(epoch * steps_per_epoch + i)
+            images, labels = batch.images.to(device), batch.labels.to(device)
+            keep_idx, fuse = batch_tokens(keep_fn, batch, device)
+            with autocast(device):
+                logits = train_model(images, keep_idx, fuse)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            enforcer.after_step(opt)  # weight decay or momentum must not revive pruned weights
+            tally.add(loss, logits, labels)
+            report(progress, f"epoch {epoch + 1}/{cfg.epochs}", i + 1, steps_per_epoch, tally.status())
+        tally.stop(world)
+        test = evaluate(model, eval_loader, device) if eval_loader is not None else NO_EVAL
+        history.append(tally.record(epoch, test, opt.param_groups[0]["lr"]))
+        if out_dir is not None:
+            _save_epoch(out_dir, model, opt, meta, history)
+    enforcer.remove()
     if world > 1:
-        console.print(f"rank {rank}/{world} weights {weights_digest(model)}")
+        log(f"rank {rank}/{world} weights {weights_digest(model)}")
     return history
 
 
@@ -301,6 +338,111 @@ def preprocess_of(data: ImageData, mean: list[float], std: list[float]) -> dict[
     }
 
 
+class _Start(NamedTuple):
+    """What training starts from: the model, its config and preprocessing, the data, the masks."""
+
+    model: TokenGatherViT
+    model_cfg: ModelConfig
+    data_cfg: DataConfig
+    train_data: ImageData
+    test_data: ImageData
+    preprocess: dict[str, Any]
+    masks: Masks | None  # a pruned model's masks, which hold through training
+
+
+def _load_splits(data_cfg: DataConfig) -> tuple[ImageData, ImageData]:
+    train_data = load_split(data_cfg, "train")
+    return train_data, load_split(replace(data_cfg, img_size=train_data.img_size), "test")
+
+
+def _new_model(data_cfg: DataConfig, model_cfg: ModelConfig) -> _Start:
+    """A freshly built model sized for the data; normalised with the pretrained weights' mean and
+    std, or else the training split's."""
+    train_data, test_data = _load_splits(data_cfg)
+    model_cfg = replace(
+        model_cfg,
+        num_classes=len(train_data.classes),
+        img_size=train_data.img_size,
+        patch_size=model_cfg.patch_size or default_patch_size(train_data.img_size),
+    )
+    model = build_model(model_cfg)
+    if model_cfg.pretrained:
+        mean, std = list(model.pretrained_cfg["mean"]), list(model.pretrained_cfg["std"])
+    else:
+        mean, std = train_data.channel_stats()
+    return _Start(model, model_cfg, data_cfg, train_data, test_data, preprocess_of(train_data, mean, std), None)
+
+
+def _model_from_checkpoint(checkpoint: str | Path, data_cfg: DataConfig) -> _Start:
+    """A LOTUS checkpoint's model, its masks, and the data at its input size, normalised as it was."""
+    model, meta = load_model(checkpoint)
+    model_cfg = ModelConfig(**meta["model"])
+    data_cfg = replace(data_cfg, img_size=model_cfg.img_size)
+    train_data, test_data = _load_splits(data_cfg)
+    if model_cfg.num_classes != len(train_data.classes):
+        raise LotusError(
+            f"checkpoint has {model_cfg.num_classes} classes but {data_cfg.name} has {len(train_data.classes)}: "
+            "fine-tune from a checkpoint trained on the same classes"
+        )
+    preprocess = preprocess_of(train_data, meta["preprocess"]["mean"], meta["preprocess"]["std"])
+    return _Start(model, model_cfg, data_cfg, train_data, test_data, preprocess, meta["masks"] or None)
+
+
+def _ticket_tokens(tickets: str | Path | None, start: _Start) -> tuple[KeepFn | None, dict[str, Any] | None]:
+    """The keep function of a `lotus tickets` folder, checked against the training split and the
+    model's patch grid, and what the run records about the tickets (None, None without)."""
+    if tickets is None:
+        return None, None
+    lottery = load_tickets(tickets)
+    cfg = start.model_cfg
+    lottery.check(start.train_data, cfg.grid_size, cfg.patch_size or default_patch_size(cfg.img_size))
+    return lottery.tokens_for_batch, {
+        "path": str(tickets),
+        "drop": lottery.meta["config"]["drop"],
+        "select": lottery.meta["config"]["select"],
+        "temperature": lottery.temperature,
+        "fuse": lottery.fuse,
+        "num_keep": lottery.num_keep,
+        "sha256": lottery.meta["sha256"],
+    }
+
+
+def _loaders(start: _Start, cfg: TrainConfig) -> tuple[BatchLoader, BatchLoader]:
+    """Shuffled, augmented training batches (the last partial one dropped unless the split is
+    small) and evaluation batches."""
+    mean, std = start.preprocess["mean"], start.preprocess["std"]
+    train_loader = BatchLoader(
+        start.train_data,
+        cfg.batch_size,
+        mean,
+        std,
+        shuffle=True,
+        augment=default_augment(start.data_cfg.name),
+        drop_last=len(start.train_data) >= 2 * cfg.batch_size,
+        seed=cfg.seed,
+    )
+    return train_loader, BatchLoader(start.test_data, 256, mean, std)
+
+
+def _save_trained(out_dir: Path, start: _Start, meta: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """Save the trained model into its run folder: one process writes it, the others wait until it is there."""
+    rank, world = distributed()
+    if rank == 0:
+        save_model(
+            out_dir,
+            start.model,
+            start.model_cfg,
+            start.preprocess,
+            start.masks,
+            data=meta["data"],
+            train=meta["train"],
+            tickets=meta["tickets"],
+            metrics=history[-1],
+        )
+    if world > 1:
+        torch.distributed.barrier()
+
+
 def train(
     data_cfg: DataConfig,
     model_cfg: ModelConfig,
@@ -310,93 +452,45 @@ def train(
     init_checkpoint: str | Path | None = None,
     tickets: str | Path | None = None,
     resume: bool = False,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = log_to_stderr,
 ) -> list[dict[str, Any]]:
     """Train a ViT on a dataset into `out_dir` (metrics.jsonl, train_state, model checkpoint).
 
     Args:
-        init_checkpoint: start from this LOTUS checkpoint's weights and preprocessing
+        init_checkpoint: start from this LOTUS checkpoint's weights, masks and preprocessing
             (its model config replaces `model_cfg`).
         tickets: a `lotus tickets` folder for this training split: each image is trained on its
             kept patches only (moved with the augmentation), so each step costs less.
+        progress, log: passed to `fit`.
     """
     torch.manual_seed(cfg.seed)
-    masks = None
-    if init_checkpoint is not None:
-        model, init_meta = load_model(init_checkpoint)
-        masks = init_meta["masks"] or None  # a pruned model stays pruned
-        model_cfg = ModelConfig(**init_meta["model"])
-        mean, std = init_meta["preprocess"]["mean"], init_meta["preprocess"]["std"]
-        data_cfg = replace(data_cfg, img_size=model_cfg.img_size)
-    train_data = load_split(data_cfg, "train")
-    test_data = load_split(replace(data_cfg, img_size=train_data.img_size), "test")
-    if init_checkpoint is None:
-        model_cfg = replace(
-            model_cfg,
-            num_classes=len(train_data.classes),
-            img_size=train_data.img_size,
-            patch_size=model_cfg.patch_size or default_patch_size(train_data.img_size),
-        )
-        model = build_model(model_cfg)
-        if model_cfg.pretrained:
-            mean, std = list(model.pretrained_cfg["mean"]), list(model.pretrained_cfg["std"])
-        else:
-            mean, std = train_data.channel_stats()
-    elif model_cfg.num_classes != len(train_data.classes):
-        raise LotusError(
-            f"checkpoint has {model_cfg.num_classes} classes but {data_cfg.name} has {len(train_data.classes)}: "
-            "fine-tune from a checkpoint trained on the same classes"
-        )
-    preprocess = preprocess_of(train_data, mean, std)
-    keep_fn, tickets_meta = None, None
-    if tickets is not None:
-        lottery = load_tickets(tickets)
-        lottery.check(train_data, model_cfg.grid_size, model_cfg.patch_size or default_patch_size(model_cfg.img_size))
-        keep_fn = lottery.tokens_for_batch
-        tickets_meta = {
-            "path": str(tickets),
-            "drop": lottery.meta["config"]["drop"],
-            "select": lottery.meta["config"]["select"],
-            "temperature": lottery.temperature,
-            "fuse": lottery.fuse,
-            "num_keep": lottery.num_keep,
-            "sha256": lottery.meta["sha256"],
-        }
-    train_loader = BatchLoader(
-        train_data,
-        cfg.batch_size,
-        mean,
-        std,
-        shuffle=True,
-        augment=default_augment(data_cfg.name),
-        drop_last=len(train_data) >= 2 * cfg.batch_size,
-        seed=cfg.seed,
-    )
-    eval_loader = BatchLoader(test_data, 256, mean, std)
+    start = _new_model(data_cfg, model_cfg) if init_checkpoint is None else _model_from_checkpoint(init_checkpoint, data_cfg)
+    keep_fn, tickets_meta = _ticket_tokens(tickets, start)
+    train_loader, eval_loader = _loaders(start, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
-        "data": asdict(data_cfg),
-        "model": asdict(model_cfg),
+        "data": asdict(start.data_cfg),
+        "model": asdict(start.model_cfg),
         "train": asdict(cfg),
-        "preprocess": preprocess,
+        "preprocess": start.preprocess,
         "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
         "tickets": tickets_meta,
     }
-    history = fit(model, train_loader, eval_loader, cfg, out_dir, meta=meta, resume=resume, keep_fn=keep_fn, masks=masks)
-    rank, world = distributed()
-    if rank == 0:  # one process writes the run folder; the others wait until it is there
-        save_model(
-            out_dir,
-            model,
-            model_cfg,
-            preprocess,
-            masks,
-            data=asdict(data_cfg),
-            train=asdict(cfg),
-            tickets=tickets_meta,
-            metrics=history[-1],
-        )
-    if world > 1:
-        torch.distributed.barrier()
+    history = fit(
+        start.model,
+        train_loader,
+        eval_loader,
+        cfg,
+        out_dir,
+        meta=meta,
+        resume=resume,
+        keep_fn=keep_fn,
+        masks=start.masks,
+        progress=progress,
+        log=log,
+    )
+    _save_trained(out_dir, start, meta, history)
     return history
 
 

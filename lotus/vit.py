@@ -4,6 +4,11 @@
 `TokenGatherViT` (the way ToMe patches timm models), which differs from timm's only in
 `forward_features`: after the positional embedding, the patch tokens named by `keep_idx` are
 gathered (the class and register tokens always stay), and only those go through the blocks.
+
+A model may also have narrower blocks than its architecture (fewer attention heads, fewer MLP
+neurons: structured pruning). `structure_of` reads the per-block widths a checkpoint records,
+and `reshape_` gives a freshly built model those widths, so a shrunk model rebuilds from its
+checkpoint like any other.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 
 import timm
 import torch
+from timm.layers import Mlp
+from timm.layers.attention import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from lotus.errors import LotusError
@@ -183,3 +190,52 @@ def build_model(cfg: ModelConfig) -> TokenGatherViT:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def structure_of(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Per-block widths: {"num_heads": [...], "mlp_hidden": [...]}, as saved in checkpoints."""
+    return {"num_heads": [b.attn.num_heads for b in model.blocks], "mlp_hidden": [b.mlp.fc2.in_features for b in model.blocks]}
+
+
+def check_resizable(i: int, blk: torch.nn.Module) -> None:
+    """Refuse block `i` unless its heads and MLP neurons can be removed: timm's plain Attention
+    (with `attn_dim`) and plain Mlp."""
+    attn, mlp = blk.attn, blk.mlp
+    if not hasattr(attn, "attn_dim"):  # older timm reshaped the heads' output to the input width
+        raise LotusError(
+            "structured pruning needs a newer timm, whose Attention has attn_dim (tested with 1.0.31): pip install -U timm"
+        )
+    if type(attn) is not Attention or not isinstance(attn.norm, torch.nn.Identity) or getattr(attn, "gate", None) is not None:
+        raise LotusError(f"block {i}: structured pruning supports timm's plain Attention (no scale norm, no gate)")
+    if type(mlp) is not Mlp or not isinstance(mlp.norm, torch.nn.Identity):
+        raise LotusError(f"block {i}: structured pruning supports timm's plain Mlp (not GLU variants, no scale norm)")
+
+
+def _new_linear(old: torch.nn.Linear, in_features: int, out_features: int) -> torch.nn.Linear:
+    return torch.nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+
+
+def resize_block_(blk: torch.nn.Module, num_heads: int, mlp_hidden: int) -> torch.nn.Module:
+    """Give a block `num_heads` attention heads and `mlp_hidden` MLP neurons, in place: its qkv,
+    proj, fc1 and fc2 become new Linears of those widths (freshly initialised; the head size and
+    the embedding width stay)."""
+    attn, mlp = blk.attn, blk.mlp
+    attn.num_heads, attn.attn_dim = num_heads, num_heads * attn.head_dim
+    attn.qkv = _new_linear(attn.qkv, attn.qkv.in_features, 3 * attn.attn_dim)
+    attn.proj = _new_linear(attn.proj, attn.attn_dim, attn.proj.out_features)
+    mlp.fc1 = _new_linear(mlp.fc1, mlp.fc1.in_features, mlp_hidden)
+    mlp.fc2 = _new_linear(mlp.fc2, mlp_hidden, mlp.fc2.out_features)
+    return blk
+
+
+def reshape_(model: torch.nn.Module, structure: dict[str, list[int]]) -> torch.nn.Module:
+    """Give a freshly built model the block widths `structure` records (weights to be loaded)."""
+    heads, hidden = structure["num_heads"], structure["mlp_hidden"]
+    if len(heads) != len(model.blocks) or len(hidden) != len(model.blocks):
+        raise LotusError(f"checkpoint structure lists {len(heads)} blocks, the model has {len(model.blocks)}")
+    for i, (blk, num_heads, mlp_hidden) in enumerate(zip(model.blocks, heads, hidden)):
+        check_resizable(i, blk)
+        if not (0 < num_heads <= blk.attn.num_heads and 0 < mlp_hidden <= blk.mlp.fc2.in_features):
+            raise LotusError(f"block {i}: the structure names heads or neurons the model does not have")
+        resize_block_(blk, num_heads, mlp_hidden)
+    return model

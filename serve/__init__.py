@@ -1,5 +1,7 @@
 """The LOTUS inference service (FastAPI on uvicorn, Open Inference Protocol v2).
 
-Filled by the serving issue: `serve/app.py` builds the app and loads the ONNX model in its
-lifespan; it stays a thin skin over the `lotus` library.
+It serves a model exported by `lotus export onnx` and stays a thin skin over the `lotus` library:
+`app.py` builds the app and loads the model in its lifespan, `routes/` holds the endpoints by
+resource, `batching.py` gathers concurrent requests into one ONNX Runtime call, and `bench.py` is
+the HTTP load generator behind `lotus bench URL`. It never imports torch (see `lotus.runtime`).
 """

@@ -23,7 +23,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,13 +31,20 @@ import numpy as np
 
 from lotus.bench import percentiles, time_calls
 from lotus.errors import LotusError
+from lotus.progress import Progress, report
 
 if TYPE_CHECKING:
     from serve.model import ServedModel
 
+PROGRESS_LABEL = "load cells"
+Body = tuple[bytes, dict[str, str]]  # an encoded request body and its headers
+Log = Callable[[str], None]
+
 
 @dataclass(frozen=True)
 class HttpBenchConfig:
+    """What `lotus bench URL` loads: the (concurrency, drop) cells, and how each is sent and timed."""
+
     concurrency: tuple[int, ...] = (1, 4, 16)  # clients sending at once, one cell each
     drops: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5)  # drop ratios, one cell each
     requests: int = 200  # timed requests per cell (ignored when duration is set)
@@ -52,7 +59,7 @@ class HttpBenchConfig:
     rounds: int = 1  # visits of every cell, round-robin, each with a 1/rounds share of its requests
 
 
-def _body(images: np.ndarray, drop: float, binary: bool) -> tuple[bytes, dict[str, str]]:
+def _body(images: np.ndarray, drop: float, binary: bool) -> Body:
     tensor = {"name": "pixel_values", "shape": list(images.shape), "datatype": "FP32"}
     request: dict[str, Any] = {"inputs": [tensor], "parameters": {"drop": drop}}
     if not binary:
@@ -110,9 +117,28 @@ async def _closed_loop(
     return latencies, errors
 
 
+@dataclass
+class _Pool:
+    """One (concurrency, drop) cell's timed requests, over every round."""
+
+    latencies: list[float] = field(default_factory=list)  # seconds, of the requests answered 200
+    errors: list[str] = field(default_factory=list)  # one line per failed request
+    wall: float = 0.0  # seconds spent sending the timed requests
+    p50s: list[float | None] = field(default_factory=list)  # seconds, one per round (None: every request failed)
+
+
+@dataclass
+class _Alone:
+    """ONNX Runtime alone at one drop ratio, over every round."""
+
+    seconds: list[float] = field(default_factory=list)  # every timed call
+    medians: list[float] = field(default_factory=list)  # ms, one per round
+
+
 async def _bench(
-    url: str, cfg: HttpBenchConfig, local: ServedModel | None, progress: Callable[[int, int], None], log: Callable[[str], None]
+    url: str, cfg: HttpBenchConfig, local: ServedModel | None, progress: Progress | None, log: Log
 ) -> dict[str, Any]:
+    """Every cell loaded, then summed up: `bench_http` without the argument checks."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -122,67 +148,107 @@ async def _bench(
         size = await _model_input_size(client, cfg, url)
         images = np.random.default_rng(cfg.seed).standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
         bodies = {drop: _body(images, drop, cfg.binary) for drop in cfg.drops}
-        path = f"/v2/models/{cfg.model}/infer"
-        keys = [(c, d) for c in cfg.concurrency for d in cfg.drops]
-        pooled = {key: {"latencies": [], "errors": [], "wall": 0.0, "p50s": []} for key in keys}
-        alone = {drop: {"seconds": [], "medians": []} for drop in cfg.drops}  # ONNX Runtime alone, per round
-        rounds = max(1, cfg.rounds)
-        for round_ in range(rounds):
-            for concurrency, drop in keys:
-                body, body_headers = bodies[drop]
-                if local is not None and concurrency == 1:  # ONNX Runtime alone just before its HTTP twin
-                    seconds = _time_runs(local, images, drop, max(50, min(cfg.requests, 500)) // rounds or 1)
-                    alone[drop]["seconds"] += seconds
-                    alone[drop]["medians"].append(1000 * float(np.median(seconds)))
-                # Warm-up at the cell's concurrency: connections open, the server's batching settled.
-                await _closed_loop(client, path, body, body_headers, concurrency, max(1, cfg.warmup // rounds), None)
-                start = time.perf_counter()
-                share = cfg.requests // rounds + (round_ < cfg.requests % rounds)  # the shares add up to cfg.requests
-                deadline = start + cfg.duration / rounds if cfg.duration is not None else None
-                latencies, errors = await _closed_loop(client, path, body, body_headers, concurrency, share, deadline)
-                cell = pooled[(concurrency, drop)]
-                cell["wall"] += time.perf_counter() - start
-                cell["latencies"] += latencies
-                cell["errors"] += errors
-                cell["p50s"].append(float(np.median(latencies)) if latencies else None)
-                progress(round_ * len(keys) + keys.index((concurrency, drop)) + 1, rounds * len(keys))
-        cells = []
-        for (concurrency, drop), pool in pooled.items():
-            latencies, errors = pool["latencies"], pool["errors"]
-            cell = {"concurrency": concurrency, "drop": drop, "requests": len(latencies) + len(errors), "errors": len(errors)}
-            if latencies:
-                stats = percentiles(latencies)
-                cell.update({"p50_ms": stats["median_ms"], **{k: stats[k] for k in ("p90_ms", "p95_ms", "p99_ms", "mean_ms")}})
-            cell["throughput_rps"] = len(latencies) / pool["wall"]
-            cell["images_per_second"] = len(latencies) * cfg.batch / pool["wall"]
-            cell["round_p50_ms"] = [None if x is None else 1000 * x for x in pool["p50s"]]
-            if errors:
-                cell["first_error"] = errors[0]
-            cells.append(cell)
-            log(_row(cell))
+        pools, alone = await _run_rounds(client, cfg, images, bodies, local, progress)
+    cells = [_cell(concurrency, drop, pool, cfg.batch) for (concurrency, drop), pool in pools.items()]
+    _add_p50_ratios(cells)
+    for cell in cells:
+        log(_row(cell))
+    result: dict[str, Any] = {"url": url, "body_bytes": {str(d): len(b[0]) for d, b in bodies.items()}, "cells": cells}
+    if local is not None:
+        result.update(_http_overhead(cfg.batch, cells, alone, log))
+    return result
+
+
+async def _run_rounds(
+    client,
+    cfg: HttpBenchConfig,
+    images: np.ndarray,
+    bodies: dict[float, Body],
+    local: ServedModel | None,
+    progress: Progress | None,
+) -> tuple[dict[tuple[int, float], _Pool], dict[float, _Alone]]:
+    """Every cell visited `cfg.rounds` times, round-robin; with `local`, ONNX Runtime alone is
+    timed just before each concurrency-1 cell, its HTTP twin."""
+    keys = [(c, d) for c in cfg.concurrency for d in cfg.drops]
+    pools = {key: _Pool() for key in keys}
+    alone = {drop: _Alone() for drop in cfg.drops}
+    rounds = max(1, cfg.rounds)
+    done, total = 0, rounds * len(keys)
+    report(progress, PROGRESS_LABEL, done, total)
+    for round_ in range(rounds):
+        for concurrency, drop in keys:
+            if local is not None and concurrency == 1:
+                seconds = _time_runs(local, images, drop, max(50, min(cfg.requests, 500)) // rounds or 1)
+                alone[drop].seconds += seconds
+                alone[drop].medians.append(1000 * float(np.median(seconds)))
+            await _visit(client, cfg, concurrency, bodies[drop], pools[(concurrency, drop)], round_, rounds)
+            done += 1
+            report(progress, PROGRESS_LABEL, done, total, f"concurrency {concurrency}, drop {drop:g}")
+    return pools, alone
+
+
+async def _visit(client, cfg: HttpBenchConfig, concurrency: int, body: Body, pool: _Pool, round_: int, rounds: int) -> None:
+    """One round's share of a cell: warm-up requests, then the timed ones, added to `pool`."""
+    data, headers = body
+    path = f"/v2/models/{cfg.model}/infer"
+    # Warm-up at the cell's concurrency: connections open, the server's batching settled.
+    await _closed_loop(client, path, data, headers, concurrency, max(1, cfg.warmup // rounds), None)
+    start = time.perf_counter()
+    share = cfg.requests // rounds + (round_ < cfg.requests % rounds)  # the shares add up to cfg.requests
+    deadline = start + cfg.duration / rounds if cfg.duration is not None else None
+    latencies, errors = await _closed_loop(client, path, data, headers, concurrency, share, deadline)
+    pool.wall += time.perf_counter() - start
+    pool.latencies += latencies
+    pool.errors += errors
+    pool.p50s.append(float(np.median(latencies)) if latencies else None)
+
+
+def _cell(concurrency: int, drop: float, pool: _Pool, batch: int) -> dict[str, Any]:
+    """A cell's figures: latency percentiles in ms, throughput, errors, the p50 of every round."""
+    latencies, errors = pool.latencies, pool.errors
+    cell = {"concurrency": concurrency, "drop": drop, "requests": len(latencies) + len(errors), "errors": len(errors)}
+    if latencies:
+        stats = percentiles(latencies)
+        cell.update({"p50_ms": stats["median_ms"], **{k: stats[k] for k in ("p90_ms", "p95_ms", "p99_ms", "mean_ms")}})
+    cell["throughput_rps"] = len(latencies) / pool.wall
+    cell["images_per_second"] = len(latencies) * batch / pool.wall
+    cell["round_p50_ms"] = [None if x is None else 1000 * x for x in pool.p50s]
+    if errors:
+        cell["first_error"] = errors[0]
+    return cell
+
+
+def _add_p50_ratios(cells: list[dict[str, Any]]) -> None:
+    """p50_vs_drop0: the median over rounds of each round's p50 over drop 0's, at the same concurrency."""
     for cell in cells:
         base = next((c for c in cells if c["concurrency"] == cell["concurrency"] and c["drop"] == 0.0 and "p50_ms" in c), None)
         ratios = [x / b for x, b in zip(cell["round_p50_ms"], base["round_p50_ms"]) if x and b] if base else []
         cell["p50_vs_drop0"] = float(np.median(ratios)) if ratios else None  # per-round ratios: side by side
-    result: dict[str, Any] = {"url": url, "body_bytes": {str(d): len(b[0]) for d, b in bodies.items()}, "cells": cells}
-    if local is not None:
-        result["local"] = [
-            {"batch": cfg.batch, "drop": drop, **percentiles(t["seconds"]), "round_median_ms": t["medians"]}
+
+
+def _http_overhead(batch: int, cells: list[dict[str, Any]], alone: dict[float, _Alone], log: Log) -> dict[str, Any]:
+    """ONNX Runtime alone per drop, and the HTTP overhead at concurrency 1: the median over rounds of
+    the server's p50 minus ONNX Runtime's median, each pair measured side by side."""
+    result: dict[str, Any] = {
+        "local": [
+            {"batch": batch, "drop": drop, **percentiles(t.seconds), "round_median_ms": t.medians}
             for drop, t in alone.items()
-            if t["seconds"]
-        ]
-        result["http_overhead_ms"], result["http_overhead_ms_per_round"] = {}, {}
-        for drop, t in alone.items():
-            http = next((c for c in cells if c["concurrency"] == 1 and c["drop"] == drop and "p50_ms" in c), None)
-            if http is None:
-                continue
-            per_round = [h - m for h, m in zip(http["round_p50_ms"], t["medians"]) if h is not None]
-            result["http_overhead_ms"][str(drop)] = float(np.median(per_round))
-            result["http_overhead_ms_per_round"][str(drop)] = per_round
-            log(
-                f"drop {drop:<4g} ONNX Runtime median {float(np.median(t['medians'])):.2f} ms, HTTP p50 {http['p50_ms']:.2f} ms: "
-                f"overhead {result['http_overhead_ms'][str(drop)]:.2f} ms (median of {len(per_round)} side-by-side rounds)"
-            )
+            if t.seconds
+        ],
+        "http_overhead_ms": {},
+        "http_overhead_ms_per_round": {},
+    }
+    for drop, t in alone.items():
+        http = next((c for c in cells if c["concurrency"] == 1 and c["drop"] == drop and "p50_ms" in c), None)
+        if http is None:
+            continue
+        per_round = [h - m for h, m in zip(http["round_p50_ms"], t.medians) if h is not None]
+        result["http_overhead_ms"][str(drop)] = float(np.median(per_round))
+        result["http_overhead_ms_per_round"][str(drop)] = per_round
+        log(
+            f"drop {drop:<4g} ONNX Runtime median {float(np.median(t.medians)):.2f} ms, HTTP p50 {http['p50_ms']:.2f} ms: "
+            f"overhead {result['http_overhead_ms'][str(drop)]:.2f} ms (median of {len(per_round)} side-by-side rounds)"
+        )
     return result
 
 
@@ -193,8 +259,8 @@ def bench_http(
     local: str | Path | None = None,
     threads: int | None = None,
     spinning: bool = False,
-    progress: Callable[[int, int], None] = lambda done, total: None,
-    log: Callable[[str], None] = lambda line: None,
+    progress: Progress | None = None,
+    log: Log = lambda line: None,
 ) -> dict[str, Any]:
     """Load `url` (a `lotus serve` or any OIP v2 server) at every (concurrency, drop) cell.
 
@@ -203,6 +269,8 @@ def bench_http(
             each concurrency-1 cell of every round, and report the HTTP overhead: the median over
             rounds of server p50 minus ONNX Runtime's median, each pair measured side by side.
         threads, spinning: ONNX Runtime settings of the local timing (use the server's).
+        progress: told of every cell visited, as "load cells", done of total visits.
+        log: gets a line per cell (and per HTTP overhead) once the load is over.
     """
     if cfg.requests < 1 and cfg.duration is None:
         raise LotusError("--requests must be at least 1")
@@ -217,6 +285,28 @@ def bench_http(
     result = asyncio.run(_bench(url, cfg, model, progress, log))
     result["config"] = asdict(cfg) | {"api_key": "***" if cfg.api_key else None}
     return result
+
+
+def run_http_bench(
+    url: str,
+    cfg: HttpBenchConfig,
+    out: str | Path,
+    plot: str | Path | None = None,
+    *,
+    local: str | Path | None = None,
+    threads: int | None = None,
+    spinning: bool = False,
+    progress: Progress | None = None,
+    log: Log = lambda line: None,
+) -> tuple[dict[str, Any], Path]:
+    """`bench_http`, then its results written to `out` as JSON and drawn into `plot` (default: `out`
+    with .png). Returns the results and the plot's path."""
+    result = bench_http(url, cfg, local=local, threads=threads, spinning=spinning, progress=progress, log=log)
+    from lotus.checkpoint import atomic_write_text  # imports torch: only once the timing is over
+
+    out = Path(out)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    return result, save_plot(result, plot or out.with_suffix(".png"))
 
 
 def _time_runs(model: ServedModel, images: np.ndarray, drop: float, runs: int, warmup: int = 5) -> list[float]:

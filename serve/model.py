@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from lotus.errors import LotusError
-from lotus.runtime import ort_session, read_metadata
+from lotus.runtime import lotus_metadata, ort_session
+
+METADATA_KEYS = ("img_size", "num_patches", "mean", "std", "classes")  # what serving needs from the export
 
 
 class InputError(ValueError):
@@ -43,17 +45,7 @@ class ServedModel:
     @staticmethod
     def check(path: str | Path) -> dict[str, str]:
         """The metadata of an exported LOTUS model, or a LotusError saying what is missing."""
-        path = Path(path)
-        if not path.is_file():
-            raise LotusError(f"ONNX model {path} not found: export one with `lotus export onnx`")
-        try:
-            meta = read_metadata(path)
-        except Exception as e:
-            raise LotusError(f"{path} is not an ONNX model ({type(e).__name__}: {e})") from None
-        missing = [k for k in ("img_size", "num_patches", "mean", "std", "classes") if k not in meta]
-        if missing:
-            raise LotusError(f"{path} lacks the LOTUS metadata {', '.join(missing)}: export it with `lotus export onnx`")
-        return meta
+        return lotus_metadata(path, METADATA_KEYS)
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None, spinning: bool = False) -> ServedModel:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from lotus.drop import MAX_DROP
 from serve.model import InputError, ServedModel
-from serve.schemas import InferenceRequest
+from serve.schemas import InferenceRequest, RequestInput, validation_message
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -29,19 +29,8 @@ class Inference:
     binary_output: bool  # answer with the binary tensor extension
 
 
-def validation_message(error: ValidationError | list[dict]) -> str:
-    """Pydantic's errors as one line: 'inputs.0.shape: Field required; ...'."""
-    errors = error.errors() if isinstance(error, ValidationError) else error
-    parts = []
-    for e in errors[:3]:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query"))
-        given = e.get("input")
-        got = f" (got {given!r})" if isinstance(given, (str, int, float)) and len(repr(given)) < 40 else ""
-        parts.append(f"{where}: {e['msg']}{got}" if where else e["msg"] + got)
-    return "; ".join(parts) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
-
-
 def parse_drop(value: object) -> float:
+    """The request's `drop` parameter (0 when absent), once it is a number in [0, MAX_DROP]."""
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -53,62 +42,15 @@ def parse_drop(value: object) -> float:
 
 def parse_infer(body: bytes, header_length: str | None, model: ServedModel, max_images: int) -> Inference:
     """An infer request body -> the (B, 3, H, W) input and its drop ratio, or an InputError."""
-    binary = b""
-    if header_length is not None:
-        try:
-            split = int(header_length)
-        except ValueError:
-            raise InputError(f"Inference-Header-Content-Length {header_length!r} is not a number of bytes") from None
-        if not 0 < split <= len(body):
-            raise InputError(f"Inference-Header-Content-Length {split} does not fit the {len(body)}-byte body")
-        body, binary = body[:split], body[split:]
-    if not body:
-        raise InputError("the request has no body: send an inference request (JSON with 'inputs')")
-    try:
-        request = InferenceRequest.model_validate_json(body)
-    except ValidationError as e:
-        raise InputError(f"not a valid inference request: {validation_message(e)}") from None
-
-    names = [i.name for i in request.inputs]
-    if names != ["pixel_values"]:
-        raise InputError(f"the model takes one input, 'pixel_values'; the request has {names}")
-    tensor = request.inputs[0]
-    if tensor.datatype != "FP32":
-        raise InputError(f"pixel_values must be FP32, not {tensor.datatype}")
-    size = model.img_size
-    shape = tensor.shape
-    if len(shape) != 4 or shape[1:] != [3, size, size] or shape[0] < 1:
-        raise InputError(f"pixel_values must have shape [B, 3, {size}, {size}] with B >= 1, not {shape}")
-    if shape[0] > max_images:
-        raise InputError(f"{shape[0]} images in one request is over the limit of {max_images} (--max-images)", 413)
-    count = math.prod(shape)
-
-    binary_size = (tensor.parameters or {}).get("binary_data_size")
-    if binary_size is not None:
-        if tensor.data is not None:
-            raise InputError("pixel_values has both data and binary_data_size: send one of them")
-        if binary_size != count * 4 or len(binary) != binary_size:
-            raise InputError(
-                f"pixel_values {shape} needs {count * 4} bytes of FP32; binary_data_size is {binary_size} "
-                f"and {len(binary)} bytes follow the JSON"
-            )
-        pixel_values = np.frombuffer(binary, dtype="<f4").reshape(shape)
+    body, binary = split_binary(body, header_length)
+    request = parse_request(body)
+    tensor = pixel_values_tensor(request, model.img_size, max_images)
+    if (tensor.parameters or {}).get("binary_data_size") is not None:
+        pixel_values = binary_values(tensor, binary)
     else:
-        if tensor.data is None:
-            raise InputError("pixel_values has no data")
-        try:
-            values = np.asarray(tensor.data)
-        except (ValueError, TypeError, OverflowError):
-            raise InputError("pixel_values data is not a rectangular array of numbers") from None
-        if values.dtype.kind not in "fiu":
-            raise InputError("pixel_values data must hold only numbers")
-        if values.size != count:
-            raise InputError(f"pixel_values data has {values.size} values; shape {shape} needs {count}")
-        with np.errstate(over="ignore"):  # values beyond FP32 become inf, refused just below
-            pixel_values = values.astype(np.float32).reshape(shape)
+        pixel_values = json_values(tensor)
     if not np.isfinite(pixel_values).all():
         raise InputError("pixel_values holds NaN or infinite values (or values too large for FP32)")
-
     for output in request.outputs or []:
         if output.name != "logits":
             raise InputError(f"the model has one output, 'logits', not {output.name!r}")
@@ -117,6 +59,76 @@ def parse_infer(body: bytes, header_length: str | None, model: ServedModel, max_
         bool((o.parameters or {}).get("binary_data", False)) for o in request.outputs or []
     )
     return Inference(np.ascontiguousarray(pixel_values), parse_drop(parameters.get("drop")), request.id, binary_output)
+
+
+def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """The JSON part of a body and the binary tensor bytes after it (none without the header)."""
+    if header_length is None:
+        return body, b""
+    try:
+        split = int(header_length)
+    except ValueError:
+        raise InputError(f"Inference-Header-Content-Length {header_length!r} is not a number of bytes") from None
+    if not 0 < split <= len(body):
+        raise InputError(f"Inference-Header-Content-Length {split} does not fit the {len(body)}-byte body")
+    return body[:split], body[split:]
+
+
+def parse_request(body: bytes) -> InferenceRequest:
+    """The JSON part of an infer body, validated against the OIP request schema."""
+    if not body:
+        raise InputError("the request has no body: send an inference request (JSON with 'inputs')")
+    try:
+        return InferenceRequest.model_validate_json(body)
+    except ValidationError as e:
+        raise InputError(f"not a valid inference request: {validation_message(e)}") from None
+
+
+def pixel_values_tensor(request: InferenceRequest, img_size: int, max_images: int) -> RequestInput:
+    """The request's one input, once its name, datatype and shape fit the model."""
+    names = [i.name for i in request.inputs]
+    if names != ["pixel_values"]:
+        raise InputError(f"the model takes one input, 'pixel_values'; the request has {names}")
+    tensor = request.inputs[0]
+    if tensor.datatype != "FP32":
+        raise InputError(f"pixel_values must be FP32, not {tensor.datatype}")
+    shape = tensor.shape
+    if len(shape) != 4 or shape[1:] != [3, img_size, img_size] or shape[0] < 1:
+        raise InputError(f"pixel_values must have shape [B, 3, {img_size}, {img_size}] with B >= 1, not {shape}")
+    if shape[0] > max_images:
+        raise InputError(f"{shape[0]} images in one request is over the limit of {max_images} (--max-images)", 413)
+    return tensor
+
+
+def binary_values(tensor: RequestInput, binary: bytes) -> np.ndarray:
+    """The tensor from the bytes after the JSON (binary tensor extension)."""
+    count = math.prod(tensor.shape)
+    binary_size = tensor.parameters["binary_data_size"]
+    if tensor.data is not None:
+        raise InputError("pixel_values has both data and binary_data_size: send one of them")
+    if binary_size != count * 4 or len(binary) != binary_size:
+        raise InputError(
+            f"pixel_values {tensor.shape} needs {count * 4} bytes of FP32; binary_data_size is {binary_size} "
+            f"and {len(binary)} bytes follow the JSON"
+        )
+    return np.frombuffer(binary, dtype="<f4").reshape(tensor.shape)
+
+
+def json_values(tensor: RequestInput) -> np.ndarray:
+    """The tensor from its JSON `data`, flat or nested."""
+    if tensor.data is None:
+        raise InputError("pixel_values has no data")
+    try:
+        values = np.asarray(tensor.data)
+    except (ValueError, TypeError, OverflowError):
+        raise InputError("pixel_values data is not a rectangular array of numbers") from None
+    if values.dtype.kind not in "fiu":
+        raise InputError("pixel_values data must hold only numbers")
+    count = math.prod(tensor.shape)
+    if values.size != count:
+        raise InputError(f"pixel_values data has {values.size} values; shape {tensor.shape} needs {count}")
+    with np.errstate(over="ignore"):  # values beyond FP32 become inf, refused by parse_infer
+        return values.astype(np.float32).reshape(tensor.shape)
 
 
 def infer_response(

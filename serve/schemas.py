@@ -1,12 +1,25 @@
-"""Request and response bodies: the Open Inference Protocol (v2) REST shapes and /v1/classify's."""
+"""Request and response bodies: the Open Inference Protocol (v2) REST shapes and /v1/classify's;
+`validation_message` turns pydantic's errors about them (or about the settings) into one line."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from lotus.drop import MAX_DROP
+
+
+def validation_message(error: ValidationError | list[dict]) -> str:
+    """Pydantic's errors as one line: 'inputs.0.shape: Field required; ...'."""
+    errors = error.errors() if isinstance(error, ValidationError) else error
+    parts = []
+    for e in errors[:3]:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query"))
+        given = e.get("input")
+        got = f" (got {given!r})" if isinstance(given, (str, int, float)) and len(repr(given)) < 40 else ""
+        parts.append(f"{where}: {e['msg']}{got}" if where else e["msg"] + got)
+    return "; ".join(parts) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
 
 
 class ErrorResponse(BaseModel):

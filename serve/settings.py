@@ -7,12 +7,18 @@ environment, so the flags reach all of them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lotus.errors import LotusError
+from serve.schemas import validation_message
 
 
 class Settings(BaseSettings):
+    """Everything the service reads; each field is also the environment variable LOTUS_<FIELD>."""
+
     model_config = SettingsConfigDict(env_prefix="LOTUS_", frozen=True, protected_namespaces=())
 
     model: Path | None = Field(None, description="Exported ONNX model (default: the latest run's model.onnx).")
@@ -38,3 +44,11 @@ class Settings(BaseSettings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1_000_000)
+
+
+def load_settings(**values: Any) -> Settings:
+    """`Settings(**values)` (the rest from LOTUS_* variables), or a one-line LotusError naming the bad option."""
+    try:
+        return Settings(**values)
+    except ValidationError as e:
+        raise LotusError(f"invalid option: {validation_message(e)}") from None

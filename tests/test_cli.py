@@ -2,6 +2,7 @@
 
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ def metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
 
 
+@pytest.mark.slow
 def test_train_then_eval(tmp_path):
     proc = lotus("train", "--epochs", "2", *FAST, "--out", tmp_path / "run")
     lines = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout: one JSON line per epoch
@@ -39,6 +41,7 @@ def test_train_then_eval(tmp_path):
     assert result["images"] == 360
 
 
+@pytest.mark.slow
 def test_latest_run_is_the_default(tmp_path):
     lotus("train", "--epochs", "1", *FAST, cwd=tmp_path)
     (run,) = (tmp_path / "runs").iterdir()
@@ -55,8 +58,12 @@ def test_latest_run_is_the_default(tmp_path):
         (["train", "--data", "cifar10", "--data-dir", "empty"], "CIFAR-10 not found"),
         (["eval"], "no run folder under runs/"),
         (["eval", "missing.safetensors"], "missing.safetensors not found"),
+        (["prune", "sweep", "--sparsities", "0.1,half"], "--sparsities '0.1,half' is not a comma-separated list"),
+        (["compress", "--structure", "depth=2"], "write it as heads=FRACTION,mlp=FRACTION"),
+        (["bench"], "pass a URL to load a server"),
     ],
 )
+@pytest.mark.slow
 def test_user_errors_are_one_line(tmp_path, args, message):
     proc = lotus(*args, cwd=tmp_path, check=False)
     assert proc.returncode == 2
@@ -65,6 +72,56 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_every_command_is_listed_with_its_options():
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    top = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    for command in ("train", "eval", "tickets", "compress", "bench", "serve", "export", "prune"):
+        assert f" {command} " in top.stdout
+    assert runner.invoke(app, ["--version"]).stdout.startswith("lotus ")
+    sweep = runner.invoke(app, ["prune", "sweep", "--help"], env={"COLUMNS": "200"})
+    assert (
+        sweep.exit_code == 0
+        and "--data-dir" in sweep.stdout
+        and "--device" in sweep.stdout
+        and "runs/sweep-DATE-TIME" in sweep.stdout
+    )
+
+
+@pytest.mark.slow
+def test_progress_bars_on_a_terminal(tmp_path):
+    """On a terminal, stderr shows one bar per epoch with its status; stdout stays JSON lines."""
+    leader, follower = pty.openpty()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "xterm", "COLUMNS": "160"}
+    proc = subprocess.Popen(
+        [LOTUS, "train", "--epochs", "2", *FAST, "--out", str(tmp_path / "run")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+    )
+    os.close(follower)
+    screen = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the process closed its end of the terminal
+            break
+        if not chunk:
+            break
+        screen.append(chunk.decode(errors="replace"))
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0
+    screen = "".join(screen)
+    assert "epoch 1/2" in screen and "epoch 2/2" in screen and "loss" in screen
+    assert "test accuracy" in screen
+    assert [json.loads(line)["epoch"] for line in proc.stdout.read().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
 def test_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path):
     args = ["train", "--epochs", "4", *FAST]
     lotus(*args, "--out", tmp_path / "straight")
@@ -86,6 +143,7 @@ def test_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path):
     assert metrics(run) == metrics(tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_tickets_then_train_on_them(tmp_path):
     lotus("train", "--epochs", "1", *FAST, "--out", tmp_path / "base")
     proc = lotus("tickets", "--checkpoint", tmp_path / "base", "--drop", "0.25", "--out", tmp_path / "tk")
@@ -137,3 +195,20 @@ def test_tickets_then_train_on_them(tmp_path):
         and "scored with other settings, layers None (asked: 'all')" in bad.stderr
         and not (tmp_path / "x").exists()
     )
+
+
+@pytest.mark.slow
+def test_bench_local_prints_the_table_and_writes_json(tiny_onnx, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--local", str(tiny_onnx), "--batch-sizes", "1,2", "--drop", "0,0.5", "--runs", "3", "--warmup", "1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    header, *rows = result.stdout.strip().splitlines()
+    assert "median ms" in header and len(rows) == 4
+    cells = json.loads(out.read_text())["cells"]
+    assert [(c["batch"], c["drop"]) for c in cells] == [(1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5)]
+    assert f"results: {out}" in result.stderr.replace("\n", "")

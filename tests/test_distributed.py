@@ -1,3 +1,5 @@
+import pytest
+
 """Training under torchrun: two gloo processes on the CPU must hold the same weights."""
 
 import os
@@ -9,6 +11,8 @@ from pathlib import Path
 from test_pipeline import tiny_recipe
 
 from lotus.prune import ISPConfig
+
+pytestmark = pytest.mark.slow  # every test here runs the pipeline or several processes
 
 BIN = Path(sys.executable).parent
 DIGEST = re.compile(r"rank (\d)/2 weights ([0-9a-f]{16})")

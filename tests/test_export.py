@@ -87,6 +87,7 @@ def test_pruned_zeros_reach_the_graph(exported):
     assert report["exported_sparsity"] == pytest.approx(report["checkpoint_sparsity"]) == pytest.approx(0.4, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_int8_runs_and_still_drops_patches(pruned_run, tmp_path):
     out = tmp_path / "model.int8.onnx"
     report = export_onnx(pruned_run, out, DIGITS, ExportConfig(quantize="int8"))
@@ -102,6 +103,7 @@ def test_int8_runs_and_still_drops_patches(pruned_run, tmp_path):
     assert read_metadata(out)["quantize"] == "int8"
 
 
+@pytest.mark.slow
 def test_a_failed_verification_writes_nothing(pruned_run, tmp_path):
     out = tmp_path / "model.onnx"
     with pytest.raises(LotusError, match="not faithful and was not written"):

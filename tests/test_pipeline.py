@@ -15,6 +15,8 @@ from lotus.pipeline import CompressConfig, default_compress_config, from_dict, l
 from lotus.train import TrainConfig
 from lotus.vit import ModelConfig
 
+pytestmark = pytest.mark.slow  # every test here runs the pipeline or several processes
+
 LOTUS = str(Path(sys.executable).with_name("lotus"))
 RESULT_KEYS = ("dense_accuracy", "compressed_accuracy", "sparsity", "drop", "essential_sparsity")
 
@@ -98,7 +100,7 @@ def test_compress_with_structure_fine_tunes_a_shrunk_model(tmp_path):
     assert metrics["sparsity"] == pytest.approx(0.3, abs=0.01)  # the unstructured masks were cut to the new shapes
     assert "structure" in metrics["stages"] and "[4/7] structure" in done.stderr  # no ISP stage
     from lotus.checkpoint import load_model
-    from lotus.structured import structure_of
+    from lotus.vit import structure_of
 
     model, meta = load_model(tmp_path / "s")
     assert structure_of(model) == metrics["structure"] and meta["masks"]

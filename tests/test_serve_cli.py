@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from lotus import LotusError
-from serve.bench import HttpBenchConfig, bench_http, format_table, save_plot
+from serve.bench import HttpBenchConfig, bench_http, format_table, run_http_bench, save_plot
 from serve.settings import Settings
 
 LOTUS = str(Path(sys.executable).with_name("lotus"))
@@ -52,6 +52,19 @@ def test_bench_url_reports_every_cell_and_the_http_overhead(server, tiny_onnx, t
     assert binary["cells"][0]["errors"] == 0 and binary["cells"][0]["images_per_second"] > 0
     timed = bench_http(server, HttpBenchConfig(concurrency=(2,), drops=(0.0,), duration=0.3, warmup=1))
     assert timed["cells"][0]["requests"] > 2 and timed["cells"][0]["errors"] == 0
+
+
+def test_run_http_bench_writes_json_and_plot_and_reports_progress(server, tmp_path):
+    calls = []
+    result, plot = run_http_bench(
+        server,
+        HttpBenchConfig(concurrency=(1,), drops=(0.0, 0.5), requests=3, warmup=1, rounds=2),
+        tmp_path / "bench.json",
+        progress=lambda label, done, total, status: calls.append((label, done, total)),
+    )
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
+    assert plot == tmp_path / "bench.png" and plot.stat().st_size > 1000
+    assert calls == [("load cells", done, 4) for done in range(5)]  # one call per cell visited, after a 0 of 4
 
 
 def test_bench_url_rounds_split_every_cell_and_ratio_side_by_side(server):

@@ -27,11 +27,10 @@ from lotus.structured import (
     magnitude_scores,
     shrink_,
     structure_masks,
-    structure_of,
     taylor_scores,
 )
 from lotus.train import TrainConfig, train
-from lotus.vit import ModelConfig, build_model, count_parameters
+from lotus.vit import ModelConfig, build_model, count_parameters, structure_of
 from serve.settings import Settings
 
 DIGITS = DataConfig("digits", img_size=16)
@@ -170,6 +169,7 @@ def test_fine_tuning_a_shrunk_model_keeps_its_shape_and_masks(trained):
     assert meta["masks"] and all((dict(model.named_parameters())[n][~m] == 0).all() for n, m in meta["masks"].items())
 
 
+@pytest.mark.slow
 def test_cli_shrinks_then_export_int8_and_serving_work(trained, tmp_path):
     result = CliRunner().invoke(
         app,

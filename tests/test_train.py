@@ -43,6 +43,7 @@ def same_metrics(a: list[dict], b: list[dict]) -> bool:
     return [[h[k] for k in keys] for h in a] == [[h[k] for k in keys] for h in b]
 
 
+@pytest.mark.slow
 def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
     straight = train(DATA, MODEL, FAST, tmp_path / "straight")
 

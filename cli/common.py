@@ -1,0 +1,112 @@
+"""What every `lotus` command shares: the stderr console, one-line errors, the dataset and
+device options, and where a command's input and output folders default to."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+import lotus
+
+if TYPE_CHECKING:
+    from lotus.data import DataConfig
+
+err = Console(stderr=True)  # messages and progress; stdout carries the results (JSON lines, tables)
+
+
+def log(line: str) -> None:
+    """A library function's message, on stderr above any progress bar."""
+    err.print(line, highlight=False)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Print a LotusError as one line (exit 2) and Ctrl-C as a hint (exit 130), no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except lotus.LotusError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted:[/] run the same command with --resume to continue from the last finished epoch")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# Options shared by every command that reads a dataset.
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="'digits' (bundled, offline), 'cifar10' (torchvision, in --data-dir), or an ImageFolder root with train/ and test/.",
+    ),
+]
+DataDirOpt = Annotated[Path, typer.Option(help="Folder holding torchvision's CIFAR-10 (only for --data cifar10).")]
+DownloadOpt = Annotated[bool, typer.Option("--download", help="Let torchvision download CIFAR-10 into --data-dir.")]
+DeviceOpt = Annotated[str, typer.Option(help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")]
+CheckpointOpt = Annotated[Path | None, typer.Option(help="LOTUS checkpoint or run folder (default: the latest run).")]
+
+
+def out_option(kind: str, what: str = "Output run folder") -> Any:
+    """The --out option of a command whose results go to a new `runs/KIND-DATE-TIME` by default."""
+    return Annotated[Path | None, typer.Option(help=f"{what} (default: a new runs/{kind}-DATE-TIME).")]
+
+
+def data_config(data: str, data_dir: Path, download: bool = False, img_size: int | None = None) -> DataConfig:
+    """The dataset the --data, --data-dir and --download options name."""
+    from lotus.data import DataConfig
+
+    return DataConfig(data, data_dir=str(data_dir), download=download, img_size=img_size)
+
+
+def path_or_latest_run(path: Path | None, containing: str | None = None) -> Path:
+    """`path` when the user gave one, else the newest folder under runs/ (holding `containing`)."""
+    if path is not None:
+        return path
+    from lotus.checkpoint import latest_run
+
+    return latest_run() if containing is None else latest_run(containing=containing)
+
+
+def path_or_new_run(path: Path | None, kind: str) -> Path:
+    """`path` when the user gave one, else a new `runs/KIND-DATE-TIME` folder."""
+    if path is not None:
+        return path
+    from lotus.checkpoint import new_run_dir
+
+    return new_run_dir(kind)
+
+
+def first_process() -> bool:
+    """False in every torchrun process but the first: one process prints and draws progress."""
+    from lotus.device import distributed
+
+    return distributed()[0] == 0
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The options the user set (those left at None fall back to the dataset's or recipe's defaults)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def parse_floats(text: str, flag: str) -> tuple[float, ...]:
+    """'0,0.1,0.5' -> (0.0, 0.1, 0.5); a one-line error naming `flag` otherwise."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise lotus.LotusError(f"{flag} {text!r} is not a comma-separated list of numbers") from None
+
+
+def parse_sparsity(text: str) -> float | str:
+    """--sparsity: 'auto', an N:M pattern such as '2:4', or a fraction."""
+    from lotus.masks import nm_pattern
+
+    return text if text == "auto" or nm_pattern(text) else parse_floats(text, "--sparsity")[0]

@@ -1,0 +1,224 @@
+"""`lotus compress`: the whole pipeline from one recipe, each flag overriding one recipe field.
+
+Flags left out keep the recipe's value (or the dataset's default recipe), so their options
+default to None here and the help text names the default the recipe brings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+import lotus
+from cli.common import (
+    err,
+    first_process,
+    given,
+    log,
+    out_option,
+    parse_floats,
+    parse_sparsity,
+    path_or_latest_run,
+    path_or_new_run,
+    user_errors,
+)
+from cli.progress import progress_bars
+from cli.tickets import Select
+
+if TYPE_CHECKING:
+    from lotus.pipeline import CompressConfig
+
+SparsityOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Stage-1 one-shot sparsity of the prunable weights, 'auto' (the sweep's essential sparsity), or '2:4' (NVIDIA sparse tensor cores). [default: 0.3]"
+    ),
+]
+DropOpt = Annotated[
+    float | None,
+    typer.Option(help="Fraction of each training image's patches dropped (data lottery tickets). [default: 0.1]"),
+]
+IspTargetOpt = Annotated[float | None, typer.Option(help="Stage-2 Instant Soup Pruning target sparsity (off when not given).")]
+EpochsOpt = Annotated[int | None, typer.Option(help="Fine-tuning epochs on the lottery data. [default: 5]")]
+CheckpointOpt = Annotated[
+    Path | None, typer.Option(help="Dense LOTUS checkpoint to compress (default: train the baseline first).")
+]
+ModelOpt = Annotated[str | None, typer.Option(help="timm ViT for the baseline when no --checkpoint.")]
+PretrainedOpt = Annotated[
+    bool | None, typer.Option("--pretrained", help="Start the baseline from timm's hub weights (needs a network).")
+]
+DataOpt = Annotated[str | None, typer.Option("--data", help="'digits' (default), 'cifar10', or an ImageFolder root.")]
+DataDirOpt = Annotated[Path | None, typer.Option(help="Folder holding torchvision's CIFAR-10.")]
+DownloadOpt = Annotated[bool | None, typer.Option("--download", help="Let torchvision download CIFAR-10.")]
+SelectOpt = Annotated[Select | None, typer.Option(help="Ticket selection: 'attention' or the 'random' control.")]
+TemperatureOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Ticket sampling: 0 keeps each image's top-K (default); >0 re-draws K patches per batch, weight score**(1/T) (see `lotus tickets`)."
+    ),
+]
+SpreadOpt = Annotated[
+    int | None,
+    typer.Option(help="Tickets: S > 1 keeps the best of every S x S block of patches first (see `lotus tickets`). [default: 1]"),
+]
+LayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Tickets: blocks whose attention scores the patches, 'all' or e.g. '9,10,11' (see `lotus tickets`). [default: the last]"
+    ),
+]
+BalanceOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--balance",
+        help="Tickets: rank scores by patch position, so every position is kept about equally often (see `lotus tickets`).",
+    ),
+]
+FuseOpt = Annotated[
+    bool | None, typer.Option("--fuse", help="Tickets: one more token fusing the dropped patches (see `lotus tickets`).")
+]
+StructureOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Structured pruning before fine-tuning, e.g. 'heads=0.34,mlp=0.5' (shares removed; see `lotus prune structured`)."
+    ),
+]
+StructureImportanceOpt = Annotated[
+    str | None, typer.Option(help="With --structure: 'magnitude' (default), 'activation' or 'taylor'.")
+]
+StructureScopeOpt = Annotated[
+    str | None, typer.Option(help="With --structure: 'block' (the same share of every block, default) or 'global'.")
+]
+ToleranceOpt = Annotated[
+    float | None, typer.Option(help="With --sparsity auto: accuracy points below dense still counted as no loss.")
+]
+RecipeOpt = Annotated[Path | None, typer.Option(help="Repeat a run from its recipe.yaml (flags given here override it).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")]
+OutOpt = out_option("compress", "Run folder")
+ResumeOpt = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue the run in --out (default: the latest compress run), skipping finished stages."),
+]
+
+
+@user_errors
+def compress(
+    sparsity: SparsityOpt = None,
+    drop: DropOpt = None,
+    isp_target: IspTargetOpt = None,
+    epochs: EpochsOpt = None,
+    checkpoint: CheckpointOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = None,
+    select: SelectOpt = None,
+    temperature: TemperatureOpt = None,
+    spread: SpreadOpt = None,
+    layers: LayersOpt = None,
+    balance: BalanceOpt = None,
+    fuse: FuseOpt = None,
+    structure: StructureOpt = None,
+    structure_importance: StructureImportanceOpt = None,
+    structure_scope: StructureScopeOpt = None,
+    tolerance: ToleranceOpt = None,
+    recipe: RecipeOpt = None,
+    device: DeviceOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """The whole LOTUS pipeline: baseline -> tickets -> prune -> (ISP) -> (structured) -> fine-tune on lottery data -> evaluate -> report."""
+    recipe, out = resumed_recipe(recipe, out, resume)
+    cfg = starting_config(recipe, data)
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, **given(data_dir=str(data_dir) if data_dir else None, download=download)),
+        model=replace(cfg.model, **given(name=model, pretrained=pretrained)),
+        tickets=replace(cfg.tickets, **ticket_flags(drop, select, temperature, spread, layers, balance, fuse)),
+        sweep=replace(cfg.sweep, **given(tolerance=tolerance)),
+        finetune=replace(cfg.finetune, **given(epochs=epochs)),
+        structure=replace(cfg.structure, **structure_flags(structure, structure_importance, structure_scope)),
+        **given(
+            checkpoint=str(checkpoint) if checkpoint else None,
+            device=device,
+            isp_target=isp_target,
+            sparsity=None if sparsity is None else parse_sparsity(sparsity),
+        ),
+    )
+    run_pipeline(cfg, path_or_new_run(out, "compress"), resume)
+
+
+def resumed_recipe(recipe: Path | None, out: Path | None, resume: bool) -> tuple[Path | None, Path | None]:
+    """With --resume and no --recipe: the run to continue (--out, else the latest compress run)
+    and the recipe it was started with, so it continues with the same settings."""
+    if not resume or recipe is not None:
+        return recipe, out
+    out = path_or_latest_run(out, containing="recipe.yaml")
+    return (out / "recipe.yaml" if (out / "recipe.yaml").exists() else None), out
+
+
+def starting_config(recipe: Path | None, data: str | None) -> CompressConfig:
+    """The recipe file's settings (on another --data when given), or the dataset's default recipe."""
+    from lotus.pipeline import default_compress_config, load_recipe
+
+    if recipe is None:
+        return default_compress_config(data or "digits")
+    cfg = load_recipe(recipe)
+    return cfg if data is None else replace(cfg, data=replace(cfg.data, name=data))
+
+
+def ticket_flags(
+    drop: float | None,
+    select: Select | None,
+    temperature: float | None,
+    spread: int | None,
+    layers: str | None,
+    balance: bool | None,
+    fuse: bool | None,
+) -> dict[str, Any]:
+    """The TicketConfig fields the ticket flags set."""
+    from lotus.tickets import parse_layers
+
+    return given(
+        drop=drop,
+        select=select.value if select else None,
+        temperature=temperature,
+        spread=spread,
+        layers=parse_layers(layers),
+        balance=balance,
+        fuse=fuse,
+    )
+
+
+def structure_flags(structure: str | None, importance: str | None, scope: str | None) -> dict[str, Any]:
+    """The StructuredConfig fields --structure 'heads=0.34,mlp=0.5' and its two companions set."""
+    shares = {}
+    for item in structure.split(",") if structure is not None else ():
+        key, _, value = item.partition("=")
+        if key.strip() not in ("heads", "mlp"):
+            raise lotus.LotusError(f"--structure {structure!r}: write it as heads=FRACTION,mlp=FRACTION (either may be left out)")
+        shares[key.strip()] = parse_floats(value, f"--structure {key.strip()}")[0]
+    return shares | given(importance=importance, scope=scope)
+
+
+def run_pipeline(cfg: CompressConfig, out: Path, resume: bool) -> None:
+    """Run every stage into `out`, showing their epochs; under torchrun, one process speaks."""
+    from lotus.pipeline import compress as compress_run
+
+    first = first_process()
+    with progress_bars(show=first) as progress:
+        metrics = compress_run(cfg, out, resume=resume, log=log if first else lambda line: None, progress=progress)
+    if not first:
+        return
+    print(
+        json.dumps({k: metrics[k] for k in ("dense_accuracy", "compressed_accuracy", "sparsity", "drop", "essential_sparsity")})
+    )
+    err.print(
+        f"dense {metrics['dense_accuracy']:.2f}% -> compressed {metrics['compressed_accuracy']:.2f}% at sparsity "
+        f"{metrics['sparsity']:.3f}, drop {metrics['drop']:g}; report: {out / 'report.md'}"
+    )

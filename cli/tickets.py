@@ -1,0 +1,140 @@
+"""`lotus tickets`: score the training patches with a model's attention, write the keep masks."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import (
+    DataDirOpt,
+    DataOpt,
+    DeviceOpt,
+    DownloadOpt,
+    data_config,
+    err,
+    out_option,
+    path_or_latest_run,
+    path_or_new_run,
+    user_errors,
+)
+from cli.progress import progress_bars
+
+
+class Select(str, Enum):
+    attention = "attention"
+    random = "random"
+
+
+class Method(str, Enum):
+    cls = "cls"
+    rollout = "rollout"
+
+
+ScoringCheckpointOpt = Annotated[
+    Path | None,
+    typer.Option(help="Trained LOTUS checkpoint or run folder that scores the patches (default: the latest run)."),
+]
+DropOpt = Annotated[float, typer.Option(help="Fraction of each image's patches to drop, in [0, 1).")]
+SelectOpt = Annotated[Select, typer.Option(help="'attention' (scored by the model) or 'random' (the control, same drop ratio).")]
+MethodOpt = Annotated[Method, typer.Option(help="'cls': class-token attention row; 'rollout': attention rollout.")]
+LayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Blocks whose attention is averaged: 'all', or comma-separated, e.g. '-1' or '9,10,11' (default: last for cls, all for rollout)."
+    ),
+]
+ClsSinkOpt = Annotated[bool, typer.Option(help="Replace the class token's self-attention by its row mean.")]
+NormOutliersOpt = Annotated[
+    bool, typer.Option(help="Replace scores of high-norm outlier patch tokens by their neighbours' mean.")
+]
+TemperatureOpt = Annotated[
+    float,
+    typer.Option(
+        help="0: fixed tickets, each image's top-K patches every epoch (the published method). >0: K patches re-drawn in every batch, patch i with weight score**(1/T), 1 = in proportion to its attention; with --select random, uniform re-draws."
+    ),
+]
+SpreadOpt = Annotated[
+    int,
+    typer.Option(
+        help="1: keep each image's K best patches; S > 1: every S x S block of patches keeps its best first, so the kept patches cover the image."
+    ),
+]
+BalanceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--balance",
+        help="Rank each patch's score among all images' scores at its position, so every position is kept about equally often (attention tickets).",
+    ),
+]
+FuseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fuse", help="Train on the kept patches plus one token fusing the dropped ones, weighted by attention (EViT)."
+    ),
+]
+TicketSeedOpt = Annotated[int, typer.Option(help="Seed of --select random.")]
+ScoresFromOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Earlier tickets of this checkpoint and data: cut their scores again (another --drop, --spread, --temperature, --balance or --fuse) instead of scoring."
+    ),
+]
+TicketsOutOpt = out_option("tickets", "Tickets folder")
+
+
+@user_errors
+def tickets(
+    checkpoint: ScoringCheckpointOpt = None,
+    data: DataOpt = "digits",
+    data_dir: DataDirOpt = Path("data"),
+    download: DownloadOpt = False,
+    drop: DropOpt = 0.1,
+    select: SelectOpt = Select.attention,
+    method: MethodOpt = Method.cls,
+    layers: LayersOpt = None,
+    cls_sink: ClsSinkOpt = True,
+    norm_outliers: NormOutliersOpt = True,
+    temperature: TemperatureOpt = 0.0,
+    spread: SpreadOpt = 1,
+    balance: BalanceOpt = False,
+    fuse: FuseOpt = False,
+    seed: TicketSeedOpt = 0,
+    scores_from: ScoresFromOpt = None,
+    device: DeviceOpt = "auto",
+    out: TicketsOutOpt = None,
+) -> None:
+    """Score every training patch with a model's attention and write the keep masks (data lottery tickets)."""
+    from lotus.tickets import TicketConfig, parse_layers, tickets_from_checkpoint
+
+    cfg = TicketConfig(
+        drop=drop,
+        select=select.value,
+        method=method.value,
+        layers=parse_layers(layers),
+        cls_sink=cls_sink,
+        norm_outliers=norm_outliers,
+        temperature=temperature,
+        spread=spread,
+        balance=balance,
+        fuse=fuse,
+        seed=seed,
+    )
+    checkpoint, out = path_or_latest_run(checkpoint), path_or_new_run(out, "tickets")
+    with progress_bars() as progress:
+        result = tickets_from_checkpoint(
+            checkpoint,
+            data_config(data, data_dir, download),
+            cfg,
+            out,
+            device=device,
+            progress=progress,
+            scores_from=scores_from,
+        )
+    m = result.meta
+    err.print(
+        f"kept {result.num_keep} of {m['num_patches']} patches in each of {m['data']['num_images']} images "
+        f"({m['outlier_patches']} high-norm outlier patches re-scored); tickets: {out}"
+    )
