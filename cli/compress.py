@@ -21,7 +21,6 @@ from cli.common import (
     log,
     out_option,
     parse_floats,
-    parse_sparsity,
     path_or_latest_run,
     path_or_new_run,
     user_errors,
@@ -133,6 +132,8 @@ def compress(
     resume: ResumeOpt = False,
 ) -> None:
     """The whole LOTUS pipeline: baseline -> tickets -> prune -> (ISP) -> (structured) -> fine-tune on lottery data -> evaluate -> report."""
+    from lotus.pipeline import check_settings
+
     recipe, out = resumed_recipe(recipe, out, resume)
     cfg = starting_config(recipe, data)
     cfg = replace(
@@ -147,9 +148,10 @@ def compress(
             checkpoint=str(checkpoint) if checkpoint else None,
             device=device,
             isp_target=isp_target,
-            sparsity=None if sparsity is None else parse_sparsity(sparsity),
+            sparsity=sparsity,  # the config reads '0.3', 'auto' and '2:4' alike, and refuses anything else
         ),
     )
+    check_settings(cfg)  # before a new run folder is made for it
     run_pipeline(cfg, path_or_new_run(out, "compress"), resume)
 
 

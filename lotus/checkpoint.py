@@ -1,21 +1,31 @@
 """Checkpoints: tensors in safetensors, everything else in a JSON sidecar; atomic writes.
 
 A checkpoint `NAME` is the pair `NAME.safetensors` + `NAME.json`. The sidecar records the
-sha256 of the tensor file, so a pair torn by an interruption (new tensors, old sidecar) is
-refused rather than loaded. Nothing is ever unpickled.
+sha256 of the tensor file, so tensors that do not belong to it are refused rather than loaded.
+Nothing is ever unpickled.
+
+A save never tears the pair. It writes the new tensors beside the old pair, as
+`.NAME.<sha256[:16]>.safetensors`, then replaces the sidecar: that one atomic rename is the
+switch from the old checkpoint to the new one. Only then do the new tensors take the name
+`NAME.safetensors`. A save that fails before the switch leaves the old pair as it was; one that
+fails after it leaves the new sidecar, whose tensors the loader finds under the pending name.
+Whatever a failed or killed save leaves behind, the next successful save removes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import glob
 import hashlib
 import io
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors.torch import load, save
@@ -29,19 +39,49 @@ MODEL_FILE = "model"  # the model checkpoint inside a run folder: model.safetens
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the whole new one, never a part."""
+    """Write `data` to `path` so readers see the old file or the whole new one, never a part.
+
+    The bytes reach the disk before the rename, and the rename before this returns; the
+    temporary files of earlier writes of `path` that were killed midway are removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+    _remove(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]  # os.write may write less than asked
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in `folder` durable (POSIX only: Windows cannot open a folder)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(paths: Iterable[Path]) -> None:
+    """Delete leftover files, best effort: what cannot be deleted now goes at a later save."""
+    for path in list(paths):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _umask() -> int:
@@ -80,18 +120,59 @@ def _stem(path: str | Path) -> Path:
     return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
 
 
+def _pending(stem: Path, digest: str) -> Path:
+    """Where a save puts new tensors until its sidecar names them: beside the pair, named by their sha256."""
+    return stem.parent / f".{stem.name}.{digest[:16]}.safetensors"
+
+
+def _leftovers(stem: Path) -> list[Path]:
+    """What failed or killed saves of checkpoint `stem` may have left: pending tensors, temporary files."""
+    name, hex16 = glob.escape(stem.name), "[0-9a-f]" * 16
+    patterns = (f".{name}.{hex16}.safetensors", f"..{name}.{hex16}.safetensors.*.tmp", f".{name}.safetensors.*.tmp")
+    return [p for pattern in patterns for p in stem.parent.glob(pattern)]
+
+
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Save tensors and JSON-able metadata as checkpoint `path`; returns the .safetensors path."""
+    """Save tensors and JSON-able metadata as checkpoint `path`; returns the .safetensors path.
+
+    If it fails (disk full, killed), the checkpoint loads as it was before, or, once the new
+    sidecar is in place, as the new one: never a mix (see the module's docstring)."""
     stem = _stem(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     # serialised in memory, so the bytes are hashed and written atomically in one go
     blob = save(tensors)
-    weights = _with_suffix(stem, ".safetensors")
-    atomic_write_bytes(weights, blob)
+    digest = hashlib.sha256(blob).hexdigest()
+    pending, weights = _pending(stem, digest), _with_suffix(stem, ".safetensors")
+    atomic_write_bytes(pending, blob)
     # the file's own fields last: a meta read from another checkpoint cannot carry a stale hash over
-    sidecar = {**meta, "format": FORMAT, "lotus_version": lotus.__version__, "sha256": hashlib.sha256(blob).hexdigest()}
-    atomic_write_json(_with_suffix(stem, ".json"), sidecar)
+    sidecar = {**meta, "format": FORMAT, "lotus_version": lotus.__version__, "sha256": digest}
+    atomic_write_json(_with_suffix(stem, ".json"), sidecar)  # the switch to the new checkpoint
+    _rename_pending(stem, pending)
     return weights
+
+
+def _rename_pending(stem: Path, pending: Path) -> None:
+    """Give the tensors the sidecar names the pair's name, and sweep what failed saves left."""
+    os.replace(pending, _with_suffix(stem, ".safetensors"))
+    _fsync_dir(stem.parent)
+    _remove(_leftovers(stem))
+
+
+def finish_interrupted_save(path: str | Path) -> None:
+    """Finish a save of checkpoint `path` that failed after its switch (its tensors still under
+    the pending name) and remove what failed saves left; best effort, as a later save does the
+    same. Call it from the one process that writes the checkpoint; loading never needs it."""
+    stem = _stem(path)
+    try:
+        digest = json.loads(_with_suffix(stem, ".json").read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # never saved, or a sidecar that loading refuses anyway
+    pending = _pending(stem, str(digest))
+    with contextlib.suppress(OSError):
+        if pending.is_file():
+            _rename_pending(stem, pending)
+        else:
+            _remove(_leftovers(stem))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -102,21 +183,29 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """
     stem = _stem(path)
     weights, sidecar = _with_suffix(stem, ".safetensors"), _with_suffix(stem, ".json")
-    for f in (weights, sidecar):
-        if not f.is_file():
-            raise LotusError(
-                f"checkpoint file {f} not found: pass a LOTUS checkpoint (.safetensors with its .json) or a run folder"
-            )
+    if not sidecar.is_file():
+        _not_found(sidecar if weights.is_file() else weights)
     try:
         meta = json.loads(sidecar.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LotusError(f"checkpoint sidecar {sidecar} is unreadable ({e}): re-create the checkpoint") from None
     if meta.get("format") != FORMAT:
         raise LotusError(f"{sidecar} is not a LOTUS checkpoint sidecar (format {meta.get('format')!r})")
-    blob = weights.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
-        raise LotusError(f"{weights} does not match its sidecar {sidecar} (interrupted write?): re-create the checkpoint")
-    return load(blob), meta
+    digest, pending = str(meta.get("sha256")), _pending(stem, str(meta.get("sha256")))
+    if not weights.is_file() and not pending.is_file():
+        _not_found(weights)
+    # the pair's own file, or else the tensors a save switched to but did not get to rename; the
+    # second look at the pair's file: `finish_interrupted_save` may have renamed them meanwhile
+    for f in (weights, pending, weights):
+        with contextlib.suppress(FileNotFoundError):
+            blob = f.read_bytes()
+            if hashlib.sha256(blob).hexdigest() == digest:
+                return load(blob), meta
+    raise LotusError(f"{weights} does not match its sidecar {sidecar} (changed after saving?): re-create the checkpoint")
+
+
+def _not_found(path: Path) -> NoReturn:
+    raise LotusError(f"checkpoint file {path} not found: pass a LOTUS checkpoint (.safetensors with its .json) or a run folder")
 
 
 MASK_PREFIX = "mask."  # pruning masks ride in the same tensor file as the weights

@@ -29,6 +29,8 @@ from lotus.errors import LotusError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BUILTIN_DATASETS = ("digits", "cifar10")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_FOLDER = "cifar-10-batches-py"  # what torchvision's CIFAR10 unpacks into data_dir
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class DataConfig:
     data_dir: str = "data"  # folder holding torchvision's CIFAR-10 (only used for 'cifar10')
     download: bool = False  # let torchvision download CIFAR-10 into data_dir when missing
     img_size: int | None = None  # square side in pixels the images are resized to; None = native
+
+    def __post_init__(self):
+        if self.img_size is not None and not self.img_size >= 1:
+            raise LotusError(f"--img-size {self.img_size} is below 1: pass a side in pixels, or leave it out for the native size")
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,22 @@ def load_split(cfg: DataConfig, split: str) -> ImageData:
     return data
 
 
+def class_names(cfg: DataConfig) -> list[str]:
+    """The dataset's class names in label order, found without decoding an image (so in
+    milliseconds); raises the loader's errors for a dataset that is not there."""
+    if cfg.name == "digits":
+        return [str(c) for c in range(10)]
+    if cfg.name == "cifar10":
+        if not cfg.download and not (Path(cfg.data_dir) / CIFAR10_FOLDER).is_dir():
+            raise _cifar10_missing(Path(cfg.data_dir))
+        return list(CIFAR10_CLASSES)
+    root = Path(cfg.name)
+    classes = _class_folders(_split_dir(root, "train"))
+    if _class_folders(_split_dir(root, "test")) != classes:
+        raise LotusError(f"class folders of {_split_dir(root, 'test')} differ from those of {root / 'train'}: they must match")
+    return classes
+
+
 def load_split_for_model(cfg: DataConfig, preprocess: dict, split: str) -> ImageData:
     """A split as a trained model expects it: at its input size, with its classes in its order.
 
@@ -150,12 +172,24 @@ def _load_cifar10(cfg: DataConfig, split: str) -> ImageData:
     except RuntimeError as e:
         if cfg.download:
             raise LotusError(f"could not download CIFAR-10 into {root}: {e}") from None
-        raise LotusError(
-            f"CIFAR-10 not found in {root}: pass --download to fetch it, --data-dir to point at it, "
-            "or --data PATH for an ImageFolder copy (train/ and test/ class folders)"
-        ) from None
+        raise _cifar10_missing(root) from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
     return ImageData(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes), "cifar10", split)
+
+
+def _cifar10_missing(root: Path) -> LotusError:
+    return LotusError(
+        f"CIFAR-10 not found in {root}: pass --download to fetch it, --data-dir to point at it, "
+        "or --data PATH for an ImageFolder copy (train/ and test/ class folders)"
+    )
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    """The class folder names of an ImageFolder split, sorted (their label order)."""
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise LotusError(f"{split_dir} holds no class folders: put each class's images in {split_dir}/<class>/")
+    return classes
 
 
 def _split_dir(root: Path, split: str) -> Path:
@@ -176,14 +210,10 @@ def _split_dir(root: Path, split: str) -> Path:
 
 def _load_image_folder(root: Path, split: str, img_size: int | None) -> ImageData:
     split_dir = _split_dir(root, split)
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise LotusError(f"{split_dir} holds no class folders: put each class's images in {split_dir}/<class>/")
-    if split == "test":
-        # The test classes must be the training classes, in the same label order.
-        train_classes = sorted(d.name for d in _split_dir(root, "train").iterdir() if d.is_dir() and not d.name.startswith("."))
-        if classes != train_classes:
-            raise LotusError(f"class folders of {split_dir} differ from those of {root / 'train'}: they must match")
+    classes = _class_folders(split_dir)
+    # The test classes must be the training classes, in the same label order.
+    if split == "test" and classes != _class_folders(_split_dir(root, "train")):
+        raise LotusError(f"class folders of {split_dir} differ from those of {root / 'train'}: they must match")
     files, labels = [], []
     for label, name in enumerate(classes):
         found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)

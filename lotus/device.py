@@ -10,7 +10,18 @@ import torch
 from lotus.errors import LotusError
 
 
+def check_device(name: str) -> None:
+    """Refuse a device string torch cannot parse ('gpu', 'cuda:x'), without looking for the device."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        raise LotusError(f"--device {name!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+
+
 def resolve_device(name: str) -> torch.device:
+    check_device(name)
     if name == "auto":
         if torch.cuda.is_available():  # under torchrun each process takes its own GPU
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -37,6 +37,7 @@ from lotus.data import (
 from lotus.device import resolve_device
 from lotus.errors import LotusError
 from lotus.masks import (
+    EXTRA_PRUNABLE,
     Masks,
     apply_masks_,
     essential_sparsity,
@@ -63,12 +64,27 @@ class PruneConfig:
     scope: str = "global"  # 'global': one magnitude ranking over all prunable weights; 'layer': each to the same sparsity
     include: tuple[str, ...] = ()  # extra weights to prune beside the blocks' Linears: 'patch_embed', 'head'
 
+    def __post_init__(self):
+        if self.scope not in ("global", "layer"):
+            raise LotusError(f"--scope {self.scope!r} is not 'global' or 'layer'")
+        for extra in self.include:
+            if extra not in EXTRA_PRUNABLE:
+                raise LotusError(f"--include {extra!r} is not one of: {', '.join(EXTRA_PRUNABLE)}")
+
 
 @dataclass(frozen=True)
 class SweepConfig:
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES  # one-shot sparsities to evaluate
     tolerance: float = 1.0  # accuracy points below dense still counted as "no loss" (the knee)
     prune: PruneConfig = PruneConfig()
+
+    def __post_init__(self):
+        if not self.sparsities or not all(0 <= s < 1 for s in self.sparsities):
+            raise LotusError(f"--sparsities {list(self.sparsities)}: give one or more fractions in [0, 1), e.g. 0.1,0.3,0.5")
+        if not self.tolerance >= 0:
+            raise LotusError(
+                f"--tolerance {self.tolerance} is negative: it is the accuracy points below dense still counted as no loss"
+            )
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,21 @@ class ISPConfig:
     soup: bool = True  # start the next round from the average of the copies' weights
     seed: int = 0  # seeds the slices and the copies
     prune: PruneConfig = PruneConfig()
+
+    def __post_init__(self):
+        if not 0 < self.target < 1:
+            raise LotusError(f"--target {self.target} is outside (0, 1): it is the sparsity ISP ends at, e.g. 0.5")
+        for flag, value in (("--rounds", self.rounds), ("--copies", self.copies), ("--epochs", self.epochs)):
+            if not value >= 1:
+                raise LotusError(f"ISP {flag} {value} is below 1: pass 1 or more")
+        if not 0 < self.data_fraction <= 1:
+            raise LotusError(f"--data-fraction {self.data_fraction} is outside (0, 1]: it is each weak copy's share of the data")
+        if not self.lr > 0:
+            raise LotusError(f"ISP --lr {self.lr} is not above 0: pass a positive learning rate such as 1e-4")
+        if self.merge not in ("union", "vote", "intersection", "levels"):
+            raise LotusError(f"--merge {self.merge!r} is not one of: union, vote, intersection, levels")
+        if self.merge == "vote" and not (self.min_votes is not None and 1 <= self.min_votes <= self.copies):
+            raise LotusError(f"--merge vote needs --min-votes between 1 and --copies {self.copies} (got {self.min_votes})")
 
 
 def _weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

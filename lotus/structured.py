@@ -57,14 +57,22 @@ class StructuredConfig:
     def enabled(self) -> bool:
         return self.heads > 0 or self.mlp > 0
 
+    def __post_init__(self):
+        self.check()
+
     def check(self) -> None:
+        """Refuse fields no model can take (names as `lotus compress --structure` and `lotus prune structured` spell them)."""
         if self.importance not in IMPORTANCE:
             raise LotusError(f"structured importance {self.importance!r} is not one of: {', '.join(IMPORTANCE)}")
         if self.scope not in ("block", "global"):
             raise LotusError(f"structured scope {self.scope!r} is not 'block' or 'global'")
         for what, fraction in (("heads", self.heads), ("mlp", self.mlp)):
             if not 0 <= fraction < 1:
-                raise LotusError(f"{what} fraction {fraction} is outside [0, 1): it is the share of the {what} removed")
+                raise LotusError(
+                    f"--structure {what}={fraction} is outside [0, 1): it is the share of the {what} removed, e.g. 0.25"
+                )
+        if not self.calib_images >= 1:
+            raise LotusError(f"--calib-images {self.calib_images} is below 1: importance is measured on 1 or more images")
 
 
 IMPORTANCE = ("magnitude", "activation", "taylor")

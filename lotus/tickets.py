@@ -112,6 +112,14 @@ class TicketConfig:
             raise LotusError(
                 f"--temperature {self.temperature} is negative: use 0 for fixed tickets or a positive value to sample"
             )
+        if not self.batch_size >= 1:
+            raise LotusError(f"ticket batch_size {self.batch_size} is below 1: score 1 or more images per pass")
+
+    def check_model(self, depth: int | None, grid: int) -> None:
+        """Refuse settings that do not fit a model of `depth` blocks (None: not known yet) on a `grid` x `grid` patch grid."""
+        _check_spread(self.spread, grid)
+        if depth is not None and self.select == "attention":
+            resolve_layers(self, depth)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,14 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from lotus.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from lotus.checkpoint import (
+    atomic_write_text,
+    finish_interrupted_save,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    save_model,
+)
 from lotus.data import (
     Batch,
     BatchLoader,
@@ -34,7 +41,7 @@ from lotus.data import (
     load_split,
     load_split_for_model,
 )
-from lotus.device import autocast, distributed, resolve_device, weights_digest
+from lotus.device import autocast, check_device, distributed, resolve_device, weights_digest
 from lotus.errors import LotusError
 from lotus.masks import MaskEnforcer, Masks, enforce_masks_
 from lotus.progress import Progress, report
@@ -60,6 +67,22 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     seed: int = 0  # seeds the weights, the batch order, augmentation and dropout
     device: str = "auto"  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'
+
+    def __post_init__(self):
+        if not self.epochs >= 1:
+            raise LotusError(f"--epochs {self.epochs} is below 1: training needs at least one pass over the data")
+        if not self.batch_size >= 1:
+            raise LotusError(f"--batch-size {self.batch_size} is below 1: a step needs at least one image")
+        if not self.lr > 0:
+            raise LotusError(f"--lr {self.lr} is not above 0: pass a positive peak learning rate such as 5e-4")
+        for flag, value in (("--warmup-epochs", self.warmup_epochs), ("--weight-decay", self.weight_decay)):
+            if not value >= 0:
+                raise LotusError(f"{flag} {value} is negative: pass 0 or more")
+        if not self.min_lr >= 0 or not self.grad_clip >= 0:
+            raise LotusError(f"min_lr {self.min_lr} and grad_clip {self.grad_clip} must be 0 or more")
+        if not 0 <= self.label_smoothing < 1:
+            raise LotusError(f"--label-smoothing {self.label_smoothing} is outside [0, 1): pass e.g. 0.1, or 0 for none")
+        check_device(self.device)
 
 
 def log_to_stderr(line: str) -> None:
@@ -145,22 +168,30 @@ def _restore(
 
 def _writer(out_dir: Path | None, rank: int, history: list[dict[str, Any]]) -> Path | None:
     """The run folder this process writes (rank 0 only), its metrics.jsonl started over from the
-    restored `history` (an interrupted epoch may have left a line its state never reached)."""
+    restored `history` (an interrupted epoch may have left a line its state never reached) and
+    the interrupted save of its state, if any, finished."""
     if out_dir is None or rank != 0:
         return None
-    (out_dir / METRICS_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
+    finish_interrupted_save(out_dir / STATE_FILE)
+    _write_metrics(out_dir, history)
     return out_dir
+
+
+def _write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl, one line per epoch of `history`; rewritten whole and atomically, so no
+    failed write leaves a partial line."""
+    atomic_write_text(out_dir / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
 
 
 def _save_epoch(
     out_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any], history: list[dict[str, Any]]
 ) -> None:
     """Report the epoch just finished (a JSON line on stdout and in metrics.jsonl) and save the
-    state a resumed run starts from."""
+    state a resumed run starts from. A failed save leaves a whole state, this epoch's or the one
+    before (metrics.jsonl may then be a line ahead: resuming rewrites it from the state's history)."""
     record = history[-1]
     print(json.dumps(record), flush=True)
-    with (out_dir / METRICS_FILE).open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    _write_metrics(out_dir, history)
     opt_tensors, groups = _optimizer_tensors(opt)
     model_tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     save_checkpoint(

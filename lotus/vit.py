@@ -36,6 +36,26 @@ class ModelConfig:
     pretrained: bool = False  # load timm's hub weights (needs a network)
     drop_path_rate: float = 0.1  # stochastic depth at the last block (linear from 0)
 
+    def __post_init__(self):
+        for flag, value in (("num_classes", self.num_classes), ("--img-size", self.img_size)):
+            if not value >= 1:
+                raise LotusError(f"{flag} {value} is below 1")
+        for flag, value in (("--patch-size", self.patch_size), ("--depth", self.depth)):
+            if value is not None and not value >= 1:
+                raise LotusError(f"{flag} {value} is below 1: pass 1 or more, or leave it out for the default")
+        if not 0 <= self.drop_path_rate < 1:
+            raise LotusError(f"drop_path_rate {self.drop_path_rate} is outside [0, 1)")
+
+    def check(self) -> None:
+        """Refuse an architecture LOTUS cannot build (no weights are made, nothing is downloaded)."""
+        patch_size = self.patch_size or default_patch_size(self.img_size)
+        if self.img_size % patch_size:
+            raise LotusError(f"--img-size {self.img_size} is not a multiple of --patch-size {patch_size}")
+        if not timm.is_model(self.name):
+            raise LotusError(f"unknown timm model {self.name!r}: list ViTs with `timm.list_models('vit_*')`")
+        if timm.models.model_entrypoint(self.name).__module__ not in ("timm.models.vision_transformer", "timm.models.deit"):
+            raise LotusError(f"{self.name} is not a timm VisionTransformer: pick a vit_* or deit_* model with --model")
+
     @property
     def grid_size(self) -> int:
         return self.img_size // (self.patch_size or default_patch_size(self.img_size))
@@ -160,17 +180,11 @@ def build_model(cfg: ModelConfig) -> TokenGatherViT:
     Raises:
         LotusError: unknown or unsupported architecture, bad sizes, or unreachable pretrained weights.
     """
-    patch_size = cfg.patch_size or default_patch_size(cfg.img_size)
-    if cfg.img_size % patch_size:
-        raise LotusError(f"--img-size {cfg.img_size} is not a multiple of --patch-size {patch_size}")
-    if not timm.is_model(cfg.name):
-        raise LotusError(f"unknown timm model {cfg.name!r}: list ViTs with `timm.list_models('vit_*')`")
-    if timm.models.model_entrypoint(cfg.name).__module__ not in ("timm.models.vision_transformer", "timm.models.deit"):
-        raise LotusError(f"{cfg.name} is not a timm VisionTransformer: pick a vit_* or deit_* model with --model")
+    cfg.check()
     kwargs = dict(
         num_classes=cfg.num_classes,
         img_size=cfg.img_size,
-        patch_size=patch_size,
+        patch_size=cfg.patch_size or default_patch_size(cfg.img_size),
         drop_path_rate=cfg.drop_path_rate,
     )
     if cfg.depth is not None:
