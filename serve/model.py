@@ -26,6 +26,25 @@ class InputError(ValueError):
         self.status = status
 
 
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as browsers show them
+
+
+def _to_rgb(image):
+    """A decoded PIL image as 8-bit RGB the way a viewer shows it: turned upright by its EXIF
+    orientation, transparency composited on ALPHA_BACKGROUND, 16-bit grey scaled to 8 bits."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)  # phones store the sensor's orientation, not the picture's
+    if image.mode.startswith("I"):  # 16-bit greyscale PNG: scale to 8 bits (convert would clip)
+        grey = np.asarray(image, dtype=np.float32) / 257.0
+        return Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def serving_session(path: Path, threads: int | None, spinning: bool = False) -> object:
     """The server's session: by default no spin-waiting between calls (see lotus.runtime.ort_session)."""
     return ort_session(path, threads, spinning=spinning)
@@ -98,12 +117,8 @@ class ServedModel:
             if width * height > max_pixels:
                 raise InputError(f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}", 413)
             try:
-                image.load()
-                if image.mode.startswith("I"):  # 16-bit greyscale PNG: scale to 8 bits (convert would clip)
-                    grey = np.asarray(image, dtype=np.float32) / 257.0
-                    rgb = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), "L").convert("RGB")
-                else:
-                    rgb = image.convert("RGB")
+                image.load()  # an animated PNG: its first frame
+                rgb = _to_rgb(image)
             except Image.DecompressionBombError as e:
                 raise InputError(f"the image is too large to decode: {e}", 413) from None
             except Exception as e:  # truncated or corrupt data

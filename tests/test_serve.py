@@ -14,6 +14,7 @@ from conftest import live_server
 from PIL import Image
 
 from lotus.runtime import ort_session
+from serve.model import ALPHA_BACKGROUND, ServedModel
 from serve.settings import Settings
 
 SIZE, PATCHES, CLASSES = 16, 16, 10
@@ -215,6 +216,33 @@ def test_classify_scales_16_bit_png_to_8_bits(server):
     assert sixteen.mode.startswith("I;16")
     answer = httpx.post(server + "/v1/classify", files={"file": ("16.png", encode(sixteen, "PNG"))}).json()
     assert answer["predictions"] == eight["predictions"]
+
+
+def test_images_are_decoded_as_a_viewer_shows_them(tiny_onnx):
+    """EXIF orientation applied, transparency shown on white, an animated PNG's first frame."""
+    model = ServedModel.load(tiny_onnx)
+
+    def decoded(picture: Image.Image, fmt: str = "PNG", **save) -> np.ndarray:
+        buf = io.BytesIO()
+        picture.save(buf, fmt, **save)
+        return model.decode_image(buf.getvalue(), max_pixels=10**6)
+
+    rng = np.random.default_rng(3)
+    upright = Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: the stored pixels must turn 90 degrees clockwise to stand upright
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a camera held sideways writes
+    np.testing.assert_array_equal(decoded(stored, exif=exif), decoded(upright))
+    assert not np.array_equal(decoded(stored), decoded(upright))  # the EXIF tag is what turned it
+
+    white = Image.new("RGB", (16, 16), ALPHA_BACKGROUND)
+    clear_red = Image.new("RGBA", (16, 16), (255, 0, 0, 0))
+    np.testing.assert_array_equal(decoded(clear_red), decoded(white))
+    half = Image.new("RGBA", (16, 16), (0, 0, 0, 128))  # half-transparent black on white: mid grey
+    np.testing.assert_allclose(decoded(half), decoded(Image.new("RGB", (16, 16), (127, 127, 127))), atol=0.05)
+
+    red, blue = Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))
+    np.testing.assert_array_equal(decoded(red, save_all=True, append_images=[blue]), decoded(red))
 
 
 def _json(body) -> dict:
