@@ -44,7 +44,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     The bytes reach the disk before the rename, and the rename before this returns; the
     temporary files of earlier writes of `path` that were killed midway are removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the writer's pid in the name: another process writing the same file (a DDP rank) keeps its own
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode
         try:
@@ -78,10 +79,32 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _remove(paths: Iterable[Path]) -> None:
-    """Delete leftover files, best effort: what cannot be deleted now goes at a later save."""
+    """Delete leftover files, best effort: what cannot be deleted now goes at a later save. A
+    temporary file of a process still running is left alone: it may be writing it now."""
     for path in list(paths):
+        if path.suffix == ".tmp" and not _abandoned(path):
+            continue
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def _abandoned(tmp: Path) -> bool:
+    """Whether the process that made temporary file `.NAME.PID.RANDOM.tmp` is this one or gone."""
+    try:
+        pid = int(tmp.name[: -len(".tmp")].rsplit(".", 2)[1])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid():
+        return True  # saves are synchronous: this process is not writing it any more
+    if os.name != "posix":
+        return False  # os.kill(pid, 0) would end the process on Windows: keep the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _umask() -> int:
@@ -153,7 +176,14 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
 
 def _rename_pending(stem: Path, pending: Path) -> None:
     """Give the tensors the sidecar names the pair's name, and sweep what failed saves left."""
-    os.replace(pending, _with_suffix(stem, ".safetensors"))
+    weights = _with_suffix(stem, ".safetensors")
+    try:
+        os.replace(pending, weights)
+    except FileNotFoundError:
+        # another process saving the same tensors (a DDP rank) renamed or swept them first
+        digest16 = pending.name.rsplit(".", 2)[1]
+        if not (weights.is_file() and hashlib.sha256(weights.read_bytes()).hexdigest().startswith(digest16)):
+            raise
     _fsync_dir(stem.parent)
     _remove(_leftovers(stem))
 
