@@ -205,11 +205,11 @@ def finish_interrupted_save(path: str | Path) -> None:
             _remove(_leftovers(stem))
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load checkpoint `path` (a stem, either file of the pair, or a run folder).
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """The JSON sidecar of checkpoint `path`, without reading its tensors (a quick look at what it holds).
 
     Raises:
-        LotusError: a file is missing, unreadable, or the pair does not belong together.
+        LotusError: the sidecar is missing, unreadable or not a LOTUS sidecar.
     """
     stem = _stem(path)
     weights, sidecar = _with_suffix(stem, ".safetensors"), _with_suffix(stem, ".json")
@@ -221,6 +221,18 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise LotusError(f"checkpoint sidecar {sidecar} is unreadable ({e}): re-create the checkpoint") from None
     if meta.get("format") != FORMAT:
         raise LotusError(f"{sidecar} is not a LOTUS checkpoint sidecar (format {meta.get('format')!r})")
+    return meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load checkpoint `path` (a stem, either file of the pair, or a run folder).
+
+    Raises:
+        LotusError: a file is missing, unreadable, or the pair does not belong together.
+    """
+    meta = read_sidecar(path)
+    stem = _stem(path)
+    weights, sidecar = _with_suffix(stem, ".safetensors"), _with_suffix(stem, ".json")
     digest, pending = str(meta.get("sha256")), _pending(stem, str(meta.get("sha256")))
     if not weights.is_file() and not pending.is_file():
         _not_found(weights)

@@ -29,7 +29,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import torch
 import yaml
 
-from lotus.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, load_model, save_model
+from lotus.checkpoint import atomic_write_json, atomic_write_text, load_model, read_sidecar, save_model
 from lotus.data import DataConfig, class_names
 from lotus.device import check_device, resolve_device
 from lotus.errors import LotusError
@@ -414,7 +414,7 @@ def check_settings(cfg: CompressConfig) -> None:
     the machine, the data and the checkpoint: the device exists, the data is there, the
     checkpoint is a LOTUS model trained on the data's classes (or, without one, the baseline's
     architecture is a timm ViT), and the ticket settings fit the model's blocks and patch grid.
-    Reads no image and no weights beyond the checkpoint file, so it takes a moment.
+    Reads no image and no weights (only the checkpoint's sidecar), so it takes a moment.
     """
     if nm_pattern(cfg.sparsity) and (cfg.isp_target is not None or cfg.structure.enabled):
         raise LotusError(
@@ -430,7 +430,7 @@ def check_settings(cfg: CompressConfig) -> None:
             cfg.tickets.check_model(model.depth, model.grid_size)
         return
     try:
-        _, meta = load_checkpoint(cfg.checkpoint)
+        meta = read_sidecar(cfg.checkpoint)  # the weights' hash is checked when the baseline stage loads them
     except LotusError as e:
         raise LotusError(f"--checkpoint {cfg.checkpoint}: {e}") from None
     if "model" not in meta:
