@@ -20,6 +20,8 @@ BENCHMARKS = {
     "tickets_scoring_speed": "CPU",
     "serve_latency": "CPU; --synthetic, or an exported model",
     "serve_overhead_split": "CPU; an exported model",
+    "serve_hostile": "CPU; the synthetic model (exported once) or an exported one; a few minutes (--quick: one)",
+    "serve_soak": "CPU; the synthetic model (exported once) or an exported one; --minutes (10)",
     "cifar10_baseline": "CIFAR-10 archive in ../shared/data",
     "cifar10_tickets": "CIFAR-10, a baseline checkpoint",
     "cifar10_tickets_finetune": "CIFAR-10, a baseline checkpoint",

@@ -14,7 +14,7 @@ from rich.console import Console
 import lotus
 
 if TYPE_CHECKING:
-    from lotus.data import DataConfig
+    from lotus.config import DataConfig
 
 err = Console(stderr=True)  # messages and progress; stdout carries the results (JSON lines, tables)
 
@@ -62,7 +62,7 @@ def out_option(kind: str, what: str = "Output run folder") -> Any:
 
 def data_config(data: str, data_dir: Path, download: bool = False, img_size: int | None = None) -> DataConfig:
     """The dataset the --data, --data-dir and --download options name."""
-    from lotus.data import DataConfig
+    from lotus.config import DataConfig
 
     return DataConfig(data, data_dir=str(data_dir), download=download, img_size=img_size)
 
@@ -83,6 +83,16 @@ def path_or_new_run(path: Path | None, kind: str) -> Path:
     from lotus.checkpoint import new_run_dir
 
     return new_run_dir(kind)
+
+
+def checked_paths(checkpoint: Path | None, data: DataConfig, device: str, out: Path | None, kind: str) -> tuple[Path, Path]:
+    """The checkpoint a stage reads (default: the latest run) and the folder it writes (default: a
+    new runs/KIND-DATE-TIME), made only once the data, the checkpoint and the device are checked."""
+    from lotus.settings import check_inputs
+
+    checkpoint = path_or_latest_run(checkpoint)
+    check_inputs(data, checkpoint, device)
+    return checkpoint, path_or_new_run(out, kind)
 
 
 def first_process() -> bool:
@@ -107,6 +117,6 @@ def parse_floats(text: str, flag: str) -> tuple[float, ...]:
 
 def parse_sparsity(text: str) -> float | str:
     """--sparsity: 'auto', an N:M pattern such as '2:4', or a fraction."""
-    from lotus.masks import nm_pattern
+    from lotus.config import nm_pattern
 
     return text if text == "auto" or nm_pattern(text) else parse_floats(text, "--sparsity")[0]

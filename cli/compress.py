@@ -29,7 +29,7 @@ from cli.progress import progress_bars
 from cli.tickets import Select
 
 if TYPE_CHECKING:
-    from lotus.pipeline import CompressConfig
+    from lotus.config import CompressConfig
 
 SparsityOpt = Annotated[
     str | None,
@@ -132,7 +132,7 @@ def compress(
     resume: ResumeOpt = False,
 ) -> None:
     """The whole LOTUS pipeline: baseline -> tickets -> prune -> (ISP) -> (structured) -> fine-tune on lottery data -> evaluate -> report."""
-    from lotus.pipeline import check_settings
+    from lotus.settings import check_settings  # without torch: a bad setting is refused in a moment
 
     recipe, out = resumed_recipe(recipe, out, resume)
     cfg = starting_config(recipe, data)
@@ -166,7 +166,8 @@ def resumed_recipe(recipe: Path | None, out: Path | None, resume: bool) -> tuple
 
 def starting_config(recipe: Path | None, data: str | None) -> CompressConfig:
     """The recipe file's settings (on another --data when given), or the dataset's default recipe."""
-    from lotus.pipeline import default_compress_config, load_recipe
+    from lotus.config import default_compress_config
+    from lotus.settings import load_recipe
 
     if recipe is None:
         return default_compress_config(data or "digits")
@@ -184,7 +185,7 @@ def ticket_flags(
     fuse: bool | None,
 ) -> dict[str, Any]:
     """The TicketConfig fields the ticket flags set."""
-    from lotus.tickets import parse_layers
+    from lotus.config import parse_layers
 
     return given(
         drop=drop,

@@ -14,14 +14,13 @@ from cli.common import (
     DataOpt,
     DeviceOpt,
     DownloadOpt,
+    checked_paths,
     data_config,
     err,
     log,
     out_option,
     parse_floats,
     parse_sparsity,
-    path_or_latest_run,
-    path_or_new_run,
     user_errors,
 )
 from cli.progress import progress_bars
@@ -77,8 +76,8 @@ StructuredOutOpt = out_option("structured")
 
 
 def prune_config(scope: str, include: str | None):
-    """The --scope and --include options as a lotus.prune.PruneConfig."""
-    from lotus.prune import PruneConfig
+    """The --scope and --include options as a lotus.config.PruneConfig."""
+    from lotus.config import PruneConfig
 
     names = tuple(x.strip() for x in include.split(",") if x.strip()) if include else ()
     return PruneConfig(scope=scope, include=names)
@@ -100,13 +99,16 @@ def prune_sweep(
     out: SweepOutOpt = None,
 ) -> None:
     """One-shot magnitude pruning at a list of sparsities; finds the essential sparsity (the knee)."""
-    from lotus.prune import DEFAULT_SPARSITIES, WIDE_SPARSITIES, SweepConfig, sweep
+    from lotus.config import DEFAULT_SPARSITIES, WIDE_SPARSITIES, SweepConfig
 
     levels = parse_floats(sparsities, "--sparsities") if sparsities else (WIDE_SPARSITIES if wide else DEFAULT_SPARSITIES)
     cfg = SweepConfig(sparsities=levels, tolerance=tolerance, prune=prune_config(scope, include))
-    checkpoint, out = path_or_latest_run(checkpoint), path_or_new_run(out, "sweep")
+    data_cfg = data_config(data, data_dir, download)
+    checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "sweep")
+    from lotus.prune import sweep  # imports torch: only once the settings are checked
+
     with progress_bars() as progress:
-        result = sweep(checkpoint, data_config(data, data_dir, download), cfg, out, device=device, progress=progress)
+        result = sweep(checkpoint, data_cfg, cfg, out, device=device, progress=progress)
     for row in result["rows"]:
         print(json.dumps(row))
     err.print(
@@ -130,25 +132,27 @@ def prune_oneshot(
     out: OneshotOutOpt = None,
 ) -> None:
     """Stage 1: prune one-shot by global weight magnitude; saves the masked model with its masks."""
-    from lotus.prune import SweepConfig, sweep
-    from lotus.prune import prune_oneshot as oneshot
+    from lotus.config import SweepConfig
 
-    checkpoint, out = path_or_latest_run(checkpoint), path_or_new_run(out, "oneshot")
-    data_cfg, prune_cfg = data_config(data, data_dir, download), prune_config(scope, include)
-    if sparsity == "auto":
+    level, prune_cfg = parse_sparsity(sparsity), prune_config(scope, include)
+    sweep_cfg = SweepConfig(tolerance=tolerance, prune=prune_cfg) if level == "auto" else None
+    data_cfg = data_config(data, data_dir, download)
+    checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "oneshot")
+    from lotus.prune import prune_oneshot as oneshot  # imports torch: only once the settings are checked
+    from lotus.prune import sweep
+
+    if level == "auto":
         with progress_bars() as progress:
             swept = sweep(
                 checkpoint,
                 data_cfg,
-                SweepConfig(tolerance=tolerance, prune=prune_cfg),
+                sweep_cfg,
                 out / "sweep",
                 device=device,
                 progress=progress,
             )
         level = swept["essential_sparsity"]
         err.print(f"--sparsity auto: essential sparsity {level:g} (sweep in {out / 'sweep'})")
-    else:
-        level = parse_sparsity(sparsity)
     result = oneshot(checkpoint, level, out, prune_cfg, data_cfg=data_cfg, device=device)
     print(json.dumps({"sparsity": result["sparsity"]["overall"], "accuracy": result["accuracy"]}))
     err.print(f"measured sparsity {result['sparsity']['overall']:.4f}, accuracy {result['accuracy']:.2f}%; checkpoint: {out}")
@@ -177,7 +181,7 @@ def prune_isp(
     out: IspOutOpt = None,
 ) -> None:
     """Stage 2: Instant Soup Pruning - weak copies on small data slices propose masks that are merged."""
-    from lotus.prune import ISPConfig, isp
+    from lotus.config import ISPConfig
 
     cfg = ISPConfig(
         target=target,
@@ -192,8 +196,11 @@ def prune_isp(
         seed=seed,
         prune=prune_config(scope, include),
     )
-    checkpoint, out = path_or_latest_run(checkpoint), path_or_new_run(out, "isp")
-    result = isp(checkpoint, data_config(data, data_dir, download), cfg, out, device=device, log=log)
+    data_cfg = data_config(data, data_dir, download)
+    checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "isp")
+    from lotus.prune import isp  # imports torch: only once the settings are checked
+
+    result = isp(checkpoint, data_cfg, cfg, out, device=device, log=log)
     print(json.dumps(result))
     err.print(
         f"target {target:g}, achieved sparsity {result['achieved_sparsity']:.4f}, "
@@ -220,12 +227,14 @@ def prune_structured(
 
     Fine-tune the result with `lotus train --checkpoint OUT`, export it with `lotus export onnx`.
     """
-    from lotus.prune import prune_structured as structured
-    from lotus.structured import StructuredConfig
+    from lotus.config import StructuredConfig
 
     cfg = StructuredConfig(heads=heads, mlp=mlp, importance=importance, scope=scope, calib_images=calib_images)
-    checkpoint, out = path_or_latest_run(checkpoint), path_or_new_run(out, "structured")
-    result = structured(checkpoint, out, cfg, data_cfg=data_config(data, data_dir, download), device=device)
+    data_cfg = data_config(data, data_dir, download)
+    checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "structured")
+    from lotus.prune import prune_structured as structured  # imports torch: only once the settings are checked
+
+    result = structured(checkpoint, out, cfg, data_cfg=data_cfg, device=device)
     print(json.dumps({"structure": result["structure"], "parameters": result["parameters"], "accuracy": result["accuracy"]}))
     err.print(
         f"heads per block {result['structure']['num_heads']}, MLP widths {result['structure']['mlp_hidden']}, "

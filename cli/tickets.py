@@ -13,11 +13,10 @@ from cli.common import (
     DataOpt,
     DeviceOpt,
     DownloadOpt,
+    checked_paths,
     data_config,
     err,
     out_option,
-    path_or_latest_run,
-    path_or_new_run,
     user_errors,
 )
 from cli.progress import progress_bars
@@ -107,7 +106,7 @@ def tickets(
     out: TicketsOutOpt = None,
 ) -> None:
     """Score every training patch with a model's attention and write the keep masks (data lottery tickets)."""
-    from lotus.tickets import TicketConfig, parse_layers, tickets_from_checkpoint
+    from lotus.config import TicketConfig, parse_layers
 
     cfg = TicketConfig(
         drop=drop,
@@ -122,11 +121,14 @@ def tickets(
         fuse=fuse,
         seed=seed,
     )
-    checkpoint, out = path_or_latest_run(checkpoint), path_or_new_run(out, "tickets")
+    data_cfg = data_config(data, data_dir, download)
+    checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "tickets")
+    from lotus.tickets import tickets_from_checkpoint  # imports torch: only once the settings are checked
+
     with progress_bars() as progress:
         result = tickets_from_checkpoint(
             checkpoint,
-            data_config(data, data_dir, download),
+            data_cfg,
             cfg,
             out,
             device=device,

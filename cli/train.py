@@ -76,8 +76,8 @@ def train(
     resume: ResumeOpt = False,
 ) -> None:
     """Train a ViT (the dense baseline): AdamW, warm-up + cosine, label smoothing, resumable."""
-    from lotus.train import default_configs
-    from lotus.train import train as train_run
+    from lotus.config import default_configs
+    from lotus.settings import check_inputs
 
     data_cfg, model_cfg, train_cfg = default_configs(data)  # the dataset's defaults, under the flags given
     data_cfg = data_config(data, data_dir, download, img_size=img_size or data_cfg.img_size)
@@ -95,7 +95,10 @@ def train(
             seed=seed,
         ),
     )
+    check_inputs(data_cfg, checkpoint, device)  # without torch: refused before a run folder is made
     out = run_folder(out, resume)
+    from lotus.train import train as train_run  # imports torch: only once the settings are checked
+
     with progress_bars(show=first_process()) as progress:
         history = train_run(
             data_cfg,

@@ -10,6 +10,9 @@ switch from the old checkpoint to the new one. Only then do the new tensors take
 `NAME.safetensors`. A save that fails before the switch leaves the old pair as it was; one that
 fails after it leaves the new sidecar, whose tensors the loader finds under the pending name.
 Whatever a failed or killed save leaves behind, the next successful save removes.
+
+Importing this module does not import torch (the functions that handle tensors do), so the
+settings check reads sidecars and commands make run folders without waiting for it.
 """
 
 from __future__ import annotations
@@ -25,14 +28,16 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn
-
-import torch
-from safetensors.torch import load, save
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import lotus
+from lotus.config import ModelConfig
 from lotus.errors import LotusError
-from lotus.vit import ModelConfig, TokenGatherViT, build_model, reshape_, structure_of
+
+if TYPE_CHECKING:
+    import torch
+
+    from lotus.vit import TokenGatherViT
 
 FORMAT = "lotus-checkpoint/1"
 MODEL_FILE = "model"  # the model checkpoint inside a run folder: model.safetensors + model.json
@@ -160,6 +165,8 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
 
     If it fails (disk full, killed), the checkpoint loads as it was before, or, once the new
     sidecar is in place, as the new one: never a mix (see the module's docstring)."""
+    from safetensors.torch import save
+
     stem = _stem(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     # serialised in memory, so the bytes are hashed and written atomically in one go
@@ -230,6 +237,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     Raises:
         LotusError: a file is missing, unreadable, or the pair does not belong together.
     """
+    from safetensors.torch import load
+
     meta = read_sidecar(path)
     stem = _stem(path)
     weights, sidecar = _with_suffix(stem, ".safetensors"), _with_suffix(stem, ".json")
@@ -263,6 +272,8 @@ def save_model(
 ) -> Path:
     """Save a model with what rebuilds it (its ModelConfig and per-block widths), what feeds it
     (its preprocessing) and its pruning masks (bool tensors, True = kept), if any."""
+    from lotus.vit import structure_of
+
     tensors = dict(model.state_dict())
     tensors.update({MASK_PREFIX + name: m for name, m in (masks or {}).items()})
     meta = {"model": asdict(model_cfg), "structure": structure_of(model), "preprocess": preprocess, **meta}
@@ -276,6 +287,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[To
     Raises:
         LotusError: the checkpoint does not fit its architecture, or a pruned weight is non-zero.
     """
+    from lotus.vit import build_model, reshape_, structure_of
+
     tensors, meta = load_checkpoint(path)
     if "model" not in meta:
         raise LotusError(f"checkpoint {_stem(path)} holds no model config: is it a training-state file?")

@@ -25,24 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lotus.config import BUILTIN_DATASETS as BUILTIN_DATASETS  # re-exported: the settings live in lotus.config
+from lotus.config import CIFAR10_CLASSES as CIFAR10_CLASSES
+from lotus.config import CIFAR10_FOLDER as CIFAR10_FOLDER
+from lotus.config import DataConfig, cifar10_missing, class_folders, split_dir
+from lotus.config import class_names as class_names
 from lotus.errors import LotusError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-BUILTIN_DATASETS = ("digits", "cifar10")
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-CIFAR10_FOLDER = "cifar-10-batches-py"  # what torchvision's CIFAR10 unpacks into data_dir
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    name: str = "digits"  # 'digits', 'cifar10', or the path of an ImageFolder root
-    data_dir: str = "data"  # folder holding torchvision's CIFAR-10 (only used for 'cifar10')
-    download: bool = False  # let torchvision download CIFAR-10 into data_dir when missing
-    img_size: int | None = None  # square side in pixels the images are resized to; None = native
-
-    def __post_init__(self):
-        if self.img_size is not None and not self.img_size >= 1:
-            raise LotusError(f"--img-size {self.img_size} is below 1: pass a side in pixels, or leave it out for the native size")
 
 
 @dataclass(frozen=True)
@@ -109,22 +99,6 @@ def load_split(cfg: DataConfig, split: str) -> ImageData:
     return data
 
 
-def class_names(cfg: DataConfig) -> list[str]:
-    """The dataset's class names in label order, found without decoding an image (so in
-    milliseconds); raises the loader's errors for a dataset that is not there."""
-    if cfg.name == "digits":
-        return [str(c) for c in range(10)]
-    if cfg.name == "cifar10":
-        if not cfg.download and not (Path(cfg.data_dir) / CIFAR10_FOLDER).is_dir():
-            raise _cifar10_missing(Path(cfg.data_dir))
-        return list(CIFAR10_CLASSES)
-    root = Path(cfg.name)
-    classes = _class_folders(_split_dir(root, "train"))
-    if _class_folders(_split_dir(root, "test")) != classes:
-        raise LotusError(f"class folders of {_split_dir(root, 'test')} differ from those of {root / 'train'}: they must match")
-    return classes
-
-
 def load_split_for_model(cfg: DataConfig, preprocess: dict, split: str) -> ImageData:
     """A split as a trained model expects it: at its input size, with its classes in its order.
 
@@ -172,53 +146,22 @@ def _load_cifar10(cfg: DataConfig, split: str) -> ImageData:
     except RuntimeError as e:
         if cfg.download:
             raise LotusError(f"could not download CIFAR-10 into {root}: {e}") from None
-        raise _cifar10_missing(root) from None
+        raise cifar10_missing(root) from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
     return ImageData(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes), "cifar10", split)
 
 
-def _cifar10_missing(root: Path) -> LotusError:
-    return LotusError(
-        f"CIFAR-10 not found in {root}: pass --download to fetch it, --data-dir to point at it, "
-        "or --data PATH for an ImageFolder copy (train/ and test/ class folders)"
-    )
-
-
-def _class_folders(split_dir: Path) -> list[str]:
-    """The class folder names of an ImageFolder split, sorted (their label order)."""
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise LotusError(f"{split_dir} holds no class folders: put each class's images in {split_dir}/<class>/")
-    return classes
-
-
-def _split_dir(root: Path, split: str) -> Path:
-    if not root.is_dir():
-        raise LotusError(
-            f"dataset {str(root)!r} is neither 'digits', 'cifar10' nor a folder: "
-            "pass --data digits|cifar10|PATH to an ImageFolder root"
-        )
-    names = ("train",) if split == "train" else ("test", "val")
-    for name in names:
-        if (root / name).is_dir():
-            return root / name
-    raise LotusError(
-        f"{root} has no {' or '.join(n + '/' for n in names)} folder: an ImageFolder root holds "
-        "train/ and test/ (or val/), each with one folder of images per class"
-    )
-
-
 def _load_image_folder(root: Path, split: str, img_size: int | None) -> ImageData:
-    split_dir = _split_dir(root, split)
-    classes = _class_folders(split_dir)
+    folder = split_dir(root, split)
+    classes = class_folders(folder)
     # The test classes must be the training classes, in the same label order.
-    if split == "test" and classes != _class_folders(_split_dir(root, "train")):
-        raise LotusError(f"class folders of {split_dir} differ from those of {root / 'train'}: they must match")
+    if split == "test" and classes != class_folders(split_dir(root, "train")):
+        raise LotusError(f"class folders of {folder} differ from those of {root / 'train'}: they must match")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not found:
-            raise LotusError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+            raise LotusError(f"class folder {folder / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
         files += found
         labels += [label] * len(found)
     if img_size is None:

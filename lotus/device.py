@@ -7,17 +7,8 @@ import os
 
 import torch
 
+from lotus.config import check_device
 from lotus.errors import LotusError
-
-
-def check_device(name: str) -> None:
-    """Refuse a device string torch cannot parse ('gpu', 'cuda:x'), without looking for the device."""
-    if name == "auto":
-        return
-    try:
-        torch.device(name)
-    except (RuntimeError, TypeError):
-        raise LotusError(f"--device {name!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,12 +16,13 @@ from collections.abc import Iterable
 
 import torch
 
+from lotus.config import EXTRA_PRUNABLE
+from lotus.config import nm_pattern as nm_pattern  # re-exported: the settings check needs it without torch
 from lotus.errors import LotusError
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True = kept
 
 BLOCK_LINEARS = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
-EXTRA_PRUNABLE = {"patch_embed": "patch_embed.proj.weight", "head": "head.weight"}
 
 
 def prunable_names(model: torch.nn.Module, include: Iterable[str] = ()) -> list[str]:
@@ -73,16 +74,6 @@ def _keep_top(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
     if num_keep > 0:
         mask[scores.topk(num_keep, sorted=False).indices] = True
     return mask
-
-
-def nm_pattern(sparsity: float | str) -> tuple[int, int] | None:
-    """(n, m) for an N:M pattern written 'n:m' (e.g. '2:4'); None for a plain sparsity."""
-    if not isinstance(sparsity, str) or ":" not in sparsity:
-        return None
-    n, _, m = sparsity.partition(":")
-    if not (n.strip().isdigit() and m.strip().isdigit()) or not 0 < int(n) < int(m):
-        raise LotusError(f"sparsity pattern {sparsity!r} is not N:M with 0 < N < M (2:4 is what NVIDIA GPUs accelerate)")
-    return int(n), int(m)
 
 
 def holds_pattern(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:

@@ -13,6 +13,10 @@ continue from their last finished epoch. The recipe (`recipe.yaml`) holds every 
 The stages are a table (`STAGES`) that `compress` walks: each stage is a function from the run
 to its figures, and the runner alone announces it ("[2/7] tickets"), skips it when an earlier
 run finished it, times it and records it in stages.json.
+
+The settings (`CompressConfig`) live in `lotus.config`, and the recipe and the check before any
+stage (`check_settings`) in `lotus.settings`, all without torch, so the CLI refuses a bad setting
+before it loads this module; they are importable from here too.
 """
 
 from __future__ import annotations
@@ -20,165 +24,28 @@ from __future__ import annotations
 import json
 import statistics
 import time
-import types
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 import torch
-import yaml
 
-from lotus.checkpoint import atomic_write_json, atomic_write_text, load_model, read_sidecar, save_model
-from lotus.data import DataConfig, class_names
-from lotus.device import check_device, resolve_device
+from lotus.checkpoint import atomic_write_json, load_model, save_model
+from lotus.config import CompressConfig, ModelConfig, nm_pattern
+from lotus.config import default_compress_config as default_compress_config  # re-exported with the recipe functions
 from lotus.errors import LotusError
-from lotus.masks import nm_pattern, prunable_names, sparsity_report, sparsity_summary
+from lotus.masks import prunable_names, sparsity_report, sparsity_summary
 from lotus.progress import Progress
-from lotus.prune import ISPConfig, PruneConfig, SweepConfig, isp, prune_oneshot, prune_structured, sweep
+from lotus.prune import isp, prune_oneshot, prune_structured, sweep
 from lotus.report import build_metrics, write_report
-from lotus.structured import StructuredConfig
-from lotus.tickets import TicketConfig, tickets_from_checkpoint
-from lotus.train import TrainConfig, batch_tokens, default_configs, evaluate_checkpoint, train
-from lotus.vit import ModelConfig
+from lotus.settings import check_settings, load_recipe, save_recipe
+from lotus.settings import from_dict as from_dict
+from lotus.settings import to_dict as to_dict
+from lotus.tickets import tickets_from_checkpoint
+from lotus.train import batch_tokens, evaluate_checkpoint, train
 
 STATE_FILE = "stages.json"
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    data: DataConfig = DataConfig("digits", img_size=16)  # the dataset (see lotus.data)
-    checkpoint: str | None = None  # dense model to compress; None = train the baseline first
-    model: ModelConfig = ModelConfig(depth=4, drop_path_rate=0.0)  # the baseline to train when no checkpoint
-    baseline: TrainConfig = TrainConfig(epochs=20, batch_size=32, lr=5e-4, warmup_epochs=1.0)  # its training
-    tickets: TicketConfig = TicketConfig(drop=0.1)  # data lottery tickets
-    sparsity: float | str = 0.3  # stage-1 one-shot sparsity of the prunable weights, 'auto' (the knee), or '2:4'
-    sweep: SweepConfig = SweepConfig()  # the sweep behind 'auto' (its tolerance sets the knee)
-    prune: PruneConfig = PruneConfig()  # what is pruned and how it is ranked
-    isp_target: float | None = None  # stage-2 ISP target sparsity; None skips stage 2
-    isp: ISPConfig = ISPConfig()  # stage-2 settings (its target is isp_target)
-    structure: StructuredConfig = StructuredConfig()  # heads / MLP neurons to remove (none by default)
-    finetune: TrainConfig = TrainConfig(epochs=5, batch_size=32, lr=2.5e-4, warmup_epochs=0.5)  # fine-tuning on lottery data
-    device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N'
-
-    def __post_init__(self):
-        object.__setattr__(self, "sparsity", _sparsity_level(self.sparsity))  # '0.3' (a flag, a recipe) -> 0.3
-        if self.isp_target is not None:
-            if not 0 < self.isp_target < 1:
-                raise LotusError(
-                    f"--isp-target {self.isp_target} is outside (0, 1): it is the sparsity stage 2 ends at; "
-                    "pass e.g. 0.5, or leave it out to skip ISP"
-                )
-            if isinstance(self.sparsity, float) and not self.isp_target > self.sparsity:
-                raise LotusError(
-                    f"--isp-target {self.isp_target} is not above --sparsity {self.sparsity}: ISP prunes on from "
-                    "stage 1's sparsity, so raise --isp-target or lower --sparsity"
-                )
-        check_device(self.device)
-
-
-def _sparsity_level(value: float | str) -> float | str:
-    """--sparsity as the stages take it: 'auto', an N:M pattern such as '2:4', or a fraction in [0, 1)."""
-    if value == "auto":
-        return value
-    if isinstance(value, str) and ":" in value:
-        try:
-            nm_pattern(value)
-        except LotusError:
-            raise LotusError(f"--sparsity {value} is not an N:M pattern with 0 < N < M: use e.g. 2:4") from None
-        return value
-    try:
-        level = float(value)
-    except ValueError:
-        raise LotusError(f"--sparsity {value!r} is not a number, 'auto' or an N:M pattern: pass e.g. 0.3, auto or 2:4") from None
-    if not 0 <= level < 1:
-        raise LotusError(f"--sparsity {value} is outside [0, 1): it is the fraction of the prunable weights pruned, e.g. 0.3")
-    return level
-
-
-def default_compress_config(data_name: str) -> CompressConfig:
-    """Settings for a dataset: its baseline recipe, and fine-tuning at half its learning rate."""
-    data_cfg, model_cfg, train_cfg = default_configs(data_name)
-    finetune = replace(train_cfg, epochs=5, lr=train_cfg.lr / 2, warmup_epochs=0.5)
-    return CompressConfig(data=data_cfg, model=model_cfg, baseline=train_cfg, finetune=finetune)
-
-
-def to_dict(cfg: Any) -> Any:
-    return asdict(cfg) if is_dataclass(cfg) else cfg
-
-
-def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
-    """Rebuild a (nested) config dataclass from a dict; unknown keys, values of the wrong type and
-    values the config refuses are an error naming the setting (`where` is the path to `cls`)."""
-    hints = get_type_hints(cls)
-    unknown = set(values) - {f.name for f in fields(cls)}
-    if unknown:
-        raise LotusError(f"unknown {cls.__name__} settings in the recipe: {', '.join(sorted(unknown))}")
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value, f"{where}{name}.")
-        elif isinstance(value, list):
-            value = tuple(value)
-        elif isinstance(value, str) and _fits(0.0, hint) and not _fits(value, hint):
-            value = _number_or_text(value)  # YAML 1.1 reads 5e-4 (no dot) as text
-        if not _fits(value, hint):
-            raise LotusError(f"{where}{name} is {value!r}, not {_kind(hint)}: correct it, or delete it to take the default")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except LotusError as e:
-        raise LotusError(f"{where.rstrip('.')}: {e}" if where else str(e)) from None
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether `value` has type `hint` (an int counts as a float; a bool as no number)."""
-    if get_origin(hint) in (Union, types.UnionType):
-        return any(_fits(value, arg) for arg in get_args(hint))
-    if get_origin(hint) is tuple:
-        return isinstance(value, tuple) and all(_fits(item, get_args(hint)[0]) for item in value)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return value is None if hint is type(None) else isinstance(value, hint)
-
-
-def _kind(hint: Any) -> str:
-    """How a recipe writes a value of type `hint`, for error messages."""
-    if get_origin(hint) in (Union, types.UnionType):
-        return " or ".join(_kind(arg) for arg in get_args(hint))
-    if get_origin(hint) is tuple:
-        return f"a list of {_kind(get_args(hint)[0]).removeprefix('a ')}s"
-    names = {int: "a whole number", float: "a number", bool: "true or false", str: "a text", type(None): "null"}
-    return names.get(hint, "a mapping of settings")
-
-
-def _number_or_text(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def save_recipe(cfg: CompressConfig, path: Path) -> None:
-    atomic_write_text(
-        path, "# lotus compress --recipe THIS_FILE repeats the run\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    )
-
-
-def load_recipe(path: str | Path) -> CompressConfig:
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise LotusError(f"cannot read recipe {path}: {e}") from None
-    if not isinstance(values, dict):
-        raise LotusError(f"recipe {path} is not a mapping of settings: write it with `lotus compress` first")
-    try:
-        return from_dict(CompressConfig, values)
-    except LotusError as e:
-        raise LotusError(f"recipe {path}: {e}") from None
 
 
 @dataclass
@@ -404,46 +271,6 @@ def compress(
         figures = stage.run(run)
         state.finish(stage.name, {"accuracy": None, "seconds": run.seconds(), "images_per_second": None, **figures})
     return build_metrics(cfg, state.done)
-
-
-def check_settings(cfg: CompressConfig) -> None:
-    """Refuse, before any stage starts or anything is written, settings a later stage would fail on.
-
-    Each config checked its own fields when it was built (`__post_init__`); what is left is
-    whether stages go together (an N:M pattern survives no further pruning) and what needs
-    the machine, the data and the checkpoint: the device exists, the data is there, the
-    checkpoint is a LOTUS model trained on the data's classes (or, without one, the baseline's
-    architecture is a timm ViT), and the ticket settings fit the model's blocks and patch grid.
-    Reads no image and no weights (only the checkpoint's sidecar), so it takes a moment.
-    """
-    if nm_pattern(cfg.sparsity) and (cfg.isp_target is not None or cfg.structure.enabled):
-        raise LotusError(
-            f"--sparsity {cfg.sparsity} keeps an N:M pattern that ISP and structured pruning would break: "
-            "drop --isp-target and --structure, or use a plain sparsity"
-        )
-    resolve_device(cfg.device)
-    classes = class_names(cfg.data)
-    if cfg.checkpoint is None:
-        model = replace(cfg.model, img_size=cfg.data.img_size) if cfg.data.img_size else replace(cfg.model, patch_size=None)
-        model.check()  # without --img-size the native size is known once an image is read: check the name only
-        if cfg.data.img_size:
-            cfg.tickets.check_model(model.depth, model.grid_size)
-        return
-    try:
-        meta = read_sidecar(cfg.checkpoint)  # the weights' hash is checked when the baseline stage loads them
-    except LotusError as e:
-        raise LotusError(f"--checkpoint {cfg.checkpoint}: {e}") from None
-    if "model" not in meta:
-        raise LotusError(f"--checkpoint {cfg.checkpoint} holds no model: pass a model checkpoint or a run folder")
-    trained_on = meta["preprocess"]["classes"]
-    if trained_on != classes:
-        raise LotusError(
-            f"--checkpoint {cfg.checkpoint} was trained on {len(trained_on)} classes ({', '.join(trained_on[:4])}, ...), "
-            f"--data {cfg.data.name} has {len(classes)} ({', '.join(classes[:4])}, ...): "
-            "pass the --data it was trained on, or a checkpoint trained on this data"
-        )
-    model = ModelConfig(**meta["model"])
-    cfg.tickets.check_model(len(meta["structure"]["num_heads"]) if meta.get("structure") else model.depth, model.grid_size)
 
 
 def _open(run: Path, cfg: CompressConfig, resume: bool) -> RunState:

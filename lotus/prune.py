@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lotus.checkpoint import atomic_write_csv, atomic_write_json, load_model, save_model
+from lotus.config import DEFAULT_SPARSITIES as DEFAULT_SPARSITIES  # re-exported: the settings live in lotus.config
+from lotus.config import WIDE_SPARSITIES as WIDE_SPARSITIES
+from lotus.config import DataConfig, ISPConfig, ModelConfig, PruneConfig, StructuredConfig, SweepConfig, TrainConfig
 from lotus.data import (
     BatchLoader,
-    DataConfig,
     ImageData,
     default_augment,
     load_split_for_model,
@@ -37,7 +39,6 @@ from lotus.data import (
 from lotus.device import resolve_device
 from lotus.errors import LotusError
 from lotus.masks import (
-    EXTRA_PRUNABLE,
     Masks,
     apply_masks_,
     essential_sparsity,
@@ -51,70 +52,9 @@ from lotus.masks import (
     sparsity_summary,
 )
 from lotus.progress import Progress, report
-from lotus.structured import StructuredConfig, activation_scores, choose, magnitude_scores, shrink_, taylor_scores
-from lotus.train import TrainConfig, evaluate, fit
-from lotus.vit import ModelConfig, count_parameters, structure_of
-
-DEFAULT_SPARSITIES = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
-WIDE_SPARSITIES = DEFAULT_SPARSITIES + (0.6, 0.7, 0.8, 0.9)
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    scope: str = "global"  # 'global': one magnitude ranking over all prunable weights; 'layer': each to the same sparsity
-    include: tuple[str, ...] = ()  # extra weights to prune beside the blocks' Linears: 'patch_embed', 'head'
-
-    def __post_init__(self):
-        if self.scope not in ("global", "layer"):
-            raise LotusError(f"--scope {self.scope!r} is not 'global' or 'layer'")
-        for extra in self.include:
-            if extra not in EXTRA_PRUNABLE:
-                raise LotusError(f"--include {extra!r} is not one of: {', '.join(EXTRA_PRUNABLE)}")
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    sparsities: tuple[float, ...] = DEFAULT_SPARSITIES  # one-shot sparsities to evaluate
-    tolerance: float = 1.0  # accuracy points below dense still counted as "no loss" (the knee)
-    prune: PruneConfig = PruneConfig()
-
-    def __post_init__(self):
-        if not self.sparsities or not all(0 <= s < 1 for s in self.sparsities):
-            raise LotusError(f"--sparsities {list(self.sparsities)}: give one or more fractions in [0, 1), e.g. 0.1,0.3,0.5")
-        if not self.tolerance >= 0:
-            raise LotusError(
-                f"--tolerance {self.tolerance} is negative: it is the accuracy points below dense still counted as no loss"
-            )
-
-
-@dataclass(frozen=True)
-class ISPConfig:
-    target: float = 0.5  # overall sparsity of the prunable weights after stage 2
-    rounds: int = 2  # sparsity rises linearly from the starting sparsity to `target` over the rounds
-    copies: int = 5  # weak copies per round
-    data_fraction: float = 0.1  # share of the training split each weak copy sees
-    epochs: int = 1  # passes of each weak copy over its slice
-    lr: float = 1e-4  # weak copies' learning rate (constant after a short warm-up)
-    merge: str = "union"  # 'union', 'vote', 'intersection', or 'levels' (one set of weights at several sparsities)
-    min_votes: int | None = None  # for merge='vote': copies that must keep a weight
-    soup: bool = True  # start the next round from the average of the copies' weights
-    seed: int = 0  # seeds the slices and the copies
-    prune: PruneConfig = PruneConfig()
-
-    def __post_init__(self):
-        if not 0 < self.target < 1:
-            raise LotusError(f"--target {self.target} is outside (0, 1): it is the sparsity ISP ends at, e.g. 0.5")
-        for flag, value in (("--rounds", self.rounds), ("--copies", self.copies), ("--epochs", self.epochs)):
-            if not value >= 1:
-                raise LotusError(f"ISP {flag} {value} is below 1: pass 1 or more")
-        if not 0 < self.data_fraction <= 1:
-            raise LotusError(f"--data-fraction {self.data_fraction} is outside (0, 1]: it is each weak copy's share of the data")
-        if not self.lr > 0:
-            raise LotusError(f"ISP --lr {self.lr} is not above 0: pass a positive learning rate such as 1e-4")
-        if self.merge not in ("union", "vote", "intersection", "levels"):
-            raise LotusError(f"--merge {self.merge!r} is not one of: union, vote, intersection, levels")
-        if self.merge == "vote" and not (self.min_votes is not None and 1 <= self.min_votes <= self.copies):
-            raise LotusError(f"--merge vote needs --min-votes between 1 and --copies {self.copies} (got {self.min_votes})")
+from lotus.structured import activation_scores, choose, magnitude_scores, shrink_, taylor_scores
+from lotus.train import evaluate, fit
+from lotus.vit import count_parameters, structure_of
 
 
 def _weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -190,7 +130,7 @@ def prune_oneshot(
     checkpoint: str | Path,
     sparsity: float | str,
     out_dir: str | Path,
-    cfg: PruneConfig = PruneConfig(),
+    cfg: PruneConfig | None = None,
     *,
     data_cfg: DataConfig | None = None,
     device: str = "auto",
@@ -200,7 +140,9 @@ def prune_oneshot(
 
     `sparsity` may be an N:M pattern such as '2:4': in every group of M consecutive inputs of
     each weight, the N of largest magnitude stay (the layout NVIDIA sparse tensor cores run).
+    `cfg` None prunes as PruneConfig() does.
     """
+    cfg = cfg or PruneConfig()
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
     names = prunable_names(model, cfg.include)

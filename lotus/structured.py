@@ -32,50 +32,17 @@ is what the shrunk model is checked against.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from timm.layers.attention import Attention
 
+from lotus.config import IMPORTANCE as IMPORTANCE  # re-exported: the settings live in lotus.config
+from lotus.config import StructuredConfig
 from lotus.errors import LotusError
 from lotus.masks import Masks
 from lotus.vit import check_resizable, resize_block_
 
 Keep = dict[str, list[list[int]]]  # {"heads": per block kept head indices, "mlp": per block kept neurons}
-
-
-@dataclass(frozen=True)
-class StructuredConfig:
-    heads: float = 0.0  # fraction of the attention heads removed (0 = none)
-    mlp: float = 0.0  # fraction of the MLP hidden neurons removed (0 = none)
-    importance: str = "magnitude"  # 'magnitude' (weights only), 'activation' or 'taylor' (calibration data)
-    scope: str = "block"  # 'block': the same share from every block; 'global': ranked across blocks
-    calib_images: int = 512  # training images 'activation' and 'taylor' are measured on
-    seed: int = 0  # which calibration images
-
-    @property
-    def enabled(self) -> bool:
-        return self.heads > 0 or self.mlp > 0
-
-    def __post_init__(self):
-        self.check()
-
-    def check(self) -> None:
-        """Refuse fields no model can take (names as `lotus compress --structure` and `lotus prune structured` spell them)."""
-        if self.importance not in IMPORTANCE:
-            raise LotusError(f"structured importance {self.importance!r} is not one of: {', '.join(IMPORTANCE)}")
-        if self.scope not in ("block", "global"):
-            raise LotusError(f"structured scope {self.scope!r} is not 'block' or 'global'")
-        for what, fraction in (("heads", self.heads), ("mlp", self.mlp)):
-            if not 0 <= fraction < 1:
-                raise LotusError(
-                    f"--structure {what}={fraction} is outside [0, 1): it is the share of the {what} removed, e.g. 0.25"
-                )
-        if not self.calib_images >= 1:
-            raise LotusError(f"--calib-images {self.calib_images} is below 1: importance is measured on 1 or more images")
-
-
-IMPORTANCE = ("magnitude", "activation", "taylor")
 
 
 def _num_removed(fraction: float, count: int, what: str) -> int:

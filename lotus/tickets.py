@@ -65,61 +65,15 @@ import torch
 import torch.nn.functional as F
 
 from lotus.checkpoint import load_checkpoint, save_checkpoint
-from lotus.data import Batch, BatchLoader, DataConfig, ImageData
+from lotus.config import DataConfig, TicketConfig, check_spread, resolve_layers
+from lotus.config import parse_layers as parse_layers  # re-exported: the settings live in lotus.config
+from lotus.data import Batch, BatchLoader, ImageData
 from lotus.drop import num_keep
 from lotus.errors import LotusError
 from lotus.progress import Progress, report
 from lotus.vit import TokenGatherViT, cls_attention
 
 TICKETS_FILE = "tickets"  # DIR/tickets.safetensors + DIR/tickets.json
-
-
-@dataclass(frozen=True)
-class TicketConfig:
-    drop: float = 0.1  # fraction of each image's patches dropped, in [0, 1)
-    select: str = "attention"  # 'attention' (scored by the model) or 'random' (the control)
-    method: str = "cls"  # 'cls' (class-token attention row) or 'rollout'
-    layers: tuple[int, ...] | str | None = (
-        None  # blocks used (negative counts from the end) or 'all'; None = last (cls) / all (rollout)
-    )
-    cls_sink: bool = True  # replace the class token's self-attention by its row mean
-    norm_outliers: bool = True  # replace scores of high-norm outlier patches by their neighbours' mean
-    outlier_z: float = 3.5  # robust z-score above which a patch's output norm is an outlier...
-    outlier_ratio: float = 2.0  # ...if it is also this many times its image's median norm
-    temperature: float = 0.0  # 0: fixed top-K tickets; > 0: K patches re-drawn per batch, weight score ** (1 / T)
-    spread: int = 1  # 1: the K best of the image; S > 1: every S x S block of patches keeps its best first
-    balance: bool = False  # rank each score among all images' at its position: every position kept equally often
-    fuse: bool = False  # train on K kept patches plus one token fusing the dropped ones (EViT)
-    batch_size: int = 256  # images per scoring pass
-    seed: int = 0  # seed of the random control
-
-    def __post_init__(self):
-        if not 0 <= self.drop < 1:
-            raise LotusError(f"--drop {self.drop} is outside [0, 1): it is the fraction of patches dropped")
-        if self.select not in ("attention", "random"):
-            raise LotusError(f"--select {self.select!r} is not one of: attention, random")
-        if self.method not in ("cls", "rollout"):
-            raise LotusError(f"--method {self.method!r} is not one of: cls, rollout")
-        if isinstance(self.layers, str) and self.layers != "all":
-            raise LotusError(f"--layers {self.layers!r} is not 'all' or a comma-separated list of block numbers")
-        if self.spread < 1:
-            raise LotusError(f"--spread {self.spread} must be at least 1 (the side of the patch blocks, 1 = whole image)")
-        if self.balance and self.select == "random":
-            raise LotusError(
-                "--balance ranks attention scores by position: random tickets keep every position equally often already"
-            )
-        if not self.temperature >= 0:
-            raise LotusError(
-                f"--temperature {self.temperature} is negative: use 0 for fixed tickets or a positive value to sample"
-            )
-        if not self.batch_size >= 1:
-            raise LotusError(f"ticket batch_size {self.batch_size} is below 1: score 1 or more images per pass")
-
-    def check_model(self, depth: int | None, grid: int) -> None:
-        """Refuse settings that do not fit a model of `depth` blocks (None: not known yet) on a `grid` x `grid` patch grid."""
-        _check_spread(self.spread, grid)
-        if depth is not None and self.select == "attention":
-            resolve_layers(self, depth)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,26 +211,6 @@ def transport_scores(scores: torch.Tensor, grid: int, patch_size: int, shift: to
 
 # ---------------------------------------------------------------------------------------------
 # Scoring a dataset with a model
-
-
-def parse_layers(text: str | None) -> tuple[int, ...] | str | None:
-    """`--layers` as typed: None (the method's default), 'all', or block numbers such as '9,10,11'."""
-    if not text or text.strip() == "all":
-        return text.strip() if text else None
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise LotusError(f"--layers {text!r} is not 'all' or a comma-separated list of block numbers") from None
-
-
-def resolve_layers(cfg: TicketConfig, depth: int) -> list[int]:
-    if cfg.layers == "all":
-        return list(range(depth))
-    layers = cfg.layers if cfg.layers else ((depth - 1,) if cfg.method == "cls" else tuple(range(depth)))
-    resolved = sorted({layer % depth for layer in layers if -depth <= layer < depth})
-    if len(resolved) != len(set(layers)):
-        raise LotusError(f"--layers {list(layers)} names blocks outside 0..{depth - 1}")
-    return resolved
 
 
 @torch.inference_mode()
@@ -423,7 +357,7 @@ def make_tickets(
     """
     grid = model.patch_embed.grid_size[0]
     patch_size = model.patch_embed.patch_size[0]
-    _check_spread(cfg.spread, grid)
+    check_spread(cfg.spread, grid)
     N = grid * grid
     k = num_keep(N, cfg.drop)
     model.eval().to(device)
@@ -467,7 +401,7 @@ def recut_tickets(tickets: Tickets, cfg: TicketConfig) -> Tickets:
     ]  # as JSON: the saved config holds lists for tuples
     if differ:
         raise LotusError(f"these tickets were scored with other settings, {', '.join(differ)}: score again with `lotus tickets`")
-    _check_spread(cfg.spread, tickets.grid)
+    check_spread(cfg.spread, tickets.grid)
     meta = {**tickets.meta, "config": wanted, "num_keep": num_keep(tickets.grid**2, cfg.drop)}
     return _cut(tickets.scores, tickets.grid, tickets.patch_size, meta)
 
@@ -480,11 +414,6 @@ def _cut(scores: torch.Tensor, grid: int, patch_size: int, meta: dict[str, Any])
     """Tickets keeping each image's top-K of its selection keys (see `Tickets.keys`)."""
     keys = _selection_keys(scores, meta["config"])
     return Tickets(select_keep(keys, meta["num_keep"], grid, meta["config"]["spread"]), scores, grid, patch_size, meta)
-
-
-def _check_spread(spread: int, grid: int) -> None:
-    if grid % spread:
-        raise LotusError(f"--spread {spread} does not divide the {grid}x{grid} patch grid: use a divisor of {grid}")
 
 
 def save_tickets(tickets: Tickets, out_dir: str | Path) -> Path:

@@ -32,57 +32,28 @@ from lotus.checkpoint import (
     save_checkpoint,
     save_model,
 )
+from lotus.config import DataConfig, ModelConfig, TrainConfig, default_patch_size
+from lotus.config import default_configs as default_configs  # re-exported: the settings live in lotus.config
 from lotus.data import (
     Batch,
     BatchLoader,
-    DataConfig,
     ImageData,
     default_augment,
     load_split,
     load_split_for_model,
 )
-from lotus.device import autocast, check_device, distributed, resolve_device, weights_digest
+from lotus.device import autocast, distributed, resolve_device, weights_digest
 from lotus.errors import LotusError
 from lotus.masks import MaskEnforcer, Masks, enforce_masks_
 from lotus.progress import Progress, report
 from lotus.tickets import load_tickets
-from lotus.vit import ModelConfig, TokenGatherViT, build_model, default_patch_size
+from lotus.vit import TokenGatherViT, build_model
 
 STATE_FILE = "train_state"  # resumable state in a run folder: model + optimizer + epoch
 METRICS_FILE = "metrics.jsonl"  # one JSON line per epoch
 NO_EVAL = {"loss": None, "accuracy": None}  # an epoch's test figures when nothing is evaluated
 
 KeepFn = Callable[[Batch], tuple[torch.Tensor, torch.Tensor | None]]  # (B, K) keep indices, (B, N) fused-token weights or None
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 30  # passes over the training split
-    batch_size: int = 128  # images per optimizer step
-    lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
-    min_lr: float = 1e-5  # learning rate at the end of the cosine decay
-    warmup_epochs: float = 2.0  # linear warm-up from 0, in epochs
-    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms, biases, embeddings)
-    label_smoothing: float = 0.1  # cross-entropy label smoothing
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    seed: int = 0  # seeds the weights, the batch order, augmentation and dropout
-    device: str = "auto"  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'
-
-    def __post_init__(self):
-        if not self.epochs >= 1:
-            raise LotusError(f"--epochs {self.epochs} is below 1: training needs at least one pass over the data")
-        if not self.batch_size >= 1:
-            raise LotusError(f"--batch-size {self.batch_size} is below 1: a step needs at least one image")
-        if not self.lr > 0:
-            raise LotusError(f"--lr {self.lr} is not above 0: pass a positive peak learning rate such as 5e-4")
-        for flag, value in (("--warmup-epochs", self.warmup_epochs), ("--weight-decay", self.weight_decay)):
-            if not value >= 0:
-                raise LotusError(f"{flag} {value} is negative: pass 0 or more")
-        if not self.min_lr >= 0 or not self.grad_clip >= 0:
-            raise LotusError(f"min_lr {self.min_lr} and grad_clip {self.grad_clip} must be 0 or more")
-        if not 0 <= self.label_smoothing < 1:
-            raise LotusError(f"--label-smoothing {self.label_smoothing} is outside [0, 1): pass e.g. 0.1, or 0 for none")
-        check_device(self.device)
 
 
 def log_to_stderr(line: str) -> None:
@@ -338,22 +309,6 @@ def fit(
     if world > 1:
         log(f"rank {rank}/{world} weights {weights_digest(model)}")
     return history
-
-
-def default_configs(data_name: str) -> tuple[DataConfig, ModelConfig, TrainConfig]:
-    """The configs `lotus train --data NAME` starts from before its flags apply.
-
-    The digits are 8x8: upsampled to 16x16 with 4x4 patches (16 tokens, as on an 8x8 grid of
-    2x2 patches but with smoother patch embeddings, which learn faster), and a 4-block ViT-Tiny
-    trained with small batches: 1,437 training images give few steps per epoch.
-    """
-    if data_name == "digits":
-        return (
-            DataConfig("digits", img_size=16),
-            ModelConfig(depth=4, drop_path_rate=0.0),
-            TrainConfig(epochs=20, batch_size=32, lr=5e-4, warmup_epochs=1.0),
-        )
-    return DataConfig(data_name), ModelConfig(), TrainConfig()
 
 
 def preprocess_of(data: ImageData, mean: list[float], std: list[float]) -> dict[str, Any]:

@@ -13,65 +13,15 @@ checkpoint like any other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import timm
 import torch
 from timm.layers import Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import VisionTransformer
 
+from lotus.config import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported: the settings live in lotus.config
+from lotus.config import ModelConfig, default_patch_size
 from lotus.errors import LotusError
-
-DEFAULT_MODEL = "vit_tiny_patch16_224"  # ViT-Tiny shape: width 192, depth 12, 3 heads
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = DEFAULT_MODEL  # any timm VisionTransformer architecture
-    num_classes: int = 10  # classifier outputs
-    img_size: int = 32  # square input side in pixels (training sets it to the data's)
-    patch_size: int | None = None  # square patch side in pixels; None = default_patch_size(img_size)
-    depth: int | None = None  # number of blocks; None = the architecture's own
-    pretrained: bool = False  # load timm's hub weights (needs a network)
-    drop_path_rate: float = 0.1  # stochastic depth at the last block (linear from 0)
-
-    def __post_init__(self):
-        for flag, value in (("num_classes", self.num_classes), ("--img-size", self.img_size)):
-            if not value >= 1:
-                raise LotusError(f"{flag} {value} is below 1")
-        for flag, value in (("--patch-size", self.patch_size), ("--depth", self.depth)):
-            if value is not None and not value >= 1:
-                raise LotusError(f"{flag} {value} is below 1: pass 1 or more, or leave it out for the default")
-        if not 0 <= self.drop_path_rate < 1:
-            raise LotusError(f"drop_path_rate {self.drop_path_rate} is outside [0, 1)")
-
-    def check(self) -> None:
-        """Refuse an architecture LOTUS cannot build (no weights are made, nothing is downloaded)."""
-        patch_size = self.patch_size or default_patch_size(self.img_size)
-        if self.img_size % patch_size:
-            raise LotusError(f"--img-size {self.img_size} is not a multiple of --patch-size {patch_size}")
-        if not timm.is_model(self.name):
-            raise LotusError(f"unknown timm model {self.name!r}: list ViTs with `timm.list_models('vit_*')`")
-        if timm.models.model_entrypoint(self.name).__module__ not in ("timm.models.vision_transformer", "timm.models.deit"):
-            raise LotusError(f"{self.name} is not a timm VisionTransformer: pick a vit_* or deit_* model with --model")
-
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // (self.patch_size or default_patch_size(self.img_size))
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
-
-def default_patch_size(img_size: int) -> int:
-    """Patch side: a 4x4 grid up to 16px, 4px patches up to 64px, timm's usual 16px beyond."""
-    if img_size <= 16:
-        return max(1, img_size // 4)
-    if img_size <= 64:
-        return 4
-    return 16
 
 
 def gather_tokens(

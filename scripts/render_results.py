@@ -1105,6 +1105,106 @@ def overhead_split(src: Source, page: Page) -> None:
     page.table(header, rows, [rel])
 
 
+def ms(stats: dict) -> str:
+    """p50 / p99 / max of a latency_stats dict, in ms."""
+    return f"{stats['p50_ms']:.1f} / {stats['p99_ms']:.1f} / {stats['max_ms']:.1f}"
+
+
+def hostile(src: Source, page: Page) -> None:
+    rel = "serve_hostile.json"
+    if not src.has(rel):
+        return
+    data = src.json(rel)
+    sections = data["sections"]
+    page.add(
+        "## Serving under hostile load",
+        "",
+        "`lotus serve` with its default limits on the synthetic ViT-Tiny (CIFAR-10's shape), attacked on loopback by"
+        " `benchmarks/serve_hostile.py`, one section at a time. The load generator shares the machine's two cores with"
+        " the server, so its own work (sending 200 bodies of 0.8 MB at once) is part of every latency below.",
+        "",
+    )
+    page.about(machine(data, rel), "one run of each section; health checks every 10 ms from another thread")
+    rows = hostile_memory_rows(sections["memory"]) + hostile_header_rows(sections["header"])
+    rows += hostile_crowd_rows(sections["backpressure"]) + hostile_slow_rows(sections["slow_clients"])
+    page.table(["case", "figure", "target"], rows, [rel])
+
+
+def hostile_memory_rows(memory: dict) -> list[list[str]]:
+    kinds = ", ".join(memory["kinds"])
+    return [
+        [
+            f"four 16-bit PNGs of {memory['image']} at once ({kinds}, in turn), RSS peak above before",
+            f"{memory['worst_peak_minus_before_mb']:.0f} MB",
+            f"<= {memory['targets']['peak_minus_before_mb']} MB",
+        ],
+        ["the same, RSS 5 s after the last, above before the first", f"{memory['after_minus_before_mb']:.0f} MB", "<= 50 MB"],
+    ]
+
+
+def hostile_header_rows(header: dict) -> list[list[str]]:
+    return [
+        [
+            f"a {header['header_bytes'] / 2**20:.0f} MB header: answer, time to it",
+            f"{header['answer']} after {header['seconds'] * 1000:.0f} ms",
+            "431 within 1 s",
+        ],
+        ["the same: /v2/health/live meanwhile, p50 / p99 / max ms", ms(header["health_during"]), "<= 50 ms"],
+    ]
+
+
+def hostile_crowd_rows(crowd: dict) -> list[list[str]]:
+    statuses = ", ".join(f"{n} x {status}" for status, n in crowd["statuses"].items())
+    continued = crowd["expect_continue"]
+    return [
+        [
+            f"{crowd['requests']} concurrent requests of {crowd['images_per_request']} images, queue"
+            f" {crowd['queue_capacity_images']} images (2 s of work measured at startup), deadline {crowd['timeout_ms']:g} ms",
+            statuses,
+            "the excess 503, the rest answered by the deadline",
+        ],
+        [
+            "the same: 503 latency, p50 / p99 / max ms (clients sending their 0.8 MB body)",
+            ms(crowd["latency"]["503"]),
+            "<= 50 ms",
+        ],
+        ["the same from clients that wait for `100 Continue` (no body sent)", ms(continued["latency"]["503"]), "<= 50 ms"],
+        ["one request at a time into the full queue: 503 latency, p50 / p99 / max ms", ms(crowd["probes"]["latency_503"]), ""],
+        [
+            "the same crowds: accepted requests answered by their deadline (else 504 at it)",
+            f"{crowd['accepted_within_deadline']} + {continued['accepted_within_deadline']} with 200;"
+            f" {crowd['statuses'].get('504', 0)} + {continued['statuses'].get('504', 0)} with 504",
+            "",
+        ],
+        ["the same: 503s with `Retry-After`", f"{crowd['shed_with_retry_after']} of {crowd['statuses'].get('503', 0)}", "all"],
+        [
+            "the same: /v2/health/live meanwhile, p50 / p99 / max ms",
+            f"{ms(crowd['health'])}; {ms(continued['health'])}",
+            "p99 < 50 ms",
+        ],
+    ]
+
+
+def hostile_slow_rows(slow: dict) -> list[list[str]]:
+    queued = slow["queued_disconnect"]
+    return [
+        ["half a header, then silence", f"{slow['half_header']['answer']} after {slow['half_header']['seconds']:.2f} s", "408"],
+        ["a body that stalls", f"{slow['stalled_body']['answer']} after {slow['stalled_body']['seconds']:.2f} s", "408"],
+        [
+            "a client that leaves mid-body: counted 499 / 5xx",
+            f"{slow['mid_body_disconnect']['status_499']:g} / {slow['mid_body_disconnect']['status_5xx']:g}",
+            "no 5xx",
+        ],
+        [
+            "a client that leaves while queued: its work run",
+            "yes"
+            if queued["victim_inferred"]
+            else f"no ({queued['images_inferred']:g} images run for {queued['images_answered']} answered)",
+            "no",
+        ],
+    ]
+
+
 SECTIONS = (
     baselines,
     step_cost,
@@ -1116,6 +1216,7 @@ SECTIONS = (
     sparse24,
     export,
     serving,
+    hostile,
 )
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lotus.bench import percentiles, time_calls
+from lotus.checkpoint import atomic_write_text
 from lotus.errors import LotusError
 from lotus.progress import Progress, report
 
@@ -59,7 +60,8 @@ class HttpBenchConfig:
     rounds: int = 1  # visits of every cell, round-robin, each with a 1/rounds share of its requests
 
 
-def _body(images: np.ndarray, drop: float, binary: bool) -> Body:
+def infer_body(images: np.ndarray, drop: float, binary: bool) -> Body:
+    """The infer request for `images` at `drop`: JSON, or with the tensor in binary after it (Triton's extension)."""
     tensor = {"name": "pixel_values", "shape": list(images.shape), "datatype": "FP32"}
     request: dict[str, Any] = {"inputs": [tensor], "parameters": {"drop": drop}}
     if not binary:
@@ -147,7 +149,7 @@ async def _bench(
     async with aiohttp.ClientSession(url, headers=headers, connector=connector, timeout=timeout) as client:
         size = await _model_input_size(client, cfg, url)
         images = np.random.default_rng(cfg.seed).standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
-        bodies = {drop: _body(images, drop, cfg.binary) for drop in cfg.drops}
+        bodies = {drop: infer_body(images, drop, cfg.binary) for drop in cfg.drops}
         pools, alone = await _run_rounds(client, cfg, images, bodies, local, progress)
     cells = [_cell(concurrency, drop, pool, cfg.batch) for (concurrency, drop), pool in pools.items()]
     _add_p50_ratios(cells)
@@ -302,8 +304,6 @@ def run_http_bench(
     """`bench_http`, then its results written to `out` as JSON and drawn into `plot` (default: `out`
     with .png). Returns the results and the plot's path."""
     result = bench_http(url, cfg, local=local, threads=threads, spinning=spinning, progress=progress, log=log)
-    from lotus.checkpoint import atomic_write_text  # imports torch: only once the timing is over
-
     out = Path(out)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return result, save_plot(result, plot or out.with_suffix(".png"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest, multiprocess
 
 from lotus.drop import MAX_DROP
 
@@ -62,6 +62,18 @@ class Metrics:
             "lotus_drop_ratio", "Drop ratio each inference request asked for.", buckets=DROP_BUCKETS, registry=r
         )
         self.images = Counter("lotus_images", "Images classified.", ["route"], registry=r)
+        self.queue = Gauge(
+            "lotus_queue_images",
+            "Images admitted and not yet answered (bounded by --max-queue-images).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.dropped = Counter(
+            "lotus_dropped_requests",
+            "Requests not run: queue_full (503), deadline (504), client_gone (the client disconnected first).",
+            ["reason"],
+            registry=r,
+        )
 
     def observe_batch(self, images: int, drop: float, seconds: float) -> None:
         self.batch_size.observe(images)

@@ -1,44 +1,59 @@
-"""Pure ASGI middleware (cheap per request): metrics, the API key, the body size limit.
+"""Pure ASGI middleware (cheap per request): metrics, the API key, the body's size and time limits.
 
-Order, outermost first: metrics (so 401s and 413s are counted too), then the API key (an
-unauthenticated client never gets a body read), then the body limit.
+Order, outermost first: metrics (so 401s, 413s and 503s are counted too), then the API key (an
+unauthenticated client never gets a body read), then admission to the queue, then the body
+limits. An answer given before
+the body is read says `Connection: close`: the rest of the body is never read, so the
+connection cannot carry another request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
+from collections.abc import Sequence
 
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve.admission import estimate_images
+from serve.errors import ServiceError
 from serve.metrics import Metrics
+from serve.service import ARRIVAL, Service
 
 PUBLIC_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 
-def route_template(scope: Scope) -> str:
-    """The matched route's path template (/v2/models/{name}/infer), so metric labels stay few."""
+def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The matched route's path template (/v2/models/{name}/infer), so metric labels stay few.
+
+    Answers given before routing (401, 413) are matched against `routes` here.
+    """
     route = scope.get("route")
-    if route is None:  # answered before routing (401, 413): match it now
-        for candidate in scope["app"].router.routes:
-            if candidate.matches(scope)[0] is Match.FULL:
-                route = candidate
-                break
+    if route is None:
+        route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
     return getattr(route, "path", "other")
 
 
 class MetricsMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    """Counts every request by route template, method and status, and times it.
+
+    Args:
+        routes: the service's routes (its routers' own: the app's may be wrapped).
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start = time.perf_counter()
+        start = scope[ARRIVAL] = time.perf_counter()
         status = 500
 
         async def send_status(message: Message) -> None:
@@ -50,7 +65,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = route_template(scope)
+            route = route_template(scope, self.routes)
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
@@ -69,9 +84,45 @@ class ApiKeyMiddleware:
         scheme, _, token = given.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
             error = "missing API key: send 'Authorization: Bearer KEY'" if not given else "wrong API key"
-            response = JSONResponse({"error": error}, 401, headers={"WWW-Authenticate": "Bearer"})
-            return await response(scope, receive, send)
+            headers = {"WWW-Authenticate": "Bearer", **close_unread_body(scope)}
+            return await JSONResponse({"error": error}, 401, headers=headers)(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class AdmissionMiddleware:
+    """A 503 at once, before routing and before the body is read, for an inference request the
+    queue has no room for (serve.admission); the route admits it for real once its body is parsed."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service = self.service
+        if scope["type"] == "http" and scope["method"] == "POST" and service.ready and is_inference(scope["path"]):
+            if scope["path"] == CLASSIFY:
+                images = 1
+            else:
+                length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+                images = estimate_images(length, service.model.img_size, service.settings.max_images)
+            try:
+                service.admission.check(images)
+            except ServiceError as e:  # the body is not read: the connection cannot carry another request
+                return await JSONResponse({"error": str(e)}, e.status, headers={**e.headers, **CLOSE})(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+CLASSIFY = "/v1/classify"
+
+
+def is_inference(path: str) -> bool:
+    return path == CLASSIFY or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
+def close_unread_body(scope: Scope) -> dict[str, str]:
+    """`Connection: close` when the request has a body that will not be read."""
+    has_body = any(k == b"content-length" and v != b"0" or k == b"transfer-encoding" for k, v in scope["headers"])
+    return {"Connection": "close"} if has_body else {}
 
 
 class BodyTooLarge(HTTPException):
@@ -79,16 +130,29 @@ class BodyTooLarge(HTTPException):
     through its body parsing, so it reaches the error handler as a 413."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is over the limit of {limit / 1e6:g} MB (--max-body-mb)")
+        super().__init__(413, f"the request body is over the limit of {limit / 1e6:g} MB (--max-body-mb)", CLOSE)
+
+
+class BodyTimeout(HTTPException):
+    """Raised from `receive` when the next part of the body does not come in time (a client
+    that stalled, or a slow-body attack holding the connection)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request body stalled: no data for {seconds:g} s (--body-timeout-s)", CLOSE)
+
+
+CLOSE = {"Connection": "close"}
 
 
 class BodyLimitMiddleware:
     """413 when Content-Length says the body is over the limit (before reading it), or when the
-    bytes streamed in pass it (chunked uploads, or a Content-Length that lies)."""
+    bytes streamed in pass it (chunked uploads, or a Content-Length that lies); 408 when the body
+    stalls for `timeout_s` between parts."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,16 +160,23 @@ class BodyLimitMiddleware:
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             error = BodyTooLarge(self.max_bytes).detail if length.isdigit() else "Content-Length is not a number"
-            response = JSONResponse({"error": error}, 413 if length.isdigit() else 400, headers={"Connection": "close"})
+            response = JSONResponse({"error": error}, 413 if length.isdigit() else 400, headers=CLOSE)
             return await response(scope, receive, send)
         received = 0
+        more_body = True
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, more_body
+            if not more_body:  # the body is in: what comes now is the disconnect, whenever it comes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                more_body = message.get("more_body", False)
                 if received > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
             return message
@@ -117,7 +188,7 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge as e:  # read outside FastAPI's handlers (e.g. by another middleware)
+        except (BodyTooLarge, BodyTimeout) as e:  # read outside FastAPI's handlers (e.g. by another middleware)
             if started:
                 raise
-            await JSONResponse({"error": e.detail}, 413, headers={"Connection": "close"})(scope, receive, send)
+            await JSONResponse({"error": e.detail}, e.status_code, headers=CLOSE)(scope, receive, send)

@@ -15,7 +15,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from lotus.drop import MAX_DROP
-from serve.model import InputError, ServedModel
+from serve.errors import InputError
+from serve.model import ServedModel
 from serve.schemas import InferenceRequest, RequestInput, validation_message
 
 HEADER_LENGTH = "inference-header-content-length"

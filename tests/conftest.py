@@ -67,8 +67,9 @@ def tiny_onnx(tmp_path_factory) -> Path:
     return root / "model.onnx"
 
 
-def live_server(settings):
-    """A real uvicorn serving `create_app(settings)` on a free loopback port, in a thread.
+def live_server(settings, app=None):
+    """A real uvicorn serving `app` (default: `create_app(settings)`) on a free loopback port, in
+    a thread, with the HTTP limits `lotus serve` sets.
 
     A context manager yielding the base URL once /v2/health/ready answers 200.
     """
@@ -81,13 +82,18 @@ def live_server(settings):
     import uvicorn
 
     from serve.app import create_app
+    from serve.http import server_options
 
     @contextlib.contextmanager
     def running():
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app or create_app(settings), log_config=None, log_level="info", access_log=False, **server_options(settings)
+            )
+        )
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         try:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lotus.drop import num_keep
-from serve.batching import Batcher
-from serve.model import InputError
+from serve.batching import Batcher, DeadlinePassed
+from serve.errors import InputError, ServiceError
 
 PATCHES = 16
 
@@ -133,13 +133,80 @@ def test_a_failing_call_fails_its_callers_and_the_next_call_works():
     async def main():
         batcher = Batcher(flaky, PATCHES, max_delay_ms=0)
         await batcher.start()
-        with pytest.raises(RuntimeError, match="boom"):
+        with pytest.raises(ServiceError, match=r"inference failed .*RuntimeError: boom.*carries on") as failed:
             await batcher.submit(images(1, 0.0), 0.0)
         ok = await batcher.submit(images(1, 0.0), 0.0)
         await batcher.stop()
-        return ok
+        return failed.value.status, ok
 
-    assert run(main()).shape == (1, 2)
+    status, ok = run(main())
+    assert status == 500 and ok.shape == (1, 2)
+
+
+def test_a_batch_that_cannot_be_assembled_fails_alone_and_the_loop_goes_on():
+    model = FakeModel()
+    model.gate.clear()  # hold the first call, so the next two requests queue together
+
+    async def main():
+        batcher = Batcher(model, PATCHES, max_batch=8, max_delay_ms=0)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(images(1, 0.0), 0.0))
+        await asyncio.sleep(0.05)
+        # images of two sizes in one call cannot be stacked: that call fails, not the loop
+        odd = [asyncio.create_task(batcher.submit(np.zeros((1, 3, s, s), np.float32), 0.0)) for s in (2, 3)]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await first
+        results = await asyncio.gather(*odd, return_exceptions=True)
+        after = await batcher.submit(images(2, 1.0), 0.0)
+        await batcher.stop()
+        return results, after
+
+    results, after = run(main())
+    assert all(isinstance(r, ServiceError) and r.status == 500 for r in results)
+    np.testing.assert_allclose(after, expected(images(2, 1.0), 0.0))
+
+
+def test_a_model_that_keeps_failing_is_reported_once():
+    fatal = []
+
+    def broken(pixel_values, drop):
+        raise RuntimeError("session lost")
+
+    async def main():
+        batcher = Batcher(broken, PATCHES, max_delay_ms=0, max_failures=3, on_fatal=fatal.append)
+        await batcher.start()
+        for _ in range(5):
+            with pytest.raises(ServiceError):
+                await batcher.submit(images(1, 0.0), 0.0)
+        await batcher.stop()
+
+    run(main())
+    assert len(fatal) == 1 and "3 inference calls in a row failed" in fatal[0] and "session lost" in fatal[0]
+
+
+def test_work_past_its_deadline_or_withdrawn_never_reaches_the_model():
+    model = FakeModel()
+    model.gate.clear()
+
+    async def main():
+        batcher = Batcher(model, PATCHES, max_batch=8, max_delay_ms=0)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(images(1, 0.0), 0.0))
+        await asyncio.sleep(0.05)  # the model is busy with the first request
+        late = asyncio.create_task(batcher.submit(images(2, 0.0), 0.0, deadline=time.perf_counter() + 0.01))
+        withdrawn = asyncio.create_task(batcher.submit(images(3, 0.0), 0.0))
+        kept = asyncio.create_task(batcher.submit(images(4, 0.0), 0.0))
+        await asyncio.sleep(0.05)
+        withdrawn.cancel()  # its client went away
+        model.gate.set()
+        await asyncio.gather(first, kept)
+        with pytest.raises(DeadlinePassed):
+            await late
+        await batcher.stop()
+
+    run(main())
+    assert model.calls == [(1, 0.0), (4, 0.0)]
 
 
 def test_shutdown_answers_every_waiting_caller():

@@ -1,10 +1,14 @@
 """Settings checked before work: a bad setting of `lotus compress` (a flag, a recipe field, a
 --data or --checkpoint that does not fit) is one line before the first stage, and no run folder is
-left behind. Nothing here trains: each case is refused before a stage could start."""
+left behind; `lotus train`, `tickets` and `prune` check theirs before making their run folder.
+The check runs without torch, so a refusal takes a moment, not the seconds torch takes to load.
+Nothing here trains: each case is refused before a stage could start."""
 
 import os
 import subprocess
 import sys
+import textwrap
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import torch
 import yaml
 
 from lotus.checkpoint import save_model
+from lotus.config import DEVICE_TYPES, check_device
 from lotus.data import DataConfig
 from lotus.errors import LotusError
 from lotus.pipeline import compress, default_compress_config, load_recipe, save_recipe
@@ -172,11 +177,14 @@ def lotus_cli(*args, cwd: Path) -> subprocess.Popen:
 
 
 def test_the_console_script_refuses_in_one_line_and_makes_no_run_folder(tmp_path):
-    """Through the real `lotus` process (the two run side by side: each is mostly start-up)."""
+    """Through the real `lotus` process (they run side by side: each is mostly start-up)."""
     bad_recipe = write_recipe(tmp_path / "bad.yaml", **{"finetune.epochs": "five"})
     cases = {
         "default-out": (["compress", "--isp-target", "2.0"], "--isp-target 2.0 is outside (0, 1)"),  # no runs/ made
         "recipe": (["compress", "--recipe", bad_recipe, "--out", "out"], "finetune.epochs is 'five'"),
+        "train": (["train", "--data", "no-such-folder"], "neither 'digits', 'cifar10' nor a folder"),
+        "tickets": (["tickets", "--checkpoint", "no-such-model", "--drop", "0.5"], "--checkpoint no-such-model:"),
+        "prune": (["prune", "oneshot", "--sparsity", "lots", "--out", "out"], "--sparsity 'lots' is not"),
     }
     for name in cases:
         (tmp_path / name).mkdir()
@@ -204,6 +212,13 @@ def test_the_console_script_refuses_in_one_line_and_makes_no_run_folder(tmp_path
         (["prune", "isp", "--rounds", "0"], "ISP --rounds 0 is below 1"),
         (["train", "--epochs", "0"], "--epochs 0 is below 1"),
         (["train", "--lr", "0"], "--lr 0.0 is not above 0"),
+        (["train", "--data", "no-such-folder"], "neither 'digits', 'cifar10' nor a folder"),
+        (["train", "--checkpoint", "no-such-model", "--out", "out"], "--checkpoint no-such-model:"),
+        (["tickets", "--drop", "1"], "--drop 1.0 is outside [0, 1)"),
+        (["tickets", "--checkpoint", "no-such-model"], "--checkpoint no-such-model:"),
+        (["prune", "oneshot", "--sparsity", "lots", "--out", "out"], "--sparsity 'lots' is not"),
+        (["prune", "sweep", "--checkpoint", "no-such-model"], "--checkpoint no-such-model:"),
+        (["prune", "structured", "--heads", "1.5"], "--structure heads=1.5 is outside [0, 1)"),
     ],
 )
 def test_the_commands_refuse_before_making_a_run_folder(tmp_path, monkeypatch, args, message):
@@ -217,3 +232,103 @@ def test_the_commands_refuse_before_making_a_run_folder(tmp_path, monkeypatch, a
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # no runs/ folder, no --out folder
+
+
+def test_single_stage_commands_check_the_checkpoint_against_the_data_first(tmp_path, monkeypatch):
+    """`lotus train --checkpoint`, `tickets` and `prune`: a checkpoint of other classes than --data
+    is refused from its sidecar, before the command makes its run folder."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    three = untrained_checkpoint(tmp_path / "three", ["a", "b", "c"])
+    monkeypatch.chdir(tmp_path)
+    for args in (
+        ["train", "--checkpoint", three, "--epochs", "1"],
+        ["tickets", "--checkpoint", three],
+        ["prune", "oneshot", "--checkpoint", three, "--sparsity", "0.3"],
+        ["prune", "isp", "--checkpoint", three, "--out", "out"],
+    ):
+        result = CliRunner().invoke(app, list(map(str, args)))
+        assert result.exit_code == 2 and "was trained on 3 classes" in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["three.json", "three.safetensors"], args
+
+
+CHECK_WITHOUT_TORCH = """
+import sys
+from dataclasses import replace
+
+from typer.testing import CliRunner
+
+from cli.main import app
+from lotus.config import default_compress_config
+from lotus.settings import check_inputs, check_settings
+
+checkpoint = sys.argv[1]
+for args in (
+    ["compress", "--isp-target", "2.0"],
+    ["compress", "--spread", "3"],
+    ["compress", "--data", "no-such-folder"],
+    ["compress", "--checkpoint", "no-such-model"],
+    ["compress", "--checkpoint", checkpoint, "--layers", "5", "--device", "cpu"],
+    ["train", "--data", "no-such-folder"],
+    ["tickets", "--checkpoint", "no-such-model"],
+    ["prune", "isp", "--checkpoint", checkpoint, "--target", "2"],
+    ["prune", "sweep", "--checkpoint", checkpoint, "--device", "gpu"],
+):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "error:" in result.output, (args, result.output)
+cfg = default_compress_config("digits")
+check_settings(replace(cfg, checkpoint=checkpoint, device="cpu"))  # good settings pass, torch-free too
+check_inputs(cfg.data, checkpoint, "auto")
+loaded = sorted({"torch", "timm", "torchvision", "safetensors.torch"} & set(sys.modules))
+assert not loaded, f"the settings check imported {loaded}"
+"""
+
+
+def test_the_settings_check_imports_no_torch(tmp_path):
+    """The CLI, the configs and the checks, refusing bad settings and passing good ones (given a
+    checkpoint: only an unknown timm model and a missing CUDA need torch to tell), never import
+    torch, so a refusal comes in a moment instead of after the seconds torch takes to load."""
+    checkpoint = untrained_checkpoint(tmp_path / "digits", DIGITS_CLASSES)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    code = textwrap.dedent(CHECK_WITHOUT_TORCH)
+    done = subprocess.run([sys.executable, "-c", code, str(checkpoint)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.json", "digits.safetensors"]  # no run folder
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        *DEVICE_TYPES,
+        "cuda:0",
+        "cuda:12",
+        "cpu:0",
+        "mps:1",
+        "gpu",
+        "CPU",
+        "cuda:x",
+        "cuda:01",
+        "cuda:-1",
+        "cuda:",
+        " cpu",
+        "cuda:0:1",
+    ],
+)
+def test_device_strings_are_read_as_torch_reads_them(name):
+    """`check_device` parses without torch: it must accept exactly what torch.device accepts."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that 'mkldnn' is deprecated
+        try:
+            torch.device(name)
+            torch_accepts = True
+        except RuntimeError:
+            torch_accepts = False
+    try:
+        check_device(name)
+        accepted = True
+    except LotusError:
+        accepted = False
+    assert accepted == torch_accepts

@@ -6,8 +6,7 @@ import time
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Query, UploadFile
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, File, Query, Request, UploadFile
 
 from lotus.drop import MAX_DROP, num_keep
 from serve.schemas import ClassifyResponse, ErrorResponse, Prediction
@@ -17,9 +16,12 @@ router = APIRouter(prefix="/v1", tags=["Classification"])
 
 
 @router.post(
-    "/classify", response_model=ClassifyResponse, responses={code: {"model": ErrorResponse} for code in (400, 401, 413, 415)}
+    "/classify",
+    response_model=ClassifyResponse,
+    responses={code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 503, 504)},
 )
 async def classify(
+    request: Request,
     service: ServiceDep,
     file: Annotated[
         UploadFile, File(description="A JPEG or PNG image of any size; resized to the model's input as in training.")
@@ -31,10 +33,11 @@ async def classify(
     model = service.check_model(service.settings.name)
     data = await file.read()
     # Decoding a large photo takes tens of ms: off the event loop, like inference.
-    pixel_values = await run_in_threadpool(model.decode_image, data, service.settings.max_pixels)
-    service.metrics.drop.observe(drop)
-    service.metrics.images.labels("classify").inc()
-    logits = (await service.batcher.submit(pixel_values[None], drop))[0].astype(np.float64)
+    pixel_values = await service.off_loop(model.decode_image, data, service.settings.max_pixels)
+    with service.admission.admit(1):
+        service.metrics.drop.observe(drop)
+        service.metrics.images.labels("classify").inc()
+        logits = (await service.run_model(request, pixel_values[None], drop))[0].astype(np.float64)
     probabilities = np.exp(logits - logits.max())
     probabilities /= probabilities.sum()
     top = np.argsort(-probabilities)[: min(top_k, len(model.classes))]

@@ -64,7 +64,7 @@ async def model_ready(name: str, service: ServiceDep, version: str | None = None
 @router.post(
     "/models/{name}/infer",
     summary="Inference",
-    responses={200: {"model": InferenceResponse}, 413: {"model": ErrorResponse}, **ERRORS},
+    responses={200: {"model": InferenceResponse}, **{c: {"model": ErrorResponse} for c in (408, 413, 503, 504)}, **ERRORS},
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -81,13 +81,14 @@ async def infer(name: str, request: Request, service: ServiceDep, version: str |
     FP32 output `logits` [B, classes]. Triton's binary tensor extension is accepted both ways.
     """
     model = service.check_model(name, version)
-    inference = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH), model, service.settings.max_images)
-    service.metrics.drop.observe(inference.drop)
-    service.metrics.images.labels("infer").inc(len(inference.pixel_values))
-    logits = await service.batcher.submit(inference.pixel_values, inference.drop)
-    body, header_length = infer_response(
-        logits, inference, name, service.settings.version, num_keep(model.num_patches, inference.drop)
-    )
+    settings = service.settings
+    body = await request.body()
+    inference = await service.off_loop(parse_infer, body, request.headers.get(HEADER_LENGTH), model, settings.max_images)
+    with service.admission.admit(len(inference.pixel_values)):
+        service.metrics.drop.observe(inference.drop)
+        service.metrics.images.labels("infer").inc(len(inference.pixel_values))
+        logits = await service.run_model(request, inference.pixel_values, inference.drop)
+    body, header_length = infer_response(logits, inference, name, settings.version, num_keep(model.num_patches, inference.drop))
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_length)})

@@ -1,0 +1,154 @@
+"""uvicorn's HTTP protocol (httptools) with the two limits it lacks: the size of a request's head
+(request line and headers: 431) and the time to receive it (408); and a lingering close, so an
+answer given before a request's body was read reaches the client instead of a reset.
+
+Without them one 128 MB header is parsed for seconds on the event loop (stalling every other
+request), and a client that sends half a header holds its connection forever. Everything else
+(keep-alive timeout, connection cap) is uvicorn's own; `server_options` sets it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from serve.settings import Settings
+
+LINGER_S = 2.0  # how long a refused request's remaining bytes are read and dropped
+METRICS_STATE = "lotus_metrics"  # the lifespan state key of the app's serve.metrics.Metrics
+
+
+@dataclass(frozen=True)
+class HeadLimits:
+    max_bytes: int  # longest request head; longer: 431
+    timeout_s: float  # longest wait for a head once the connection is open or its first byte came; then 408
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol that answers 431 once a request's head passes `limits.max_bytes`
+    (counted as it arrives, before the parser gathers it) and 408 when the head is not complete
+    within `limits.timeout_s`; a connection that sends nothing is closed then."""
+
+    def __init__(self, *args: Any, limits: HeadLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.head_bytes = 0
+        self.awaiting_head = True  # the next byte starts a request
+        self.in_head = False
+        self.refused = False
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def _start_head_timer(self) -> None:
+        self._stop_head_timer()
+        self.head_timer = self.loop.call_later(self.limits.timeout_s, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:  # the rest of a refused request: read and dropped, so the client sees the answer
+            return
+        if self.awaiting_head:
+            self.awaiting_head, self.in_head, self.head_bytes = False, True, 0
+            if self.head_timer is None:  # a keep-alive connection's next request
+                self._start_head_timer()
+        if self.in_head:
+            self.head_bytes += len(data)
+        super().data_received(data)
+        if self.in_head and self.head_bytes > self.limits.max_bytes and not self.transport.is_closing():
+            self._refuse(
+                431, f"the request's headers are over the limit of {self.limits.max_bytes / 1000:g} KB (--max-header-kb)"
+            )
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self._stop_head_timer()
+        super().on_headers_complete()
+        if self.cycle is not None and not isinstance(self.cycle.transport, _LingeringClose):
+            self.cycle.transport = _LingeringClose(self)  # type: ignore[assignment]
+
+    def on_message_complete(self) -> None:
+        self.awaiting_head = True
+        super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.in_head:
+            self._refuse(408, f"the request's headers did not arrive within {self.limits.timeout_s:g} s (--header-timeout-s)")
+        elif self.awaiting_head and self.cycle is None:  # connected and never sent a byte
+            self.transport.close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer `status` with {"error": message}, count it, and close (lingering)."""
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+        self.logger.info("%s %d: %s", client, status, message)
+        metrics = self.app_state.get(METRICS_STATE)
+        if metrics is not None:  # answered before the app: counted here
+            metrics.requests.labels("other", "-", str(status)).inc()
+        body = json.dumps({"error": message}).encode()
+        head = [STATUS_LINE[status], *(n + b": " + v + b"\r\n" for n, v in self.server_state.default_headers)]
+        head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + body)
+        self.in_head = False
+        self.linger()
+
+    def linger(self) -> None:
+        """Close once the answer is out, without resetting the connection.
+
+        Closing a socket with unread data in it resets the connection, and a client still sending
+        would see the reset instead of the answer (a 413, 401 or 503 given before the body was
+        read). So our side is shut, what the client still sends is read and dropped for LINGER_S,
+        and then the connection is closed (nginx's lingering close)."""
+        self.refused = True
+        self.flow.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
+
+
+class _LingeringClose:
+    """The connection as a request's response sees it: a close while the request's body is
+    still coming lingers (LimitedHttpToolsProtocol.linger) instead of resetting the connection."""
+
+    def __init__(self, protocol: LimitedHttpToolsProtocol) -> None:
+        self._protocol = protocol
+        self._transport = protocol.transport
+
+    def close(self) -> None:
+        cycle = self._protocol.cycle
+        if cycle is not None and cycle.more_body and not self._transport.is_closing():
+            self._protocol.linger()
+        else:
+            self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn.Config keyword arguments for the settings' HTTP limits."""
+    limits = HeadLimits(max_bytes=settings.max_header_bytes, timeout_s=settings.header_timeout_s)
+    return {
+        "http": functools.partial(LimitedHttpToolsProtocol, limits=limits),
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_s,
+    }
