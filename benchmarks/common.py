@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import tarfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -52,3 +55,31 @@ def write_result(name: str, result: dict) -> Path:
     path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, seconds: float = 120) -> None:
+    """Wait for the `lotus serve` in `process` to answer 200 on /v2/health/ready; on failure, exit
+    with the end of its log (a file, not a pipe: a chatty server never blocks on it)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"lotus serve exited:\n{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    process.terminate()
+    raise SystemExit(f"lotus serve did not become ready in {seconds:g} s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM (a graceful shutdown), then SIGKILL after 30 s."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

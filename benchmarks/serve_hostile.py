@@ -46,8 +46,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import zlib
 from collections import Counter
 from collections.abc import Iterable
@@ -55,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, write_result
+from common import ROOT, stop_server, wait_until_ready, write_result
 from serve_latency import free_port, synthetic_model
 
 from serve.bench import infer_body  # the bodies `lotus bench` sends (JSON or binary tensors)
@@ -119,24 +117,9 @@ class Server:
                 command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
             )
         self.pid = self.process.pid
-        self._wait_ready()
+        wait_until_ready(self.process, f"http://{HOST}:{self.port}", self.log_path)
         if self.missing:
             log(f"  this lotus serve has no {', '.join(self.missing)}: left out")
-
-    def _wait_ready(self, seconds: float = 120) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"lotus serve exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://{HOST}:{self.port}/v2/health/ready", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise SystemExit(f"lotus serve did not become ready in {seconds:g} s")
 
     def queue_capacity(self) -> int | None:
         """The queue bound the server logged at startup (its own measurement when not set), if it did."""
@@ -151,12 +134,7 @@ class Server:
         return {"error_lines": len(lines), "first": lines[:5]}
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_server(self.process)
 
 
 # ---------------------------------------------------------------- samplers (threads, off the event loop)

@@ -30,13 +30,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-from common import RESULTS, ROOT, write_result
+from common import RESULTS, ROOT, stop_server, wait_until_ready, write_result
 
 from serve.bench import HttpBenchConfig, bench_http, format_table, save_plot
 
@@ -70,34 +67,20 @@ def free_port() -> int:
 
 
 class Server:
-    """`lotus serve MODEL` in a subprocess, ready when /v2/health/ready says so."""
+    """`lotus serve MODEL` in a subprocess, its log in a temporary file, ready when /v2/health/ready says so."""
 
     def __init__(self, model: Path, *flags: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(tempfile.mkdtemp(prefix="lotus-serve-latency-")) / "serve.log"
         lotus = Path(sys.executable).with_name("lotus")
         command = [str(lotus), "serve", str(model), "--port", str(self.port), "--no-access-log", *flags]
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"lotus serve exited: {self.process.stderr.read()}")
-            try:
-                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise SystemExit("lotus serve did not become ready in 120 s")
+        with self.log_path.open("w") as out:
+            self.process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        wait_until_ready(self.process, self.url, self.log_path)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_server(self.process)
 
 
 def log(line: str) -> None:

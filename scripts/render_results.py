@@ -1128,6 +1128,55 @@ def hostile(src: Source, page: Page) -> None:
     rows = hostile_memory_rows(sections["memory"]) + hostile_header_rows(sections["header"])
     rows += hostile_crowd_rows(sections["backpressure"]) + hostile_slow_rows(sections["slow_clients"])
     page.table(["case", "figure", "target"], rows, [rel])
+    soak(src, page)
+
+
+def soak(src: Source, page: Page) -> None:
+    rel = "serve_soak.json"
+    if not src.has(rel):
+        return
+    data = src.json(rel)
+    config = data["config"]
+    page.add(
+        "### Ten minutes of mixed load",
+        "",
+        f"`benchmarks/serve_soak.py`: one `lotus serve` (the same model, header and body timeouts of"
+        f" {config['header_timeout_s']:g} s) under {data['duration_s'] / 60:.0f} minutes of keep-alive clients,"
+        f" {', '.join(map(str, config['concurrency']))} active in turn for {config['phase_s']} s each, sending valid infer"
+        f" and classify requests; {config['hostile'] * 100:.0f}% of requests are hostile (malformed or oversize bodies,"
+        " NaN, a wrong API key, image bombs, 16-bit PNGs, truncated JPEGs, a 1 MB header, slow headers and bodies,"
+        " clients that leave).",
+        "",
+    )
+    cpu = data["cpu"]
+    page.about(
+        machine(data, rel),
+        f"one run; the server used {cpu['server_s']:.0f} s of CPU in {data['duration_s']:.0f} s on the 2 cores, the"
+        f" load generator {cpu['load_generator_s']:.0f} s",
+    )
+    statuses = ", ".join(f"{n:.0f} x {status}" for status, n in data["server_statuses"].items())
+    rows = [
+        ["answers counted by the server (health checks and /metrics left out)", statuses, ""],
+        ["5xx other than 503 and 504 (clients / server)", f"{data['client_5xx_other']} / {len(data['server_5xx_other'])}", "0"],
+        [
+            "answers no request of its kind should get; error bodies not JSON",
+            f"{len(data['unexpected'])}; {len(data['error_bodies_not_json'])}",
+            "0; 0",
+        ],
+        [
+            f"RSS slope after {data['warmup_s']} s of warm-up (first / max / last RSS)",
+            f"{data['rss_slope_mb_per_min']:+.2f} MB/min ({data['rss_mb']['first']:.0f} / {data['rss_mb']['max']:.0f} /"
+            f" {data['rss_mb']['last']:.0f} MB)",
+            "< 1 MB/min",
+        ],
+        ["/v2/health/live, p50 / p99 / max ms", ms(data["health"]), "p99 < 50 ms"],
+        [
+            "valid requests answered per second; their latency p50 / p99 / max ms",
+            f"{data['valid_200_per_s']:.1f}; {ms(data['valid_latency'])}",
+            "",
+        ],
+    ]
+    page.table(["measure", "figure", "target"], rows, [rel])
 
 
 def hostile_memory_rows(memory: dict) -> list[list[str]]:

@@ -1,20 +1,23 @@
 """Backpressure: a bound on the images admitted and not yet answered.
 
-A request is checked against the bound as soon as its headers are in (its image count estimated
-from Content-Length): when the queue has no room for it, it gets a 503 at once, with a
+An inference request takes its share of the queue as soon as its headers are in (its image count
+estimated from Content-Length); when the queue has no room for it, it gets a 503 at once, with a
 Retry-After that says when the work ahead of it should be done, and its body is never read. Once
-its body is parsed, it is admitted for its real image count (or refused then). So the service
-never holds more work than it can finish in a few seconds, a crowd is told to come back instead
-of waiting in line, and a client uploading slowly holds no share of the queue while it uploads.
+its body is parsed, its share becomes its real image count (or it is refused then). An upload
+slower than UPLOAD_GRACE_S gives its share back while it goes on, and takes it again (or is
+refused) once parsed, so slow clients cannot hold the queue. So the service never holds more
+work than it can finish in a few seconds, and a crowd is told to come back at once instead of
+waiting in line.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from serve.errors import ServiceError
+
+UPLOAD_GRACE_S = 1.0  # an upload still going after this gives its share of the queue back meanwhile
 
 
 def estimate_images(content_length: bytes | None, img_size: int, max_images: int) -> int:
@@ -65,14 +68,37 @@ class Admission:
                 {"Retry-After": str(self.retry_after())},
             )
 
-    @contextmanager
-    def admit(self, images: int) -> Iterator[None]:
-        """Hold `images` of the capacity for the block, or raise the 503 at once."""
+    def admit(self, images: int) -> Ticket:
+        """Hold `images` of the capacity until the ticket is released, or raise the 503 at once."""
         self.check(images)
+        self._add(images)
+        return Ticket(self, images)
+
+    def _add(self, images: int) -> None:
         self.images += images
         self.on_change(self.images)
-        try:
-            yield
-        finally:
-            self.images -= images
-            self.on_change(self.images)
+
+
+class Ticket:
+    """An admitted request's share of the queue; a context manager that releases it."""
+
+    def __init__(self, admission: Admission, images: int):
+        self.admission = admission
+        self.images = images
+
+    def resize(self, images: int) -> None:
+        """Hold `images` instead (the parsed count): the 503 when a larger count does not fit."""
+        self.release()
+        self.admission.check(images)
+        self.admission._add(images)
+        self.images = images
+
+    def release(self) -> None:
+        self.admission._add(-self.images)
+        self.images = 0
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

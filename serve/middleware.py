@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve.admission import estimate_images
 from serve.errors import ServiceError
 from serve.metrics import Metrics
-from serve.service import ARRIVAL, Service
+from serve.service import ARRIVAL, TICKET, Service
 
 PUBLIC_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
@@ -90,8 +90,10 @@ class ApiKeyMiddleware:
 
 
 class AdmissionMiddleware:
-    """A 503 at once, before routing and before the body is read, for an inference request the
-    queue has no room for (serve.admission); the route admits it for real once its body is parsed."""
+    """Gives every inference request its share of the queue (serve.admission) before routing and
+    before its body is read: a 503 at once when there is no room. An infer request's ticket goes
+    to its route (scope["lotus.ticket"]) to resize once the body is parsed; /v1/classify is only
+    checked here (its upload is read before the route runs) and admitted once decoded."""
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
@@ -99,17 +101,19 @@ class AdmissionMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = self.service
-        if scope["type"] == "http" and scope["method"] == "POST" and service.ready and is_inference(scope["path"]):
+        if not (scope["type"] == "http" and scope["method"] == "POST" and service.ready and is_inference(scope["path"])):
+            return await self.app(scope, receive, send)
+        try:
             if scope["path"] == CLASSIFY:
-                images = 1
-            else:
-                length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-                images = estimate_images(length, service.model.img_size, service.settings.max_images)
-            try:
-                service.admission.check(images)
-            except ServiceError as e:  # the body is not read: the connection cannot carry another request
-                return await JSONResponse({"error": str(e)}, e.status, headers={**e.headers, **CLOSE})(scope, receive, send)
-        await self.app(scope, receive, send)
+                service.admission.check(1)
+                return await self.app(scope, receive, send)
+            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            ticket = service.admission.admit(estimate_images(length, service.model.img_size, service.settings.max_images))
+        except ServiceError as e:  # the body is not read: the connection cannot carry another request
+            return await JSONResponse({"error": str(e)}, e.status, headers={**e.headers, **CLOSE})(scope, receive, send)
+        scope[TICKET] = ticket
+        with ticket:
+            await self.app(scope, receive, send)
 
 
 CLASSIFY = "/v1/classify"

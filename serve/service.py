@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import Depends, Request
 
-from serve.admission import Admission
+from serve.admission import UPLOAD_GRACE_S, Admission, Ticket
 from serve.batching import Batcher, DeadlinePassed
 from serve.errors import ClientGone, InputError, ServiceError
 from serve.metrics import Metrics
@@ -25,6 +25,7 @@ from serve.settings import Settings
 log = logging.getLogger("uvicorn.error")
 
 ARRIVAL = "lotus.arrival"  # scope key: time.perf_counter() when the request's headers arrived
+TICKET = "lotus.ticket"  # scope key: an infer request's share of the queue (serve.admission.Ticket)
 
 
 @dataclass
@@ -53,6 +54,21 @@ class Service:
         if not self.ready or self.model is None:
             raise InputError(f"model {name!r} is not ready", 503)
         return self.model
+
+    @staticmethod
+    async def read_body(request: Request) -> tuple[bytes, Ticket]:
+        """An infer request's body and its share of the queue (taken before routing by
+        serve.middleware.AdmissionMiddleware). An upload slower than UPLOAD_GRACE_S gives the
+        share back meanwhile: the caller resizes the ticket to the parsed count, which takes it again."""
+        ticket: Ticket = request.scope[TICKET]
+        reading = asyncio.ensure_future(request.body())
+        try:
+            done, _ = await asyncio.wait({reading}, timeout=UPLOAD_GRACE_S)
+            if not done:
+                ticket.release()
+            return await reading, ticket
+        finally:
+            reading.cancel()
 
     async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)` in the decode threads: the event loop keeps answering meanwhile."""

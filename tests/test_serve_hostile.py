@@ -20,6 +20,7 @@ import pytest
 from conftest import live_server
 from PIL import Image
 
+from serve.admission import UPLOAD_GRACE_S
 from serve.app import create_app
 from serve.settings import Settings
 
@@ -171,15 +172,16 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(tiny_onnx):
         assert "lotus_queue_images 0.0" in metrics
 
 
-def test_a_slow_upload_holds_no_share_of_the_queue(tiny_onnx):
+def test_a_slow_upload_gives_its_share_of_the_queue_back(tiny_onnx):
     with live_server(settings(tiny_onnx, max_queue_images=4)) as url:
         request = json.dumps(body(4)).encode()
         head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(request)}\r\n\r\n"
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as slow:
             slow.sendall(head.encode() + request[: len(request) // 2])  # then nothing, for now
-            time.sleep(0.2)
-            assert httpx.post(url + INFER, json=body(4)).status_code == 200  # the whole queue is free
+            assert httpx.post(url + INFER, json=body(4)).status_code == 503  # the slow upload holds the queue...
+            time.sleep(UPLOAD_GRACE_S + 0.3)
+            assert httpx.post(url + INFER, json=body(4)).status_code == 200  # ...until it is late: then it is free
             slow.sendall(request[len(request) // 2 :])
             status, _ = status_and_json(slow.recv(65536))
         assert status == 200

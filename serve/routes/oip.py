@@ -82,12 +82,12 @@ async def infer(name: str, request: Request, service: ServiceDep, version: str |
     """
     model = service.check_model(name, version)
     settings = service.settings
-    body = await request.body()
+    body, ticket = await service.read_body(request)
     inference = await service.off_loop(parse_infer, body, request.headers.get(HEADER_LENGTH), model, settings.max_images)
-    with service.admission.admit(len(inference.pixel_values)):
-        service.metrics.drop.observe(inference.drop)
-        service.metrics.images.labels("infer").inc(len(inference.pixel_values))
-        logits = await service.run_model(request, inference.pixel_values, inference.drop)
+    ticket.resize(len(inference.pixel_values))
+    service.metrics.drop.observe(inference.drop)
+    service.metrics.images.labels("infer").inc(len(inference.pixel_values))
+    logits = await service.run_model(request, inference.pixel_values, inference.drop)
     body, header_length = infer_response(logits, inference, name, settings.version, num_keep(model.num_patches, inference.drop))
     if header_length is None:
         return Response(body, media_type="application/json")
