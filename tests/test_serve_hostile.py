@@ -286,3 +286,47 @@ def test_the_pixel_limit_counts_what_an_image_decodes_to(tiny_onnx):
             response = httpx.post(url + "/v1/classify", files={"file": ("photo", data.getvalue())}, timeout=30)
             assert response.status_code == status, response.text
         assert "2000x2000 = 4000000 pixels, over the limit of 100000 (--max-pixels)" in response.json()["error"]
+
+
+BROKEN_SERVER = """
+import sys
+from serve.model import ServedModel
+from serve.app import run_server
+from serve.settings import Settings
+
+working = ServedModel.run
+def run(self, pixel_values, drop):  # the session breaks once serving: every call at drop > 0 fails
+    if drop > 0:
+        raise RuntimeError("session lost")
+    return working(self, pixel_values, drop)
+ServedModel.run = run
+run_server(Settings(model=sys.argv[1], port=int(sys.argv[2]), max_delay_ms=0), log_level="warning", access_log=False)
+"""
+
+
+@pytest.mark.slow  # a Python process of its own: about 15 s
+def test_lotus_serve_exits_with_status_1_when_the_model_cannot_carry_on(tiny_onnx):
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-c", BROKEN_SERVER, str(tiny_onnx), str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        failing = {**body(1), "parameters": {"drop": 0.5}}
+        statuses = [httpx.post(url + INFER, json=failing, timeout=10).status_code for _ in range(5)]
+        assert statuses == [500] * 5
+        _, errors = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    assert server.returncode == 1
+    assert "the model could not carry on (5 inference calls in a row failed" in errors and "session lost" in errors
