@@ -280,6 +280,12 @@ def save_model(
     return save_checkpoint(path, tensors, meta)
 
 
+def labels_of(preprocess: dict[str, Any]) -> list[str]:
+    """The names people see for a model's classes, in logit order: its preprocessing record's
+    `labels`, or its `classes` (checkpoints saved before labels were recorded)."""
+    return list(preprocess.get("labels") or preprocess["classes"])
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[TokenGatherViT, dict[str, Any]]:
     """Rebuild a model saved by `save_model`; returns it (in eval mode) and the sidecar, with
     the pruning masks under meta["masks"] ({} for a dense model).

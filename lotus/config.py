@@ -4,7 +4,7 @@ Without torch (timm is imported only to look a model name up), so a command chec
 in milliseconds, before it loads torch or makes a run folder. The stage modules re-export their
 configs (`from lotus.train import TrainConfig` still works). Here too are the small pure rules
 those checks need: device strings, N:M patterns, patch sizes, ticket layers, and where a
-dataset's classes are (found without decoding an image).
+dataset's classes are and what people call them (found without decoding an image).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def check_device(name: str) -> None:
 BUILTIN_DATASETS = ("digits", "cifar10")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_FOLDER = "cifar-10-batches-py"  # what torchvision's CIFAR10 unpacks into data_dir
+CLASSES_FILE = "classes.tsv"  # beside train/ and test/: a class folder, a tab, the class's words, per line
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,59 @@ def class_names(cfg: DataConfig) -> list[str]:
     if class_folders(split_dir(root, "test")) != classes:
         raise LotusError(f"class folders of {split_dir(root, 'test')} differ from those of {root / 'train'}: they must match")
     return classes
+
+
+def class_labels(cfg: DataConfig, classes: list[str]) -> list[str]:
+    """The names people see for `classes` (in label order): an ImageFolder root's classes.tsv
+    words where it has one, else the class names themselves."""
+    if cfg.name in BUILTIN_DATASETS:
+        return list(classes)
+    return class_words(Path(cfg.name), classes)
+
+
+def class_words(root: Path, classes: list[str]) -> list[str]:
+    """The first of each class folder's words in `root`/classes.tsv ("n02124075<TAB>Egyptian cat";
+    "tabby, tabby cat" gives "tabby"), in the order of `classes`; the folder names themselves
+    without the file. Lines for folders the data lacks are ignored.
+
+    Raises:
+        LotusError: a line without a tab or without words, or a class folder the file does not name.
+    """
+    path = root / CLASSES_FILE
+    if not path.is_file():
+        return list(classes)
+    words = _read_class_words(path)
+    missing = [name for name in classes if name not in words]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise LotusError(
+            f"{path} has no line for the class folder{'s' if len(missing) > 1 else ''} {', '.join(missing[:3])}{more}: "
+            "add a line 'FOLDER<TAB>words' for each class, or remove the file to show the folder names"
+        )
+    return [words[name] for name in classes]
+
+
+def _read_class_words(path: Path) -> dict[str, str]:
+    """classes.tsv as {folder name: first synonym of its words}."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LotusError(f"cannot read {path} ({e}): write it as UTF-8 text, one 'FOLDER<TAB>words' line per class") from None
+    words: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        folder, tab, text = line.partition("\t")
+        folder, first = folder.strip(), text.split(",")[0].strip()  # "tabby, tabby cat": synonyms, the first one is the label
+        if not tab or not folder:
+            raise LotusError(
+                f"{path} line {number} ({line.strip()[:40]!r}) has no tab after a folder name: "
+                "write each line as the class folder's name, a tab, then the class's words"
+            )
+        if not first:
+            raise LotusError(f"{path} line {number} gives no words for {folder}: write the class's words after the tab")
+        words[folder] = first
+    return words
 
 
 def cifar10_missing(root: Path) -> LotusError:

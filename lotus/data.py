@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from lotus.config import BUILTIN_DATASETS as BUILTIN_DATASETS  # re-exported: the settings live in lotus.config
 from lotus.config import CIFAR10_CLASSES as CIFAR10_CLASSES
 from lotus.config import CIFAR10_FOLDER as CIFAR10_FOLDER
-from lotus.config import DataConfig, cifar10_missing, class_folders, split_dir
+from lotus.config import DataConfig, cifar10_missing, class_folders, class_words, split_dir
 from lotus.config import class_names as class_names
 from lotus.errors import LotusError
 
@@ -47,9 +47,14 @@ class ImageData:
 
     images: torch.Tensor  # (N, 3, H, W) uint8
     labels: torch.Tensor  # (N,) int64
-    classes: list[str]
+    classes: list[str]  # class names in label order, the identity models are checked by (ImageFolder: the folders)
     name: str  # dataset name as given in DataConfig.name
     split: str  # 'train' or 'test'
+    class_labels: list[str] | None = None  # the names people see, in label order (classes.tsv); None = classes
+
+    def __post_init__(self) -> None:
+        if self.class_labels is None:
+            self.class_labels = list(self.classes)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -157,9 +162,10 @@ def _load_image_folder(root: Path, split: str, img_size: int | None) -> ImageDat
     # The test classes must be the training classes, in the same label order.
     if split == "test" and classes != class_folders(split_dir(root, "train")):
         raise LotusError(f"class folders of {folder} differ from those of {root / 'train'}: they must match")
+    words = class_words(root, classes)  # a malformed classes.tsv is refused before any image is decoded
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = _image_files(folder / name)
         if not found:
             raise LotusError(f"class folder {folder / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
         files += found
@@ -169,7 +175,15 @@ def _load_image_folder(root: Path, split: str, img_size: int | None) -> ImageDat
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         arrays = list(pool.map(lambda f: _decode(f, img_size), files, chunksize=256))
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return ImageData(images, torch.tensor(labels, dtype=torch.long), classes, str(root), split)
+    return ImageData(images, torch.tensor(labels, dtype=torch.long), classes, str(root), split, words)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """A class folder's images, sorted; other files (notes, box lists, hidden files such as
+    macOS's ._* copies) are not images of the class."""
+    return sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
 
 
 def _native_size(path: Path) -> int:

@@ -15,7 +15,7 @@ Two graphs, both with a dynamic batch axis and self-contained (no external data 
   embedding, exactly as in lottery training.
 
 Output `logits` float32 [B, classes]. The metadata (`metadata_props`) carries the input size,
-mean and std, patch size, class names, measured sparsity, training drop ratio and the LOTUS
+mean and std, patch size, class names and the labels people see for them, measured sparsity, training drop ratio and the LOTUS
 version, so any ONNX user can preprocess correctly without the run folder.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import lotus
-from lotus.checkpoint import load_model
+from lotus.checkpoint import labels_of, load_model
 from lotus.data import BatchLoader, DataConfig, load_split_for_model
 from lotus.drop import num_keep
 from lotus.errors import LotusError
@@ -118,6 +118,7 @@ def _metadata(meta: dict[str, Any], model: TokenGatherViT, select_block: int, ex
         "std": json.dumps(pre["std"]),
         "resize": pre.get("resize", ""),
         "classes": json.dumps(pre["classes"]),
+        "labels": json.dumps(labels_of(pre)),
         "sparsity": f"{sparsity:.6f}",
         "train_drop": str((meta.get("tickets") or {}).get("drop", 0.0)),
         "select_block": str(select_block),

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lotus.checkpoint import atomic_write_json, load_model, save_model
+from lotus.checkpoint import atomic_write_json, labels_of, load_model, save_model
 from lotus.config import CompressConfig, ModelConfig, nm_pattern
 from lotus.config import default_compress_config as default_compress_config  # re-exported with the recipe functions
 from lotus.errors import LotusError
@@ -211,6 +211,7 @@ def _evaluate(run: Run) -> dict[str, Any]:
         "images_per_second": result["images_per_second"],
         "sparsity": report["overall"],
         "layers": {k: v["sparsity"] for k, v in report["layers"].items()},
+        "labels": labels_of(meta["preprocess"]),
     }
 
 

@@ -95,6 +95,7 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
         "",
         f"Data: `{cfg.data.name}`; baseline: {'`' + cfg.checkpoint + '`' if cfg.checkpoint else 'trained here'}; "
         f"recipe: `recipe.yaml` (`lotus compress --recipe recipe.yaml` repeats this run).",
+        *_classes(done),
         "",
         *_summary_table(cfg, m),
         "",
@@ -112,6 +113,15 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
         "",
     ]
     return "\n".join(lines)
+
+
+def _classes(done: dict[str, dict[str, Any]], shown: int = 10) -> list[str]:
+    """The model's classes as people see them (the data's classes.tsv words, if it had one)."""
+    labels = done["evaluate"].get("labels")
+    if not labels:  # a run recorded before the labels were
+        return []
+    more = f", ... ({len(labels) - shown} more)" if len(labels) > shown else ""
+    return ["", f"Classes ({len(labels)}): {', '.join(labels[:shown])}{more}."]
 
 
 def _summary_table(cfg: Any, m: dict[str, Any]) -> list[str]:

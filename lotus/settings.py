@@ -18,7 +18,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from lotus.checkpoint import atomic_write_text, read_sidecar
-from lotus.config import CompressConfig, DataConfig, ModelConfig, check_device, class_names, nm_pattern
+from lotus.config import CompressConfig, DataConfig, ModelConfig, check_device, class_labels, class_names, nm_pattern
 from lotus.errors import LotusError
 
 
@@ -116,7 +116,7 @@ def check_settings(cfg: CompressConfig) -> None:
             f"--sparsity {cfg.sparsity} keeps an N:M pattern that ISP and structured pruning would break: "
             "drop --isp-target and --structure, or use a plain sparsity"
         )
-    classes = class_names(cfg.data)
+    classes = _data_classes(cfg.data)
     if cfg.checkpoint is not None:
         meta = _model_sidecar(cfg.checkpoint, cfg.data, classes)
         model = ModelConfig(**meta["model"])
@@ -136,11 +136,19 @@ def check_inputs(data: DataConfig, checkpoint: str | Path | None = None, device:
     """Refuse, before a command that runs one stage (`lotus train`, `tickets`, `prune ...`) makes
     its run folder, inputs it would fail on: data that is not there, a checkpoint that is not a
     LOTUS model trained on the data's classes, a device that is not there. Reads no image and no weights."""
-    classes = class_names(data)
+    classes = _data_classes(data)
     if checkpoint is not None:
         _model_sidecar(checkpoint, data, classes)
     check_device(device)
     _check_cuda(device)
+
+
+def _data_classes(data: DataConfig) -> list[str]:
+    """The data's class names (the identity checkpoints are checked by), once its classes.tsv, if
+    any, has been read: a malformed one is refused here, before any work."""
+    classes = class_names(data)
+    class_labels(data, classes)
+    return classes
 
 
 def _model_sidecar(checkpoint: str | Path, data: DataConfig, classes: list[str]) -> dict[str, Any]:

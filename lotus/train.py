@@ -319,7 +319,8 @@ def preprocess_of(data: ImageData, mean: list[float], std: list[float]) -> dict[
         "mean": mean,
         "std": std,
         "pixel_scale": "RGB in [0, 1] before normalisation",
-        "classes": data.classes,
+        "classes": data.classes,  # the identity data is checked against (ImageFolder: the folder names)
+        "labels": data.class_labels,  # what people see for each class (classes.tsv's words, else the classes)
         "dataset": data.name,
     }
 

@@ -83,7 +83,8 @@ class ServedModel:
     session: object  # onnxruntime.InferenceSession
     img_size: int
     num_patches: int
-    classes: list[str]
+    classes: list[str]  # the class names in logit order, as trained (ImageFolder: the folder names)
+    labels: list[str]  # what /v1/classify answers for each logit: the metadata's labels, else the classes
     mean: np.ndarray  # (3, 1, 1), on the [0, 1] pixel scale
     std: np.ndarray  # (3, 1, 1)
     metadata: dict[str, str]
@@ -103,12 +104,14 @@ class ServedModel:
             raise LotusError(
                 f"{path} takes inputs {sorted(inputs)}, not pixel_values and drop: serve the drop-by-attention graph (model.onnx)"
             )
+        classes = json.loads(meta["classes"])
         return cls(
             path=path,
             session=session,
             img_size=int(meta["img_size"]),
             num_patches=int(meta["num_patches"]),
-            classes=json.loads(meta["classes"]),
+            classes=classes,
+            labels=_labels(path, meta, classes),
             mean=np.array(json.loads(meta["mean"]), dtype=np.float32).reshape(3, 1, 1),
             std=np.array(json.loads(meta["std"]), dtype=np.float32).reshape(3, 1, 1),
             metadata=meta,
@@ -158,6 +161,16 @@ class ServedModel:
             rgb = rgb.resize((self.img_size, self.img_size), Image.Resampling.BILINEAR)
         pixels = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, H, W) in [0, 1]
         return (pixels - self.mean) / self.std
+
+
+def _labels(path: Path, meta: dict[str, str], classes: list[str]) -> list[str]:
+    """The metadata's `labels` (one per class), or the class names where an export has none."""
+    if "labels" not in meta:  # exported before labels were recorded
+        return classes
+    labels = json.loads(meta["labels"])
+    if len(labels) != len(classes):
+        raise LotusError(f"{path} has {len(labels)} labels for {len(classes)} classes: export it again with `lotus export onnx`")
+    return labels
 
 
 def _open_image(data: bytes):

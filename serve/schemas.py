@@ -95,7 +95,7 @@ class InferenceResponse(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: str = Field(description="Class name.")
+    label: str = Field(description="Class name as the model's metadata labels it (the words of the data's classes.tsv, if any).")
     index: int = Field(description="Class index (the logit's position).")
     probability: float
 

@@ -40,10 +40,10 @@ async def classify(
         logits = (await service.run_model(request, pixel_values[None], drop))[0].astype(np.float64)
     probabilities = np.exp(logits - logits.max())
     probabilities /= probabilities.sum()
-    top = np.argsort(-probabilities)[: min(top_k, len(model.classes))]
+    top = np.argsort(-probabilities)[: min(top_k, len(model.labels))]
     return ClassifyResponse(
         model_name=service.settings.name,
-        predictions=[Prediction(label=model.classes[i], index=int(i), probability=float(probabilities[i])) for i in top],
+        predictions=[Prediction(label=model.labels[i], index=int(i), probability=float(probabilities[i])) for i in top],
         drop=drop,
         patches_kept=num_keep(model.num_patches, drop),
         num_patches=model.num_patches,
