@@ -107,6 +107,15 @@ def given(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def coverage_line(coverage: dict[str, Any]) -> str:
+    """One line on an `object_coverage` record (see lotus.coverage)."""
+    return (
+        f"object boxes of {coverage['images']} images ({coverage['images_without_box']} without one): "
+        f"{coverage['kept_on_object']:.1%} of the kept patches touch the object "
+        f"(it touches {coverage['object_share']:.1%} of all patches), {coverage['object_kept']:.1%} of its patches are kept"
+    )
+
+
 def parse_floats(text: str, flag: str) -> tuple[float, ...]:
     """'0,0.1,0.5' -> (0.0, 0.1, 0.5); a one-line error naming `flag` otherwise."""
     try:

@@ -80,6 +80,12 @@ BalanceOpt = Annotated[
 FuseOpt = Annotated[
     bool | None, typer.Option("--fuse", help="Tickets: one more token fusing the dropped patches (see `lotus tickets`).")
 ]
+BoxesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Tickets: the data's boxes.tsv, to record how much of each image's object box the tickets keep (see `lotus tickets`)."
+    ),
+]
 StructureOpt = Annotated[
     str | None,
     typer.Option(
@@ -122,6 +128,7 @@ def compress(
     layers: LayersOpt = None,
     balance: BalanceOpt = None,
     fuse: FuseOpt = None,
+    boxes: BoxesOpt = None,
     structure: StructureOpt = None,
     structure_importance: StructureImportanceOpt = None,
     structure_scope: StructureScopeOpt = None,
@@ -140,7 +147,7 @@ def compress(
         cfg,
         data=replace(cfg.data, **given(data_dir=str(data_dir) if data_dir else None, download=download)),
         model=replace(cfg.model, **given(name=model, pretrained=pretrained)),
-        tickets=replace(cfg.tickets, **ticket_flags(drop, select, temperature, spread, layers, balance, fuse)),
+        tickets=replace(cfg.tickets, **ticket_flags(drop, select, temperature, spread, layers, balance, fuse, boxes)),
         sweep=replace(cfg.sweep, **given(tolerance=tolerance)),
         finetune=replace(cfg.finetune, **given(epochs=epochs)),
         structure=replace(cfg.structure, **structure_flags(structure, structure_importance, structure_scope)),
@@ -183,6 +190,7 @@ def ticket_flags(
     layers: str | None,
     balance: bool | None,
     fuse: bool | None,
+    boxes: Path | None = None,
 ) -> dict[str, Any]:
     """The TicketConfig fields the ticket flags set."""
     from lotus.config import parse_layers
@@ -195,6 +203,7 @@ def ticket_flags(
         layers=parse_layers(layers),
         balance=balance,
         fuse=fuse,
+        boxes=str(boxes) if boxes else None,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -14,12 +14,16 @@ from cli.common import (
     DeviceOpt,
     DownloadOpt,
     checked_paths,
+    coverage_line,
     data_config,
     err,
     out_option,
     user_errors,
 )
 from cli.progress import progress_bars
+
+if TYPE_CHECKING:
+    from lotus.tickets import Tickets
 
 
 class Select(str, Enum):
@@ -81,6 +85,12 @@ ScoresFromOpt = Annotated[
         help="Earlier tickets of this checkpoint and data: cut their scores again (another --drop, --spread, --temperature, --balance or --fuse) instead of scoring."
     ),
 ]
+BoxesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="The data's boxes.tsv (split, path, x0 y0 x1 y1 per image): record in tickets.json how much of each image's object box the kept patches cover (object_coverage)."
+    ),
+]
 TicketsOutOpt = out_option("tickets", "Tickets folder")
 
 
@@ -102,11 +112,13 @@ def tickets(
     fuse: FuseOpt = False,
     seed: TicketSeedOpt = 0,
     scores_from: ScoresFromOpt = None,
+    boxes: BoxesOpt = None,
     device: DeviceOpt = "auto",
     out: TicketsOutOpt = None,
 ) -> None:
     """Score every training patch with a model's attention and write the keep masks (data lottery tickets)."""
     from lotus.config import TicketConfig, parse_layers
+    from lotus.settings import check_boxes
 
     cfg = TicketConfig(
         drop=drop,
@@ -120,23 +132,26 @@ def tickets(
         balance=balance,
         fuse=fuse,
         seed=seed,
+        boxes=str(boxes) if boxes else None,
     )
     data_cfg = data_config(data, data_dir, download)
+    check_boxes(data_cfg, cfg.boxes)
     checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "tickets")
     from lotus.tickets import tickets_from_checkpoint  # imports torch: only once the settings are checked
 
     with progress_bars() as progress:
         result = tickets_from_checkpoint(
-            checkpoint,
-            data_cfg,
-            cfg,
-            out,
-            device=device,
-            progress=progress,
-            scores_from=scores_from,
+            checkpoint, data_cfg, cfg, out, device=device, progress=progress, scores_from=scores_from
         )
+    summarise(result, out)
+
+
+def summarise(result: Tickets, out: Path) -> None:
+    """What the tickets keep, on stderr (and how much of the object boxes, when measured)."""
     m = result.meta
     err.print(
         f"kept {result.num_keep} of {m['num_patches']} patches in each of {m['data']['num_images']} images "
         f"({m['outlier_patches']} high-norm outlier patches re-scored); tickets: {out}"
     )
+    if "object_coverage" in m:
+        err.print(coverage_line(m["object_coverage"]))

@@ -127,6 +127,10 @@ def cifar10_missing(root: Path) -> LotusError:
     )
 
 
+def boxes_missing(path: str | Path) -> LotusError:
+    return LotusError(f"boxes file {path} not found: pass the dataset's boxes.tsv (split, path, x0, y0, x1, y1 per image)")
+
+
 def class_folders(split: Path) -> list[str]:
     """The class folder names of an ImageFolder split, sorted (their label order)."""
     classes = sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -284,6 +288,7 @@ class TicketConfig:
     fuse: bool = False  # train on K kept patches plus one token fusing the dropped ones (EViT)
     batch_size: int = 256  # images per scoring pass
     seed: int = 0  # seed of the random control
+    boxes: str | None = None  # the data's boxes.tsv: measure how much of each image's object the tickets keep
 
     def __post_init__(self):
         if not 0 <= self.drop < 1:

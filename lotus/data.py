@@ -51,6 +51,8 @@ class ImageData:
     name: str  # dataset name as given in DataConfig.name
     split: str  # 'train' or 'test'
     class_labels: list[str] | None = None  # the names people see, in label order (classes.tsv); None = classes
+    files: list[str] | None = None  # ImageFolder: each image's path relative to the root ('train/cat/001.png')
+    sizes: torch.Tensor | None = None  # ImageFolder: (N, 2) int64 (width, height) of each file before resizing
 
     def __post_init__(self) -> None:
         if self.class_labels is None:
@@ -173,9 +175,12 @@ def _load_image_folder(root: Path, split: str, img_size: int | None) -> ImageDat
     if img_size is None:
         img_size = _native_size(files[0])
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(lambda f: _decode(f, img_size), files, chunksize=256))
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return ImageData(images, torch.tensor(labels, dtype=torch.long), classes, str(root), split, words)
+        decoded = list(pool.map(lambda f: _decode(f, img_size), files, chunksize=256))
+    images = torch.from_numpy(np.stack([array for array, _ in decoded])).permute(0, 3, 1, 2).contiguous()
+    relative = [f.relative_to(root).as_posix() for f in files]
+    sizes = torch.tensor([size for _, size in decoded], dtype=torch.long)
+    labels_tensor = torch.tensor(labels, dtype=torch.long)
+    return ImageData(images, labels_tensor, classes, str(root), split, class_labels=words, files=relative, sizes=sizes)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -199,16 +204,17 @@ def _native_size(path: Path) -> int:
     return w
 
 
-def _decode(path: Path, img_size: int) -> np.ndarray:
-    """One image file as an (img_size, img_size, 3) uint8 array."""
+def _decode(path: Path, img_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image file as an (img_size, img_size, 3) uint8 array, and its own (width, height)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            size = im.size
             im = im.convert("RGB")
             if im.size != (img_size, img_size):
                 im = im.resize((img_size, img_size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            return np.asarray(im, dtype=np.uint8), size
     except Exception as e:
         raise LotusError(f"cannot read image {path}: {e}") from None
 

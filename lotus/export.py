@@ -17,6 +17,11 @@ Two graphs, both with a dynamic batch axis and self-contained (no external data 
 Output `logits` float32 [B, classes]. The metadata (`metadata_props`) carries the input size,
 mean and std, patch size, class names and the labels people see for them, measured sparsity, training drop ratio and the LOTUS
 version, so any ONNX user can preprocess correctly without the run folder.
+
+`exported_keep_idx` reads which patches `model.onnx` keeps (its select block's TopK, exposed as
+an extra output of the graph in memory), and `exported_coverage` how much of each image's object
+box they cover (see `lotus.coverage`); with `ExportConfig.boxes` the export reports the latter on
+the test images at drop 0.1, 0.3 and 0.5.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ import torch
 
 import lotus
 from lotus.checkpoint import labels_of, load_model
-from lotus.data import BatchLoader, DataConfig, load_split_for_model
+from lotus.coverage import ImageBoxes, match_boxes, selection_coverage
+from lotus.data import BatchLoader, DataConfig, ImageData, load_split_for_model
 from lotus.drop import num_keep
 from lotus.errors import LotusError
 from lotus.masks import prunable_names
-from lotus.runtime import ort_session
+from lotus.runtime import lotus_metadata, ort_session
 from lotus.vit import TokenGatherViT
 
 VERIFY_DROPS = (0.0, 0.1, 0.3, 0.5)
@@ -53,6 +59,7 @@ class ExportConfig:
     tolerance: float = 1e-4  # max |logit difference| verification accepts (fp32)
     verify_images: int = 64  # eval images verification runs
     quantize: str | None = None  # 'int8': dynamic per-channel signed int8 weights (ONNX Runtime)
+    boxes: str | None = None  # the eval data's boxes.tsv: report the object coverage of the graph's kept patches
 
 
 class DropByAttention(torch.nn.Module):
@@ -166,11 +173,9 @@ def check_exported_sparsity(path: Path, model: TokenGatherViT, names: list[str])
     return {"exported_sparsity": zeros / max(size, 1), "checkpoint_sparsity": expected / max(size, 1)}
 
 
-def _eval_images(meta: dict, data_cfg: DataConfig, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    pre = meta["preprocess"]
-    data = load_split_for_model(data_cfg, pre, "test")
-    loader = BatchLoader(data, limit or len(data), pre["mean"], pre["std"])
-    batch = next(iter(loader))
+def _eval_images(data: ImageData, pre: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole split, normalised as the model's preprocessing says, and its labels."""
+    batch = next(iter(BatchLoader(data, len(data), pre["mean"], pre["std"])))
     return batch.images, batch.labels
 
 
@@ -203,6 +208,63 @@ def accuracy_onnx(path: Path, images: torch.Tensor, labels: torch.Tensor, drop: 
     return 100.0 * correct / len(images)
 
 
+KEEP_IDX_OUTPUT = "keep_idx"
+
+
+def keep_idx_session(path: str | Path):
+    """An ONNX Runtime session of a drop-by-attention graph (`model.onnx`, fp32 or int8) with a
+    second output `keep_idx` int64 [B, K]: the patch indices its select block keeps (the output
+    of its one TopK), in descending order of attention. The file is left as it is."""
+    import onnx
+
+    model = onnx.load(str(path))
+    topk = [node for node in model.graph.node if node.op_type == "TopK"]
+    if len(topk) != 1:
+        raise LotusError(
+            f"{path} has {len(topk)} TopK nodes, not the one that picks the kept patches: "
+            "pass a model.onnx written by `lotus export onnx` (not its keep-index twin)"
+        )
+    model.graph.node.append(onnx.helper.make_node("Identity", [topk[0].output[1]], [KEEP_IDX_OUTPUT]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info(KEEP_IDX_OUTPUT, onnx.TensorProto.INT64, None))
+    return ort_session(model.SerializeToString())
+
+
+def exported_keep_idx(path: str | Path, images: torch.Tensor, drop: float, batch_size: int = 256) -> torch.Tensor:
+    """(B, K) int64: the patches the exported graph `path` keeps of each image at `drop`, as ONNX
+    Runtime runs it.
+
+    Args:
+        images: (B, 3, S, S) uint8 at the model's input size; normalised here with the mean and
+            std of the graph's metadata.
+    """
+    meta = lotus_metadata(path, ("mean", "std"))
+    mean = torch.tensor(json.loads(meta["mean"])).view(1, 3, 1, 1) * 255
+    std = torch.tensor(json.loads(meta["std"])).view(1, 3, 1, 1) * 255
+    session = keep_idx_session(path)
+    kept = []
+    for chunk in images.split(batch_size):
+        pixels = ((chunk.float() - mean) / std).numpy()
+        feeds = {"pixel_values": pixels, "drop": np.array(drop, dtype=np.float32)}
+        kept.append(torch.from_numpy(session.run([KEEP_IDX_OUTPUT], feeds)[0]))
+    return torch.cat(kept)
+
+
+def exported_coverage(path: str | Path, images: torch.Tensor, boxes: ImageBoxes, drop: float) -> dict[str, Any]:
+    """The object coverage (`lotus.coverage.selection_coverage`) of the patches the exported graph
+    `path` keeps at `drop`: the share of kept patches that touch the object box and the share
+    of the box's patches kept, averaged over the images.
+
+    Args:
+        images: (M, 3, S, S) uint8 images at the model's input size, those of `boxes` in the
+            order of `boxes.index` (e.g. `data.images[boxes.index]`).
+        boxes: their object boxes (`lotus.coverage.match_boxes`).
+    """
+    meta = lotus_metadata(path, ("img_size", "patch_size"))
+    patch_size = int(meta["patch_size"])
+    keep_idx = exported_keep_idx(path, images, drop)
+    return selection_coverage(keep_idx, boxes, int(meta["img_size"]) // patch_size, patch_size)
+
+
 def quantize_int8(src: Path, dst: Path) -> Path:
     """Dynamic int8 quantisation of the weights with ONNX Runtime's tools: signed, per output
     channel (unsigned weights bring no speed on AVX-512 VNNI CPUs), after the shape inference
@@ -231,13 +293,16 @@ def export_onnx(
     temporary folder beside `out` and moved into place at the end.
 
     Args:
-        data_cfg: the dataset whose test images verification and the int8 accuracy use
-            (None skips both; the checkpoint's own dataset is the usual choice).
+        data_cfg: the dataset whose test images verification, the int8 accuracy and the object
+            coverage (`cfg.boxes`) use (None skips the first two; the checkpoint's own dataset is
+            the usual choice).
     """
     if cfg.quantize not in (None, "int8"):
         raise LotusError(f"--quantize {cfg.quantize!r} is not supported: use int8")
     if cfg.verify and data_cfg is None:
         raise LotusError("verification needs eval images: pass --data, or --no-verify to skip it")
+    if cfg.boxes and data_cfg is None:
+        raise LotusError("--boxes measures the graph on eval images: pass --data")
     model, meta = load_model(checkpoint)
     model.float().eval()
     select_block = _select_block(cfg, len(model.blocks))
@@ -248,11 +313,14 @@ def export_onnx(
         "select_block": select_block,
         "num_patches": model.patch_embed.num_patches,
     }
+    needs_data = data_cfg is not None and (cfg.verify or cfg.quantize or cfg.boxes)
+    data = load_split_for_model(data_cfg, meta["preprocess"], "test") if needs_data else None
+    boxes = match_boxes(cfg.boxes, data) if cfg.boxes else None  # a wrong boxes file fails before the export
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         main, keep = _export_graphs(model, select_block, meta["preprocess"]["img_size"], cfg.opset, Path(tmp), log)
         report.update(check_exported_sparsity(main, model, prunable_names(model)))
         images, labels = (
-            _eval_images(meta, data_cfg, None) if data_cfg is not None and (cfg.verify or cfg.quantize) else (None, None)
+            _eval_images(data, meta["preprocess"]) if data is not None and (cfg.verify or cfg.quantize) else (None, None)
         )
         if cfg.verify:
             log(
@@ -264,10 +332,21 @@ def export_onnx(
         props = _metadata(meta, model, select_block, {"quantize": cfg.quantize or "none"})
         _set_metadata(main, props)
         _set_metadata(keep, {**props, "inputs": "pixel_values float32 [B,3,H,W] normalised; keep_idx int64 [B,K] patch indices"})
+        if boxes is not None:
+            report["object_coverage"] = _coverage_by_drop(main, data, boxes, log)
         os.replace(keep, keep_idx_path(out))
         os.replace(main, out)
     report.update({"path": str(out), "keep_idx_path": str(keep_idx_path(out)), "bytes": out.stat().st_size})
     return report
+
+
+def _coverage_by_drop(path: Path, data: ImageData, boxes: ImageBoxes, log: Callable[[str], None]) -> dict[str, Any]:
+    """{drop: object coverage} of the graph's kept patches on the test images with a box, at the
+    verification's drop ratios above 0 (at 0 every patch is kept)."""
+    drops = [drop for drop in VERIFY_DROPS if drop > 0]
+    log(f"measuring object coverage on {len(boxes.index)} eval images with a box at drop {', '.join(map(str, drops))}")
+    images = data.images[boxes.index]
+    return {str(drop): exported_coverage(path, images, boxes, drop) for drop in drops}
 
 
 def _select_block(cfg: ExportConfig, depth: int) -> int:

@@ -127,6 +127,7 @@ def _tickets(run: Run) -> dict[str, Any]:
         "num_keep": tickets.num_keep,
         "num_patches": tickets.meta["num_patches"],
         "outlier_patches": tickets.meta["outlier_patches"],
+        **({"object_coverage": tickets.meta["object_coverage"]} if "object_coverage" in tickets.meta else {}),
     }
 
 

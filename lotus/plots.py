@@ -26,6 +26,8 @@ def save_tickets_figure(
     keep_idx: torch.Tensor,
     grid: int,
     title: str = "",
+    *,
+    boxes: torch.Tensor | None = None,
 ) -> Path:
     """Like the LOTUS paper's Figure 3: each image with its dropped patches greyed out, beside
     the heat map of its patch scores.
@@ -34,6 +36,8 @@ def save_tickets_figure(
         images: (n, 3, H, W) uint8.
         scores: (n, N) patch scores, N = grid * grid.
         keep_idx: (n, K) kept patch indices.
+        boxes: optional (n, 4) object boxes [x0, x1) x [y0, y1) in pixels of `images` (float;
+            a row of NaN: no box), outlined over the kept patches.
     """
     import torch
 
@@ -53,6 +57,8 @@ def save_tickets_figure(
         shown = torch.where(mask[..., None], img, 0.25 * img + 0.75 * grey)
         r, c = 2 * (i // cols), i % cols
         axes[r][c].imshow(shown.numpy(), interpolation="nearest")
+        if boxes is not None and not boxes[i].isnan().any():
+            _outline(axes[r][c], boxes[i].tolist())
         axes[r + 1][c].imshow(scores[i].view(grid, grid).numpy(), cmap="inferno", interpolation="nearest")
     for ax in axes.flat:
         ax.set_xticks([])
@@ -67,6 +73,14 @@ def save_tickets_figure(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _outline(ax, box: list[float]) -> None:
+    """Draw the box [x0, x1) x [y0, y1) (pixel edges) on an imshow axis, whose pixel centres are whole numbers."""
+    from matplotlib.patches import Rectangle
+
+    x0, y0, x1, y1 = box
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.2))
 
 
 def save_sweep_figure(path: str | Path, rows: list[dict], dense_accuracy: float, knee: float, tolerance: float) -> Path:

@@ -176,13 +176,24 @@ def _stage_notes(done: dict[str, dict[str, Any]]) -> dict[str, str]:
     return {
         "baseline": "trained here" if done["baseline"].get("history") else f"loaded from {done['baseline'].get('checkpoint')}",
         "tickets": f"{done['tickets']['num_keep']} of {done['tickets']['num_patches']} patches kept per image; "
-        f"{done['tickets']['outlier_patches']} high-norm outlier patches re-scored",
+        f"{done['tickets']['outlier_patches']} high-norm outlier patches re-scored" + _coverage_note(done["tickets"]),
         "prune": f"one-shot to {prune['sparsity']:.4f}{essential}",
         "isp": f"Instant Soup Pruning to {_fmt(done.get('isp', {}).get('sparsity'), '.4f')}",
         "structure": f"parameters x{_fmt(done.get('structure', {}).get('parameters', {}).get('ratio'), '.3f')}",
         "finetune": f"{len(done.get('finetune', {}).get('history', []))} epochs on the lottery data, masks held",
         "evaluate": "whole images",
     }
+
+
+def _coverage_note(tickets: dict[str, Any]) -> str:
+    """'; on the object box: ...' when the tickets were measured against object boxes (--boxes)."""
+    coverage = tickets.get("object_coverage")
+    if not coverage:
+        return ""
+    return (
+        f"; {100 * coverage['kept_on_object']:.1f}% of kept patches on the object box, "
+        f"{100 * coverage['object_kept']:.1f}% of its patches kept ({coverage['images']} images)"
+    )
 
 
 def _stage_table(done: dict[str, dict[str, Any]]) -> list[str]:

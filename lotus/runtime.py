@@ -10,10 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None, *, spinning: bool = True):
+def ort_session(
+    path: str | Path | bytes, threads: int | None = None, providers: list[str] | None = None, *, spinning: bool = True
+):
     """An ONNX Runtime session: CUDA when the installed runtime offers it, else the CPU.
 
     Args:
+        path: the ONNX file, or a serialised model (bytes).
         threads: intra-op threads (None: ONNX Runtime's choice, one per core).
         spinning: let idle intra-op threads spin-wait for the next call. Best for back-to-back
             calls (benchmarks); a server between requests wants it off, or spinning threads burn
@@ -28,7 +31,7 @@ def ort_session(path: str | Path, threads: int | None = None, providers: list[st
         options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spinning else "0")
     available = ort.get_available_providers()
     providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=providers)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -18,7 +18,17 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from lotus.checkpoint import atomic_write_text, read_sidecar
-from lotus.config import CompressConfig, DataConfig, ModelConfig, check_device, class_labels, class_names, nm_pattern
+from lotus.config import (
+    BUILTIN_DATASETS,
+    CompressConfig,
+    DataConfig,
+    ModelConfig,
+    boxes_missing,
+    check_device,
+    class_labels,
+    class_names,
+    nm_pattern,
+)
 from lotus.errors import LotusError
 
 
@@ -105,8 +115,8 @@ def check_settings(cfg: CompressConfig) -> None:
 
     Each config checked its own fields when it was built (`__post_init__`); what is left is
     whether stages go together (an N:M pattern survives no further pruning) and what needs
-    the machine, the data and the checkpoint: the device exists, the data is there, the
-    checkpoint is a LOTUS model trained on the data's classes (or, without one, the baseline's
+    the machine, the data and the checkpoint: the device exists, the data is there (and the
+    tickets' boxes file, when given), the checkpoint is a LOTUS model trained on the data's classes (or, without one, the baseline's
     architecture is a timm ViT), and the ticket settings fit the model's blocks and patch grid.
     Reads no image and no weights (only the checkpoint's sidecar), so it takes a moment; only the
     two checks that need torch (is CUDA there, does timm know the architecture) load it, last.
@@ -117,6 +127,7 @@ def check_settings(cfg: CompressConfig) -> None:
             "drop --isp-target and --structure, or use a plain sparsity"
         )
     classes = _data_classes(cfg.data)
+    check_boxes(cfg.data, cfg.tickets.boxes)
     if cfg.checkpoint is not None:
         meta = _model_sidecar(cfg.checkpoint, cfg.data, classes)
         model = ModelConfig(**meta["model"])
@@ -149,6 +160,17 @@ def _data_classes(data: DataConfig) -> list[str]:
     classes = class_names(data)
     class_labels(data, classes)
     return classes
+
+
+def check_boxes(data: DataConfig, boxes: str | Path | None) -> None:
+    """Refuse `--boxes` (when given) on data that has no image files to match it to (digits,
+    torchvision's CIFAR-10), or a boxes file that is not there. Reads only the file's entry."""
+    if boxes is None:
+        return
+    if data.name in BUILTIN_DATASETS:
+        raise LotusError(f"--boxes needs an ImageFolder dataset (its lines name image files), not {data.name}: pass --data PATH")
+    if not Path(boxes).is_file():
+        raise boxes_missing(boxes)
 
 
 def _model_sidecar(checkpoint: str | Path, data: DataConfig, classes: list[str]) -> dict[str, Any]:

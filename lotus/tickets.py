@@ -50,6 +50,9 @@ Fused (`fuse`). Off: training sees the K kept patch tokens. On: one more token, 
 of the dropped patch tokens (after the positional embedding), as EViT (Liang et al., 2022) fuses
 its inattentive tokens: weighted by attention score for attention tickets, uniform for random
 ones, so the context the tickets drop still reaches the model as one summary token (K + 1 tokens).
+
+Object coverage (`boxes`). Given the dataset's object boxes (boxes.tsv), `tickets.json` records how
+much of the kept patches lie on the object and how much of the object is kept (`lotus.coverage`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ import torch.nn.functional as F
 from lotus.checkpoint import load_checkpoint, save_checkpoint
 from lotus.config import DataConfig, TicketConfig, check_spread, resolve_layers
 from lotus.config import parse_layers as parse_layers  # re-exported: the settings live in lotus.config
+from lotus.coverage import ImageBoxes, match_boxes, selection_coverage
 from lotus.data import Batch, BatchLoader, ImageData
 from lotus.drop import num_keep
 from lotus.errors import LotusError
@@ -402,7 +406,8 @@ def recut_tickets(tickets: Tickets, cfg: TicketConfig) -> Tickets:
     if differ:
         raise LotusError(f"these tickets were scored with other settings, {', '.join(differ)}: score again with `lotus tickets`")
     check_spread(cfg.spread, tickets.grid)
-    meta = {**tickets.meta, "config": wanted, "num_keep": num_keep(tickets.grid**2, cfg.drop)}
+    earlier = {k: v for k, v in tickets.meta.items() if k != "object_coverage"}  # measured on the earlier cut
+    meta = {**earlier, "config": wanted, "num_keep": num_keep(tickets.grid**2, cfg.drop)}
     return _cut(tickets.scores, tickets.grid, tickets.patch_size, meta)
 
 
@@ -449,6 +454,11 @@ def tickets_from_checkpoint(
     """What `lotus tickets` runs: score a dataset's training split with a checkpoint, write
     `out_dir/tickets.safetensors` + `tickets.json` and the figure `out_dir/tickets.png`.
 
+    With `cfg.boxes` (the dataset's boxes.tsv, matched to the images before any scoring),
+    `tickets.json` also holds `object_coverage` (see `lotus.coverage`): the share of kept
+    patches that touch the object box and the share of the box's patches kept, averaged over
+    the images with a box; the figure outlines each shown image's box.
+
     Args:
         progress: told ("scoring patches", batches done, batches) as the scoring runs, or
             ("cutting earlier scores", 0 then 1, 1) with `scores_from`.
@@ -458,12 +468,12 @@ def tickets_from_checkpoint(
     from lotus.checkpoint import load_model
     from lotus.data import load_split_for_model
     from lotus.device import resolve_device
-    from lotus.plots import save_tickets_figure
 
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
     pre = meta["preprocess"]
     data = load_split_for_model(data_cfg, pre, "train")
+    boxes = match_boxes(cfg.boxes, data) if cfg.boxes else None  # a wrong file fails before the scoring pass
     if scores_from is None:
         tickets = make_tickets(
             model, data, pre["mean"], pre["std"], cfg, model_sha256=meta["sha256"], device=dev, progress=progress
@@ -479,14 +489,30 @@ def tickets_from_checkpoint(
             )
         tickets = recut_tickets(earlier, cfg)
         report(progress, "cutting earlier scores", 1, 1)
-    out_dir = Path(out_dir)
-    save_tickets(tickets, out_dir)
-    show = _one_per_class(data.labels, 16)
-    title = f"{cfg.select} tickets, drop {cfg.drop:g}: {tickets.num_keep} of {tickets.grid**2} patches kept"
-    save_tickets_figure(
-        out_dir / "tickets.png", data.images[show], tickets.scores[show], tickets.keep_idx[show], tickets.grid, title
-    )
+    _write_tickets(tickets, data, boxes, Path(out_dir))
     return tickets
+
+
+def _write_tickets(tickets: Tickets, data: ImageData, boxes: ImageBoxes | None, out_dir: Path) -> None:
+    """Save the tickets (with their object coverage when there are boxes) and draw the figure."""
+    from lotus.plots import save_tickets_figure  # matplotlib: only where a figure is drawn
+
+    if boxes is not None:
+        kept = tickets.keep_idx[boxes.index]
+        tickets.meta["object_coverage"] = selection_coverage(kept, boxes, tickets.grid, tickets.patch_size)
+    save_tickets(tickets, out_dir)
+    cfg = tickets.meta["config"]
+    show = _one_per_class(data.labels, 16)
+    title = f"{cfg['select']} tickets, drop {cfg['drop']:g}: {tickets.num_keep} of {tickets.grid**2} patches kept"
+    save_tickets_figure(
+        out_dir / "tickets.png",
+        data.images[show],
+        tickets.scores[show],
+        tickets.keep_idx[show],
+        tickets.grid,
+        title,
+        boxes=boxes.at_input(show, data.img_size) if boxes is not None else None,
+    )
 
 
 def _one_per_class(labels: torch.Tensor, count: int) -> torch.Tensor:

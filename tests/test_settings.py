@@ -274,6 +274,8 @@ for args in (
     ["compress", "--checkpoint", checkpoint, "--layers", "5", "--device", "cpu"],
     ["train", "--data", "no-such-folder"],
     ["tickets", "--checkpoint", "no-such-model"],
+    ["tickets", "--boxes", "no-such-boxes.tsv"],
+    ["compress", "--boxes", "no-such-boxes.tsv"],
     ["prune", "isp", "--checkpoint", checkpoint, "--target", "2"],
     ["prune", "sweep", "--checkpoint", checkpoint, "--device", "gpu"],
 ):
