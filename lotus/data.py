@@ -31,6 +31,7 @@ from lotus.config import CIFAR10_FOLDER as CIFAR10_FOLDER
 from lotus.config import DataConfig, cifar10_missing, class_folders, class_words, split_dir
 from lotus.config import class_names as class_names
 from lotus.errors import LotusError
+from lotus.images import draft, square_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -205,16 +206,16 @@ def _native_size(path: Path) -> int:
 
 
 def _decode(path: Path, img_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """One image file as an (img_size, img_size, 3) uint8 array, and its own (width, height)."""
+    """One image file as an (img_size, img_size, 3) uint8 array, decoded as the service decodes
+    uploads (lotus.images), and its own (width, height)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             size = im.size
-            im = im.convert("RGB")
-            if im.size != (img_size, img_size):
-                im = im.resize((img_size, img_size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8), size
+            draft(im, img_size)
+            im.load()
+            return square_rgb(im, img_size), size
     except Exception as e:
         raise LotusError(f"cannot read image {path}: {e}") from None
 

@@ -15,54 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from lotus.errors import LotusError
+from lotus.images import STRIP_PIXELS, draft, square_rgb
 from lotus.runtime import lotus_metadata, ort_session
 from serve.errors import InputError
 
 METADATA_KEYS = ("img_size", "num_patches", "mean", "std", "classes")  # what serving needs from the export
-
-
-ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as browsers show them
-STRIP_PIXELS = 1 << 18  # rows are converted and reduced about a quarter megapixel at a time
-REDUCING_GAP = 3  # large images are reduced cheaply to >= 2x the input size first, then resized (as Pillow's thumbnail)
-
-
-def _to_rgb(image):
-    """A decoded PIL image as 8-bit RGB: transparency composited on ALPHA_BACKGROUND, 16-bit
-    grey scaled to 8 bits (convert would clip it)."""
-    from PIL import Image
-
-    if image.mode.startswith("I"):
-        grey = (np.asarray(image).astype(np.uint32) + 128) // 257  # round(v / 257): 65535 -> 255
-        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _small_rgb(image, size: int):
-    """A loaded PIL image as 8-bit RGB at least REDUCING_GAP * `size` on each side (where it was larger),
-    turned upright by its EXIF orientation, as a viewer shows it.
-
-    Large images are converted and box-averaged strip by strip, so the only full-size buffer is
-    the decoded image itself: compositing before averaging gives the same pixels as averaging
-    first, and no full-size RGBA, float or 8-bit copy is ever made.
-    """
-    from PIL import Image, ImageOps
-
-    width, height = image.size
-    factor = max(1, min(width, height) // (REDUCING_GAP * size))  # one factor: the same blur both ways
-    if factor == 1:
-        small = _to_rgb(image)
-    else:
-        small = Image.new("RGB", (-(-width // factor), -(-height // factor)))
-        rows = max(1, STRIP_PIXELS // (width * factor)) * factor
-        for top in range(0, height, rows):
-            strip = image.crop((0, top, width, min(top + rows, height)))
-            small.paste(_to_rgb(strip).reduce(factor), (0, top // factor))
-    small.info = dict(image.info)  # the EXIF and XMP orientation travel with it
-    return ImageOps.exif_transpose(small)  # phones store the sensor's orientation, not the picture's
 
 
 def release_memory() -> None:
@@ -128,19 +85,16 @@ class ServedModel:
     def decode_image(self, data: bytes, max_pixels: int) -> np.ndarray:
         """A JPEG or PNG file -> (3, H, W) float32, resized and normalised as in training.
 
-        An image more than REDUCING_GAP times the input size is first reduced cheaply (a JPEG
-        decodes at one of libjpeg's 1/8 ... 1/1 scales, draft mode; others are box-averaged),
-        then resized as in training: the pixels differ from a direct resize by about one level
-        in 255. The pixel count it would decode to is checked from the header before anything is
-        decoded, so an image bomb costs nothing. A truncated or corrupt
-        file fails while decoding. Any failure is the file's fault, so every one is an InputError.
+        It is decoded exactly as training decodes its files (lotus.images). The pixel count it
+        would decode to is checked from the header before anything is decoded, so an image bomb
+        costs nothing. A truncated or corrupt file fails while decoding. Any failure is the file's
+        fault, so every one is an InputError.
         """
         from PIL import Image
 
         image = _open_image(data)
         with image:
-            if image.format == "JPEG":
-                image.draft("RGB", (REDUCING_GAP * self.img_size,) * 2)
+            draft(image, self.img_size)  # a JPEG: decoded at a reduced scale
             width, height = image.size
             if width * height > max_pixels:
                 raise InputError(
@@ -150,16 +104,14 @@ class ServedModel:
                 )
             try:
                 image.load()  # an animated PNG: its first frame
-                rgb = _small_rgb(image, self.img_size)
+                rgb = square_rgb(image, self.img_size)
             except Image.DecompressionBombError as e:
                 raise InputError(f"the image is too large to decode: {e}", 413) from None
             except Exception as e:  # truncated or corrupt data
                 raise InputError(f"the image cannot be decoded ({e}): the file is truncated or corrupt") from None
         if width * height > STRIP_PIXELS:
             release_memory()
-        if rgb.size != (self.img_size, self.img_size):  # training's resize: bilinear, to a square
-            rgb = rgb.resize((self.img_size, self.img_size), Image.Resampling.BILINEAR)
-        pixels = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, H, W) in [0, 1]
+        pixels = rgb.astype(np.float32).transpose(2, 0, 1) / 255.0  # (3, H, W) in [0, 1]
         return (pixels - self.mean) / self.std
 
 

@@ -13,8 +13,9 @@ import pytest
 from conftest import live_server
 from PIL import Image
 
+from lotus.images import ALPHA_BACKGROUND
 from lotus.runtime import ort_session
-from serve.model import ALPHA_BACKGROUND, ServedModel
+from serve.model import ServedModel
 from serve.settings import Settings
 
 SIZE, PATCHES, CLASSES = 16, 16, 10
@@ -243,6 +244,29 @@ def test_images_are_decoded_as_a_viewer_shows_them(tiny_onnx):
 
     red, blue = Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))
     np.testing.assert_array_equal(decoded(red, save_all=True, append_images=[blue]), decoded(red))
+
+
+def test_training_decodes_files_as_the_service_decodes_uploads(tiny_onnx, tmp_path):
+    """Whatever a file holds (transparency, 16 bits, an EXIF turn, many pixels), the model is
+    served the pixels it was trained on: lotus.data and /v1/classify share lotus.images."""
+    from lotus.data import _decode
+
+    model = ServedModel.load(tiny_onnx)
+    rng = np.random.default_rng(4)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = {
+        "rgba.png": (Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "RGBA"), {}),
+        "grey16.png": (Image.fromarray(rng.integers(0, 65536, (20, 20), dtype=np.uint16)), {}),
+        "turned.jpg": (Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)), {"exif": exif}),
+        "large.jpg": (Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)), {}),
+        "large.png": (Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)), {}),
+    }
+    for name, (picture, save) in files.items():
+        picture.save(tmp_path / name, **save)
+        trained, _ = _decode(tmp_path / name, SIZE)  # (H, W, 3) uint8
+        served = model.decode_image((tmp_path / name).read_bytes(), max_pixels=10**6) * model.std + model.mean
+        np.testing.assert_allclose(served.transpose(1, 2, 0) * 255, trained, atol=1e-3, err_msg=name)
 
 
 def _json(body) -> dict:
