@@ -9,10 +9,12 @@ from typing import Annotated
 import typer
 
 from cli.common import (
+    VAL_FRACTION,
     DataDirOpt,
     DataOpt,
     DeviceOpt,
     DownloadOpt,
+    ValFractionOpt,
     checked_paths,
     data_config,
     err,
@@ -90,6 +92,7 @@ def tickets(
     data: DataOpt = "digits",
     data_dir: DataDirOpt = Path("data"),
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = VAL_FRACTION,
     drop: DropOpt = 0.1,
     select: SelectOpt = Select.attention,
     method: MethodOpt = Method.cls,
@@ -121,7 +124,7 @@ def tickets(
         fuse=fuse,
         seed=seed,
     )
-    data_cfg = data_config(data, data_dir, download)
+    data_cfg = data_config(data, data_dir, download, val_fraction=val_fraction)
     checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "tickets")
     from lotus.tickets import tickets_from_checkpoint  # imports torch: only once the settings are checked
 
