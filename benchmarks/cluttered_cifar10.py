@@ -30,8 +30,9 @@ import torch
 from common import ROOT, SHARED_CIFAR, cifar10_folder, write_result
 from PIL import Image
 
+from lotus.config import class_folders
 from lotus.coverage import box_patches, keep_mask, write_boxes
-from lotus.data import DataConfig, load_split
+from lotus.data import DataConfig, holdout_positions, load_split
 from lotus.tickets import load_tickets
 
 CANVAS = 64  # canvas side in pixels
@@ -75,7 +76,7 @@ def object_patches(offsets: np.ndarray, side: int = 32, min_overlap: float = 0.5
 def make(source: Path, out: Path, seed: int, limit: int | None) -> None:
     placements, boxes = {}, []
     for split_seed, split in enumerate(("train", "test")):
-        data = load_split(DataConfig(str(source)), split)
+        data = load_split(DataConfig(str(source), val_fraction=0), split)  # the whole stored split: nothing held out
         rng = np.random.default_rng([seed, split_seed])
         pick = torch.from_numpy(np.sort(rng.permutation(len(data))[:limit]))  # sorted, the picks keep the loader's order
         images, labels = data.images[pick], data.labels[pick]
@@ -97,11 +98,24 @@ def make(source: Path, out: Path, seed: int, limit: int | None) -> None:
     write_boxes(out / "boxes.tsv", boxes)
 
 
+def training_positions(out: Path, fraction: float) -> np.ndarray:
+    """Positions in out/train (in the loader's order) of the images a training split takes when
+    `fraction` of each class is held out for validation (as lotus.data holds them out)."""
+    counts = [sum(1 for _ in (out / "train" / name).iterdir()) for name in class_folders(out / "train")]
+    labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    keep = np.ones(len(labels), dtype=bool)
+    if fraction:
+        keep[holdout_positions(labels, fraction).numpy()] = False
+    return np.flatnonzero(keep)
+
+
 def coverage(out: Path, tickets_dirs: list[Path]) -> None:
-    on_object = object_patches(np.load(out / "placements.npz")["train"])  # (N, 64)
+    placed = object_patches(np.load(out / "placements.npz")["train"])  # (N, 64), every stored training image
     rows = {}
     for path in tickets_dirs:
         tickets = load_tickets(path)
+        # the tickets cover the training split, which is the stored one less the validation images held out
+        on_object = placed[training_positions(out, (tickets.meta.get("holdout") or {}).get("fraction", 0.0))]
         keep = tickets.keep_idx.numpy()  # (N, K)
         if keep.shape[0] != len(on_object) or tickets.patch_size != PATCH:
             raise SystemExit(
@@ -119,8 +133,8 @@ def coverage(out: Path, tickets_dirs: list[Path]) -> None:
             f"{path.name:>40}: K {keep.shape[1]}, kept patches on the object {rows[path.name]['kept_on_object']:.1%}, "
             f"object patches kept {rows[path.name]['object_kept']:.1%}"
         )
-    print(f"{'(the object)':>40}: {on_object.mean():.1%} of all patches")
-    write_result("cluttered64_coverage", {"object_share": float(on_object.mean()), "tickets": rows})
+    print(f"{'(the object)':>40}: {placed.mean():.1%} of all patches")
+    write_result("cluttered64_coverage", {"object_share": float(placed.mean()), "tickets": rows})
 
 
 def main() -> None:

@@ -52,6 +52,15 @@ DataOpt = Annotated[
 DataDirOpt = Annotated[Path, typer.Option(help="Folder holding torchvision's CIFAR-10 (only for --data cifar10).")]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Let torchvision download CIFAR-10 into --data-dir.")]
 DeviceOpt = Annotated[str, typer.Option(help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")]
+VAL_FRACTION = 0.05  # DataConfig's default
+ValFractionOpt = Annotated[
+    float,
+    typer.Option(
+        help="Share of each class of the training split held out (fixed seed, never trained on) as the validation split "
+        "that choices read, e.g. the sweep's knee; 0: none. An ImageFolder with val/ beside train/ and test/ uses val/. "
+        "Use the value the checkpoint was trained with."
+    ),
+]
 CheckpointOpt = Annotated[Path | None, typer.Option(help="LOTUS checkpoint or run folder (default: the latest run).")]
 
 
@@ -60,11 +69,13 @@ def out_option(kind: str, what: str = "Output run folder") -> Any:
     return Annotated[Path | None, typer.Option(help=f"{what} (default: a new runs/{kind}-DATE-TIME).")]
 
 
-def data_config(data: str, data_dir: Path, download: bool = False, img_size: int | None = None) -> DataConfig:
-    """The dataset the --data, --data-dir and --download options name."""
+def data_config(
+    data: str, data_dir: Path, download: bool = False, img_size: int | None = None, val_fraction: float = VAL_FRACTION
+) -> DataConfig:
+    """The dataset the --data, --data-dir, --download and --val-fraction options name."""
     from lotus.config import DataConfig
 
-    return DataConfig(data, data_dir=str(data_dir), download=download, img_size=img_size)
+    return DataConfig(data, data_dir=str(data_dir), download=download, img_size=img_size, val_fraction=val_fraction)
 
 
 def path_or_latest_run(path: Path | None, containing: str | None = None) -> Path:
@@ -85,13 +96,16 @@ def path_or_new_run(path: Path | None, kind: str) -> Path:
     return new_run_dir(kind)
 
 
-def checked_paths(checkpoint: Path | None, data: DataConfig, device: str, out: Path | None, kind: str) -> tuple[Path, Path]:
+def checked_paths(
+    checkpoint: Path | None, data: DataConfig, device: str, out: Path | None, kind: str, **checks: Any
+) -> tuple[Path, Path]:
     """The checkpoint a stage reads (default: the latest run) and the folder it writes (default: a
-    new runs/KIND-DATE-TIME), made only once the data, the checkpoint and the device are checked."""
+    new runs/KIND-DATE-TIME), made only once the data, the checkpoint and the device are checked
+    (`checks`: `lotus.settings.check_inputs`'s keyword arguments)."""
     from lotus.settings import check_inputs
 
     checkpoint = path_or_latest_run(checkpoint)
-    check_inputs(data, checkpoint, device)
+    check_inputs(data, checkpoint, device, **checks)
     return checkpoint, path_or_new_run(out, kind)
 
 

@@ -53,6 +53,13 @@ PretrainedOpt = Annotated[
 DataOpt = Annotated[str | None, typer.Option("--data", help="'digits' (default), 'cifar10', or an ImageFolder root.")]
 DataDirOpt = Annotated[Path | None, typer.Option(help="Folder holding torchvision's CIFAR-10.")]
 DownloadOpt = Annotated[bool | None, typer.Option("--download", help="Let torchvision download CIFAR-10.")]
+ValFractionOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Share of each training class held out as the validation split that choices read (--sparsity auto); "
+        "0: none. An ImageFolder with val/ beside train/ and test/ uses val/. [default: 0.05]"
+    ),
+]
 SelectOpt = Annotated[Select | None, typer.Option(help="Ticket selection: 'attention' or the 'random' control.")]
 TemperatureOpt = Annotated[
     float | None,
@@ -122,6 +129,7 @@ def compress(
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
     download: DownloadOpt = None,
+    val_fraction: ValFractionOpt = None,
     select: SelectOpt = None,
     temperature: TemperatureOpt = None,
     spread: SpreadOpt = None,
@@ -145,7 +153,9 @@ def compress(
     cfg = starting_config(recipe, data)
     cfg = replace(
         cfg,
-        data=replace(cfg.data, **given(data_dir=str(data_dir) if data_dir else None, download=download)),
+        data=replace(
+            cfg.data, **given(data_dir=str(data_dir) if data_dir else None, download=download, val_fraction=val_fraction)
+        ),
         model=replace(cfg.model, **given(name=model, pretrained=pretrained)),
         tickets=replace(cfg.tickets, **ticket_flags(drop, select, temperature, spread, layers, balance, fuse, boxes)),
         sweep=replace(cfg.sweep, **given(tolerance=tolerance)),
@@ -227,10 +237,11 @@ def run_pipeline(cfg: CompressConfig, out: Path, resume: bool) -> None:
         metrics = compress_run(cfg, out, resume=resume, log=log if first else lambda line: None, progress=progress)
     if not first:
         return
-    print(
-        json.dumps({k: metrics[k] for k in ("dense_accuracy", "compressed_accuracy", "sparsity", "drop", "essential_sparsity")})
-    )
+    keys = ("dense_accuracy", "compressed_accuracy", "dense_val_accuracy", "compressed_val_accuracy")
+    keys += ("sparsity", "drop", "essential_sparsity")
+    splits = {k: split for k, split in metrics["splits"].items() if k in keys}  # the split of each figure printed
+    print(json.dumps({**{k: metrics[k] for k in keys}, "splits": splits}))
     err.print(
-        f"dense {metrics['dense_accuracy']:.2f}% -> compressed {metrics['compressed_accuracy']:.2f}% at sparsity "
+        f"test accuracy: dense {metrics['dense_accuracy']:.2f}% -> compressed {metrics['compressed_accuracy']:.2f}% at sparsity "
         f"{metrics['sparsity']:.3f}, drop {metrics['drop']:g}; report: {out / 'report.md'}"
     )

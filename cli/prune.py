@@ -9,11 +9,13 @@ from typing import Annotated
 import typer
 
 from cli.common import (
+    VAL_FRACTION,
     CheckpointOpt,
     DataDirOpt,
     DataOpt,
     DeviceOpt,
     DownloadOpt,
+    ValFractionOpt,
     checked_paths,
     data_config,
     err,
@@ -90,6 +92,7 @@ def prune_sweep(
     data: DataOpt = "digits",
     data_dir: DataDirOpt = Path("data"),
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = VAL_FRACTION,
     sparsities: SparsitiesOpt = None,
     wide: WideOpt = False,
     tolerance: SweepToleranceOpt = 1.0,
@@ -103,8 +106,8 @@ def prune_sweep(
 
     levels = parse_floats(sparsities, "--sparsities") if sparsities else (WIDE_SPARSITIES if wide else DEFAULT_SPARSITIES)
     cfg = SweepConfig(sparsities=levels, tolerance=tolerance, prune=prune_config(scope, include))
-    data_cfg = data_config(data, data_dir, download)
-    checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "sweep")
+    data_cfg = data_config(data, data_dir, download, val_fraction=val_fraction)
+    checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "sweep", same_holdout=True, choice="the sweep")
     from lotus.prune import sweep  # imports torch: only once the settings are checked
 
     with progress_bars() as progress:
@@ -112,8 +115,8 @@ def prune_sweep(
     for row in result["rows"]:
         print(json.dumps(row))
     err.print(
-        f"dense {result['dense_accuracy']:.2f}%; essential sparsity {result['essential_sparsity']:g} "
-        f"(tolerance {tolerance:g} pt); sweep: {out}"
+        f"on the validation split ({result['images']} images): dense {result['dense_accuracy']:.2f}%; "
+        f"essential sparsity {result['essential_sparsity']:g} (tolerance {tolerance:g} pt); sweep: {out}"
     )
 
 
@@ -125,6 +128,7 @@ def prune_oneshot(
     data: DataOpt = "digits",
     data_dir: DataDirOpt = Path("data"),
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = VAL_FRACTION,
     tolerance: AutoToleranceOpt = 1.0,
     scope: ScopeOpt = "global",
     include: IncludeOpt = None,
@@ -136,8 +140,9 @@ def prune_oneshot(
 
     level, prune_cfg = parse_sparsity(sparsity), prune_config(scope, include)
     sweep_cfg = SweepConfig(tolerance=tolerance, prune=prune_cfg) if level == "auto" else None
-    data_cfg = data_config(data, data_dir, download)
-    checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "oneshot")
+    data_cfg = data_config(data, data_dir, download, val_fraction=val_fraction)
+    auto = {"same_holdout": True, "choice": "--sparsity auto"} if level == "auto" else {}
+    checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "oneshot", **auto)
     from lotus.prune import prune_oneshot as oneshot  # imports torch: only once the settings are checked
     from lotus.prune import sweep
 
@@ -152,10 +157,12 @@ def prune_oneshot(
                 progress=progress,
             )
         level = swept["essential_sparsity"]
-        err.print(f"--sparsity auto: essential sparsity {level:g} (sweep in {out / 'sweep'})")
+        err.print(f"--sparsity auto: essential sparsity {level:g}, chosen on the validation split (sweep in {out / 'sweep'})")
     result = oneshot(checkpoint, level, out, prune_cfg, data_cfg=data_cfg, device=device)
-    print(json.dumps({"sparsity": result["sparsity"]["overall"], "accuracy": result["accuracy"]}))
-    err.print(f"measured sparsity {result['sparsity']['overall']:.4f}, accuracy {result['accuracy']:.2f}%; checkpoint: {out}")
+    print(json.dumps({"sparsity": result["sparsity"]["overall"], "accuracy": result["accuracy"], "split": "test"}))
+    err.print(
+        f"measured sparsity {result['sparsity']['overall']:.4f}, test accuracy {result['accuracy']:.2f}%; checkpoint: {out}"
+    )
 
 
 @app.command("isp")
@@ -175,6 +182,7 @@ def prune_isp(
     data: DataOpt = "digits",
     data_dir: DataDirOpt = Path("data"),
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = VAL_FRACTION,
     scope: ScopeOpt = "global",
     include: IncludeOpt = None,
     device: DeviceOpt = "auto",
@@ -196,16 +204,15 @@ def prune_isp(
         seed=seed,
         prune=prune_config(scope, include),
     )
-    data_cfg = data_config(data, data_dir, download)
-    checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "isp")
+    data_cfg = data_config(data, data_dir, download, val_fraction=val_fraction)
+    checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "isp", same_holdout=True)
     from lotus.prune import isp  # imports torch: only once the settings are checked
 
     result = isp(checkpoint, data_cfg, cfg, out, device=device, log=log)
     print(json.dumps(result))
-    err.print(
-        f"target {target:g}, achieved sparsity {result['achieved_sparsity']:.4f}, "
-        f"accuracy {result['rounds'][-1]['accuracy']:.2f}%; checkpoint: {out}"
-    )
+    accuracy = result["rounds"][-1]["accuracy"]
+    shown = "no validation split" if accuracy is None else f"validation accuracy {accuracy:.2f}%"
+    err.print(f"target {target:g}, achieved sparsity {result['achieved_sparsity']:.4f}, {shown}; checkpoint: {out}")
 
 
 @app.command("structured")
@@ -220,6 +227,7 @@ def prune_structured(
     data: DataOpt = "digits",
     data_dir: DataDirOpt = Path("data"),
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = VAL_FRACTION,
     device: DeviceOpt = "auto",
     out: StructuredOutOpt = None,
 ) -> None:
@@ -230,13 +238,14 @@ def prune_structured(
     from lotus.config import StructuredConfig
 
     cfg = StructuredConfig(heads=heads, mlp=mlp, importance=importance, scope=scope, calib_images=calib_images)
-    data_cfg = data_config(data, data_dir, download)
+    data_cfg = data_config(data, data_dir, download, val_fraction=val_fraction)
     checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "structured")
     from lotus.prune import prune_structured as structured  # imports torch: only once the settings are checked
 
     result = structured(checkpoint, out, cfg, data_cfg=data_cfg, device=device)
-    print(json.dumps({"structure": result["structure"], "parameters": result["parameters"], "accuracy": result["accuracy"]}))
+    figures = {k: result[k] for k in ("structure", "parameters", "accuracy")}
+    print(json.dumps({**figures, "split": "test"}))
     err.print(
         f"heads per block {result['structure']['num_heads']}, MLP widths {result['structure']['mlp_hidden']}, "
-        f"parameters x{result['parameters']['ratio']:.3f}, accuracy {result['accuracy']:.2f}%; checkpoint: {out}"
+        f"parameters x{result['parameters']['ratio']:.3f}, test accuracy {result['accuracy']:.2f}%; checkpoint: {out}"
     )

@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cli.common import (
+    VAL_FRACTION,
     DataDirOpt,
     DataOpt,
     DeviceOpt,
     DownloadOpt,
+    ValFractionOpt,
     checked_paths,
     coverage_line,
     data_config,
@@ -100,6 +102,7 @@ def tickets(
     data: DataOpt = "digits",
     data_dir: DataDirOpt = Path("data"),
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = VAL_FRACTION,
     drop: DropOpt = 0.1,
     select: SelectOpt = Select.attention,
     method: MethodOpt = Method.cls,
@@ -134,7 +137,7 @@ def tickets(
         seed=seed,
         boxes=str(boxes) if boxes else None,
     )
-    data_cfg = data_config(data, data_dir, download)
+    data_cfg = data_config(data, data_dir, download, val_fraction=val_fraction)
     check_boxes(data_cfg, cfg.boxes)
     checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "tickets")
     from lotus.tickets import tickets_from_checkpoint  # imports torch: only once the settings are checked

@@ -12,10 +12,12 @@ import typer
 
 import lotus
 from cli.common import (
+    VAL_FRACTION,
     DataDirOpt,
     DataOpt,
     DeviceOpt,
     DownloadOpt,
+    ValFractionOpt,
     data_config,
     err,
     first_process,
@@ -57,6 +59,7 @@ def train(
     data: DataOpt = "digits",
     data_dir: DataDirOpt = Path("data"),
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = VAL_FRACTION,
     img_size: ImgSizeOpt = None,
     model: ModelOpt = None,
     patch_size: PatchSizeOpt = None,
@@ -80,22 +83,11 @@ def train(
     from lotus.settings import check_inputs
 
     data_cfg, model_cfg, train_cfg = default_configs(data)  # the dataset's defaults, under the flags given
-    data_cfg = data_config(data, data_dir, download, img_size=img_size or data_cfg.img_size)
+    data_cfg = data_config(data, data_dir, download, img_size=img_size or data_cfg.img_size, val_fraction=val_fraction)
     model_cfg = replace(model_cfg, pretrained=pretrained, **given(name=model, patch_size=patch_size, depth=depth))
-    train_cfg = replace(
-        train_cfg,
-        device=device,
-        **given(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            label_smoothing=label_smoothing,
-            seed=seed,
-        ),
-    )
-    check_inputs(data_cfg, checkpoint, device)  # without torch: refused before a run folder is made
+    schedule = given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
+    train_cfg = replace(train_cfg, device=device, **schedule, **given(label_smoothing=label_smoothing, seed=seed))
+    check_inputs(data_cfg, checkpoint, device, same_holdout=True)  # without torch: refused before a run folder is made
     out = run_folder(out, resume)
     from lotus.train import train as train_run  # imports torch: only once the settings are checked
 
@@ -111,8 +103,9 @@ def train(
             progress=progress,
             log=log,
         )
-    last = history[-1]
-    err.print(f"test accuracy {last['test_accuracy']:.2f}% after {last['epoch']} epochs; checkpoint: {out / 'model.safetensors'}")
+    err.print(
+        f"test accuracy {history[-1]['test_accuracy']:.2f}% after {len(history)} epochs; checkpoint: {out / 'model.safetensors'}"
+    )
 
 
 def run_folder(out: Path | None, resume: bool) -> Path:

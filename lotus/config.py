@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from lotus.errors import LotusError
 
@@ -39,16 +40,28 @@ CIFAR10_FOLDER = "cifar-10-batches-py"  # what torchvision's CIFAR10 unpacks int
 CLASSES_FILE = "classes.tsv"  # beside train/ and test/: a class folder, a tab, the class's words, per line
 
 
+HOLDOUT_SEED = 0  # seeds which training images are held out for validation: fixed, so every stage holds out the same
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "digits"  # 'digits', 'cifar10', or the path of an ImageFolder root
     data_dir: str = "data"  # folder holding torchvision's CIFAR-10 (only used for 'cifar10')
     download: bool = False  # let torchvision download CIFAR-10 into data_dir when missing
     img_size: int | None = None  # square side in pixels the images are resized to; None = native
+    # share of each class of the training split held out as the validation split, which every choice
+    # reads (never trained on); ignored when an ImageFolder root has val/ beside train/ and test/;
+    # 0 = no validation split (then no stage may choose by accuracy: no --sparsity auto)
+    val_fraction: float = 0.05
 
     def __post_init__(self):
         if self.img_size is not None and not self.img_size >= 1:
             raise LotusError(f"--img-size {self.img_size} is below 1: pass a side in pixels, or leave it out for the native size")
+        if not 0 <= self.val_fraction <= 0.5:
+            raise LotusError(
+                f"--val-fraction {self.val_fraction} is outside [0, 0.5]: it is the share of the training images held "
+                "out for validation, e.g. 0.05 (0: none)"
+            )
 
 
 def class_names(cfg: DataConfig) -> list[str]:
@@ -62,8 +75,9 @@ def class_names(cfg: DataConfig) -> list[str]:
         return list(CIFAR10_CLASSES)
     root = Path(cfg.name)
     classes = class_folders(split_dir(root, "train"))
-    if class_folders(split_dir(root, "test")) != classes:
-        raise LotusError(f"class folders of {split_dir(root, 'test')} differ from those of {root / 'train'}: they must match")
+    for split in ("test", "val") if validation_folder(cfg) else ("test",):
+        if class_folders(split_dir(root, split)) != classes:
+            raise LotusError(f"class folders of {split_dir(root, split)} differ from those of {root / 'train'}: they must match")
     return classes
 
 
@@ -140,13 +154,13 @@ def class_folders(split: Path) -> list[str]:
 
 
 def split_dir(root: Path, split: str) -> Path:
-    """The folder of an ImageFolder root's 'train' or 'test' split (test/, else val/)."""
+    """The folder of an ImageFolder root's 'train', 'val' or 'test' split (for 'test': test/, else val/)."""
     if not root.is_dir():
         raise LotusError(
             f"dataset {str(root)!r} is neither 'digits', 'cifar10' nor a folder: "
             "pass --data digits|cifar10|PATH to an ImageFolder root"
         )
-    names = ("train",) if split == "train" else ("test", "val")
+    names = {"train": ("train",), "val": ("val",)}.get(split, ("test", "val"))
     for name in names:
         if (root / name).is_dir():
             return root / name
@@ -154,6 +168,68 @@ def split_dir(root: Path, split: str) -> Path:
         f"{root} has no {' or '.join(n + '/' for n in names)} folder: an ImageFolder root holds "
         "train/ and test/ (or val/), each with one folder of images per class"
     )
+
+
+def validation_folder(cfg: DataConfig) -> Path | None:
+    """An ImageFolder root's val/ when it is the validation split: beside both train/ and test/ (a
+    root with train/ and val/ alone tests on val/, and holds validation images out of train/)."""
+    if cfg.name in BUILTIN_DATASETS:
+        return None
+    root = Path(cfg.name)
+    return root / "val" if all((root / name).is_dir() for name in ("train", "val", "test")) else None
+
+
+def holdout(cfg: DataConfig) -> dict[str, Any]:
+    """Where the validation split comes from, as checkpoints and tickets record it.
+
+    `source` is 'val/' (an ImageFolder's own folder), 'held out of train' or None (no
+    validation split); `fraction` is the share of each training class held out (0 unless held
+    out), drawn with `seed`. Two runs with the same record train on the same images.
+    """
+    folder = validation_folder(cfg) is not None
+    fraction = 0.0 if folder else float(cfg.val_fraction)
+    source = "val/" if folder else "held out of train" if fraction else None
+    return {"source": source, "fraction": fraction, "seed": HOLDOUT_SEED}
+
+
+def recorded_holdout(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The hold-out a checkpoint's sidecar records (`holdout`, else the `val_fraction` of its data
+    record); a LOTUS checkpoint trained before hold-outs existed trained on the whole training split
+    (fraction 0). None when it records no data at all: nothing to check."""
+    if "holdout" in meta:
+        return meta["holdout"]
+    if "data" not in meta:
+        return None
+    fraction = float(meta["data"].get("val_fraction", 0.0))
+    return {"source": "held out of train" if fraction else None, "fraction": fraction, "seed": HOLDOUT_SEED}
+
+
+def check_holdout(meta: dict[str, Any], cfg: DataConfig, checkpoint: str | Path) -> None:
+    """Refuse a checkpoint trained with another validation hold-out than `cfg`'s: its validation
+    images could be ones it trained on, and its training split is not this run's.
+
+    Args:
+        meta: the checkpoint's sidecar (a checkpoint that records no data is taken as it is).
+    """
+    recorded, wanted = recorded_holdout(meta), holdout(cfg)
+    if recorded is None or (recorded["fraction"], recorded["seed"]) == (wanted["fraction"], wanted["seed"]):
+        return
+    held = recorded["fraction"]
+    raise LotusError(
+        f"--checkpoint {checkpoint} was trained with {held:g} of each class held out for validation, this run "
+        f"holds out {wanted['fraction']:g}: its validation images could be ones it trained on. Pass --val-fraction {held:g} "
+        + ("(no validation split: nothing may then be chosen by accuracy, such as --sparsity auto) " if not held else "")
+        + "or train the checkpoint again with this hold-out"
+    )
+
+
+def needs_validation(cfg: DataConfig, what: str) -> None:
+    """Refuse `what` (a choice made on the validation split) when `cfg` has no validation split."""
+    if holdout(cfg)["source"] is None:
+        raise LotusError(
+            f"{what} chooses on the validation split and --val-fraction 0 leaves none: pass a --val-fraction above 0 "
+            "(default 0.05)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

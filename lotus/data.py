@@ -5,6 +5,13 @@ Three sources, chosen by `DataConfig.name`:
   - `cifar10`: torchvision's CIFAR-10 in `data_dir` (downloaded only when `download=True`);
   - any other value: the root of an ImageFolder tree with `train/` and `test/` (or `val/`).
 
+Three splits: 'train', 'val' and 'test'. The validation split is `DataConfig.val_fraction` of each
+class of the stored training split, held out by a fixed seed (`holdout_positions`), and 'train' is
+what is left, so no image serves both; an ImageFolder root with `val/` beside `train/` and `test/`
+has its own validation split, and then nothing is held out. Choices (the sweep's knee) read
+'val'; 'test' is for reports only. The hold-out is positions in the stored split, taken before
+any image of an ImageFolder is decoded, so holding out costs one index per image.
+
 Every split is decoded once into a (N, 3, H, W) uint8 tensor at the model's resolution. That
 keeps small-image training (the CPU case LOTUS targets) free of loader workers, and it makes the
 dataset index of every sample trivial to carry, by which training looks up each image's data
@@ -15,7 +22,7 @@ those tensors and reports the shift and flip it applied to each image.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +35,16 @@ import torch.nn.functional as F
 from lotus.config import BUILTIN_DATASETS as BUILTIN_DATASETS  # re-exported: the settings live in lotus.config
 from lotus.config import CIFAR10_CLASSES as CIFAR10_CLASSES
 from lotus.config import CIFAR10_FOLDER as CIFAR10_FOLDER
-from lotus.config import DataConfig, cifar10_missing, class_folders, class_words, split_dir
+from lotus.config import (
+    HOLDOUT_SEED,
+    DataConfig,
+    cifar10_missing,
+    class_folders,
+    class_words,
+    holdout,
+    split_dir,
+    validation_folder,
+)
 from lotus.config import class_names as class_names
 from lotus.errors import LotusError
 from lotus.images import draft, square_rgb
@@ -50,7 +66,10 @@ class ImageData:
     labels: torch.Tensor  # (N,) int64
     classes: list[str]  # class names in label order, the identity models are checked by (ImageFolder: the folders)
     name: str  # dataset name as given in DataConfig.name
-    split: str  # 'train' or 'test'
+    split: str  # 'train', 'val' or 'test'
+    # (N,) int64: each image's position in the stored split it was taken from (the whole training
+    # split, for 'train' and a held-out 'val'); None = the whole stored split, in order
+    positions: torch.Tensor | None = None
     class_labels: list[str] | None = None  # the names people see, in label order (classes.tsv); None = classes
     files: list[str] | None = None  # ImageFolder: each image's path relative to the root ('train/cat/001.png')
     sizes: torch.Tensor | None = None  # ImageFolder: (N, 2) int64 (width, height) of each file before resizing
@@ -88,23 +107,99 @@ def default_augment(name: str) -> AugmentConfig:
     return AugmentConfig(padding=4, hflip=True)
 
 
+SPLITS = ("train", "val", "test")
+SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}  # how reports and records name them
+
+
 def load_split(cfg: DataConfig, split: str) -> ImageData:
-    """Load the 'train' or 'test' split of the dataset `cfg` names.
+    """Load the 'train', 'val' or 'test' split of the dataset `cfg` names.
+
+    'train' is the stored training split less the images held out for validation; 'val' is those
+    images, or an ImageFolder's own val/ (see the module's docstring).
 
     Raises:
-        LotusError: the data is missing, laid out wrongly, or holds an unreadable image.
+        LotusError: the data is missing, laid out wrongly, or holds an unreadable image; or 'val'
+            is asked for and there is none.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    if cfg.name == "digits":
-        data = _load_digits(split)
-    elif cfg.name == "cifar10":
-        data = _load_cifar10(cfg, split)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    stored, fraction = _stored_split(cfg, split)
+    if cfg.name in ("digits", "cifar10"):
+        data = _load_digits(stored) if cfg.name == "digits" else _load_cifar10(cfg, stored)
+        positions = _taken(data.labels, split, fraction)
+        if positions is not None:
+            data = ImageData(data.images[positions], data.labels[positions], data.classes, data.name, split, positions)
     else:
-        data = _load_image_folder(Path(cfg.name), split, cfg.img_size)
+        data = _load_image_folder(Path(cfg.name), stored, cfg.img_size, lambda labels: _taken(labels, split, fraction))
+    data.split = split
     if cfg.img_size is not None and cfg.img_size != data.img_size:
         data.images = resize_uint8(data.images, cfg.img_size)
     return data
+
+
+def _stored_split(cfg: DataConfig, split: str) -> tuple[str, float]:
+    """The stored split a split is read from ('train', 'val' or 'test') and the share of each class
+    held out of it for validation."""
+    if split == "test":
+        return "test", 0.0
+    if split == "val" and validation_folder(cfg) is not None:
+        return "val", 0.0
+    fraction = holdout(cfg)["fraction"]
+    if split == "val" and not fraction:
+        raise LotusError("--val-fraction 0 leaves no validation split: pass a --val-fraction above 0 (default 0.05)")
+    return "train", fraction
+
+
+def _taken(labels: torch.Tensor, split: str, fraction: float) -> torch.Tensor | None:
+    """Positions of the stored split's images that `split` takes: the held-out ones for 'val', the
+    others for 'train'; None for all of them (nothing held out)."""
+    if split == "test" or not fraction:
+        return None
+    held = holdout_positions(labels, fraction)
+    if split == "val":
+        if not len(held):
+            raise LotusError(
+                f"--val-fraction {fraction:g} of {len(labels)} training images holds none out: raise it, or pass 0 for none"
+            )
+        return held
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().flatten()
+
+
+def holdout_positions(labels: torch.Tensor, fraction: float, seed: int = HOLDOUT_SEED) -> torch.Tensor:
+    """Ascending positions of the images held out for validation, stratified by class.
+
+    round(fraction * N) images in all, shared among the classes in proportion to their sizes (the
+    largest remainders get the rounding), at most all but one of any class. Within a class, the
+    images held out are those first in an order hashed from (seed, position): the same for any
+    version of torch or numpy, and cheap (no image is read).
+
+    Args:
+        labels: (N,) int64 class of each image of the stored training split.
+    """
+    classes, counts = labels.unique(return_counts=True)
+    quotas = fraction * counts.double()
+    take = quotas.floor().long()
+    extra = round(fraction * len(labels)) - int(take.sum())
+    by_remainder = torch.sort(take.double() - quotas, stable=True).indices  # largest remainder first
+    take[by_remainder[:extra]] += 1
+    take = torch.minimum(take, counts - 1)
+    keys = torch.from_numpy(_hash_order(np.arange(len(labels)), seed).view(np.int64))
+    held = []
+    for label, count in zip(classes.tolist(), take.tolist()):
+        members = (labels == label).nonzero().flatten()
+        held.append(members[torch.sort(keys[members], stable=True).indices[:count]])
+    return torch.cat(held).sort().values
+
+
+def _hash_order(positions: np.ndarray, seed: int) -> np.ndarray:
+    """A fixed pseudo-random uint64 key per position (splitmix64 of seed and position)."""
+    with np.errstate(over="ignore"):
+        z = positions.astype(np.uint64) + np.uint64(seed + 1) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 def load_split_for_model(cfg: DataConfig, preprocess: dict, split: str) -> ImageData:
@@ -159,11 +254,15 @@ def _load_cifar10(cfg: DataConfig, split: str) -> ImageData:
     return ImageData(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes), "cifar10", split)
 
 
-def _load_image_folder(root: Path, split: str, img_size: int | None) -> ImageData:
+def _load_image_folder(
+    root: Path, split: str, img_size: int | None, select: Callable[[torch.Tensor], torch.Tensor | None]
+) -> ImageData:
+    """One stored split of an ImageFolder root; only the images `select` picks from the labels
+    (positions, or None for all) are decoded."""
     folder = split_dir(root, split)
     classes = class_folders(folder)
-    # The test classes must be the training classes, in the same label order.
-    if split == "test" and classes != class_folders(split_dir(root, "train")):
+    # Every other split's classes must be the training classes, in the same label order.
+    if split != "train" and classes != class_folders(split_dir(root, "train")):
         raise LotusError(f"class folders of {folder} differ from those of {root / 'train'}: they must match")
     words = class_words(root, classes)  # a malformed classes.tsv is refused before any image is decoded
     files, labels = [], []
@@ -173,6 +272,10 @@ def _load_image_folder(root: Path, split: str, img_size: int | None) -> ImageDat
             raise LotusError(f"class folder {folder / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
         files += found
         labels += [label] * len(found)
+    label_tensor = torch.tensor(labels, dtype=torch.long)
+    positions = select(label_tensor)
+    if positions is not None:
+        files, label_tensor = [files[i] for i in positions.tolist()], label_tensor[positions]
     if img_size is None:
         img_size = _native_size(files[0])
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -180,8 +283,7 @@ def _load_image_folder(root: Path, split: str, img_size: int | None) -> ImageDat
     images = torch.from_numpy(np.stack([array for array, _ in decoded])).permute(0, 3, 1, 2).contiguous()
     relative = [f.relative_to(root).as_posix() for f in files]
     sizes = torch.tensor([size for _, size in decoded], dtype=torch.long)
-    labels_tensor = torch.tensor(labels, dtype=torch.long)
-    return ImageData(images, labels_tensor, classes, str(root), split, class_labels=words, files=relative, sizes=sizes)
+    return ImageData(images, label_tensor, classes, str(root), split, positions, words, relative, sizes)
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -5,6 +5,12 @@ at `sparsity` (or the sweep's knee for 'auto') -> stage 2 ISP (to `isp_target`, 
 structured pruning (heads and MLP neurons removed, when `structure` asks) -> fine-tune the
 pruned model on the lottery data -> evaluate -> report.
 
+Choices read the validation split, reports the test split: the sweep behind 'auto' picks its
+knee on the validation images (held out of the training split, never trained on), and ISP
+evaluates its rounds on them; each stage then reports its model's accuracy on the test split
+(`accuracy`) and, beside it, on the validation split (`val_accuracy`). Nothing is chosen by a test
+figure, and training keeps its last epoch (no best-epoch choice).
+
 Everything lands in one run folder. `stages.json` records each finished stage with its
 figures, so `resume=True` skips finished stages, and the training stages (baseline, fine-tune)
 continue from their last finished epoch. The recipe (`recipe.yaml`) holds every setting, so
@@ -32,7 +38,7 @@ from typing import Any
 import torch
 
 from lotus.checkpoint import atomic_write_json, labels_of, load_model, save_model
-from lotus.config import CompressConfig, ModelConfig, nm_pattern
+from lotus.config import CompressConfig, ModelConfig, holdout, nm_pattern
 from lotus.config import default_compress_config as default_compress_config  # re-exported with the recipe functions
 from lotus.errors import LotusError
 from lotus.masks import prunable_names, sparsity_report, sparsity_summary
@@ -99,19 +105,40 @@ class Run:
 
 
 # Each stage does its work and returns its figures for stages.json. The runner adds what every
-# stage has (accuracy, seconds, images/s: None where a stage has none; seconds by the runner's
-# clock unless the stage gives its own).
+# stage has (accuracy on the test split, val_accuracy on the validation split, seconds, images/s:
+# None where a stage has none; seconds by the runner's clock unless the stage gives its own).
+
+
+def _validation(run: Run, checkpoint: Path) -> dict[str, Any] | None:
+    """A checkpoint evaluated on the validation split (None when the run has none)."""
+    if holdout(run.cfg.data)["source"] is None:
+        return None
+    return evaluate_checkpoint(checkpoint, run.cfg.data, device=run.cfg.device, split="val")
+
+
+def _val_accuracy(run: Run, checkpoint: Path) -> float | None:
+    """A checkpoint's validation accuracy (None when the run has no validation split)."""
+    result = _validation(run, checkpoint)
+    return None if result is None else result["accuracy"]
 
 
 def _baseline(run: Run) -> dict[str, Any]:
-    """Load or train the dense model, then evaluate it."""
+    """Load or train the dense model, then evaluate it on the test and the validation split."""
     cfg, history = run.cfg, []
     if cfg.checkpoint is None:
         run.log("  no --checkpoint: training the dense baseline first")
         train_cfg = replace(cfg.baseline, device=cfg.device)
         history = train(cfg.data, cfg.model, train_cfg, run.dir / "baseline", resume=True, progress=run.progress)
     result = evaluate_checkpoint(run.baseline, cfg.data, device=cfg.device)
-    return {"accuracy": result["accuracy"], **_training_figures(history), "checkpoint": str(run.baseline)}
+    val = _validation(run, run.baseline) or {"accuracy": None, "images": None}
+    return {
+        "accuracy": result["accuracy"],
+        "val_accuracy": val["accuracy"],
+        "test_images": result["images"],
+        "val_images": val["images"],
+        **_training_figures(history),
+        "checkpoint": str(run.baseline),
+    }
 
 
 def _tickets(run: Run) -> dict[str, Any]:
@@ -138,11 +165,14 @@ def _prune(run: Run) -> dict[str, Any]:
         sweep_cfg = replace(cfg.sweep, prune=cfg.prune)
         swept = sweep(run.baseline, cfg.data, sweep_cfg, run.dir / "sweep", device=cfg.device, progress=run.progress)
         essential = level = swept["essential_sparsity"]
-        run.log(f"  essential sparsity {essential:g} (dense {swept['dense_accuracy']:.2f}%)")
+        run.log(
+            f"  essential sparsity {essential:g}, chosen on the validation split (dense {swept['dense_accuracy']:.2f}% there)"
+        )
     level = level if nm_pattern(level) else float(level)
     result = prune_oneshot(run.baseline, level, run.dir / "stage1", cfg.prune, data_cfg=cfg.data, device=cfg.device)
     return {
         "accuracy": result["accuracy"],
+        "val_accuracy": _val_accuracy(run, run.dir / "stage1"),
         "requested_sparsity": level,
         "sparsity": result["sparsity"]["overall"],
         "essential_sparsity": essential,
@@ -150,13 +180,19 @@ def _prune(run: Run) -> dict[str, Any]:
 
 
 def _isp(run: Run) -> dict[str, Any]:
-    """Stage 2: Instant Soup Pruning from stage 1 to `isp_target`."""
+    """Stage 2: Instant Soup Pruning from stage 1 to `isp_target` (its rounds evaluated on the
+    validation split), then the result reported on the test split."""
     cfg = run.cfg
     isp_cfg = replace(cfg.isp, target=cfg.isp_target, prune=cfg.prune)
     result = isp(
         run.dir / "stage1", cfg.data, isp_cfg, run.dir / "stage2", device=cfg.device, log=lambda line: run.log("  " + line)
     )
-    return {"accuracy": result["rounds"][-1]["accuracy"], "sparsity": result["achieved_sparsity"], "rounds": result["rounds"]}
+    return {
+        "accuracy": evaluate_checkpoint(run.dir / "stage2", cfg.data, device=cfg.device)["accuracy"],
+        "val_accuracy": result["rounds"][-1]["accuracy"],
+        "sparsity": result["achieved_sparsity"],
+        "rounds": result["rounds"],
+    }
 
 
 def _structure(run: Run) -> dict[str, Any]:
@@ -167,7 +203,12 @@ def _structure(run: Run) -> dict[str, Any]:
         f"  heads per block {result['structure']['num_heads']}, MLP widths {result['structure']['mlp_hidden']}, "
         f"parameters x{result['parameters']['ratio']:.3f}"
     )
-    return {"accuracy": result["accuracy"], "structure": result["structure"], "parameters": result["parameters"]}
+    return {
+        "accuracy": result["accuracy"],
+        "val_accuracy": _val_accuracy(run, run.dir / "structured"),
+        "structure": result["structure"],
+        "parameters": result["parameters"],
+    }
 
 
 def _finetune(run: Run) -> dict[str, Any]:
@@ -188,7 +229,13 @@ def _finetune(run: Run) -> dict[str, Any]:
     ratio = measure_step_ratio(run.dir, cfg)
     run.log(f"  a dense training step takes {ratio:.2f}x a lottery step (measured side by side)")
     figures = _training_figures(history)
-    return {"accuracy": history[-1]["test_accuracy"], "seconds": seconds, **figures, "dense_step_ratio": ratio}
+    return {
+        "accuracy": history[-1]["test_accuracy"],
+        "val_accuracy": _val_accuracy(run, run.dir / "finetune"),
+        "seconds": seconds,
+        **figures,
+        "dense_step_ratio": ratio,
+    }
 
 
 def _evaluate(run: Run) -> dict[str, Any]:
@@ -204,11 +251,13 @@ def _evaluate(run: Run) -> dict[str, Any]:
         meta["masks"],
         tickets=meta.get("tickets"),
         sparsity=sparsity_summary(report),
+        holdout=meta.get("holdout"),
         stage="compressed",
     )
     result = evaluate_checkpoint(run.dir, cfg.data, device=cfg.device)
     return {
         "accuracy": result["accuracy"],
+        "val_accuracy": _val_accuracy(run, run.dir),
         "images_per_second": result["images_per_second"],
         "sparsity": report["overall"],
         "layers": {k: v["sparsity"] for k, v in report["layers"].items()},
@@ -271,7 +320,8 @@ def compress(
         log(heading)
         run.started = time.perf_counter()
         figures = stage.run(run)
-        state.finish(stage.name, {"accuracy": None, "seconds": run.seconds(), "images_per_second": None, **figures})
+        record = {"accuracy": None, "val_accuracy": None, "seconds": run.seconds(), "images_per_second": None}
+        state.finish(stage.name, {**record, **figures})
     return build_metrics(cfg, state.done)
 
 

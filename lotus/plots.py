@@ -83,8 +83,10 @@ def _outline(ax, box: list[float]) -> None:
     ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.2))
 
 
-def save_sweep_figure(path: str | Path, rows: list[dict], dense_accuracy: float, knee: float, tolerance: float) -> Path:
-    """Like the LOTUS paper's Figure 2: accuracy against one-shot sparsity, the knee marked."""
+def save_sweep_figure(
+    path: str | Path, rows: list[dict], dense_accuracy: float, knee: float, tolerance: float, split: str = "validation"
+) -> Path:
+    """Like the LOTUS paper's Figure 2: accuracy on `split` against one-shot sparsity, the knee marked."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     xs = [100 * r["sparsity"] for r in rows]
@@ -92,7 +94,7 @@ def save_sweep_figure(path: str | Path, rows: list[dict], dense_accuracy: float,
     ax.axhline(dense_accuracy, color="grey", linestyle="--", linewidth=1, label=f"dense {dense_accuracy:.2f}%")
     ax.axhspan(dense_accuracy - tolerance, dense_accuracy, color="grey", alpha=0.15, label=f"tolerance {tolerance:g} pt")
     ax.axvline(100 * knee, color="tab:red", linestyle=":", label=f"essential sparsity {100 * knee:g}%")
-    ax.set(xlabel="sparsity of the prunable weights (%)", ylabel="test accuracy (%)", title="Essential sparsity sweep")
+    ax.set(xlabel="sparsity of the prunable weights (%)", ylabel=f"{split} accuracy (%)", title="Essential sparsity sweep")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)

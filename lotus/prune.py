@@ -29,8 +29,20 @@ import torch
 from lotus.checkpoint import atomic_write_csv, atomic_write_json, load_model, save_model
 from lotus.config import DEFAULT_SPARSITIES as DEFAULT_SPARSITIES  # re-exported: the settings live in lotus.config
 from lotus.config import WIDE_SPARSITIES as WIDE_SPARSITIES
-from lotus.config import DataConfig, ISPConfig, ModelConfig, PruneConfig, StructuredConfig, SweepConfig, TrainConfig
+from lotus.config import (
+    DataConfig,
+    ISPConfig,
+    ModelConfig,
+    PruneConfig,
+    StructuredConfig,
+    SweepConfig,
+    TrainConfig,
+    check_holdout,
+    holdout,
+    needs_validation,
+)
 from lotus.data import (
+    SPLIT_WORDS,
     BatchLoader,
     ImageData,
     default_augment,
@@ -62,10 +74,36 @@ def _weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor
     return {n: params[n].detach() for n in names}
 
 
-def _eval_loader(checkpoint_meta: dict, data_cfg: DataConfig, batch_size: int = 256) -> BatchLoader:
+def _eval_loader(checkpoint_meta: dict, data_cfg: DataConfig, split: str, batch_size: int = 256) -> BatchLoader:
+    """Batches of the `split` ('val' or 'test') images, preprocessed as the checkpoint says."""
     pre = checkpoint_meta["preprocess"]
-    data = load_split_for_model(data_cfg, pre, "test")
+    data = load_split_for_model(data_cfg, pre, split)
     return BatchLoader(data, batch_size, pre["mean"], pre["std"])
+
+
+def _sweep_rows(
+    model: torch.nn.Module,
+    keep: Masks | None,
+    loader: BatchLoader,
+    cfg: SweepConfig,
+    dev: torch.device,
+    progress: Progress | None,
+) -> list[dict[str, Any]]:
+    """One row per sparsity of `cfg`: the model pruned one-shot (on top of `keep`), evaluated on
+    `loader` (the validation split); the model is restored after each."""
+    names = prunable_names(model, cfg.prune.include)
+    original = copy.deepcopy(model.state_dict())
+    rows = []
+    report(progress, "sweeping", 0, len(cfg.sparsities))
+    for i, s in enumerate(sorted(cfg.sparsities)):
+        apply_masks_(model, magnitude_masks(_weights(model, names), s, scope=cfg.prune.scope, keep=keep))
+        result = evaluate(model, loader, dev)
+        measured = sparsity_report(model, names)["overall"]
+        accuracy, loss, split = result["accuracy"], result["loss"], SPLIT_WORDS["val"]
+        rows.append({"sparsity": s, "measured_sparsity": measured, "accuracy": accuracy, "loss": loss, "split": split})
+        model.load_state_dict(original)
+        report(progress, "sweeping", i + 1, len(cfg.sparsities))
+    return rows
 
 
 def sweep(
@@ -77,40 +115,31 @@ def sweep(
     device: str = "auto",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """One-shot global magnitude pruning at each sparsity, evaluated; finds the essential sparsity.
+    """One-shot global magnitude pruning at each sparsity, evaluated on the validation split; finds
+    the essential sparsity. The test split is never read: the knee is a choice.
 
     Writes `sweep.csv`, `sweep.json` and `sweep.png` (accuracy against sparsity, knee marked).
     Sparsities are of the prunable weights (and add to any pruning the checkpoint already has).
 
     Args:
         progress: told ("sweeping", sparsities done, sparsities) as the sweep runs.
+
+    Raises:
+        LotusError: `data_cfg` has no validation split, or the checkpoint trained with another hold-out.
     """
+    needs_validation(data_cfg, "the sweep")
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
-    loader = _eval_loader(meta, data_cfg)
-    names = prunable_names(model, cfg.prune.include)
+    check_holdout(meta, data_cfg, checkpoint)
+    loader = _eval_loader(meta, data_cfg, "val")
     dense = evaluate(model, loader, dev)
-    original = copy.deepcopy(model.state_dict())
-    rows = []
-    report(progress, "sweeping", 0, len(cfg.sparsities))
-    for i, s in enumerate(sorted(cfg.sparsities)):
-        masks = magnitude_masks(_weights(model, names), s, scope=cfg.prune.scope, keep=meta["masks"] or None)
-        apply_masks_(model, masks)
-        result = evaluate(model, loader, dev)
-        rows.append(
-            {
-                "sparsity": s,
-                "measured_sparsity": sparsity_report(model, names)["overall"],
-                "accuracy": result["accuracy"],
-                "loss": result["loss"],
-            }
-        )
-        model.load_state_dict(original)
-        report(progress, "sweeping", i + 1, len(cfg.sparsities))
+    rows = _sweep_rows(model, meta["masks"] or None, loader, cfg, dev, progress)
     knee = essential_sparsity([r["sparsity"] for r in rows], [r["accuracy"] for r in rows], dense["accuracy"], cfg.tolerance)
     summary = {
         "checkpoint": str(checkpoint),
         "dense_accuracy": dense["accuracy"],
+        "split": SPLIT_WORDS["val"],  # of every accuracy here
+        "images": len(loader.data),
         "tolerance": cfg.tolerance,
         "essential_sparsity": knee,
         "scope": cfg.prune.scope,
@@ -122,7 +151,7 @@ def sweep(
     atomic_write_json(out_dir / "sweep.json", summary)
     from lotus.plots import save_sweep_figure
 
-    save_sweep_figure(out_dir / "sweep.png", rows, dense["accuracy"], knee, cfg.tolerance)
+    save_sweep_figure(out_dir / "sweep.png", rows, dense["accuracy"], knee, cfg.tolerance, SPLIT_WORDS["val"])
     return summary
 
 
@@ -136,7 +165,7 @@ def prune_oneshot(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Stage 1: prune by magnitude to `sparsity` in one shot; saves the masked model (and, with
-    `data_cfg`, its accuracy) to `out_dir`. Returns the sparsity report.
+    `data_cfg`, its test accuracy, a report) to `out_dir`. Returns the sparsity report.
 
     `sparsity` may be an N:M pattern such as '2:4': in every group of M consecutive inputs of
     each weight, the N of largest magnitude stay (the layout NVIDIA sparse tensor cores run).
@@ -155,9 +184,9 @@ def prune_oneshot(
         masks = magnitude_masks(_weights(model, names), sparsity, scope=cfg.scope, keep=keep)
     apply_masks_(model, masks)
     measured = sparsity_report(model, names)
-    accuracy = evaluate(model, _eval_loader(meta, data_cfg), dev)["accuracy"] if data_cfg else None
+    accuracy = evaluate(model, _eval_loader(meta, data_cfg, "test"), dev)["accuracy"] if data_cfg else None
     pruning = {"stage": "oneshot", "requested_sparsity": sparsity, "prune": asdict(cfg)}
-    out_dir = _save_pruned(out_dir, model, meta, masks, accuracy, pruning=pruning, sparsity=sparsity_summary(measured))
+    out_dir = _save_pruned(out_dir, model, meta, masks, accuracy, "test", pruning=pruning, sparsity=sparsity_summary(measured))
     atomic_write_json(out_dir / "sparsity.json", measured)
     return {"sparsity": measured, "accuracy": accuracy}
 
@@ -168,14 +197,15 @@ def _save_pruned(
     meta: dict[str, Any],
     masks: Masks | None,
     accuracy: float | None,
+    split: str,
     **figures: Any,
 ) -> Path:
     """Save a pruned model into `out_dir` with `figures` (how it was pruned, its sparsity...), its
-    accuracy, and what it keeps of its parent checkpoint: the parent's hash, data, training and
-    tickets. Returns `out_dir`."""
+    accuracy on `split` ('val' or 'test'), and what it keeps of its parent checkpoint: the parent's
+    hash, data, validation hold-out, training and tickets. Returns `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    inherited = {k: meta[k] for k in ("data", "train", "tickets") if k in meta}
+    inherited = {k: meta[k] for k in ("data", "holdout", "train", "tickets") if k in meta}
     save_model(
         out_dir,
         model,
@@ -184,6 +214,7 @@ def _save_pruned(
         masks,
         **figures,
         accuracy=accuracy,
+        accuracy_split=SPLIT_WORDS[split] if accuracy is not None else None,
         parent=meta.get("sha256"),
         **inherited,
     )
@@ -201,16 +232,23 @@ def isp(
 ) -> dict[str, Any]:
     """Stage 2: Instant Soup Pruning from a (stage-1) checkpoint to `cfg.target` sparsity.
 
-    Returns a summary with the sparsity and accuracy after each round.
+    The weak copies train on the training split (the validation images held out of it); each
+    round is evaluated on the validation split (None without one). The test split is never read.
+
+    Returns a summary with the sparsity and validation accuracy after each round.
+
+    Raises:
+        LotusError: the checkpoint was trained with another validation hold-out than `data_cfg`'s.
     """
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
+    check_holdout(meta, data_cfg, checkpoint)
     pre = meta["preprocess"]
     names = prunable_names(model, cfg.prune.include)
     masks: Masks = meta["masks"] or {n: torch.ones_like(w, dtype=torch.bool) for n, w in _weights(model, names).items()}
     if set(masks) != set(names):
         raise LotusError("the checkpoint's masks cover other weights than this pruning: use the same --include")
-    eval_loader = _eval_loader(meta, data_cfg)
+    eval_loader = _eval_loader(meta, data_cfg, "val") if holdout(data_cfg)["source"] else None
     start = mask_sparsity(masks)
     if not start <= cfg.target < 1:
         raise LotusError(f"ISP target {cfg.target} must lie in [{start:.3f}, 1): the checkpoint is already {start:.3f} sparse")
@@ -236,16 +274,18 @@ def isp(
     measured = sparsity_report(model, names)
     pruning = {"stage": "isp", "isp": asdict(cfg), "rounds": rounds}
     out_dir = _save_pruned(
-        out_dir, model, meta, masks, rounds[-1]["accuracy"], pruning=pruning, sparsity=sparsity_summary(measured)
+        out_dir, model, meta, masks, rounds[-1]["accuracy"], "val", pruning=pruning, sparsity=sparsity_summary(measured)
     )
     atomic_write_json(out_dir / "sparsity.json", measured)
-    return {"target": cfg.target, "achieved_sparsity": measured["overall"], "rounds": rounds}
+    return {"target": cfg.target, "achieved_sparsity": measured["overall"], "split": SPLIT_WORDS["val"], "rounds": rounds}
 
 
-def _round_record(r: int, level: float, model, names, loader, dev, log) -> dict[str, Any]:
+def _round_record(r: int, level: float, model, names, loader: BatchLoader | None, dev, log) -> dict[str, Any]:
+    """A round's sparsity and its accuracy on `loader` (the validation split; None without one)."""
     measured = sparsity_report(model, names)["overall"]
-    accuracy = evaluate(model, loader, dev)["accuracy"]
-    log(f"ISP round {r}: asked {level:.3f}, measured sparsity {measured:.3f}, accuracy {accuracy:.2f}%")
+    accuracy = evaluate(model, loader, dev)["accuracy"] if loader is not None else None
+    shown = f"validation accuracy {accuracy:.2f}%" if accuracy is not None else "no validation split"
+    log(f"ISP round {r}: asked {level:.3f}, measured sparsity {measured:.3f}, {shown}")
     return {"round": r, "requested_sparsity": level, "measured_sparsity": measured, "accuracy": accuracy}
 
 
@@ -301,7 +341,7 @@ def prune_structured(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Remove `cfg.heads` of the attention heads and `cfg.mlp` of the MLP neurons, shrinking the
-    model; saves it (and, with `data_cfg`, its accuracy) to `out_dir`.
+    model; saves it (and, with `data_cfg`, its test accuracy, a report) to `out_dir`.
 
     Unstructured masks the checkpoint carries are cut to the new shapes and still hold.
 
@@ -318,7 +358,7 @@ def prune_structured(
     head_scores, neuron_scores = _unit_scores(model, cfg, data_cfg, meta["preprocess"], dev)
     keep = choose(head_scores, neuron_scores, cfg)
     masks = shrink_(model, keep, meta["masks"] or None)
-    accuracy = evaluate(model, _eval_loader(meta, data_cfg), dev)["accuracy"] if data_cfg else None
+    accuracy = evaluate(model, _eval_loader(meta, data_cfg, "test"), dev)["accuracy"] if data_cfg else None
     params_after = count_parameters(model)
     result = {
         "config": asdict(cfg),
@@ -330,7 +370,7 @@ def prune_structured(
     figures = {"pruning": {"stage": "structured", **asdict(cfg)}, "parameters": result["parameters"]}
     if masks:
         figures["sparsity"] = sparsity_summary(sparsity_report(model, list(masks)))
-    out_dir = _save_pruned(out_dir, model, meta, masks, accuracy, **figures)
+    out_dir = _save_pruned(out_dir, model, meta, masks, accuracy, "test", **figures)
     atomic_write_json(out_dir / "structured.json", result)
     return result
 

@@ -1,4 +1,10 @@
-"""The report of a `lotus compress` run: metrics.json, history.csv, plots and report.md."""
+"""The report of a `lotus compress` run: metrics.json, history.csv, plots and report.md.
+
+Every accuracy names its split. `accuracy`, `dense_accuracy` and `compressed_accuracy` are on the
+test split, which only reports; `val_accuracy`, `dense_val_accuracy` and
+`compressed_val_accuracy` are on the validation split, which every choice reads (metrics.json's
+`splits` says the same for tools).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,26 @@ from pathlib import Path
 from typing import Any
 
 from lotus.checkpoint import atomic_write_csv, atomic_write_json, atomic_write_text
+from lotus.config import holdout
 from lotus.masks import nm_pattern
 from lotus.plots import save_finetune_figure, save_stage_figure
+
+# The split of each figure in metrics.json: the choices read validation, the reports test.
+SPLITS = {
+    "dense_accuracy": "test",
+    "compressed_accuracy": "test",
+    "dense_val_accuracy": "validation",
+    "compressed_val_accuracy": "validation",
+    "essential_sparsity": "validation",  # the sweep's knee: chosen on it
+    "stages.accuracy": "test",
+    "stages.val_accuracy": "validation",
+}
 
 
 def build_metrics(cfg: Any, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """metrics.json: the figures tools read, from the finished stages."""
-    stages = {
-        name: {"accuracy": rec.get("accuracy"), "seconds": rec.get("seconds"), "images_per_second": rec.get("images_per_second")}
-        for name, rec in done.items()
-        if name != "report"
-    }
+    figures = ("accuracy", "val_accuracy", "seconds", "images_per_second")
+    stages = {name: {key: rec.get(key) for key in figures} for name, rec in done.items() if name != "report"}
     finetune = done.get("finetune", {})
     train_seconds = finetune.get("train_seconds") or 0.0
     ratio = finetune.get("dense_step_ratio")
@@ -24,6 +39,11 @@ def build_metrics(cfg: Any, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "dense_accuracy": done["baseline"]["accuracy"],
         "compressed_accuracy": done["evaluate"]["accuracy"],
+        "dense_val_accuracy": done["baseline"].get("val_accuracy"),
+        "compressed_val_accuracy": done["evaluate"].get("val_accuracy"),
+        "splits": SPLITS,
+        "validation": {**holdout(cfg.data), "images": done["baseline"].get("val_images")},
+        "test_images": done["baseline"].get("test_images"),
         "sparsity": done["evaluate"]["sparsity"],
         "drop": cfg.tickets.drop,
         "patches_kept": done["tickets"]["num_keep"],
@@ -99,6 +119,8 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
         "",
         *_summary_table(cfg, m),
         "",
+        _splits_note(cfg, m),
+        "",
         "## What kind of sparsity, and what speed it can bring",
         "",
         *_sparsity_kinds(cfg, m),
@@ -130,12 +152,44 @@ def _summary_table(cfg: Any, m: dict[str, Any]) -> list[str]:
         "| | dense | compressed |",
         "|---|---|---|",
         f"| test accuracy | {m['dense_accuracy']:.2f}% | {m['compressed_accuracy']:.2f}% |",
+        *(
+            [f"| validation accuracy | {_pct(m['dense_val_accuracy'])} | {_pct(m['compressed_val_accuracy'])} |"]
+            if m["validation"]["source"]
+            else []
+        ),
         f"| sparsity of the prunable weights (measured) | 0 | {m['sparsity']:.4f} |",
         f"| patches per training image | {m['patches']} | {m['patches_kept']} (drop {m['drop']:g}, {_selection(cfg.tickets)}) |",
     ]
     if m.get("parameters_ratio"):
         lines.append(f"| parameters | 1 | x{m['parameters_ratio']:.3f} (heads and MLP neurons removed) |")
     return lines
+
+
+def _splits_note(cfg: Any, m: dict[str, Any]) -> str:
+    """Which split each figure comes from, and which split the run's choices read."""
+    val = m["validation"]
+    test = f"Test figures are on the test split ({_count(m.get('test_images'))}), read only to report them."
+    if not val["source"]:
+        return test + " This run has no validation split (`--val-fraction 0`), so it chose nothing by accuracy."
+    where = (
+        "the data set's own val/ folder"
+        if val["source"] == "val/"
+        else f"{100 * val['fraction']:g}% of each class held out of the training split with seed {val['seed']}, never trained on"
+    )
+    chose = (
+        "the essential sparsity was chosen on it (the sweep)"
+        if m.get("essential_sparsity") is not None
+        else "this run chose nothing by accuracy (a fixed `--sparsity`)"
+    )
+    return f"{test} Validation figures are on the validation split ({_count(val.get('images'))}, {where}); {chose}."
+
+
+def _count(images: int | None) -> str:
+    return "images not counted" if images is None else f"{images:,} images"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}%"
 
 
 def _sparsity_kinds(cfg: Any, m: dict[str, Any]) -> list[str]:
@@ -171,14 +225,19 @@ def _sparsity_kinds(cfg: Any, m: dict[str, Any]) -> list[str]:
 
 def _stage_notes(done: dict[str, dict[str, Any]]) -> dict[str, str]:
     """One line per stage for the stages table."""
-    prune = done["prune"]
-    essential = f" (essential sparsity {prune['essential_sparsity']:g})" if prune.get("essential_sparsity") is not None else ""
+    prune, isp = done["prune"], done.get("isp", {})
+    essential = (
+        f" (essential sparsity {prune['essential_sparsity']:g}, chosen on the validation split)"
+        if prune.get("essential_sparsity") is not None
+        else ""
+    )
     return {
         "baseline": "trained here" if done["baseline"].get("history") else f"loaded from {done['baseline'].get('checkpoint')}",
         "tickets": f"{done['tickets']['num_keep']} of {done['tickets']['num_patches']} patches kept per image; "
         f"{done['tickets']['outlier_patches']} high-norm outlier patches re-scored" + _coverage_note(done["tickets"]),
         "prune": f"one-shot to {prune['sparsity']:.4f}{essential}",
-        "isp": f"Instant Soup Pruning to {_fmt(done.get('isp', {}).get('sparsity'), '.4f')}",
+        "isp": f"Instant Soup Pruning to {_fmt(isp.get('sparsity'), '.4f')}"
+        + (", rounds evaluated on the validation split" if isp.get("val_accuracy") is not None else ""),
         "structure": f"parameters x{_fmt(done.get('structure', {}).get('parameters', {}).get('ratio'), '.3f')}",
         "finetune": f"{len(done.get('finetune', {}).get('history', []))} epochs on the lottery data, masks held",
         "evaluate": "whole images",
@@ -197,15 +256,17 @@ def _coverage_note(tickets: dict[str, Any]) -> str:
 
 
 def _stage_table(done: dict[str, dict[str, Any]]) -> list[str]:
-    """Accuracy, wall time and throughput of every finished stage."""
+    """Validation and test accuracy, wall time and throughput of every finished stage."""
     notes = _stage_notes(done)
-    lines = ["| stage | accuracy | seconds | images/s | notes |", "|---|---|---|---|---|"]
+    lines = [
+        "| stage | validation accuracy | test accuracy | seconds | images/s | notes |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, rec in done.items():
         if name == "report":
             continue
-        acc = _fmt(rec.get("accuracy"))
         lines.append(
-            f"| {name} | {acc}{'%' if rec.get('accuracy') is not None else ''} | {_fmt(rec.get('seconds'), '.1f')} | "
+            f"| {name} | {_pct(rec.get('val_accuracy'))} | {_pct(rec.get('accuracy'))} | {_fmt(rec.get('seconds'), '.1f')} | "
             f"{_fmt(rec.get('images_per_second'), '.0f')} | {notes.get(name, '')} |"
         )
     return lines

@@ -25,8 +25,10 @@ from lotus.config import (
     ModelConfig,
     boxes_missing,
     check_device,
+    check_holdout,
     class_labels,
     class_names,
+    needs_validation,
     nm_pattern,
 )
 from lotus.errors import LotusError
@@ -114,10 +116,12 @@ def check_settings(cfg: CompressConfig) -> None:
     """Refuse, before any stage starts or anything is written, settings a later stage would fail on.
 
     Each config checked its own fields when it was built (`__post_init__`); what is left is
-    whether stages go together (an N:M pattern survives no further pruning) and what needs
-    the machine, the data and the checkpoint: the device exists, the data is there (and the
-    tickets' boxes file, when given), the checkpoint is a LOTUS model trained on the data's classes (or, without one, the baseline's
-    architecture is a timm ViT), and the ticket settings fit the model's blocks and patch grid.
+    whether stages go together (an N:M pattern survives no further pruning; 'auto' needs a
+    validation split) and what needs the machine, the data and the checkpoint: the device exists,
+    the data is there (and the
+    tickets' boxes file, when given), the checkpoint is a LOTUS model trained on the data's classes with this
+    run's validation hold-out (or, without one, the baseline's architecture is a timm ViT), and the
+    ticket settings fit the model's blocks and patch grid.
     Reads no image and no weights (only the checkpoint's sidecar), so it takes a moment; only the
     two checks that need torch (is CUDA there, does timm know the architecture) load it, last.
     """
@@ -128,8 +132,11 @@ def check_settings(cfg: CompressConfig) -> None:
         )
     classes = _data_classes(cfg.data)
     check_boxes(cfg.data, cfg.tickets.boxes)
+    if cfg.sparsity == "auto":
+        needs_validation(cfg.data, "--sparsity auto")
     if cfg.checkpoint is not None:
         meta = _model_sidecar(cfg.checkpoint, cfg.data, classes)
+        check_holdout(meta, cfg.data, cfg.checkpoint)  # the pipeline trains it further and reads its validation split
         model = ModelConfig(**meta["model"])
         cfg.tickets.check_model(len(meta["structure"]["num_heads"]) if meta.get("structure") else model.depth, model.grid_size)
         _check_cuda(cfg.device)
@@ -143,13 +150,31 @@ def check_settings(cfg: CompressConfig) -> None:
     model.check()  # the timm lookup imports torch: last
 
 
-def check_inputs(data: DataConfig, checkpoint: str | Path | None = None, device: str = "auto") -> None:
+def check_inputs(
+    data: DataConfig,
+    checkpoint: str | Path | None = None,
+    device: str = "auto",
+    *,
+    same_holdout: bool = False,
+    choice: str | None = None,
+) -> None:
     """Refuse, before a command that runs one stage (`lotus train`, `tickets`, `prune ...`) makes
     its run folder, inputs it would fail on: data that is not there, a checkpoint that is not a
-    LOTUS model trained on the data's classes, a device that is not there. Reads no image and no weights."""
+    LOTUS model trained on the data's classes, a device that is not there. Reads no image and no weights.
+
+    Args:
+        same_holdout: the command trains the checkpoint further or reads its validation split:
+            refuse a checkpoint trained with another validation hold-out than `data`'s.
+        choice: what the command chooses on the validation split (e.g. 'the sweep'): refuse
+            data without a validation split.
+    """
     classes = _data_classes(data)
+    if choice is not None:
+        needs_validation(data, choice)
     if checkpoint is not None:
-        _model_sidecar(checkpoint, data, classes)
+        meta = _model_sidecar(checkpoint, data, classes)
+        if same_holdout:
+            check_holdout(meta, data, checkpoint)
     check_device(device)
     _check_cuda(device)
 

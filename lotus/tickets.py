@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from lotus.checkpoint import load_checkpoint, save_checkpoint
-from lotus.config import DataConfig, TicketConfig, check_spread, resolve_layers
+from lotus.config import DataConfig, TicketConfig, check_spread, holdout, resolve_layers
 from lotus.config import parse_layers as parse_layers  # re-exported: the settings live in lotus.config
 from lotus.coverage import ImageBoxes, match_boxes, selection_coverage
 from lotus.data import Batch, BatchLoader, ImageData
@@ -334,7 +334,8 @@ class Tickets:
         if any(made_for.get(key) != this[key] for key in IDENTITY):
             raise LotusError(
                 f"tickets were made for {made_for['dataset']} ({made_for['split']}, {made_for['num_images']} images), "
-                f"not {data.name} ({data.split}, {len(data)} images): make tickets for this data with `lotus tickets`"
+                f"not {data.name} ({data.split}, {len(data)} images): make tickets for this data, with the same "
+                "--val-fraction (the images held out for validation leave the training split), with `lotus tickets`"
             )
         if (grid, patch_size) != (self.grid, self.patch_size):
             raise LotusError(
@@ -451,7 +452,8 @@ def tickets_from_checkpoint(
     progress: Progress | None = None,
     scores_from: str | Path | None = None,
 ) -> Tickets:
-    """What `lotus tickets` runs: score a dataset's training split with a checkpoint, write
+    """What `lotus tickets` runs: score a dataset's training split (the images training uses: the
+    validation images held out of it are not scored) with a checkpoint, write
     `out_dir/tickets.safetensors` + `tickets.json` and the figure `out_dir/tickets.png`.
 
     With `cfg.boxes` (the dataset's boxes.tsv, matched to the images before any scoring),
@@ -489,6 +491,7 @@ def tickets_from_checkpoint(
             )
         tickets = recut_tickets(earlier, cfg)
         report(progress, "cutting earlier scores", 1, 1)
+    tickets.meta["holdout"] = holdout(data_cfg)  # the training split is the stored one less these validation images
     _write_tickets(tickets, data, boxes, Path(out_dir))
     return tickets
 

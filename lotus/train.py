@@ -32,9 +32,10 @@ from lotus.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from lotus.config import DataConfig, ModelConfig, TrainConfig, default_patch_size
+from lotus.config import DataConfig, ModelConfig, TrainConfig, check_holdout, default_patch_size, holdout
 from lotus.config import default_configs as default_configs  # re-exported: the settings live in lotus.config
 from lotus.data import (
+    SPLIT_WORDS,
     Batch,
     BatchLoader,
     ImageData,
@@ -361,8 +362,10 @@ def _new_model(data_cfg: DataConfig, model_cfg: ModelConfig) -> _Start:
 
 
 def _model_from_checkpoint(checkpoint: str | Path, data_cfg: DataConfig) -> _Start:
-    """A LOTUS checkpoint's model, its masks, and the data at its input size, normalised as it was."""
+    """A LOTUS checkpoint's model, its masks, and the data at its input size, normalised as it was.
+    Refused when the checkpoint was trained with another validation hold-out than `data_cfg`'s."""
     model, meta = load_model(checkpoint)
+    check_holdout(meta, data_cfg, checkpoint)
     model_cfg = ModelConfig(**meta["model"])
     data_cfg = replace(data_cfg, img_size=model_cfg.img_size)
     train_data, test_data = _load_splits(data_cfg)
@@ -422,6 +425,7 @@ def _save_trained(out_dir: Path, start: _Start, meta: dict[str, Any], history: l
             start.preprocess,
             start.masks,
             data=meta["data"],
+            holdout=meta["holdout"],
             train=meta["train"],
             tickets=meta["tickets"],
             metrics=history[-1],
@@ -458,6 +462,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "data": asdict(start.data_cfg),
+        "holdout": holdout(start.data_cfg),  # the validation images this training never sees
         "model": asdict(start.model_cfg),
         "train": asdict(cfg),
         "preprocess": start.preprocess,
@@ -482,12 +487,18 @@ def train(
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, data_cfg: DataConfig, batch_size: int = 256, device: str = "auto"
+    checkpoint: str | Path, data_cfg: DataConfig, batch_size: int = 256, device: str = "auto", split: str = "test"
 ) -> dict[str, Any]:
-    """Evaluate a LOTUS checkpoint on a dataset's test split, preprocessed as the checkpoint says."""
+    """Evaluate a LOTUS checkpoint on a dataset's test (or 'val') split, preprocessed as the checkpoint says.
+
+    Raises:
+        LotusError: for 'val', the checkpoint was trained with another validation hold-out.
+    """
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
+    if split == "val":
+        check_holdout(meta, data_cfg, checkpoint)
     pre = meta["preprocess"]
-    test_data = load_split_for_model(data_cfg, pre, "test")
-    result = evaluate(model, BatchLoader(test_data, batch_size, pre["mean"], pre["std"]), dev)
-    return {"checkpoint": str(checkpoint), "data": data_cfg.name, "images": len(test_data), **result}
+    data = load_split_for_model(data_cfg, pre, split)
+    result = evaluate(model, BatchLoader(data, batch_size, pre["mean"], pre["std"]), dev)
+    return {"checkpoint": str(checkpoint), "data": data_cfg.name, "split": SPLIT_WORDS[split], "images": len(data), **result}

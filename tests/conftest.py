@@ -29,10 +29,10 @@ def tiny_cfg() -> ModelConfig:
     return ModelConfig(num_classes=10, img_size=16, patch_size=4, depth=2, drop_path_rate=0.0)
 
 
-def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, size: int = 12) -> Path:
-    """An ImageFolder tree (train/ and test/) of small random PNGs and JPEGs."""
+def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, size: int = 12, splits=("train", "test")) -> Path:
+    """An ImageFolder tree (train/ and test/, or `splits`) of small random PNGs and JPEGs."""
     rng = np.random.default_rng(0)
-    for split in ("train", "test"):
+    for split in splits:
         for c in classes:
             (root / split / c).mkdir(parents=True, exist_ok=True)
             for i in range(per_class):

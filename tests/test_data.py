@@ -1,19 +1,73 @@
-"""Datasets, batches with sample indices, augmentation, and the errors bad data gives."""
+"""Datasets, the validation hold-out, batches with sample indices, augmentation, and the errors bad data gives."""
 
 import pytest
 import torch
+from conftest import write_image_folder
 
 from lotus import LotusError
-from lotus.data import AugmentConfig, BatchLoader, DataConfig, augment_batch, load_split
+from lotus.data import AugmentConfig, BatchLoader, DataConfig, augment_batch, holdout_positions, load_split
 
 
 def test_digits_is_the_offline_default():
-    train, test = load_split(DataConfig(), "train"), load_split(DataConfig(), "test")
-    assert (len(train), len(test)) == (1437, 360)
+    train, test = load_split(DataConfig(val_fraction=0), "train"), load_split(DataConfig(), "test")
+    assert (len(train), len(test)) == (1437, 360)  # the whole stored training split, nothing held out
     assert train.images.shape[1:] == (3, 8, 8) and train.images.dtype == torch.uint8
     assert train.classes == [str(i) for i in range(10)]
     assert sorted(train.labels.unique().tolist()) == list(range(10))
     assert load_split(DataConfig(img_size=16), "test").images.shape[1:] == (3, 16, 16)
+
+
+def test_validation_is_held_out_of_train_stratified_and_fixed():
+    train, val = load_split(DataConfig(), "train"), load_split(DataConfig(), "val")
+    assert (len(train), len(val)) == (1437 - 72, 72)  # 5% of the 1,437 training images
+    assert not set(train.positions.tolist()) & set(val.positions.tolist())  # no image serves both
+    assert sorted(train.positions.tolist() + val.positions.tolist()) == list(range(1437))
+    whole = load_split(DataConfig(val_fraction=0), "train")
+    assert len(whole) == 1437 and whole.positions is None
+    assert torch.equal(val.images, whole.images[val.positions]) and torch.equal(train.labels, whole.labels[train.positions])
+    per_class = torch.bincount(whole.labels)
+    assert (torch.bincount(val.labels) - 0.05 * per_class).abs().max() < 1  # every class its share, rounded
+    again = load_split(DataConfig(img_size=16), "val")  # the same images at any size, on any load
+    assert torch.equal(again.positions, val.positions) and again.split == "val"
+    with pytest.raises(LotusError, match="--val-fraction 0 leaves no validation split"):
+        load_split(DataConfig(val_fraction=0), "val")
+    with pytest.raises(LotusError, match="--val-fraction 0.9 is outside"):
+        DataConfig(val_fraction=0.9)
+
+
+def test_holdout_shares_rounding_among_classes_and_keeps_one_of_each():
+    labels = torch.tensor([0] * 50 + [1] * 7 + [2] * 1 + [3] * 22)
+    held = holdout_positions(labels, 0.1)
+    assert len(held) == round(0.1 * 80) and torch.equal(held, held.sort().values)
+    assert torch.bincount(labels[held], minlength=4).tolist() == [5, 1, 0, 2]  # 5, 0.7, 0.1, 2.2: 8 in all
+    assert torch.equal(held, holdout_positions(labels, 0.1))  # a fixed seed
+    assert not torch.equal(held, holdout_positions(labels, 0.1, seed=1))
+    lone = torch.tensor([0, 1, 1])  # class 0's quota rounds up to its only image, which stays in train
+    assert lone[holdout_positions(lone, 0.5)].tolist() == [1]
+
+
+def test_an_image_folder_holds_out_of_train_and_decodes_only_what_a_split_takes(tmp_path, monkeypatch):
+    import lotus.data
+
+    root = write_image_folder(tmp_path / "f", per_class=20)
+    decoded = []
+    real = lotus.data._decode
+    monkeypatch.setattr(lotus.data, "_decode", lambda path, size: decoded.append(path) or real(path, size))
+    val = load_split(DataConfig(str(root), val_fraction=0.1), "val")
+    assert len(val) == 4 and len(decoded) == 4 and all("/train/" in str(p) for p in decoded)
+    assert torch.bincount(val.labels).tolist() == [2, 2]
+    train = load_split(DataConfig(str(root), val_fraction=0.1), "train")
+    assert len(train) == 36 and not set(train.positions.tolist()) & set(val.positions.tolist())
+
+
+def test_an_image_folder_val_folder_is_the_validation_split(tmp_path):
+    root = write_image_folder(tmp_path / "f", per_class=4, splits=("train", "val", "test"))
+    val, train = load_split(DataConfig(str(root)), "val"), load_split(DataConfig(str(root)), "train")
+    assert (len(val), len(train)) == (8, 8) and train.positions is None  # nothing held out of train/
+    assert load_split(DataConfig(str(root), val_fraction=0), "val").positions is None  # val/ needs no hold-out
+    only_val = write_image_folder(tmp_path / "g", per_class=40, splits=("train", "val"))
+    assert len(load_split(DataConfig(str(only_val)), "test")) == 80  # without test/, val/ is the test split...
+    assert len(load_split(DataConfig(str(only_val)), "val")) == 4  # ...and validation is held out of train/
 
 
 def test_batches_carry_the_index_of_each_sample():

@@ -36,9 +36,22 @@ def pruned_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(pruned_run, tmp_path_factory):
+    """The pruned run exported and verified; the report records the splits the export read."""
+    import lotus.data
+
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    report = export_onnx(pruned_run, out, DIGITS, ExportConfig())
-    return out, report
+    splits, real = [], lotus.data.load_split
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lotus.data, "load_split", lambda cfg, split: splits.append(split) or real(cfg, split))
+        report = export_onnx(pruned_run, out, DIGITS, ExportConfig())
+    return out, {**report, "splits_read": splits}
+
+
+def test_the_export_chooses_nothing_on_the_test_split(exported):
+    """One read of the test split, for verification (a logit comparison); the select block is a
+    setting, chosen by no accuracy."""
+    _, report = exported
+    assert report["splits_read"] == ["test"] and report["select_block"] == 4 // 6
 
 
 def test_export_matches_pytorch_at_every_batch_and_drop(pruned_run, exported):

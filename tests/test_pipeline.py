@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from lotus.pipeline import CompressConfig, default_compress_config, from_dict, load_recipe, save_recipe, to_dict
+from lotus.prune import ISPConfig
 from lotus.train import TrainConfig
 from lotus.vit import ModelConfig
 
@@ -144,3 +145,48 @@ def test_killed_during_finetuning_then_resumed(tmp_path):
     a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     b = json.loads((run / "metrics.json").read_text())
     assert {k: a[k] for k in RESULT_KEYS} == {k: b[k] for k in RESULT_KEYS}
+
+
+def test_compress_chooses_on_validation_and_reports_on_test(tmp_path, monkeypatch):
+    """Every load of a split is recorded with whether a choice was being made (the sweep behind
+    --sparsity auto, ISP): no choice may read the test split; the reports name their splits."""
+    import lotus.data
+    import lotus.pipeline
+    import lotus.train
+
+    choosing, asked, real_load = [], [], lotus.data.load_split
+
+    def recording(cfg, split):
+        asked.append((split, bool(choosing)))
+        return real_load(cfg, split)
+
+    def while_choosing(fn):
+        def wrapped(*args, **kwargs):
+            choosing.append(fn.__name__)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                choosing.pop()
+
+        return wrapped
+
+    monkeypatch.setattr(lotus.data, "load_split", recording)
+    monkeypatch.setattr(lotus.train, "load_split", recording)
+    for name in ("sweep", "isp"):
+        monkeypatch.setattr(lotus.pipeline, name, while_choosing(getattr(lotus.pipeline, name)))
+    finetune = TrainConfig(epochs=1, batch_size=64, lr=5e-4, warmup_epochs=0.5)
+    recipe = tiny_recipe(
+        tmp_path / "r.yaml", sparsity="auto", isp_target=0.7, isp=ISPConfig(rounds=1, copies=2), finetune=finetune
+    )
+    metrics = lotus.pipeline.compress(load_recipe(recipe), tmp_path / "run", log=lambda line: None)
+
+    assert {split for split, during in asked if during} == {"val", "train"}  # the knee, ISP's rounds; ISP's copies
+    assert ("test", False) in asked  # the reports
+    assert metrics["splits"]["essential_sparsity"] == "validation" and metrics["splits"]["compressed_accuracy"] == "test"
+    assert metrics["validation"] == {"source": "held out of train", "fraction": 0.05, "seed": 0, "images": 72}
+    swept = json.loads((tmp_path / "run" / "sweep" / "sweep.json").read_text())
+    assert swept["split"] == "validation" and swept["dense_accuracy"] == metrics["dense_val_accuracy"]
+    assert all(metrics["stages"][s]["val_accuracy"] is not None for s in ("baseline", "prune", "isp", "finetune", "evaluate"))
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| validation accuracy |" in report and "| stage | validation accuracy | test accuracy |" in report
+    assert "the essential sparsity was chosen on it" in report

@@ -7,6 +7,7 @@ import pytest
 
 from lotus.checkpoint import load_model
 from lotus.data import DataConfig
+from lotus.errors import LotusError
 from lotus.masks import essential_sparsity, prunable_names, sparsity_report
 from lotus.prune import ISPConfig, SweepConfig, isp, prune_oneshot, sweep
 from lotus.train import TrainConfig, train
@@ -31,8 +32,10 @@ def test_sweep_writes_its_curve_and_finds_the_knee(baseline, tmp_path):
     result = sweep(baseline, DATA, SweepConfig(sparsities=(0.1, 0.5, 0.9)), tmp_path)
     rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
     assert [float(r["sparsity"]) for r in rows] == [0.1, 0.5, 0.9]
+    assert {r["split"] for r in rows} == {"validation"}  # the split of every accuracy it holds
     assert all(abs(float(r["measured_sparsity"]) - float(r["sparsity"])) < 1e-5 for r in rows)
     saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["split"] == "validation" and saved["images"] == 72
     assert (
         saved["essential_sparsity"]
         == result["essential_sparsity"]
@@ -40,6 +43,42 @@ def test_sweep_writes_its_curve_and_finds_the_knee(baseline, tmp_path):
     )
     assert result["rows"][-1]["accuracy"] < result["dense_accuracy"]  # 90% one-shot hurts
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+@pytest.fixture
+def splits_read(monkeypatch) -> list[str]:
+    """Every split asked of `lotus.data.load_split` (through which every stage loads its data), in order."""
+    import lotus.data
+    import lotus.train
+
+    asked, real = [], lotus.data.load_split
+
+    def recording(cfg: DataConfig, split: str):
+        asked.append(split)
+        return real(cfg, split)
+
+    monkeypatch.setattr(lotus.data, "load_split", recording)
+    monkeypatch.setattr(lotus.train, "load_split", recording)
+    return asked
+
+
+def test_choices_never_read_the_test_split(baseline, tmp_path, splits_read):
+    """The sweep's knee and ISP's rounds are judged on the validation split (ISP's copies train on
+    the training split less it). The export's select block: tests/test_export.py."""
+    result = sweep(baseline, DATA, SweepConfig(sparsities=(0.1, 0.5)), tmp_path / "sweep")
+    assert splits_read == ["val"] and result["split"] == "validation"
+    prune_oneshot(baseline, 0.3, tmp_path / "s1")  # no data: nothing read
+    isp(tmp_path / "s1", DATA, ISPConfig(target=0.5, rounds=1, copies=2), tmp_path / "s2", log=lambda line: None)
+    assert splits_read == ["val", "val", "train"]
+    assert load_model(tmp_path / "s2")[1]["accuracy_split"] == "validation"
+
+
+def test_the_sweep_refuses_validation_images_the_checkpoint_trained_on(baseline, tmp_path):
+    with pytest.raises(LotusError, match="trained with 0.05 of each class held out for validation, this run holds out 0.1"):
+        sweep(baseline, DataConfig("digits", val_fraction=0.1), SweepConfig(), tmp_path)
+    with pytest.raises(LotusError, match="the sweep chooses on the validation split and --val-fraction 0 leaves none"):
+        sweep(baseline, DataConfig("digits", val_fraction=0), SweepConfig(), tmp_path)
+    assert load_model(baseline)[1]["holdout"] == {"source": "held out of train", "fraction": 0.05, "seed": 0}
 
 
 def test_oneshot_then_isp_reach_their_sparsities(baseline, tmp_path):

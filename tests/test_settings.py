@@ -56,6 +56,11 @@ def refused(tmp_path: Path, make_cfg, message: str) -> str:
         (lambda: replace(DIGITS, isp_target=0.0), "--isp-target 0.0 is outside (0, 1)"),
         (lambda: replace(DIGITS, sparsity=0.5, isp_target=0.4), "--isp-target 0.4 is not above --sparsity 0.5"),
         (lambda: replace(DIGITS, tickets=TicketConfig(drop=1.0)), "--drop 1.0 is outside [0, 1)"),
+        (lambda: replace(DIGITS, data=DataConfig("digits", val_fraction=0.6)), "--val-fraction 0.6 is outside [0, 0.5]"),
+        (
+            lambda: replace(DIGITS, sparsity="auto", data=DataConfig("digits", img_size=16, val_fraction=0)),
+            "--sparsity auto chooses on the validation split and --val-fraction 0 leaves none",
+        ),
         (lambda: replace(DIGITS, tickets=TicketConfig(drop=-0.1)), "--drop -0.1 is outside [0, 1)"),
         (lambda: replace(DIGITS, finetune=replace(DIGITS.finetune, epochs=0)), "--epochs 0 is below 1"),
         (lambda: replace(DIGITS, baseline=replace(DIGITS.baseline, epochs=-1)), "--epochs -1 is below 1"),
@@ -113,6 +118,26 @@ def test_a_checkpoint_of_other_classes_is_refused(tmp_path):
     three = untrained_checkpoint(tmp_path / "three", ["a", "b", "c"])
     text = refused(tmp_path, lambda: replace(DIGITS, checkpoint=str(three)), "was trained on 3 classes")
     assert "--data digits has 10" in text
+
+
+def test_a_checkpoint_trained_on_the_validation_images_is_refused(tmp_path):
+    """A checkpoint trained before hold-outs (its sidecar records data, no hold-out) trained on the
+    whole training split: this run's validation images would be ones it saw."""
+    cfg = ModelConfig(depth=1, num_classes=10, img_size=16, patch_size=4, drop_path_rate=0.0)
+    preprocess = {"img_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "classes": DIGITS_CLASSES}
+    save_model(tmp_path / "old", build_model(cfg), cfg, preprocess, data={"name": "digits"})
+    text = refused(tmp_path, lambda: replace(DIGITS, checkpoint=str(tmp_path / "old")), "could be ones it trained on")
+    assert "trained with 0 of each class held out" in text and "Pass --val-fraction 0" in text
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from lotus.settings import check_settings
+
+    check_settings(replace(DIGITS, checkpoint=str(tmp_path / "old"), data=replace(DIGITS.data, val_fraction=0)))
+    for args in (["prune", "sweep"], ["prune", "isp"], ["train"]):  # they train it further or read its validation images
+        result = CliRunner().invoke(app, [*args, "--checkpoint", str(tmp_path / "old"), "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and "could be ones it trained on" in result.output, (args, result.output)
+    assert not (tmp_path / "out").exists()
 
 
 def test_ticket_settings_are_checked_against_the_checkpoint(tmp_path):
@@ -219,6 +244,9 @@ def test_the_console_script_refuses_in_one_line_and_makes_no_run_folder(tmp_path
         (["prune", "oneshot", "--sparsity", "lots", "--out", "out"], "--sparsity 'lots' is not"),
         (["prune", "sweep", "--checkpoint", "no-such-model"], "--checkpoint no-such-model:"),
         (["prune", "structured", "--heads", "1.5"], "--structure heads=1.5 is outside [0, 1)"),
+        (["compress", "--sparsity", "auto", "--val-fraction", "0"], "--sparsity auto chooses on the validation split"),
+        (["train", "--val-fraction", "0.9"], "--val-fraction 0.9 is outside [0, 0.5]"),
+        (["prune", "sweep", "--val-fraction", "0", "--checkpoint", "x"], "the sweep chooses on the validation split"),
     ],
 )
 def test_the_commands_refuse_before_making_a_run_folder(tmp_path, monkeypatch, args, message):

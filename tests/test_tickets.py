@@ -302,8 +302,11 @@ def test_tickets_are_refused_on_other_data(tiny_cfg, tmp_path):
     loaded = load_tickets(tmp_path)
     loaded.check(data, grid=4, patch_size=4)  # the data they were made for
     test_split = load_split(DataConfig("digits", img_size=16), "test")
-    with pytest.raises(LotusError, match="tickets were made for digits \\(train, 1437 images\\), not digits \\(test"):
+    with pytest.raises(LotusError, match="tickets were made for digits \\(train, 1365 images\\), not digits \\(test"):
         loaded.check(test_split, grid=4, patch_size=4)
+    other_holdout = load_split(DataConfig("digits", img_size=16, val_fraction=0.1), "train")  # 1437 less 10%
+    with pytest.raises(LotusError, match="not digits \\(train, 1293 images\\): .* the same --val-fraction"):
+        loaded.check(other_holdout, grid=4, patch_size=4)
     moved = ImageData(data.images, data.labels, data.classes, "/elsewhere/digits", data.split)  # the same images, another path
     loaded.check(moved, grid=4, patch_size=4)
     altered = ImageData(data.images.clone(), data.labels, data.classes, data.name, data.split)
