@@ -1169,6 +1169,7 @@ def soak(src: Source, page: Page) -> None:
             f" {data['rss_mb']['last']:.0f} MB)",
             "< 1 MB/min",
         ],
+        ["the same from the RSS trace, after 2 minutes", f"{rss_slope(data['rss_trace_mb'], 120):+.2f} MB/min", "< 1 MB/min"],
         ["/v2/health/live, p50 / p99 / max ms", ms(data["health"]), "p99 < 50 ms"],
         [
             "valid requests answered per second; their latency p50 / p99 / max ms",
@@ -1177,6 +1178,14 @@ def soak(src: Source, page: Page) -> None:
         ],
     ]
     page.table(["measure", "figure", "target"], rows, [rel])
+
+
+def rss_slope(trace: list[list[float]], after_s: float) -> float:
+    """Least-squares slope, in MB/min, of the (seconds, MB) samples from `after_s` on."""
+    points = [(t / 60, mb) for t, mb in trace if t >= after_s]
+    mean_t = statistics.fmean(t for t, _ in points)
+    mean_mb = statistics.fmean(mb for _, mb in points)
+    return sum((t - mean_t) * (mb - mean_mb) for t, mb in points) / sum((t - mean_t) ** 2 for t, _ in points)
 
 
 def hostile_memory_rows(memory: dict) -> list[list[str]]:
