@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +25,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 
 import lotus
+from lotus.bench import time_calls
 from lotus.checkpoint import latest_run
 from serve.admission import Admission
 from serve.batching import Batcher
@@ -126,14 +126,7 @@ def time_model(model: ServedModel, batch: int) -> float:
     Runtime call is slow: allocations; pay it before accepting traffic)."""
     pixel_values = np.zeros([batch, *model.input_shape[1:]], dtype=np.float32)
     model.run(pixel_values[:1], 0.0)
-    model.run(pixel_values, 0.0)
-    return min(timed(model.run, pixel_values, 0.0) for _ in range(3)) / batch
-
-
-def timed(fn: Callable[..., object], *args: object) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
+    return min(time_calls(lambda: model.run(pixel_values, 0.0), runs=3, warmup=1)) / batch
 
 
 def fail(service: Service, reason: str) -> None:

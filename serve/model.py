@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
 import json
 from dataclasses import dataclass
@@ -26,7 +27,12 @@ def release_memory() -> None:
     """Give freed heap memory back to the system (glibc): a decoded photo's buffers would
     otherwise stay in the process's RSS. No-op elsewhere."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL("libc.so.6")
 
 
 def serving_session(path: Path, threads: int | None, spinning: bool = False) -> object:
