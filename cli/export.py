@@ -1,16 +1,17 @@
-"""`lotus export`: a LOTUS model in a deployable format (today ONNX)."""
+"""`lotus export`: a LOTUS model in a deployable format: ONNX, and a Triton model repository built on it."""
 
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import DataDirOpt, coverage_line, data_config, err, log, path_or_latest_run, user_errors
+from cli.common import DataDirOpt, coverage_line, data_config, err, log, parse_floats, path_or_latest_run, user_errors
 
-app = typer.Typer(help="Export a LOTUS model for deployment.", no_args_is_help=True)
+app = typer.Typer(help="Export a LOTUS model for deployment: ONNX, or a Triton model repository.", no_args_is_help=True)
 
 SourceArg = Annotated[Path | None, typer.Argument(help="Run folder or checkpoint (default: the latest run).")]
 OnnxOutOpt = Annotated[
@@ -72,3 +73,79 @@ def export_onnx(
     err.print(f"exported {out} ({report['bytes'] / 1e6:.1f} MB) and {report['keep_idx_path']}")
     for drop, coverage in report.get("object_coverage", {}).items():
         err.print(f"drop {drop}: {coverage_line(coverage)}")
+
+
+class TritonDevice(str, Enum):
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+TritonSourceArg = Annotated[
+    Path | None,
+    typer.Argument(help="Run folder (its model.onnx) or a model.onnx of `lotus export onnx` (default: the latest run's)."),
+]
+RepositoryOpt = Annotated[Path | None, typer.Option("--out", help="Triton model repository folder (default: SOURCE_RUN/triton).")]
+NameOpt = Annotated[str, typer.Option(help="Model name prefix: the repository holds NAME_dropR for each drop ratio R.")]
+TritonDropsOpt = Annotated[
+    str,
+    typer.Option(
+        "--drop",
+        help="Comma-separated drop ratios, one Triton model each with the ratio fixed in its graph, "
+        "so a batch never mixes ratios; a client picks the ratio by the model name.",
+    ),
+]
+MaxBatchSizeOpt = Annotated[int, typer.Option(min=1, help="Most images in one model call (Triton's max_batch_size).")]
+MaxQueueDelayOpt = Annotated[
+    int, typer.Option(min=0, help="Longest a request waits for others to join its batch, in microseconds.")
+]
+PreferredBatchOpt = Annotated[
+    str | None,
+    typer.Option(help="Comma-separated batch sizes the dynamic batcher aims for (default: none, batches as large as it can)."),
+]
+TritonDeviceOpt = Annotated[TritonDevice, typer.Option(help="Where the model instances run: cpu or gpu (every visible GPU).")]
+InstancesOpt = Annotated[int, typer.Option(min=1, help="Model instances per device, each running one batch at a time.")]
+TritonThreadsOpt = Annotated[
+    int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads per instance (default: its own choice, all cores).")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace repository entries of the same names (other models stay).")]
+
+
+@app.command("triton")
+@user_errors
+def export_triton(
+    source: TritonSourceArg = None,
+    out: RepositoryOpt = None,
+    name: NameOpt = "lotus",
+    drop: TritonDropsOpt = "0,0.1,0.3,0.5",
+    max_batch_size: MaxBatchSizeOpt = 32,
+    max_queue_delay_us: MaxQueueDelayOpt = 2000,
+    preferred_batch_sizes: PreferredBatchOpt = None,
+    device: TritonDeviceOpt = TritonDevice.cpu,
+    instances: InstancesOpt = 1,
+    threads: TritonThreadsOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Write a Triton Inference Server model repository (one model per drop ratio) and a KServe InferenceService for it."""
+    from lotus.triton import TritonConfig
+    from lotus.triton import export_triton as export_repository
+
+    source = path_or_latest_run(source, containing="model.onnx")
+    if source.is_dir():
+        source = source / "model.onnx"
+    preferred = (
+        tuple(int(b) for b in parse_floats(preferred_batch_sizes, "--preferred-batch-sizes")) if preferred_batch_sizes else ()
+    )
+    cfg = TritonConfig(
+        name=name,
+        drops=parse_floats(drop, "--drop"),
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
+        preferred_batch_sizes=preferred,
+        device=device.value,
+        instances=instances,
+        threads=threads,
+        force=force,
+    )
+    report = export_repository(source, out or source.parent / "triton", cfg, log=log)
+    print(json.dumps(report))
+    err.print(f"wrote {len(report['models'])} Triton models to {report['repository']} and {report['inference_service']}")

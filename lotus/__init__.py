@@ -3,7 +3,8 @@
 The library behind the `lotus` CLI and the inference service, one module per pipeline stage:
 datasets (`data`), the token-gathering ViT (`vit`), data lottery tickets (`tickets`), pruning
 masks (`masks`, `prune`, `structured`), training (`train`), checkpoints (`checkpoint`), the whole
-pipeline (`pipeline`, `report`) and ONNX export (`export`, `runtime`).
+pipeline (`pipeline`, `report`), ONNX export (`export`, `runtime`) and the Triton model
+repository built on it (`triton`).
 """
 
 from lotus.errors import LotusError

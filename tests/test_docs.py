@@ -29,7 +29,18 @@ def test_cli_reference_matches_the_cli():
 
 def test_cli_reference_covers_every_command():
     text = (DOCS / "cli.md").read_text()
-    for command in ("train", "eval", "tickets", "compress", "export onnx", "serve", "bench", "prune sweep", "prune isp"):
+    for command in (
+        "train",
+        "eval",
+        "tickets",
+        "compress",
+        "export onnx",
+        "export triton",
+        "serve",
+        "bench",
+        "prune sweep",
+        "prune isp",
+    ):
         assert f"`lotus {command}`" in text
 
 
