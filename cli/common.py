@@ -4,6 +4,7 @@ device options, and where a command's input and output folders default to."""
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -62,6 +63,26 @@ ValFractionOpt = Annotated[
     ),
 ]
 CheckpointOpt = Annotated[Path | None, typer.Option(help="LOTUS checkpoint or run folder (default: the latest run).")]
+LoaderOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Where images live while a split is read: 'memory' (decoded once), 'stream' (decoded per batch by loader "
+        "workers; memory does not grow with the dataset), or 'auto' (memory when the decoded split fits a quarter of RAM). "
+        "[default: auto]"
+    ),
+]
+WorkersOpt = Annotated[int | None, typer.Option(help="Loader worker processes for streamed data. [default: min(8, cores)]")]
+AugOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--aug",
+        help="Training augmentation: 'crop' (pad and crop, + flip), 'rrc' (timm's RandomResizedCrop + flip), 'randaug' "
+        "(rrc + timm's RandAugment), 'none', or 'auto' (crop for data in memory, rrc when streamed). [default: auto]",
+    ),
+]
+CompileOpt = Annotated[
+    bool | None, typer.Option("--compile/--no-compile", help="torch.compile the training step on CUDA. [default: compile]")
+]
 
 
 def out_option(kind: str, what: str = "Output run folder") -> Any:
@@ -70,12 +91,26 @@ def out_option(kind: str, what: str = "Output run folder") -> Any:
 
 
 def data_config(
-    data: str, data_dir: Path, download: bool = False, img_size: int | None = None, val_fraction: float = VAL_FRACTION
+    data: str,
+    data_dir: Path,
+    download: bool = False,
+    img_size: int | None = None,
+    val_fraction: float = VAL_FRACTION,
+    loader: str | None = None,
+    workers: int | None = None,
 ) -> DataConfig:
-    """The dataset the --data, --data-dir, --download and --val-fraction options name."""
+    """The dataset the --data, --data-dir, --download, --val-fraction, --loader and --workers options name."""
     from lotus.config import DataConfig
 
-    return DataConfig(data, data_dir=str(data_dir), download=download, img_size=img_size, val_fraction=val_fraction)
+    return DataConfig(
+        data,
+        data_dir=str(data_dir),
+        download=download,
+        img_size=img_size,
+        val_fraction=val_fraction,
+        loader=loader or "auto",
+        workers=workers,
+    )
 
 
 def path_or_latest_run(path: Path | None, containing: str | None = None) -> Path:
@@ -91,6 +126,8 @@ def path_or_new_run(path: Path | None, kind: str) -> Path:
     """`path` when the user gave one, else a new `runs/KIND-DATE-TIME` folder."""
     if path is not None:
         return path
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise lotus.LotusError("under torchrun every process must name the same output folder: pass --out")
     from lotus.checkpoint import new_run_dir
 
     return new_run_dir(kind)

@@ -15,6 +15,10 @@ import typer
 
 import lotus
 from cli.common import (
+    AugOpt,
+    CompileOpt,
+    LoaderOpt,
+    WorkersOpt,
     err,
     first_process,
     given,
@@ -108,6 +112,7 @@ StructureScopeOpt = Annotated[
 ToleranceOpt = Annotated[
     float | None, typer.Option(help="With --sparsity auto: accuracy points below dense still counted as no loss.")
 ]
+ImgSizeOpt = Annotated[int | None, typer.Option(help="Resize images to this square side (default: the recipe's, else native).")]
 RecipeOpt = Annotated[Path | None, typer.Option(help="Repeat a run from its recipe.yaml (flags given here override it).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")]
 OutOpt = out_option("compress", "Run folder")
@@ -130,6 +135,11 @@ def compress(
     data_dir: DataDirOpt = None,
     download: DownloadOpt = None,
     val_fraction: ValFractionOpt = None,
+    img_size: ImgSizeOpt = None,
+    loader: LoaderOpt = None,
+    workers: WorkersOpt = None,
+    aug: AugOpt = None,
+    compile: CompileOpt = None,
     select: SelectOpt = None,
     temperature: TemperatureOpt = None,
     spread: SpreadOpt = None,
@@ -154,12 +164,21 @@ def compress(
     cfg = replace(
         cfg,
         data=replace(
-            cfg.data, **given(data_dir=str(data_dir) if data_dir else None, download=download, val_fraction=val_fraction)
+            cfg.data,
+            **given(
+                data_dir=str(data_dir) if data_dir else None,
+                download=download,
+                val_fraction=val_fraction,
+                img_size=img_size,
+                loader=loader,
+                workers=workers,
+            ),
         ),
+        baseline=replace(cfg.baseline, **given(augment=aug, compile=compile)),
         model=replace(cfg.model, **given(name=model, pretrained=pretrained)),
         tickets=replace(cfg.tickets, **ticket_flags(drop, select, temperature, spread, layers, balance, fuse, boxes)),
         sweep=replace(cfg.sweep, **given(tolerance=tolerance)),
-        finetune=replace(cfg.finetune, **given(epochs=epochs)),
+        finetune=replace(cfg.finetune, **given(epochs=epochs, augment=aug, compile=compile)),
         structure=replace(cfg.structure, **structure_flags(structure, structure_importance, structure_scope)),
         **given(
             checkpoint=str(checkpoint) if checkpoint else None,

@@ -14,11 +14,14 @@ from cli.common import (
     DataOpt,
     DeviceOpt,
     DownloadOpt,
+    LoaderOpt,
     ValFractionOpt,
+    WorkersOpt,
     checked_paths,
     coverage_line,
     data_config,
     err,
+    first_process,
     out_option,
     user_errors,
 )
@@ -103,6 +106,8 @@ def tickets(
     data_dir: DataDirOpt = Path("data"),
     download: DownloadOpt = False,
     val_fraction: ValFractionOpt = VAL_FRACTION,
+    loader: LoaderOpt = None,
+    workers: WorkersOpt = None,
     drop: DropOpt = 0.1,
     select: SelectOpt = Select.attention,
     method: MethodOpt = Method.cls,
@@ -137,16 +142,18 @@ def tickets(
         seed=seed,
         boxes=str(boxes) if boxes else None,
     )
-    data_cfg = data_config(data, data_dir, download, val_fraction=val_fraction)
+    data_cfg = data_config(data, data_dir, download, val_fraction=val_fraction, loader=loader, workers=workers)
     check_boxes(data_cfg, cfg.boxes)
     checkpoint, out = checked_paths(checkpoint, data_cfg, device, out, "tickets")
     from lotus.tickets import tickets_from_checkpoint  # imports torch: only once the settings are checked
 
-    with progress_bars() as progress:
+    first = first_process()  # under torchrun every process scores its share; one speaks
+    with progress_bars(show=first) as progress:
         result = tickets_from_checkpoint(
             checkpoint, data_cfg, cfg, out, device=device, progress=progress, scores_from=scores_from
         )
-    summarise(result, out)
+    if first:
+        summarise(result, out)
 
 
 def summarise(result: Tickets, out: Path) -> None:

@@ -13,11 +13,15 @@ import typer
 import lotus
 from cli.common import (
     VAL_FRACTION,
+    AugOpt,
+    CompileOpt,
     DataDirOpt,
     DataOpt,
     DeviceOpt,
     DownloadOpt,
+    LoaderOpt,
     ValFractionOpt,
+    WorkersOpt,
     data_config,
     err,
     first_process,
@@ -61,6 +65,8 @@ def train(
     download: DownloadOpt = False,
     val_fraction: ValFractionOpt = VAL_FRACTION,
     img_size: ImgSizeOpt = None,
+    loader: LoaderOpt = None,
+    workers: WorkersOpt = None,
     model: ModelOpt = None,
     patch_size: PatchSizeOpt = None,
     depth: DepthOpt = None,
@@ -72,6 +78,8 @@ def train(
     weight_decay: WeightDecayOpt = None,
     warmup_epochs: WarmupOpt = None,
     label_smoothing: LabelSmoothingOpt = None,
+    aug: AugOpt = None,
+    compile: CompileOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     tickets: TicketsOpt = None,
@@ -83,10 +91,12 @@ def train(
     from lotus.settings import check_inputs
 
     data_cfg, model_cfg, train_cfg = default_configs(data)  # the dataset's defaults, under the flags given
-    data_cfg = data_config(data, data_dir, download, img_size=img_size or data_cfg.img_size, val_fraction=val_fraction)
+    data_cfg = data_config(data, data_dir, download, img_size or data_cfg.img_size, val_fraction, loader, workers)
     model_cfg = replace(model_cfg, pretrained=pretrained, **given(name=model, patch_size=patch_size, depth=depth))
     schedule = given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
-    train_cfg = replace(train_cfg, device=device, **schedule, **given(label_smoothing=label_smoothing, seed=seed))
+    train_cfg = replace(
+        train_cfg, device=device, **schedule, **given(label_smoothing=label_smoothing, seed=seed, augment=aug, compile=compile)
+    )
     check_inputs(data_cfg, checkpoint, device, same_holdout=True)  # without torch: refused before a run folder is made
     out = run_folder(out, resume)
     from lotus.train import train as train_run  # imports torch: only once the settings are checked

@@ -23,6 +23,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -253,6 +254,55 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             if hashlib.sha256(blob).hexdigest() == digest:
                 return load(blob), meta
     raise LotusError(f"{weights} does not match its sidecar {sidecar} (changed after saving?): re-create the checkpoint")
+
+
+# safetensors dtype -> numpy dtype, for the tensors `map_checkpoint` maps (bf16 has no numpy form)
+NUMPY_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32", "I16": "int16"}
+NUMPY_DTYPES |= {"I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def map_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`load_checkpoint`, but the tensors stay in the file: memory-mapped, so rows are read from
+    disk (or the page cache, shared by every process reading the file) only as they are indexed.
+    For files too large to hold in each process's memory, such as a large dataset's tickets.
+    The file is checked against its sidecar's sha256 first, a megabyte at a time.
+
+    Raises:
+        LotusError: as `load_checkpoint`.
+    """
+    import numpy as np
+    import torch
+
+    meta = read_sidecar(path)
+    stem = _stem(path)
+    weights, digest = _with_suffix(stem, ".safetensors"), str(meta.get("sha256"))
+    pending = _pending(stem, digest)
+    if not weights.is_file() and not pending.is_file():
+        _not_found(weights)
+    for f in (weights, pending, weights):  # as in load_checkpoint: a save may be finishing meanwhile
+        with contextlib.suppress(FileNotFoundError), f.open("rb") as fh:
+            h = hashlib.sha256()
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+            if h.hexdigest() != digest:
+                continue
+            fh.seek(0)
+            length = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(length))
+            tensors = {}
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype, shape = np.dtype(NUMPY_DTYPES[info["dtype"]]), tuple(info["shape"])
+                begin = info["data_offsets"][0]
+                if not math.prod(shape):
+                    tensors[name] = torch.from_numpy(np.zeros(shape, dtype))
+                    continue
+                # copy-on-write: torch gets a writable array, the file is never written
+                array = np.memmap(f, dtype=dtype, mode="c", offset=8 + length + begin, shape=shape)
+                tensors[name] = torch.from_numpy(array)
+            return tensors, meta
+    raise LotusError(f"{weights} does not match its sidecar (changed after saving?): re-create the checkpoint")
 
 
 def _not_found(path: Path) -> NoReturn:

@@ -40,6 +40,8 @@ CIFAR10_FOLDER = "cifar-10-batches-py"  # what torchvision's CIFAR10 unpacks int
 CLASSES_FILE = "classes.tsv"  # beside train/ and test/: a class folder, a tab, the class's words, per line
 
 
+LOADERS = ("auto", "memory", "stream")
+MEMORY_BUDGET = 0.25  # share of the machine's memory a decoded training split may take before it is streamed
 HOLDOUT_SEED = 0  # seeds which training images are held out for validation: fixed, so every stage holds out the same
 
 
@@ -53,8 +55,17 @@ class DataConfig:
     # reads (never trained on); ignored when an ImageFolder root has val/ beside train/ and test/;
     # 0 = no validation split (then no stage may choose by accuracy: no --sparsity auto)
     val_fraction: float = 0.05
+    # where the images live while training: 'memory' (decoded once, uint8), 'stream' (read from the
+    # files by loader workers, batch by batch), or 'auto' (memory when the decoded training split
+    # fits MEMORY_BUDGET of the machine's memory, else stream); see lotus.data and lotus.stream
+    loader: str = "auto"
+    workers: int | None = None  # loader worker processes; None = min(8, CPU cores)
 
     def __post_init__(self):
+        if self.loader not in LOADERS:
+            raise LotusError(f"--loader {self.loader!r} is not one of: {', '.join(LOADERS)}")
+        if self.workers is not None and not self.workers >= 0:
+            raise LotusError(f"--workers {self.workers} is negative: pass 0 (load in the training process) or more")
         if self.img_size is not None and not self.img_size >= 1:
             raise LotusError(f"--img-size {self.img_size} is below 1: pass a side in pixels, or leave it out for the native size")
         if not 0 <= self.val_fraction <= 0.5:
@@ -296,6 +307,9 @@ def default_patch_size(img_size: int) -> int:
 # Training
 
 
+AUGMENTS = ("auto", "none", "crop", "rrc", "randaug")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30  # passes over the training split
@@ -308,8 +322,15 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     seed: int = 0  # seeds the weights, the batch order, augmentation and dropout
     device: str = "auto"  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'
+    # 'crop' (zero-pad and crop back, CIFAR-style, + flip), 'rrc' (timm's RandomResizedCrop + flip),
+    # 'randaug' (rrc + timm's RandAugment rand-m9-mstd0.5-inc1), 'none', or 'auto' (crop for
+    # images held in memory, rrc for streamed ones); digits are never flipped
+    augment: str = "auto"
+    compile: bool = True  # torch.compile the training step on CUDA (the CPU never compiles)
 
     def __post_init__(self):
+        if self.augment not in AUGMENTS:
+            raise LotusError(f"--aug {self.augment!r} is not one of: {', '.join(AUGMENTS)}")
         if not self.epochs >= 1:
             raise LotusError(f"--epochs {self.epochs} is below 1: training needs at least one pass over the data")
         if not self.batch_size >= 1:

@@ -114,7 +114,7 @@ def match_boxes(path: str | Path, data: ImageData) -> ImageBoxes:
             torchvision's CIFAR-10), the file names none of the split's images (the boxes of
             another dataset), or a box reaches outside its image.
     """
-    if data.files is None or data.sizes is None:
+    if data.files is None:
         raise LotusError(f"--boxes needs an ImageFolder dataset (its lines name image files): {data.name} has no files")
     boxes = read_boxes(path)
     found = [(i, boxes[data.split, rel]) for i, rel in enumerate(data.files) if (data.split, rel) in boxes]
@@ -125,7 +125,7 @@ def match_boxes(path: str | Path, data: ImageData) -> ImageBoxes:
         )
     index = torch.tensor([i for i, _ in found], dtype=torch.long)
     result = ImageBoxes(
-        index, torch.tensor([box for _, box in found], dtype=torch.long), data.sizes[index], len(data) - len(found)
+        index, torch.tensor([box for _, box in found], dtype=torch.long), data.image_sizes()[index], len(data) - len(found)
     )
     outside = (result.boxes[:, 2:] >= result.sizes).any(-1)
     if outside.any():

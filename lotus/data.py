@@ -1,4 +1,4 @@
-"""Datasets held in memory as uint8 tensors, batched with their sample indices.
+"""Datasets as labelled images with their sample indices: decoded into memory, or streamed from files.
 
 Three sources, chosen by `DataConfig.name`:
   - `digits`: scikit-learn's bundled handwritten digits (8x8, 10 classes), the embedded default;
@@ -12,11 +12,15 @@ has its own validation split, and then nothing is held out. Choices (the sweep's
 'val'; 'test' is for reports only. The hold-out is positions in the stored split, taken before
 any image of an ImageFolder is decoded, so holding out costs one index per image.
 
-Every split is decoded once into a (N, 3, H, W) uint8 tensor at the model's resolution. That
-keeps small-image training (the CPU case LOTUS targets) free of loader workers, and it makes the
-dataset index of every sample trivial to carry, by which training looks up each image's data
-lottery ticket (its patch keep mask). Augmentation (random crop with zero padding, horizontal flip) runs batched on
-those tensors and reports the shift and flip it applied to each image.
+Two ways to hold a split (`DataConfig.loader`). In memory: decoded once into a (N, 3, H, W) uint8
+tensor at the model's resolution, which keeps small-image training (the CPU case) free of loader
+workers; batches are cut, augmented (random crop with zero padding, horizontal flip) and
+normalised on that tensor by `BatchLoader`. Streamed (an ImageFolder whose decoded split would
+not fit `MEMORY_BUDGET` of the machine's memory, or `--loader stream`): only the file list is
+held, and `lotus.stream.StreamLoader` decodes and augments each image in loader worker processes,
+so memory does not grow with the dataset. Either way every batch carries each sample's index in
+its split, by which training looks up its data lottery ticket (its patch keep mask), and the
+geometry its augmentation applied, by which the ticket moves with the image.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from lotus.config import CIFAR10_CLASSES as CIFAR10_CLASSES
 from lotus.config import CIFAR10_FOLDER as CIFAR10_FOLDER
 from lotus.config import (
     HOLDOUT_SEED,
+    MEMORY_BUDGET,
     DataConfig,
     cifar10_missing,
     class_folders,
@@ -60,9 +65,9 @@ class AugmentConfig:
 
 @dataclass
 class ImageData:
-    """One split of a dataset, decoded."""
+    """One split of a dataset: decoded (`images`), or its files, read as they are needed (`images` None)."""
 
-    images: torch.Tensor  # (N, 3, H, W) uint8
+    images: torch.Tensor | None  # (N, 3, H, W) uint8; None: streamed from `files` (see lotus.stream)
     labels: torch.Tensor  # (N,) int64
     classes: list[str]  # class names in label order, the identity models are checked by (ImageFolder: the folders)
     name: str  # dataset name as given in DataConfig.name
@@ -73,6 +78,7 @@ class ImageData:
     class_labels: list[str] | None = None  # the names people see, in label order (classes.tsv); None = classes
     files: list[str] | None = None  # ImageFolder: each image's path relative to the root ('train/cat/001.png')
     sizes: torch.Tensor | None = None  # ImageFolder: (N, 2) int64 (width, height) of each file before resizing
+    size: int | None = None  # side of the square images, needed when streamed (else the tensor's)
 
     def __post_init__(self) -> None:
         if self.class_labels is None:
@@ -83,20 +89,74 @@ class ImageData:
 
     @property
     def img_size(self) -> int:
-        return self.images.shape[-1]
+        return self.images.shape[-1] if self.images is not None else self.size
 
-    def channel_stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the pixels in [0, 1], for normalisation."""
-        x = self.images.float().div_(255).transpose(0, 1).reshape(3, -1)  # (3, N*H*W)
-        return x.mean(1).tolist(), x.std(1).clamp_min(1e-3).tolist()
+    @property
+    def streamed(self) -> bool:
+        return self.images is None
+
+    @property
+    def root(self) -> Path:
+        return Path(self.name)
+
+    def paths(self, index: list[int]) -> list[Path]:
+        """The files of the images at `index`."""
+        return [self.root / self.files[i] for i in index]
+
+    def subset(self, index: torch.Tensor) -> ImageData:
+        """The images at `index` as a split of their own, held as this one is (in memory, or streamed)."""
+        if not self.streamed:
+            return self.take(index)
+        files = [self.files[i] for i in index.tolist()]
+        return ImageData(
+            None, self.labels[index], self.classes, self.name, self.split, None, self.class_labels, files, size=self.size
+        )
+
+    def take(self, index: torch.Tensor) -> ImageData:
+        """The images at `index` as a split of their own, in memory (decoded now when streamed):
+        for the small subsets that weak copies, calibration and figures use."""
+        if not self.streamed:
+            images, sizes = self.images[index], None if self.sizes is None else self.sizes[index]
+        else:
+            images, sizes = _decode_files(self.paths(index.tolist()), self.img_size)
+        files = None if self.files is None else [self.files[i] for i in index.tolist()]
+        return ImageData(images, self.labels[index], self.classes, self.name, self.split, None, self.class_labels, files, sizes)
+
+    def image_sizes(self) -> torch.Tensor:
+        """(N, 2) (width, height) of every file; streamed splits read them from the file headers."""
+        if self.sizes is None and self.files is not None:
+            self.sizes = torch.tensor([_header_size(p) for p in self.paths(range(len(self)))], dtype=torch.long)
+        return self.sizes
+
+    def channel_stats(self, max_images: int = 2_000) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the pixels in [0, 1], for normalisation: over every image
+        held in memory, or over `max_images` spread through a streamed split; a chunk at a time,
+        so no float copy of the split (nor a decoded copy of a streamed one) is made."""
+        index = torch.arange(len(self))
+        if self.streamed:
+            index = torch.linspace(0, len(self) - 1, min(max_images, len(self))).long().unique()
+        total = torch.zeros(3, dtype=torch.float64)
+        squares = torch.zeros(3, dtype=torch.float64)
+        per_chunk = max(1, (1 << 22) // (3 * self.img_size**2))  # about 16 MB of float32 at a time
+        for chunk in index.split(per_chunk):
+            images = self.take(chunk).images if self.streamed else self.images[chunk[0] : chunk[-1] + 1]
+            x = images.transpose(0, 1).reshape(3, -1).float()
+            total += x.sum(1, dtype=torch.float64)
+            squares += x.square().sum(1, dtype=torch.float64)
+        n = len(index) * self.img_size**2
+        mean = total / n
+        std = ((squares - n * mean.square()) / max(1, n - 1)).clamp_min(0).sqrt()
+        return (mean / 255).tolist(), (std / 255).clamp_min(1e-3).tolist()
 
 
 class Batch(NamedTuple):
     images: torch.Tensor  # (B, 3, H, W) float, normalised
     labels: torch.Tensor  # (B,) int64
     index: torch.Tensor  # (B,) int64 position of each sample in its split
-    shift: torch.Tensor | None  # (B, 2) int64 (dy, dx) pixels the content moved by the crop
-    flip: torch.Tensor | None  # (B,) bool, image was flipped left-right
+    shift: torch.Tensor | None  # (B, 2) int64 (dy, dx) pixels the content moved by a padded crop
+    flip: torch.Tensor | None  # (B,) bool, image was flipped left-right (after the crop)
+    # (B, 4) float (top, left, height, width) of a resized crop, as fractions of the whole image
+    crop: torch.Tensor | None = None
 
 
 def default_augment(name: str) -> AugmentConfig:
@@ -130,9 +190,9 @@ def load_split(cfg: DataConfig, split: str) -> ImageData:
         if positions is not None:
             data = ImageData(data.images[positions], data.labels[positions], data.classes, data.name, split, positions)
     else:
-        data = _load_image_folder(Path(cfg.name), stored, cfg.img_size, lambda labels: _taken(labels, split, fraction))
+        data = _load_image_folder(cfg, stored, cfg.img_size, lambda labels: _taken(labels, split, fraction))
     data.split = split
-    if cfg.img_size is not None and cfg.img_size != data.img_size:
+    if cfg.img_size is not None and cfg.img_size != data.img_size and not data.streamed:
         data.images = resize_uint8(data.images, cfg.img_size)
     return data
 
@@ -255,10 +315,11 @@ def _load_cifar10(cfg: DataConfig, split: str) -> ImageData:
 
 
 def _load_image_folder(
-    root: Path, split: str, img_size: int | None, select: Callable[[torch.Tensor], torch.Tensor | None]
+    cfg: DataConfig, split: str, img_size: int | None, select: Callable[[torch.Tensor], torch.Tensor | None]
 ) -> ImageData:
     """One stored split of an ImageFolder root; only the images `select` picks from the labels
-    (positions, or None for all) are decoded."""
+    (positions, or None for all) are decoded, and only when the split is held in memory."""
+    root = Path(cfg.name)
     folder = split_dir(root, split)
     classes = class_folders(folder)
     # Every other split's classes must be the training classes, in the same label order.
@@ -278,12 +339,44 @@ def _load_image_folder(
         files, label_tensor = [files[i] for i in positions.tolist()], label_tensor[positions]
     if img_size is None:
         img_size = _native_size(files[0])
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        decoded = list(pool.map(lambda f: _decode(f, img_size), files, chunksize=256))
-    images = torch.from_numpy(np.stack([array for array, _ in decoded])).permute(0, 3, 1, 2).contiguous()
     relative = [f.relative_to(root).as_posix() for f in files]
-    sizes = torch.tensor([size for _, size in decoded], dtype=torch.long)
+    if stream_split(cfg, len(files), img_size):
+        return ImageData(None, label_tensor, classes, str(root), split, positions, words, relative, size=img_size)
+    images, sizes = _decode_files(files, img_size)
     return ImageData(images, label_tensor, classes, str(root), split, positions, words, relative, sizes)
+
+
+def decoded_bytes(num_images: int, img_size: int) -> int:
+    return num_images * 3 * img_size * img_size
+
+
+def memory_budget() -> int:
+    """Bytes a decoded split may take in memory: MEMORY_BUDGET of the machine's physical memory."""
+    return int(MEMORY_BUDGET * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def stream_split(cfg: DataConfig, num_images: int, img_size: int) -> bool:
+    """Whether a split of `num_images` at `img_size` is streamed from its files (see the module's docstring)."""
+    if cfg.loader != "auto":
+        return cfg.loader == "stream"
+    return decoded_bytes(num_images, img_size) > memory_budget()
+
+
+def _decode_files(files: list[Path], img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode image files into one preallocated (N, 3, S, S) uint8 tensor (the only copy of the
+    pixels) and their (N, 2) (width, height)."""
+    images = np.empty((len(files), 3, img_size, img_size), dtype=np.uint8)
+    sizes = np.empty((len(files), 2), dtype=np.int64)
+
+    def decode_into(i: int) -> None:
+        array, size = _decode(files[i], img_size)
+        images[i] = array.transpose(2, 0, 1)
+        sizes[i] = size
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(decode_into, range(len(files)), chunksize=256):
+            pass
+    return torch.from_numpy(images), torch.from_numpy(sizes)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -305,6 +398,17 @@ def _native_size(path: Path) -> int:
     if w != h:
         raise LotusError(f"image {path} is {w}x{h}, not square: pass --img-size to resize every image")
     return w
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """An image file's (width, height) as its header states it (as `_decode` reports it), nothing decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:
+        raise LotusError(f"cannot read image {path}: {e}") from None
 
 
 def _decode(path: Path, img_size: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -382,7 +486,9 @@ class BatchLoader:
         n = len(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+    def epoch(self, epoch: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """The batches of `epoch`; with `world` > 1 process `rank`'s share of each (every
+        `world`-th sample), cut from the same batch every process draws."""
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         n = len(self.data)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
@@ -393,6 +499,61 @@ class BatchLoader:
             if self.augment is not None:
                 images, shift, flip = augment_batch(images, self.augment, gen)
             images = (images.float() - self.mean) / self.std
-            yield Batch(images, self.data.labels[index], index, shift, flip)
+            batch = Batch(images, self.data.labels[index], index, shift, flip)
+            yield batch if world == 1 else Batch(*(None if t is None else t[rank::world] for t in batch))
 
     __iter__ = epoch
+
+
+Loader = BatchLoader  # or lotus.stream.StreamLoader: both yield Batch from epoch(epoch, rank, world)
+
+
+def make_loader(
+    data: ImageData,
+    batch_size: int,
+    mean: list[float],
+    std: list[float],
+    *,
+    augment: str = "none",
+    shuffle: bool = False,
+    drop_last: bool = False,
+    seed: int = 0,
+    workers: int | None = None,
+    geometric: bool = True,
+    pin_memory: bool = False,
+) -> Loader:
+    """Batches of `data` the cheapest way they can be made: cut from memory (`BatchLoader`) for
+    a split held in memory with no augmentation or the padded crop; else from loader workers
+    that decode and augment image by image (`lotus.stream.StreamLoader`).
+
+    Args:
+        augment: 'none', 'crop', 'rrc' or 'randaug' (see `resolve_augment`).
+        geometric: False leaves RandAugment's geometric operations out (rotate, shear,
+            translate): the kept patches of data lottery tickets follow crops and flips only.
+    """
+    if not data.streamed and augment in ("none", "crop"):
+        crop = default_augment(data.name) if augment == "crop" else None
+        return BatchLoader(data, batch_size, mean, std, shuffle=shuffle, augment=crop, drop_last=drop_last, seed=seed)
+    from lotus.stream import StreamLoader
+
+    return StreamLoader(
+        data,
+        batch_size,
+        mean,
+        std,
+        augment=augment,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        seed=seed,
+        workers=workers,
+        geometric=geometric,
+        pin_memory=pin_memory,
+    )
+
+
+def resolve_augment(augment: str, data: ImageData) -> str:
+    """`--aug auto` as the data holds it: the padded crop for a split in memory (cheap, batched),
+    timm's RandomResizedCrop for a streamed one (as timm trains on ImageNet)."""
+    if augment != "auto":
+        return augment
+    return "rrc" if data.streamed else "crop"

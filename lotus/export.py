@@ -179,6 +179,8 @@ def check_exported_sparsity(path: Path, model: TokenGatherViT, names: list[str])
 
 def _eval_images(data: ImageData, pre: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split, normalised as the model's preprocessing says, and its labels."""
+    if data.streamed:
+        data = data.take(torch.arange(len(data)))
     batch = next(iter(BatchLoader(data, len(data), pre["mean"], pre["std"])))
     return batch.images, batch.labels
 
@@ -349,7 +351,7 @@ def _coverage_by_drop(path: Path, data: ImageData, boxes: ImageBoxes, log: Calla
     verification's drop ratios above 0 (at 0 every patch is kept)."""
     drops = [drop for drop in VERIFY_DROPS if drop > 0]
     log(f"measuring object coverage on {len(boxes.index)} eval images with a box at drop {', '.join(map(str, drops))}")
-    images = data.images[boxes.index]
+    images = data.take(boxes.index).images
     return {str(drop): exported_coverage(path, images, boxes, drop) for drop in drops}
 
 

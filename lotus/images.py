@@ -29,7 +29,7 @@ def square_rgb(image, size: int) -> np.ndarray:
     """A loaded PIL image -> (size, size, 3) uint8, as a viewer shows it, resized bilinear."""
     from PIL import Image
 
-    rgb = _reduced_rgb(image, size)
+    rgb = upright_rgb(image, size)
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
@@ -50,7 +50,7 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def _reduced_rgb(image, size: int):
+def upright_rgb(image, size: int):
     """A loaded PIL image as 8-bit RGB at least REDUCING_GAP * `size` on each side (where it was
     larger), turned upright by its EXIF orientation.
 

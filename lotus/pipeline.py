@@ -358,7 +358,7 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float
     """
     import torch.nn.functional as F
 
-    from lotus.data import BatchLoader, default_augment, load_split_for_model
+    from lotus.data import load_split_for_model, make_loader, resolve_augment
     from lotus.device import autocast, resolve_device
     from lotus.tickets import load_tickets
 
@@ -367,7 +367,8 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float
     tickets = load_tickets(run / "tickets")
     pre = meta["preprocess"]
     data = load_split_for_model(cfg.data, pre, "train")
-    loader = BatchLoader(data, cfg.finetune.batch_size, pre["mean"], pre["std"], shuffle=True, augment=default_augment(data.name))
+    augment = resolve_augment(cfg.finetune.augment, data)
+    loader = make_loader(data, cfg.finetune.batch_size, pre["mean"], pre["std"], augment=augment, shuffle=True, geometric=False)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: time the work, change nothing that matters
     model.train()
     times = {"dense": [], "lottery": []}

@@ -43,10 +43,11 @@ from lotus.config import (
 )
 from lotus.data import (
     SPLIT_WORDS,
-    BatchLoader,
     ImageData,
-    default_augment,
+    Loader,
     load_split_for_model,
+    make_loader,
+    resolve_augment,
 )
 from lotus.device import resolve_device
 from lotus.errors import LotusError
@@ -74,17 +75,17 @@ def _weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor
     return {n: params[n].detach() for n in names}
 
 
-def _eval_loader(checkpoint_meta: dict, data_cfg: DataConfig, split: str, batch_size: int = 256) -> BatchLoader:
+def _eval_loader(checkpoint_meta: dict, data_cfg: DataConfig, split: str, batch_size: int = 256) -> Loader:
     """Batches of the `split` ('val' or 'test') images, preprocessed as the checkpoint says."""
     pre = checkpoint_meta["preprocess"]
     data = load_split_for_model(data_cfg, pre, split)
-    return BatchLoader(data, batch_size, pre["mean"], pre["std"])
+    return make_loader(data, batch_size, pre["mean"], pre["std"], workers=data_cfg.workers)
 
 
 def _sweep_rows(
     model: torch.nn.Module,
     keep: Masks | None,
-    loader: BatchLoader,
+    loader: Loader,
     cfg: SweepConfig,
     dev: torch.device,
     progress: Progress | None,
@@ -280,7 +281,7 @@ def isp(
     return {"target": cfg.target, "achieved_sparsity": measured["overall"], "split": SPLIT_WORDS["val"], "rounds": rounds}
 
 
-def _round_record(r: int, level: float, model, names, loader: BatchLoader | None, dev, log) -> dict[str, Any]:
+def _round_record(r: int, level: float, model, names, loader: Loader | None, dev, log) -> dict[str, Any]:
     """A round's sparsity and its accuracy on `loader` (the validation split; None without one)."""
     measured = sparsity_report(model, names)["overall"]
     accuracy = evaluate(model, loader, dev)["accuracy"] if loader is not None else None
@@ -295,10 +296,9 @@ def _weak_copy(model, masks: Masks, data: ImageData, pre: dict, cfg: ISPConfig, 
     gen = torch.Generator().manual_seed(seed)
     size = max(1, round(cfg.data_fraction * len(data)))
     index = torch.randperm(len(data), generator=gen)[:size]
-    subset = ImageData(data.images[index], data.labels[index], data.classes, data.name, data.split)
-    loader = BatchLoader(
-        subset, 64, pre["mean"], pre["std"], shuffle=True, augment=default_augment(data.name), drop_last=size >= 128, seed=seed
-    )
+    subset = data.subset(index)
+    augment = resolve_augment("auto", subset)
+    loader = make_loader(subset, 64, pre["mean"], pre["std"], augment=augment, shuffle=True, drop_last=size >= 128, seed=seed)
     weak = copy.deepcopy(model)
     train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, min_lr=cfg.lr, warmup_epochs=0.1, seed=seed, device=str(dev))
     torch.manual_seed(seed)
@@ -384,7 +384,7 @@ def _unit_scores(
         return magnitude_scores(model)
     train_data = load_split_for_model(data_cfg, pre, "train")
     index = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
-    calib = ImageData(train_data.images[index], train_data.labels[index], train_data.classes, train_data.name, "train")
-    batches = ((b.images, b.labels) for b in BatchLoader(calib, 64, pre["mean"], pre["std"]).epoch())
+    calib = train_data.take(index)
+    batches = ((b.images, b.labels) for b in make_loader(calib, 64, pre["mean"], pre["std"]).epoch())
     scores = activation_scores if cfg.importance == "activation" else taylor_scores
     return scores(model, batches, dev)

@@ -22,9 +22,10 @@ image), the scores, and fingerprints of the data, patch grid and model; they are
 other dataset, split or patch grid. timm's fused attention never builds the attention matrix,
 so scoring rebuilds the rows it needs from each block's qkv projection, captured by a hook.
 
-Augmentation moves the tickets with the image: the score map is shifted by the crop's shift
-(rounded to whole patches) and flipped with the image, and the top-K of the moved map is kept,
-so every image still keeps exactly K patches.
+Augmentation moves the tickets with the image, and the top-K of the moved score map is kept, so
+every image still keeps exactly K patches: under the padded crop the map is shifted by the crop's
+shift (rounded to whole patches) and flipped with the image; under a resized crop (timm's
+RandomResizedCrop) it is resampled to the crop's patch grid and flipped (`crop_scores`).
 
 Fixed or sampled (`temperature`). At 0, the default and the method as published, each image
 keeps its K highest-scored patches in every epoch. Above 0, each image's K patches are drawn
@@ -67,11 +68,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lotus.checkpoint import load_checkpoint, save_checkpoint
+from lotus.checkpoint import map_checkpoint, save_checkpoint
 from lotus.config import DataConfig, TicketConfig, check_spread, holdout, resolve_layers
 from lotus.config import parse_layers as parse_layers  # re-exported: the settings live in lotus.config
 from lotus.coverage import ImageBoxes, match_boxes, selection_coverage
-from lotus.data import Batch, BatchLoader, ImageData
+from lotus.data import Batch, ImageData, make_loader
+from lotus.device import distributed
 from lotus.drop import num_keep
 from lotus.errors import LotusError
 from lotus.progress import Progress, report
@@ -213,6 +215,30 @@ def transport_scores(scores: torch.Tensor, grid: int, patch_size: int, shift: to
     return torch.where(inside, moved, torch.full_like(moved, float("-inf"))).view(B, -1)
 
 
+def crop_scores(scores: torch.Tensor, grid: int, crop: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Move (B, N) score maps with their images through a resized crop, then a left-right flip.
+
+    The score map covers the whole image (scoring sees it whole, resized to a square). Each patch
+    of the crop's grid takes the score at its centre, interpolated bilinearly between the score
+    map's patch centres; a crop reaching past the scored square (possible only after rounding)
+    takes the nearest border score.
+
+    Args:
+        crop: (B, 4) (top, left, height, width) of the crop as fractions of the image.
+        flip: (B,) bool, the crop was flipped left-right.
+    """
+    B = scores.shape[0]
+    centres = (torch.arange(grid, device=scores.device, dtype=torch.float32) + 0.5) / grid  # (G,) in the crop
+    crop = crop.to(scores.device, torch.float32)
+    ys = crop[:, :1] + crop[:, 2:3] * centres  # (B, G) as fractions of the image
+    xs = crop[:, 1:2] + crop[:, 3:4] * centres
+    xs = torch.where(flip.to(scores.device)[:, None], xs.flip(-1), xs)
+    points = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), -1) * 2 - 1  # (B, G, G, (x, y))
+    maps = scores.view(B, 1, grid, grid).float()
+    moved = F.grid_sample(maps, points, mode="bilinear", padding_mode="border", align_corners=False)
+    return moved.view(B, -1).to(scores.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Scoring a dataset with a model
 
@@ -252,9 +278,15 @@ IDENTITY = ("split", "num_images", "img_size", "sha256")
 
 
 def fingerprint(data: ImageData) -> dict[str, Any]:
-    """What identifies a split: its name, size, and a hash of its pixels and labels."""
+    """What identifies a split: its name, size, and a hash of its labels and its pixels, or for
+    image files (held in memory or streamed alike) of their paths and byte sizes: hashing the
+    pixels of a streamed split would mean decoding all of it again at every check."""
     h = hashlib.sha256()
-    h.update(data.images.numpy().tobytes())
+    if data.files is None:
+        h.update(data.images.numpy().tobytes())
+    else:
+        for path, rel in zip(data.paths(range(len(data))), data.files):
+            h.update(f"{rel}\t{path.stat().st_size}\n".encode())
     h.update(data.labels.numpy().tobytes())
     return {
         "dataset": data.name,
@@ -269,7 +301,7 @@ def fingerprint(data: ImageData) -> dict[str, Any]:
 class Tickets:
     """Per-image keep indices and patch scores of one dataset split."""
 
-    keep_idx: torch.Tensor  # (num_images, K) int64, ascending
+    keep_idx: torch.Tensor  # (num_images, K) integer, ascending (int16, memory-mapped, when loaded from a file)
     scores: torch.Tensor  # (num_images, N) float32; higher = more informative
     grid: int  # patches per side
     patch_size: int  # patch side in pixels
@@ -295,8 +327,8 @@ class Tickets:
     def for_batch(self, batch: Batch) -> torch.Tensor:
         """(B, K) keep indices of a batch's images, moved with their augmentation (and drawn
         afresh when the tickets are sampled)."""
-        if batch.shift is None and not self.temperature:
-            return self.keep_idx[batch.index]
+        if not _moves(batch) and not self.temperature:
+            return self.keep_idx[batch.index].long()
         return self._keep(self._moved(self.keys, batch))
 
     def tokens_for_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -308,7 +340,7 @@ class Tickets:
             return self.for_batch(batch), None
         keys = self._moved(self.keys, batch)
         scores = keys if self.keys is self.scores else self._moved(self.scores, batch)
-        keep = self.keep_idx[batch.index] if batch.shift is None and not self.temperature else self._keep(keys)
+        keep = self.keep_idx[batch.index].long() if not _moves(batch) and not self.temperature else self._keep(keys)
         dropped = torch.isfinite(scores).float().scatter(1, keep, 0.0)  # dropped, and inside the image
         weights = dropped if self.meta["config"]["select"] == "random" else dropped * scores.clamp_min(0)
         weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, dropped)  # no attention left: uniform
@@ -321,6 +353,8 @@ class Tickets:
             values = torch.ones_like(values)  # the control: uniform draws
         if batch.shift is not None:
             values = transport_scores(values, self.grid, self.patch_size, batch.shift, batch.flip)
+        elif batch.crop is not None:
+            values = crop_scores(values, self.grid, batch.crop, batch.flip)
         return values
 
     def _keep(self, scores: torch.Tensor) -> torch.Tensor:
@@ -344,6 +378,11 @@ class Tickets:
             )
 
 
+def _moves(batch: Batch) -> bool:
+    """Whether a batch's augmentation moved its images' content (a crop; a flip comes with one)."""
+    return batch.shift is not None or batch.crop is not None
+
+
 def make_tickets(
     model: TokenGatherViT,
     data: ImageData,
@@ -354,11 +393,17 @@ def make_tickets(
     model_sha256: str | None = None,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> Tickets:
     """Score every patch of every image of `data` and keep the top K per image.
 
+    Under torchrun each process scores its share of the batches (`shard_positions`) and every
+    process ends with all the scores, identical to one process's: the batches are the ones a
+    single process would score, so each image's scores come out of the same computation.
+
     Args:
         progress: told ("scoring patches", batches done, batches) as the scoring runs.
+        workers: loader workers, for a streamed split (see lotus.stream).
     """
     grid = model.patch_embed.grid_size[0]
     patch_size = model.patch_embed.patch_size[0]
@@ -371,13 +416,17 @@ def make_tickets(
         gen = torch.Generator().manual_seed(cfg.seed)
         scores = [torch.rand(len(data), N, generator=gen)]
     else:
-        loader = BatchLoader(data, cfg.batch_size, mean, std)
+        rank, world = distributed()
+        mine = shard_positions(len(data), cfg.batch_size, rank, world)
+        loader = make_loader(data if world == 1 else data.subset(mine), cfg.batch_size, mean, std, workers=workers)
         report(progress, "scoring patches", 0, len(loader))
         for i, batch in enumerate(loader):
-            s, outliers = score_batch(model, batch.images.to(device), cfg)
+            s, outliers = score_batch(model, batch.images.to(device, non_blocking=True), cfg)
             scores.append(s.cpu())
             outlier_count += int(outliers.sum())
             report(progress, "scoring patches", i + 1, len(loader))
+        if world > 1:
+            scores, outlier_count = [_gathered(torch.cat(scores), len(data), cfg.batch_size)], _summed(outlier_count)
     scores = torch.cat(scores).float()
     meta = {
         "config": asdict(cfg),
@@ -389,6 +438,43 @@ def make_tickets(
         "layers": resolve_layers(cfg, len(model.blocks)) if cfg.select == "attention" else None,
     }
     return _cut(scores, grid, patch_size, meta)
+
+
+def shard_positions(num_images: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """The positions process `rank` of `world` scores: the images of every `world`-th batch of
+    `batch_size` from its `rank`-th, so each batch is one a single process would score."""
+    starts = torch.arange(rank * batch_size, num_images, world * batch_size)
+    return torch.cat(
+        [torch.arange(start, min(start + batch_size, num_images)) for start in starts.tolist()]
+        or [torch.zeros(0, dtype=torch.long)]
+    )
+
+
+def _gathered(mine: torch.Tensor, num_images: int, batch_size: int) -> torch.Tensor:
+    """Every process's (rows, N) scores, put back in image order, in every process."""
+    import torch.distributed as dist
+
+    rank, world = distributed()
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    shards = [shard_positions(num_images, batch_size, r, world) for r in range(world)]
+    rows = max(len(shard) for shard in shards)
+    padded = torch.zeros(rows, mine.shape[1], device=on)  # all_gather needs equal shapes
+    padded[: len(mine)] = mine.to(on)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    scores = torch.empty(num_images, mine.shape[1])
+    for shard, part in zip(shards, gathered):
+        scores[shard] = part[: len(shard)].cpu()
+    return scores
+
+
+def _summed(count: int) -> int:
+    import torch.distributed as dist
+
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor([count], device=on)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 # The settings that decide the scores; the others (drop, temperature, spread, balance, fuse) only cut them.
@@ -431,15 +517,17 @@ def save_tickets(tickets: Tickets, out_dir: str | Path) -> Path:
 
 
 def load_tickets(path: str | Path) -> Tickets:
-    """Load tickets from a folder written by `lotus tickets` (or its tickets.safetensors)."""
+    """Load tickets from a folder written by `lotus tickets` (or its tickets.safetensors),
+    memory-mapped: a batch reads its images' rows from the file, so the tickets of a dataset of
+    any size cost no memory of their own, and processes on one machine share the page cache."""
     path = Path(path)
     if path.is_dir():
         path = path / TICKETS_FILE
-    tensors, meta = load_checkpoint(path)
+    tensors, meta = map_checkpoint(path)
     if "keep_idx" not in tensors:
         raise LotusError(f"{path} holds no tickets: pass the folder `lotus tickets --out` wrote")
     grid, patch_size = meta.pop("grid"), meta.pop("patch_size")
-    return Tickets(tensors["keep_idx"].long(), tensors["scores"].float(), grid, patch_size, meta)
+    return Tickets(tensors["keep_idx"], tensors["scores"], grid, patch_size, meta)
 
 
 def tickets_from_checkpoint(
@@ -478,7 +566,15 @@ def tickets_from_checkpoint(
     boxes = match_boxes(cfg.boxes, data) if cfg.boxes else None  # a wrong file fails before the scoring pass
     if scores_from is None:
         tickets = make_tickets(
-            model, data, pre["mean"], pre["std"], cfg, model_sha256=meta["sha256"], device=dev, progress=progress
+            model,
+            data,
+            pre["mean"],
+            pre["std"],
+            cfg,
+            model_sha256=meta["sha256"],
+            device=dev,
+            progress=progress,
+            workers=data_cfg.workers,
         )
     else:
         report(progress, "cutting earlier scores", 0, 1)
@@ -492,7 +588,11 @@ def tickets_from_checkpoint(
         tickets = recut_tickets(earlier, cfg)
         report(progress, "cutting earlier scores", 1, 1)
     tickets.meta["holdout"] = holdout(data_cfg)  # the training split is the stored one less these validation images
-    _write_tickets(tickets, data, boxes, Path(out_dir))
+    rank, world = distributed()
+    if rank == 0:  # one process writes; the others wait until the tickets are there
+        _write_tickets(tickets, data, boxes, Path(out_dir))
+    if world > 1:
+        torch.distributed.barrier()
     return tickets
 
 
@@ -509,9 +609,9 @@ def _write_tickets(tickets: Tickets, data: ImageData, boxes: ImageBoxes | None, 
     title = f"{cfg['select']} tickets, drop {cfg['drop']:g}: {tickets.num_keep} of {tickets.grid**2} patches kept"
     save_tickets_figure(
         out_dir / "tickets.png",
-        data.images[show],
+        data.take(show).images,
         tickets.scores[show],
-        tickets.keep_idx[show],
+        tickets.keep_idx[show].long(),
         tickets.grid,
         title,
         boxes=boxes.at_input(show, data.img_size) if boxes is not None else None,

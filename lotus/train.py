@@ -37,11 +37,13 @@ from lotus.config import default_configs as default_configs  # re-exported: the 
 from lotus.data import (
     SPLIT_WORDS,
     Batch,
-    BatchLoader,
     ImageData,
-    default_augment,
+    Loader,
+    decoded_bytes,
     load_split,
     load_split_for_model,
+    make_loader,
+    resolve_augment,
 )
 from lotus.device import autocast, distributed, resolve_device, weights_digest
 from lotus.errors import LotusError
@@ -77,7 +79,7 @@ def schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, device: torch.device) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader: Loader, device: torch.device) -> dict[str, float]:
     """Top-1 accuracy (in percent), mean cross-entropy and throughput on a split."""
     model.eval()
     correct, loss_sum, seen = 0, 0.0, 0
@@ -178,7 +180,10 @@ def _prepare(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, MaskEnforcer]:
     """Move `model` to `device`; returns the module to train, its AdamW optimizer and the
     enforcer of `masks` (pruned weights get no gradient). Under torchrun the module to train is
-    DDP's wrapper: each process trains on its share of every batch and DDP averages the gradients."""
+    DDP's wrapper: each process trains on its share of every batch and DDP averages the gradients.
+    On CUDA it is compiled (`cfg.compile`): a small ViT's step is otherwise bound by kernel
+    launches, and the tokens kept per image are fixed for a run, so shapes are static and it
+    compiles once (once more for a short last batch)."""
     import timm.optim
 
     model.to(device)
@@ -187,15 +192,11 @@ def _prepare(
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.compile and device.type == "cuda":
+        train_model = torch.compile(train_model)
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update, not several per tensor
+    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     return train_model, opt, enforce_masks_(model, masks)
-
-
-def _shard(batch: Batch, rank: int, world: int) -> Batch:
-    """This process's share of a batch: every `world`-th sample from `rank`."""
-    if world == 1:
-        return batch
-    return Batch(*(None if t is None else t[rank::world] for t in batch))
 
 
 @dataclass
@@ -252,8 +253,8 @@ def batch_tokens(keep_fn: KeepFn | None, batch: Batch, device: torch.device) -> 
 
 def fit(
     model: TokenGatherViT,
-    train_loader: BatchLoader,
-    eval_loader: BatchLoader | None,
+    train_loader: Loader,
+    eval_loader: Loader | None,
     cfg: TrainConfig,
     out_dir: Path | None,
     *,
@@ -284,11 +285,10 @@ def fit(
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout / drop-path noise of this epoch
         model.train()
         tally = EpochTally()
-        for i, batch in enumerate(train_loader.epoch(epoch)):
-            batch = _shard(batch, rank, world)
+        for i, batch in enumerate(train_loader.epoch(epoch, rank, world)):
             for group in opt.param_groups:
                 group["lr"] = lr_of(epoch * steps_per_epoch + i)
-            images, labels = batch.images.to(device), batch.labels.to(device)
+            images, labels = batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
             keep_idx, fuse = batch_tokens(keep_fn, batch, device)
             with autocast(device):
                 logits = train_model(images, keep_idx, fuse)
@@ -303,13 +303,18 @@ def fit(
             report(progress, f"epoch {epoch + 1}/{cfg.epochs}", i + 1, steps_per_epoch, tally.status())
         tally.stop(world)
         test = evaluate(model, eval_loader, device) if eval_loader is not None else NO_EVAL
-        history.append(tally.record(epoch, test, opt.param_groups[0]["lr"]))
+        history.append(tally.record(epoch, test, opt.param_groups[0]["lr"]) | {"skipped_images": _skipped(train_loader)})
         if out_dir is not None:
             _save_epoch(out_dir, model, opt, meta, history)
     enforcer.remove()
     if world > 1:
         log(f"rank {rank}/{world} weights {weights_digest(model)}")
     return history
+
+
+def _skipped(loader: Loader) -> int:
+    """Unreadable images a streamed loader has skipped so far (none for data in memory)."""
+    return getattr(loader, "skipped", 0)
 
 
 def preprocess_of(data: ImageData, mean: list[float], std: list[float]) -> dict[str, Any]:
@@ -397,21 +402,35 @@ def _ticket_tokens(tickets: str | Path | None, start: _Start) -> tuple[KeepFn | 
     }
 
 
-def _loaders(start: _Start, cfg: TrainConfig) -> tuple[BatchLoader, BatchLoader]:
+def _loaders(start: _Start, cfg: TrainConfig, tickets: bool, log: Callable[[str], None]) -> tuple[Loader, Loader]:
     """Shuffled, augmented training batches (the last partial one dropped unless the split is
-    small) and evaluation batches."""
+    small) and evaluation batches; says where the images come from and how they are augmented."""
     mean, std = start.preprocess["mean"], start.preprocess["std"]
-    train_loader = BatchLoader(
-        start.train_data,
+    data, workers = start.train_data, start.data_cfg.workers
+    augment = resolve_augment(cfg.augment, data)
+    pin = resolve_device(cfg.device).type == "cuda"
+    train_loader = make_loader(
+        data,
         cfg.batch_size,
         mean,
         std,
+        augment=augment,
         shuffle=True,
-        augment=default_augment(start.data_cfg.name),
-        drop_last=len(start.train_data) >= 2 * cfg.batch_size,
+        drop_last=len(data) >= 2 * cfg.batch_size,
         seed=cfg.seed,
+        workers=workers,
+        geometric=not tickets,
+        pin_memory=pin,
     )
-    return train_loader, BatchLoader(start.test_data, 256, mean, std)
+    size = decoded_bytes(len(data), data.img_size)
+    size_text = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    held = "streamed from its files" if data.streamed else "held in memory"
+    by = f" by {train_loader.workers} loader workers" if hasattr(train_loader, "workers") else ""
+    log(
+        f"training data: {len(data):,} images at {data.img_size} px ({size_text} decoded), {held}{by}; "
+        f"augmentation {augment}{' without geometric RandAugment ops (tickets follow crops and flips)' if tickets and augment == 'randaug' else ''}"
+    )
+    return train_loader, make_loader(start.test_data, 256, mean, std, workers=workers, pin_memory=pin)
 
 
 def _save_trained(out_dir: Path, start: _Start, meta: dict[str, Any], history: list[dict[str, Any]]) -> None:
@@ -458,10 +477,10 @@ def train(
     torch.manual_seed(cfg.seed)
     start = _new_model(data_cfg, model_cfg) if init_checkpoint is None else _model_from_checkpoint(init_checkpoint, data_cfg)
     keep_fn, tickets_meta = _ticket_tokens(tickets, start)
-    train_loader, eval_loader = _loaders(start, cfg)
+    train_loader, eval_loader = _loaders(start, cfg, keep_fn is not None, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
-        "data": asdict(start.data_cfg),
+        "data": {k: v for k, v in asdict(start.data_cfg).items() if k != "workers"},  # how many: not what
         "holdout": holdout(start.data_cfg),  # the validation images this training never sees
         "model": asdict(start.model_cfg),
         "train": asdict(cfg),
@@ -500,5 +519,5 @@ def evaluate_checkpoint(
         check_holdout(meta, data_cfg, checkpoint)
     pre = meta["preprocess"]
     data = load_split_for_model(data_cfg, pre, split)
-    result = evaluate(model, BatchLoader(data, batch_size, pre["mean"], pre["std"]), dev)
+    result = evaluate(model, make_loader(data, batch_size, pre["mean"], pre["std"], workers=data_cfg.workers), dev)
     return {"checkpoint": str(checkpoint), "data": data_cfg.name, "split": SPLIT_WORDS[split], "images": len(data), **result}

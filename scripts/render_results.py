@@ -1263,9 +1263,70 @@ def hostile_slow_rows(slow: dict) -> list[list[str]]:
     ]
 
 
+def scale(src: Source, page: Page) -> None:
+    """Memory of the two data paths as the data grows, and the 224-px training step with streamed data."""
+    if not src.has("data_memory.json"):
+        return
+    page.add("## Data larger than memory: streamed from its files", "")
+    data = src.json("data_memory.json")
+    page.about(
+        machine(data, "data_memory.json"),
+        f"`lotus train` of a {data['model']} on generated 224-px JPEG folders, {data['workers']} loader workers, "
+        f"stopped {data['train_seconds']:g} s into training; PSS summed over the run and its workers",
+    )
+    rows = [
+        [
+            f"{row['images']:,}",
+            row["loader"],
+            mb(row["decoded_bytes"]),
+            mb(row["peak_pss_bytes"]),
+            num(row["peak_pss_bytes"] / row["decoded_bytes"], 2),
+        ]
+        for row in data["rows"]
+    ]
+    page.table(["images", "held", "decoded uint8", "peak memory (PSS)", "peak / decoded"], rows, ["data_memory.json"])
+    growth = data["growth_bytes"]
+    page.add(
+        f"From the smallest to the largest folder the peak grows by {mb(growth['stream'])} when streamed and by "
+        f"{mb(growth['memory'])} when held in memory.",
+        "",
+    )
+    for rel in src.glob("train_throughput*.json"):
+        throughput(src, page, rel)
+
+
+def throughput(src: Source, page: Page, rel: str) -> None:
+    data = src.json(rel)
+    compiled = ", torch.compile" if data["compile"] else ""
+    page.add(f"### Training step at 224 px with streamed data ({data['device']})", "")
+    page.about(
+        machine(data, rel),
+        f"batch {data['batch_size']}{compiled}, timm's RandomResizedCrop from a 224-px JPEG folder by {data['workers']} "
+        f"loader workers; {data['rounds']} steps per setting, round-robin, the median kept",
+    )
+    rows = [
+        [
+            f"`{row['model']}`",
+            row["setting"],
+            num(row["step_seconds"], 3),
+            num(row["images_per_second"], 1),
+            f"**{row['fraction_of_full']:.3f}**",
+        ]
+        for row in data["rows"]
+        if "step_seconds" in row
+    ]
+    page.table(["model", "setting", "step (s)", "images/s", "step vs keep 1.0"], rows, [rel])
+    alone = ", ".join(f"{w} workers {num(v, 0)} images/s" for w, v in data["loader_alone_images_per_second"].items())
+    waits = ", ".join(
+        f"`{r['model']}` {num(r['wait_seconds_median'] * 1000, 1)} ms" for r in data["rows"] if "wait_seconds_median" in r
+    )
+    page.add(f"The loader alone: {alone}. Median wait for a batch during the steps: {waits}.", "")
+
+
 SECTIONS = (
     baselines,
     step_cost,
+    scale,
     tickets_cifar10,
     tickets_clutter,
     tickets_finetune,

@@ -162,7 +162,9 @@ def test_tickets_then_train_on_them(tmp_path):
     from lotus.tickets import balance_scores, load_tickets
 
     first, second = load_tickets(tmp_path / "tk"), load_tickets(tmp_path / "tk2")
-    assert torch.equal(second.scores, first.scores) and torch.equal(second.keep_idx, second.scores.topk(8).indices.sort().values)
+    assert torch.equal(second.scores, first.scores) and torch.equal(
+        second.keep_idx.long(), second.scores.topk(8).indices.sort().values
+    )
     lotus(
         "tickets",
         "--checkpoint",
@@ -176,7 +178,7 @@ def test_tickets_then_train_on_them(tmp_path):
         tmp_path / "tk3",
     )
     balanced = load_tickets(tmp_path / "tk3")
-    assert torch.equal(balanced.keep_idx, balance_scores(first.scores).topk(8).indices.sort().values)
+    assert torch.equal(balanced.keep_idx.long(), balance_scores(first.scores).topk(8).indices.sort().values)
     assert not torch.equal(balanced.keep_idx, second.keep_idx)
     bad = lotus(
         "tickets",

@@ -1,6 +1,4 @@
-import pytest
-
-"""Training under torchrun: two gloo processes on the CPU must hold the same weights."""
+"""Under torchrun: two gloo processes on the CPU must hold the same weights, and write the tickets one process writes."""
 
 import os
 import re
@@ -8,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from test_pipeline import tiny_recipe
 
 from lotus.prune import ISPConfig
@@ -55,3 +55,20 @@ def test_compress_under_torchrun_keeps_the_processes_in_step(tmp_path):
     assert found[0] == found[1]
     assert (tmp_path / "run" / "metrics.json").is_file()
     assert proc.stderr.count("[7/7] report") == 1  # one process speaks
+
+
+def test_two_gloo_processes_write_the_tickets_one_process_writes(tmp_path):
+    from test_cli import lotus
+
+    from lotus.tickets import load_tickets, shard_positions
+
+    lotus("train", "--epochs", "1", "--depth", "1", "--batch-size", "32", "--out", tmp_path / "base")
+    scoring = ["tickets", "--checkpoint", tmp_path / "base", "--drop", "0.5", "--layers", "all"]
+    lotus(*scoring, "--out", tmp_path / "one")
+    proc = torchrun(*scoring, "--out", tmp_path / "two", cwd=tmp_path)
+    assert proc.stderr.count("kept 8 of 16 patches") == 1  # one process speaks
+    one, two = load_tickets(tmp_path / "one"), load_tickets(tmp_path / "two")
+    assert torch.equal(one.scores, two.scores) and torch.equal(one.keep_idx, two.keep_idx)
+    assert one.meta["outlier_patches"] == two.meta["outlier_patches"] and one.meta["data"] == two.meta["data"]
+    shards = [shard_positions(1365, 256, r, 2) for r in range(2)]  # 6 batches of 256: 3 each, the last one short
+    assert sorted(torch.cat(shards).tolist()) == list(range(1365)) and len(shards[1]) == 3 * 256 - (6 * 256 - 1365)

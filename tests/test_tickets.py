@@ -264,7 +264,7 @@ def test_every_image_keeps_exactly_k(tiny_cfg, cfg, tmp_path):
     assert all(len(set(row.tolist())) == k for row in tickets.keep_idx)  # no duplicates
     save_tickets(tickets, tmp_path)
     loaded = load_tickets(tmp_path)
-    assert torch.equal(loaded.keep_idx, tickets.keep_idx) and torch.equal(loaded.scores, tickets.scores)
+    assert torch.equal(loaded.keep_idx.long(), tickets.keep_idx) and torch.equal(loaded.scores, tickets.scores)
     # augmented batches still get exactly K distinct patches each
     loader = BatchLoader(data, 64, mean, std, shuffle=True, augment=AugmentConfig(padding=4, hflip=True))
     batch = next(loader.epoch(0))
@@ -389,3 +389,23 @@ def test_tickets_from_the_wrong_split_size_fail_in_train(tiny_cfg, tmp_path):
             tmp_path / "run",
             tickets=tmp_path / "tickets",
         )
+
+
+def _rss() -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024
+
+
+def test_loaded_tickets_are_read_from_the_file_as_batches_need_them(tmp_path):
+    """A large dataset's tickets: loading maps the file, and a batch reads only its rows."""
+    n, grid = 60_000, 32  # 60,000 images of 1,024 patches: 246 MB of scores
+    scores = torch.rand(n, grid * grid)
+    save_tickets(Tickets(keep_from_scores(scores, 16), scores, grid, 4, {"config": {"select": "attention"}}), tmp_path)
+    del scores
+    before = _rss()
+    tickets = load_tickets(tmp_path)
+    index = torch.tensor([5, 59_999, 123])
+    batch = Batch(torch.zeros(3, 3, 128, 128), torch.zeros(3, dtype=torch.long), index, None, None)
+    keep = tickets.for_batch(batch)
+    assert _rss() - before < 50e6  # not the 246 MB file
+    assert torch.equal(keep, tickets.scores[index].topk(16).indices.sort().values)
+    assert keep.dtype == torch.long and tickets.keep_idx.dtype == torch.int16  # stored small, handed out as indices
