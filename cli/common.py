@@ -83,6 +83,20 @@ AugOpt = Annotated[
 CompileOpt = Annotated[
     bool | None, typer.Option("--compile/--no-compile", help="torch.compile the training step on CUDA. [default: compile]")
 ]
+# Options of the commands that build a model. Typer has no option whose value may be left out, so
+# the hub weights and a weight file are two options, named as in timm's train.py.
+PretrainedPathOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Start from this timm weight file instead of the hub's (.safetensors, .pth, .pt, .bin or .npz, e.g. "
+        "model.safetensors copied from a hub cache): timm fits it to the model as it does hub weights."
+    ),
+]
+
+
+def pretrained_weights(pretrained: bool | None, pretrained_path: Path | None) -> bool | str | None:
+    """ModelConfig.pretrained from --pretrained and --pretrained-path (the file wins: it names the weights)."""
+    return str(pretrained_path) if pretrained_path is not None else pretrained
 
 
 def out_option(kind: str, what: str = "Output run folder") -> Any:

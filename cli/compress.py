@@ -18,6 +18,7 @@ from cli.common import (
     AugOpt,
     CompileOpt,
     LoaderOpt,
+    PretrainedPathOpt,
     WorkersOpt,
     err,
     first_process,
@@ -27,6 +28,7 @@ from cli.common import (
     parse_floats,
     path_or_latest_run,
     path_or_new_run,
+    pretrained_weights,
     user_errors,
 )
 from cli.progress import progress_bars
@@ -52,7 +54,10 @@ CheckpointOpt = Annotated[
 ]
 ModelOpt = Annotated[str | None, typer.Option(help="timm ViT for the baseline when no --checkpoint.")]
 PretrainedOpt = Annotated[
-    bool | None, typer.Option("--pretrained", help="Start the baseline from timm's hub weights (needs a network).")
+    bool | None,
+    typer.Option(
+        "--pretrained", help="Start the baseline from timm's hub weights (needs a network; without one: --pretrained-path)."
+    ),
 ]
 DataOpt = Annotated[str | None, typer.Option("--data", help="'digits' (default), 'cifar10', or an ImageFolder root.")]
 DataDirOpt = Annotated[Path | None, typer.Option(help="Folder holding torchvision's CIFAR-10.")]
@@ -131,6 +136,7 @@ def compress(
     checkpoint: CheckpointOpt = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
+    pretrained_path: PretrainedPathOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
     download: DownloadOpt = None,
@@ -175,7 +181,7 @@ def compress(
             ),
         ),
         baseline=replace(cfg.baseline, **given(augment=aug, compile=compile)),
-        model=replace(cfg.model, **given(name=model, pretrained=pretrained)),
+        model=replace(cfg.model, **given(name=model, pretrained=pretrained_weights(pretrained, pretrained_path))),
         tickets=replace(cfg.tickets, **ticket_flags(drop, select, temperature, spread, layers, balance, fuse, boxes)),
         sweep=replace(cfg.sweep, **given(tolerance=tolerance)),
         finetune=replace(cfg.finetune, **given(epochs=epochs, augment=aug, compile=compile)),

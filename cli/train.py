@@ -20,6 +20,7 @@ from cli.common import (
     DeviceOpt,
     DownloadOpt,
     LoaderOpt,
+    PretrainedPathOpt,
     ValFractionOpt,
     WorkersOpt,
     data_config,
@@ -30,6 +31,7 @@ from cli.common import (
     out_option,
     path_or_latest_run,
     path_or_new_run,
+    pretrained_weights,
     user_errors,
 )
 from cli.progress import progress_bars
@@ -38,7 +40,9 @@ ImgSizeOpt = Annotated[int | None, typer.Option(help="Resize images to this squa
 ModelOpt = Annotated[str | None, typer.Option(help="timm VisionTransformer architecture.")]
 PatchSizeOpt = Annotated[int | None, typer.Option(help="Patch side in pixels (default: 4 up to 64px images, 16 beyond).")]
 DepthOpt = Annotated[int | None, typer.Option(help="Number of transformer blocks (default: the architecture's; digits 4).")]
-PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="Start from timm's hub weights (needs a network).")]
+PretrainedOpt = Annotated[
+    bool, typer.Option("--pretrained", help="Start from timm's hub weights (needs a network; without one: --pretrained-path).")
+]
 InitCheckpointOpt = Annotated[Path | None, typer.Option(help="Start from this LOTUS checkpoint (file or run folder).")]
 EpochsOpt = Annotated[int | None, typer.Option(help="Training epochs.")]
 BatchSizeOpt = Annotated[int | None, typer.Option(help="Images per step.")]
@@ -71,6 +75,7 @@ def train(
     patch_size: PatchSizeOpt = None,
     depth: DepthOpt = None,
     pretrained: PretrainedOpt = False,
+    pretrained_path: PretrainedPathOpt = None,
     checkpoint: InitCheckpointOpt = None,
     epochs: EpochsOpt = None,
     batch_size: BatchSizeOpt = None,
@@ -92,12 +97,16 @@ def train(
 
     data_cfg, model_cfg, train_cfg = default_configs(data)  # the dataset's defaults, under the flags given
     data_cfg = data_config(data, data_dir, download, img_size or data_cfg.img_size, val_fraction, loader, workers)
-    model_cfg = replace(model_cfg, pretrained=pretrained, **given(name=model, patch_size=patch_size, depth=depth))
+    model_cfg = replace(
+        model_cfg,
+        pretrained=pretrained_weights(pretrained, pretrained_path),
+        **given(name=model, patch_size=patch_size, depth=depth),
+    )
     schedule = given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
     train_cfg = replace(
         train_cfg, device=device, **schedule, **given(label_smoothing=label_smoothing, seed=seed, augment=aug, compile=compile)
     )
-    check_inputs(data_cfg, checkpoint, device, same_holdout=True)  # without torch: refused before a run folder is made
+    check_inputs(data_cfg, checkpoint, device, model=model_cfg, same_holdout=True)  # refused before a run folder is made
     out = run_folder(out, resume)
     from lotus.train import train as train_run  # imports torch: only once the settings are checked
 

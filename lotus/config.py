@@ -247,6 +247,7 @@ def needs_validation(cfg: DataConfig, what: str) -> None:
 # Model
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"  # ViT-Tiny shape: width 192, depth 12, 3 heads
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")  # what timm reads (.npz: Google's JAX ViT weights)
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,9 @@ class ModelConfig:
     img_size: int = 32  # square input side in pixels (training sets it to the data's)
     patch_size: int | None = None  # square patch side in pixels; None = default_patch_size(img_size)
     depth: int | None = None  # number of blocks; None = the architecture's own
-    pretrained: bool = False  # load timm's hub weights (needs a network)
+    # starting weights: False = random, True = timm's hub weights (needs a network), or the path of a
+    # timm weight file (WEIGHT_FILE_SUFFIXES, e.g. copied from a hub cache), adapted by timm to this model
+    pretrained: bool | str = False
     drop_path_rate: float = 0.1  # stochastic depth at the last block (linear from 0)
 
     def __post_init__(self):
@@ -268,6 +271,16 @@ class ModelConfig:
                 raise LotusError(f"{flag} {value} is below 1: pass 1 or more, or leave it out for the default")
         if not 0 <= self.drop_path_rate < 1:
             raise LotusError(f"drop_path_rate {self.drop_path_rate} is outside [0, 1)")
+        if isinstance(self.pretrained, str) and not self.pretrained.endswith(WEIGHT_FILE_SUFFIXES):
+            raise LotusError(
+                f"--pretrained-path {self.pretrained!r} is not a timm weight file: pass a {', '.join(WEIGHT_FILE_SUFFIXES[:-1])} "
+                f"or {WEIGHT_FILE_SUFFIXES[-1]} file (a hub cache holds model.safetensors), or --pretrained for the hub weights"
+            )
+
+    @property
+    def pretrained_file(self) -> str | None:
+        """The weight file the model starts from (None: hub weights or none)."""
+        return self.pretrained if isinstance(self.pretrained, str) else None
 
     def check(self) -> None:
         """Refuse an architecture LOTUS cannot build (no weights are made, nothing is downloaded)."""
@@ -292,6 +305,13 @@ class ModelConfig:
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
+
+
+def weight_file_missing(path: str | Path) -> LotusError:
+    return LotusError(
+        f"--pretrained-path {path} not found: pass a timm weight file (model.safetensors in a hub cache), "
+        "or --pretrained alone for timm's hub weights"
+    )
 
 
 def default_patch_size(img_size: int) -> int:

@@ -252,6 +252,7 @@ def _evaluate(run: Run) -> dict[str, Any]:
         tickets=meta.get("tickets"),
         sparsity=sparsity_summary(report),
         holdout=meta.get("holdout"),
+        pretrained=meta.get("pretrained"),
         stage="compressed",
     )
     result = evaluate_checkpoint(run.dir, cfg.data, device=cfg.device)

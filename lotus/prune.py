@@ -206,7 +206,7 @@ def _save_pruned(
     hash, data, validation hold-out, training and tickets. Returns `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    inherited = {k: meta[k] for k in ("data", "holdout", "train", "tickets") if k in meta}
+    inherited = {k: meta[k] for k in ("data", "holdout", "train", "tickets", "pretrained") if k in meta}
     save_model(
         out_dir,
         model,

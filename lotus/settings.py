@@ -2,18 +2,21 @@
 
 Each config refuses its own bad fields when built (lotus.config); `check_settings` refuses what
 is left before `lotus compress` starts a stage or writes anything: stages that do not go
-together, a device that is not there, data that is not there, a checkpoint that does not fit.
-`check_inputs` does the same for a command that runs one stage. Nothing here imports torch until
-the last two checks that need it (whether CUDA is there, whether timm knows the architecture), so
+together, a device that is not there, data that is not there, a checkpoint that does not fit,
+a weight file that is not there or does not fit the model. `check_inputs` does the same for a
+command that runs one stage. Nothing here imports torch until the last checks that need it
+(whether CUDA is there, whether timm knows the architecture, whether a weight file fits it), so
 any other bad setting is refused in a moment.
 """
 
 from __future__ import annotations
 
+import json
 import types
+import zipfile
 from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, BinaryIO, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -30,6 +33,7 @@ from lotus.config import (
     class_names,
     needs_validation,
     nm_pattern,
+    weight_file_missing,
 )
 from lotus.errors import LotusError
 
@@ -120,10 +124,11 @@ def check_settings(cfg: CompressConfig) -> None:
     validation split) and what needs the machine, the data and the checkpoint: the device exists,
     the data is there (and the
     tickets' boxes file, when given), the checkpoint is a LOTUS model trained on the data's classes with this
-    run's validation hold-out (or, without one, the baseline's architecture is a timm ViT), and the
-    ticket settings fit the model's blocks and patch grid.
-    Reads no image and no weights (only the checkpoint's sidecar), so it takes a moment; only the
-    two checks that need torch (is CUDA there, does timm know the architecture) load it, last.
+    run's validation hold-out (or, without one, the baseline's architecture is a timm ViT and its
+    weight file, if any, fits it), and the ticket settings fit the model's blocks and patch grid.
+    Reads no image and no weights (only the checkpoint's sidecar) but a --pretrained-path file's,
+    so it takes a moment; only the checks that need torch (is CUDA there, does timm know the
+    architecture, does the weight file fit it) load it, last.
     """
     if nm_pattern(cfg.sparsity) and (cfg.isp_target is not None or cfg.structure.enabled):
         raise LotusError(
@@ -141,13 +146,11 @@ def check_settings(cfg: CompressConfig) -> None:
         cfg.tickets.check_model(len(meta["structure"]["num_heads"]) if meta.get("structure") else model.depth, model.grid_size)
         _check_cuda(cfg.device)
         return
-    # without --img-size the native size is known once an image is read: check the name only
-    model = replace(cfg.model, img_size=cfg.data.img_size) if cfg.data.img_size else replace(cfg.model, patch_size=None)
+    model = _model_to_build(cfg.model, cfg.data)
     if cfg.data.img_size:
-        model.check_grid()
         cfg.tickets.check_model(model.depth, model.grid_size)
     _check_cuda(cfg.device)
-    model.check()  # the timm lookup imports torch: last
+    _check_model(model)  # imports torch: last
 
 
 def check_inputs(
@@ -155,14 +158,18 @@ def check_inputs(
     checkpoint: str | Path | None = None,
     device: str = "auto",
     *,
+    model: ModelConfig | None = None,
     same_holdout: bool = False,
     choice: str | None = None,
 ) -> None:
     """Refuse, before a command that runs one stage (`lotus train`, `tickets`, `prune ...`) makes
     its run folder, inputs it would fail on: data that is not there, a checkpoint that is not a
-    LOTUS model trained on the data's classes, a device that is not there. Reads no image and no weights.
+    LOTUS model trained on the data's classes, a model LOTUS cannot build or whose weight file does
+    not fit it, a device that is not there. Reads no image and no weights but a weight file's.
 
     Args:
+        model: the model the command builds when no checkpoint is given (`lotus train`); with a
+            checkpoint, refused when it asks for pretrained weights (the checkpoint's are used).
         same_holdout: the command trains the checkpoint further or reads its validation split:
             refuse a checkpoint trained with another validation hold-out than `data`'s.
         choice: what the command chooses on the validation split (e.g. 'the sweep'): refuse
@@ -172,11 +179,92 @@ def check_inputs(
     if choice is not None:
         needs_validation(data, choice)
     if checkpoint is not None:
+        if model is not None and model.pretrained:
+            flag = "--pretrained-path" if model.pretrained_file else "--pretrained"
+            raise LotusError(f"--checkpoint {checkpoint} and {flag} both give the starting weights: pass one of them")
         meta = _model_sidecar(checkpoint, data, classes)
         if same_holdout:
             check_holdout(meta, data, checkpoint)
+    elif model is not None:
+        model = _model_to_build(model, data)
     check_device(device)
     _check_cuda(device)
+    if checkpoint is None and model is not None:
+        _check_model(model)  # imports torch: last
+
+
+def _model_to_build(model: ModelConfig, data: DataConfig) -> ModelConfig:
+    """`model` at the data's image size, refused if its patches do not tile it; its weight file,
+    if any, checked without torch. Without --img-size the native size is known once an image is
+    read: the patch size is then left to it."""
+    if data.img_size:
+        model = replace(model, img_size=data.img_size)
+        model.check_grid()
+    else:
+        model = replace(model, patch_size=None)
+    if model.pretrained_file is not None:
+        check_weight_file(model.pretrained_file)
+    return model
+
+
+def _check_model(model: ModelConfig) -> None:
+    """Refuse an architecture timm does not have or LOTUS cannot build, and a weight file whose
+    weights do not fit it (loaded into a model without values: a moment, nothing initialised)."""
+    model.check()
+    if model.pretrained_file is not None:
+        from lotus.vit import check_weights_fit
+
+        check_weights_fit(model)
+
+
+def check_weight_file(path: str | Path) -> None:
+    """Refuse a --pretrained-path that is not there or that timm could not read, without torch:
+    a .safetensors file's header must account for its length, an .npz or torch file (.pth, .pt,
+    .bin) must be a whole zip archive (torch's format; an old pickle is left to torch). Reads a few
+    bytes: whether the weights fit the model is known once they are loaded (`_check_model`)."""
+    file = Path(path)
+    if not file.exists():
+        raise weight_file_missing(path)
+    if file.is_dir():
+        raise LotusError(
+            f"--pretrained-path {path} is a folder: pass the weight file in it (a hub cache snapshot holds model.safetensors)"
+        )
+    try:
+        with file.open("rb") as f:
+            if file.suffix == ".safetensors":
+                whole = _whole_safetensors(f, file.stat().st_size)
+            else:
+                whole = _whole_archive(f, file.suffix)
+    except OSError as e:
+        raise LotusError(f"cannot read --pretrained-path {path} ({e.strerror or e}): check its permissions") from None
+    if not whole:
+        raise LotusError(
+            f"--pretrained-path {path} is not a whole {file.suffix} file (cut short, or another format?): copy it again"
+        )
+
+
+def _whole_safetensors(f: BinaryIO, size: int) -> bool:
+    """Whether `f` is a safetensors file of `size` bytes: an 8-byte header length, a JSON header,
+    then the tensors' bytes, which end where the header says the last one ends."""
+    head = f.read(8)
+    header_size = int.from_bytes(head, "little") if len(head) == 8 else size
+    if header_size > size - 8:
+        return False
+    try:
+        header = json.loads(f.read(header_size))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError):
+        return False
+    return 8 + header_size + end == size
+
+
+def _whole_archive(f: BinaryIO, suffix: str) -> bool:
+    """Whether `f` is a zip archive with its table of contents (numpy's .npz, torch's files), or
+    a torch file from before torch 1.6 (a pickle: protocol 2 opens with byte 0x80)."""
+    if zipfile.is_zipfile(f):
+        return True
+    f.seek(0)
+    return suffix != ".npz" and f.read(1) == b"\x80"
 
 
 def _data_classes(data: DataConfig) -> list[str]:

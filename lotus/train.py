@@ -50,7 +50,7 @@ from lotus.errors import LotusError
 from lotus.masks import MaskEnforcer, Masks, enforce_masks_
 from lotus.progress import Progress, report
 from lotus.tickets import load_tickets
-from lotus.vit import TokenGatherViT, build_model
+from lotus.vit import TokenGatherViT, build_model, pretrained_source
 
 STATE_FILE = "train_state"  # resumable state in a run folder: model + optimizer + epoch
 METRICS_FILE = "metrics.jsonl"  # one JSON line per epoch
@@ -341,6 +341,7 @@ class _Start(NamedTuple):
     test_data: ImageData
     preprocess: dict[str, Any]
     masks: Masks | None  # a pruned model's masks, which hold through training
+    pretrained: dict[str, Any] | None  # where the starting weights came from (`lotus.vit.pretrained_source`)
 
 
 def _load_splits(data_cfg: DataConfig) -> tuple[ImageData, ImageData]:
@@ -350,7 +351,7 @@ def _load_splits(data_cfg: DataConfig) -> tuple[ImageData, ImageData]:
 
 def _new_model(data_cfg: DataConfig, model_cfg: ModelConfig) -> _Start:
     """A freshly built model sized for the data; normalised with the pretrained weights' mean and
-    std, or else the training split's."""
+    std (a weight file: those timm gives the architecture's hub weights), or else the training split's."""
     train_data, test_data = _load_splits(data_cfg)
     model_cfg = replace(
         model_cfg,
@@ -363,7 +364,8 @@ def _new_model(data_cfg: DataConfig, model_cfg: ModelConfig) -> _Start:
         mean, std = list(model.pretrained_cfg["mean"]), list(model.pretrained_cfg["std"])
     else:
         mean, std = train_data.channel_stats()
-    return _Start(model, model_cfg, data_cfg, train_data, test_data, preprocess_of(train_data, mean, std), None)
+    preprocess = preprocess_of(train_data, mean, std)
+    return _Start(model, model_cfg, data_cfg, train_data, test_data, preprocess, None, pretrained_source(model_cfg, model))
 
 
 def _model_from_checkpoint(checkpoint: str | Path, data_cfg: DataConfig) -> _Start:
@@ -380,7 +382,7 @@ def _model_from_checkpoint(checkpoint: str | Path, data_cfg: DataConfig) -> _Sta
             "fine-tune from a checkpoint trained on the same classes"
         )
     preprocess = preprocess_of(train_data, meta["preprocess"]["mean"], meta["preprocess"]["std"])
-    return _Start(model, model_cfg, data_cfg, train_data, test_data, preprocess, meta["masks"] or None)
+    return _Start(model, model_cfg, data_cfg, train_data, test_data, preprocess, meta["masks"] or None, meta.get("pretrained"))
 
 
 def _ticket_tokens(tickets: str | Path | None, start: _Start) -> tuple[KeepFn | None, dict[str, Any] | None]:
@@ -447,6 +449,7 @@ def _save_trained(out_dir: Path, start: _Start, meta: dict[str, Any], history: l
             holdout=meta["holdout"],
             train=meta["train"],
             tickets=meta["tickets"],
+            pretrained=meta["pretrained"],
             metrics=history[-1],
         )
     if world > 1:
@@ -486,6 +489,7 @@ def train(
         "train": asdict(cfg),
         "preprocess": start.preprocess,
         "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
+        "pretrained": start.pretrained,  # the weights training started from (or its init_checkpoint's started from)
         "tickets": tickets_meta,
     }
     history = fit(

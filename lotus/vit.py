@@ -4,6 +4,8 @@
 `TokenGatherViT` (the way ToMe patches timm models), which differs from timm's only in
 `forward_features`: after the positional embedding, the patch tokens named by `keep_idx` are
 gathered (the class and register tokens always stay), and only those go through the blocks.
+Its starting weights are timm's: random, the hub's, or a timm weight file, which timm fits to the
+model as it fits hub weights (new classifier, position embeddings resampled to the patch grid).
 
 A model may also have narrower blocks than its architecture (fewer attention heads, fewer MLP
 neurons: structured pruning). `structure_of` reads the per-block widths a checkpoint records,
@@ -13,6 +15,14 @@ checkpoint like any other.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
+import pickle
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
 import timm
 import torch
 from timm.layers import Mlp
@@ -20,7 +30,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from lotus.config import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported: the settings live in lotus.config
-from lotus.config import ModelConfig, default_patch_size
+from lotus.config import ModelConfig, default_patch_size, weight_file_missing
 from lotus.errors import LotusError
 
 
@@ -128,7 +138,8 @@ def build_model(cfg: ModelConfig) -> TokenGatherViT:
     """Create the timm model `cfg` describes, as a TokenGatherViT.
 
     Raises:
-        LotusError: unknown or unsupported architecture, bad sizes, or unreachable pretrained weights.
+        LotusError: unknown or unsupported architecture, bad sizes, unreachable hub weights, or a
+            weight file that does not fit the model.
     """
     cfg.check()
     kwargs = dict(
@@ -139,17 +150,114 @@ def build_model(cfg: ModelConfig) -> TokenGatherViT:
     )
     if cfg.depth is not None:
         kwargs["depth"] = cfg.depth
+    if cfg.pretrained_file is not None:
+        return make_token_gathering_(_from_weight_file(cfg.name, cfg.pretrained_file, kwargs))
     try:
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
         if not cfg.pretrained:
             raise LotusError(f"cannot build {cfg.name}: {e}") from None
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LotusError(
-            f"could not load pretrained weights for {cfg.name} (is the model hub reachable?): {first_line}; "
-            "train a baseline with `lotus train` instead, or pass --checkpoint"
+            f"could not load pretrained weights for {cfg.name} (is the model hub reachable?): {_first_problem(e)}; "
+            "train a baseline with `lotus train` instead, pass --checkpoint, or --pretrained-path a weight file"
         ) from None
     return make_token_gathering_(model)
+
+
+def _from_weight_file(name: str, file: str, kwargs: dict[str, Any]) -> VisionTransformer:
+    """timm's model `name` started from the weights in `file`, adapted by timm as it adapts its hub
+    weights (and as timm's train.py --pretrained-path does): the classifier initialised afresh for
+    `num_classes`, the position embeddings resampled to the model's patch grid, the patch
+    embedding to its patch size. A file with more blocks than the model gives it its first ones.
+
+    Raises:
+        LotusError: the file is not there, timm cannot read it, its weights have other shapes than
+            the model's, or it lacks some of them (a file of another family, or with fewer blocks).
+    """
+    # num_classes=-1: the file's classifier is never the data's; custom_load: an .npz holds Google's
+    # JAX layout, which the model's own loader reads (timm reads any other file as a state dict)
+    overlay = dict(file=file, num_classes=-1, custom_load=file.endswith(".npz"))
+    try:
+        with _timm_quiet():
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except FileNotFoundError:
+        raise weight_file_missing(file) from None
+    except Exception as e:  # whatever timm's readers raise on a file that is not weights of this model
+        raise _weights_do_not_fit(file, name, _first_problem(e)) from None
+    missing = [] if file.endswith(".npz") else _not_in_file(model, file)  # timm's .npz reader refuses a missing weight itself
+    if missing:
+        more = f" nor {len(missing) - 1} more of its weights" if len(missing) > 1 else ""
+        raise _weights_do_not_fit(file, name, f"it holds no {missing[0]}{more}")
+    return model
+
+
+def _not_in_file(model: VisionTransformer, file: str) -> list[str]:
+    """The model's weights, but the classifier, that `file` does not hold under timm's names.
+
+    timm loads a file's tensors by name and leaves the model's others as initialised, without a
+    word, so the file is read once more (timm's reader and renames) to tell.
+    """
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    held = checkpoint_filter_fn(load_state_dict(file), model, adapt_layer_scale=True)  # adapt: DeiT-3's layer scales
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    return [key for key in model.state_dict() if key not in held and key.rsplit(".", 1)[0] != classifier]
+
+
+def _weights_do_not_fit(file: str, name: str, problem: str) -> LotusError:
+    return LotusError(
+        f"--pretrained-path {file} does not fit {name}: {problem}; pass timm weights of this architecture, "
+        "or the --model (and --depth) they were trained as"
+    )
+
+
+@contextlib.contextmanager
+def _timm_quiet() -> Iterator[None]:
+    """Hold back timm's log lines while it loads a weight file: the weights it could not load LOTUS
+    refuses itself, in one line, and the blocks of a deeper file that are left out are expected."""
+    logger = logging.getLogger("timm")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_problem(e: BaseException) -> str:
+    """The line of an exception's message that says what is wrong: torch's load_state_dict opens
+    with a header line ('Error(s) in loading state_dict for ...:'), then one line per problem."""
+    if isinstance(e.__cause__, pickle.UnpicklingError):  # timm's reader loads tensors only, never pickled objects
+        return "torch reads no plain tensors from it (a damaged file, or pickled objects, which are never unpickled)"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else type(e).__name__
+    return line.rstrip(".")
+
+
+def check_weights_fit(cfg: ModelConfig) -> None:
+    """Refuse `cfg`'s weight file unless its weights fit the model, before any work: the file is
+    loaded as `build_model` loads it, into a model on the meta device (shapes without values), so
+    nothing is initialised and the file's tensors are dropped once compared."""
+    with torch.device("meta"), warnings.catch_warnings():
+        # each copy onto the meta device is a no-op, and torch says so once per weight
+        warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter.*")
+        build_model(cfg)
+
+
+def pretrained_source(cfg: ModelConfig, model: VisionTransformer) -> dict[str, Any] | None:
+    """Where a model built by `build_model(cfg)` got its weights, as its checkpoint records them:
+    timm's hub weights by name, a weight file with its sha256, or None (randomly initialised)."""
+    if not cfg.pretrained:
+        return None
+    if cfg.pretrained_file is None:
+        tag = model.pretrained_cfg.get("tag")
+        return {"source": "hub", "weights": ".".join(filter(None, (model.pretrained_cfg.get("architecture"), tag)))}
+    digest = hashlib.sha256()
+    with open(cfg.pretrained_file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"source": "file", "file": cfg.pretrained_file, "sha256": digest.hexdigest()}
 
 
 def count_parameters(model: torch.nn.Module) -> int:

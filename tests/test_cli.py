@@ -1,5 +1,6 @@
 """The `lotus` console script as users run it: real processes, real files, a real kill."""
 
+import hashlib
 import json
 import os
 import pty
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 LOTUS = str(Path(sys.executable).with_name("lotus"))
 FAST = ["--depth", "1", "--batch-size", "16", "--seed", "3"]
@@ -70,6 +72,54 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:") and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def save_vit_tiny(path: Path, **sizes) -> Path:
+    """A timm ViT-Tiny's weights, as a hub cache holds them (or torch.save writes them, for .pth)."""
+    import timm
+    from safetensors.torch import save_file
+
+    state = timm.create_model("vit_tiny_patch16_224", **sizes).state_dict()
+    save_file(state, path) if path.suffix == ".safetensors" else torch.save(state, path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_train_from_a_weight_file(tmp_path, suffix):
+    """Digits at 16px (4px patches: a 4x4 grid) from weights made for 32px images and 7 classes."""
+    weights = save_vit_tiny(tmp_path / f"vit_tiny{suffix}", img_size=32, patch_size=4, num_classes=7, depth=2)
+    lotus("train", "--pretrained-path", weights, "--depth", "2", "--epochs", "1", "--batch-size", "16", "--out", tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert meta["pretrained"] == {"source": "file", "file": str(weights), "sha256": digest}
+    assert meta["model"]["pretrained"] == str(weights)
+    assert meta["preprocess"]["mean"] == [0.5, 0.5, 0.5]  # what timm gives vit_tiny_patch16_224's hub weights
+    tensors = load_file(tmp_path / "run" / "model.safetensors")
+    assert tensors["head.weight"].shape == (10, 192) and tensors["pos_embed"].shape == (1, 1 + 4 * 4, 192)
+    weights.unlink()  # a checkpoint rebuilds without the file it started from
+    assert json.loads(lotus("eval", tmp_path / "run").stdout)["images"] == 360
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command, weights, message",
+    [
+        ("train", "missing.safetensors", "--pretrained-path missing.safetensors not found"),
+        ("train", "vit_small.safetensors", "--pretrained-path vit_small.safetensors does not fit vit_tiny_patch16_224"),
+        ("compress", "vit_small.safetensors", "--pretrained-path vit_small.safetensors does not fit vit_tiny_patch16_224"),
+    ],
+)
+def test_weight_files_that_do_not_fit_leave_no_run_folder(tmp_path, command, weights, message):
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("vit_small_patch16_224", img_size=16, depth=2).state_dict(), tmp_path / "vit_small.safetensors")
+    proc = lotus(command, "--pretrained-path", weights, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:") and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
 
 
 def test_every_command_is_listed_with_its_options():
