@@ -56,7 +56,8 @@ ModelOpt = Annotated[str | None, typer.Option(help="timm ViT for the baseline wh
 PretrainedOpt = Annotated[
     bool | None,
     typer.Option(
-        "--pretrained", help="Start the baseline from timm's hub weights (needs a network; without one: --pretrained-path)."
+        "--pretrained",
+        help="Start the baseline from timm's hub weights (needs a network); --pretrained FILE: from a weight file.",
     ),
 ]
 DataOpt = Annotated[str | None, typer.Option("--data", help="'digits' (default), 'cifar10', or an ImageFolder root.")]

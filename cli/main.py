@@ -6,6 +6,7 @@ share, the one-line errors and the progress bars are in cli/common.py and cli/pr
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -47,5 +48,26 @@ app.command()(serve.serve)
 app.add_typer(export.app, name="export")
 app.add_typer(prune.app, name="prune")
 
+
+def run() -> None:
+    """The `lotus` console script: `app`, with `--pretrained FILE` read as `--pretrained-path FILE`."""
+    app(args=pretrained_file_args(sys.argv[1:]), prog_name="lotus")
+
+
+def pretrained_file_args(args: list[str]) -> list[str]:
+    """`--pretrained FILE` (and `--pretrained=FILE`) as `--pretrained-path FILE`; a bare
+    `--pretrained` stays the hub's weights. Typer has no option whose value may be left out, and
+    no command that takes --pretrained has an argument that could follow it."""
+    out = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--pretrained="):
+            out += ["--pretrained-path", arg.split("=", 1)[1]]
+        elif arg == "--pretrained" and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            out.append("--pretrained-path")
+        else:
+            out.append(arg)
+    return out
+
+
 if __name__ == "__main__":
-    app()
+    run()

@@ -41,7 +41,10 @@ ModelOpt = Annotated[str | None, typer.Option(help="timm VisionTransformer archi
 PatchSizeOpt = Annotated[int | None, typer.Option(help="Patch side in pixels (default: 4 up to 64px images, 16 beyond).")]
 DepthOpt = Annotated[int | None, typer.Option(help="Number of transformer blocks (default: the architecture's; digits 4).")]
 PretrainedOpt = Annotated[
-    bool, typer.Option("--pretrained", help="Start from timm's hub weights (needs a network; without one: --pretrained-path).")
+    bool,
+    typer.Option(
+        "--pretrained", help="Start from timm's hub weights (needs a network); --pretrained FILE: from a local timm weight file."
+    ),
 ]
 InitCheckpointOpt = Annotated[Path | None, typer.Option(help="Start from this LOTUS checkpoint (file or run folder).")]
 EpochsOpt = Annotated[int | None, typer.Option(help="Training epochs.")]

@@ -27,6 +27,7 @@ before it loads this module; they are importable from here too.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -373,7 +374,8 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: time the work, change nothing that matters
     model.train()
     times = {"dense": [], "lottery": []}
-    for i, batch in zip(range(2 * steps + 2), loader.epoch(0)):
+    batches = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())  # small data: several epochs
+    for i, batch in zip(range(2 * steps + 2), batches):
         mode = "dense" if i % 2 == 0 else "lottery"
         keep, fuse = batch_tokens(tickets.tokens_for_batch if mode == "lottery" else None, batch, device)
         images, labels = batch.images.to(device), batch.labels.to(device)

@@ -89,7 +89,8 @@ def save_vit_tiny(path: Path, **sizes) -> Path:
 def test_train_from_a_weight_file(tmp_path, suffix):
     """Digits at 16px (4px patches: a 4x4 grid) from weights made for 32px images and 7 classes."""
     weights = save_vit_tiny(tmp_path / f"vit_tiny{suffix}", img_size=32, patch_size=4, num_classes=7, depth=2)
-    lotus("train", "--pretrained-path", weights, "--depth", "2", "--epochs", "1", "--batch-size", "16", "--out", tmp_path / "run")
+    flag = "--pretrained" if suffix == ".pth" else "--pretrained-path"  # `--pretrained FILE` is the same option
+    lotus("train", flag, weights, "--depth", "2", "--epochs", "1", "--batch-size", "16", "--out", tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert meta["pretrained"] == {"source": "file", "file": str(weights), "sha256": digest}
@@ -115,11 +116,26 @@ def test_weight_files_that_do_not_fit_leave_no_run_folder(tmp_path, command, wei
     from safetensors.torch import save_file
 
     save_file(timm.create_model("vit_small_patch16_224", img_size=16, depth=2).state_dict(), tmp_path / "vit_small.safetensors")
-    proc = lotus(command, "--pretrained-path", weights, cwd=tmp_path, check=False)
+    proc = lotus(command, "--pretrained-path" if command == "train" else "--pretrained", weights, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:") and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_pretrained_takes_a_file_or_nothing():
+    from cli.main import pretrained_file_args
+
+    assert pretrained_file_args(["train", "--pretrained", "w.pth", "--epochs", "1"]) == [
+        "train",
+        "--pretrained-path",
+        "w.pth",
+        "--epochs",
+        "1",
+    ]
+    assert pretrained_file_args(["train", "--pretrained=w.npz"]) == ["train", "--pretrained-path", "w.npz"]
+    assert pretrained_file_args(["train", "--pretrained", "--epochs", "1"]) == ["train", "--pretrained", "--epochs", "1"]
+    assert pretrained_file_args(["compress", "--pretrained"]) == ["compress", "--pretrained"]
 
 
 def test_every_command_is_listed_with_its_options():

@@ -1,5 +1,6 @@
 """`lotus compress`: the run folder, the recipe, resuming after a kill, reproducing a run."""
 
+import hashlib
 import json
 import os
 import signal
@@ -190,3 +191,29 @@ def test_compress_chooses_on_validation_and_reports_on_test(tmp_path, monkeypatc
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| validation accuracy |" in report and "| stage | validation accuracy | test accuracy |" in report
     assert "the essential sparsity was chosen on it" in report
+
+
+@pytest.mark.slow
+def test_compress_a_224px_folder_from_a_vit_small_weight_file(tmp_path):
+    """The whole pipeline at the scale users train: ViT-S/16 at 224 px from a timm weight file
+    (no hub), on a folder of photos' size, on the CPU; a tiny folder and one epoch per stage."""
+    import timm
+    from conftest import write_image_folder
+    from safetensors.torch import save_file
+
+    root = write_image_folder(tmp_path / "photos", per_class=8, size=256)
+    weights = tmp_path / "vit_small.safetensors"
+    save_file(timm.create_model("vit_small_patch16_224", num_classes=1000).state_dict(), weights)
+    cfg = default_compress_config(str(root))
+    cfg = replace(cfg, model=replace(cfg.model, depth=4))  # the file's first 4 blocks: minutes less on 2 cores
+    recipe = tmp_path / "short.yaml"
+    save_recipe(
+        replace(cfg, baseline=replace(cfg.baseline, epochs=1, batch_size=8), finetune=replace(cfg.finetune, batch_size=8)), recipe
+    )
+    command = ["compress", "--data", root, "--model", "vit_small_patch16_224", "--img-size", "224", "--pretrained", weights]
+    lotus(*command, "--recipe", recipe, "--epochs", "1", "--out", tmp_path / "run")
+    baseline = json.loads((tmp_path / "run" / "baseline" / "model.json").read_text())
+    assert baseline["pretrained"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert baseline["model"]["img_size"] == 224 and baseline["model"]["name"] == "vit_small_patch16_224"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(0.3, abs=0.01) and (tmp_path / "run" / "report.md").is_file()
