@@ -170,17 +170,7 @@ def compress(
     cfg = starting_config(recipe, data)
     cfg = replace(
         cfg,
-        data=replace(
-            cfg.data,
-            **given(
-                data_dir=str(data_dir) if data_dir else None,
-                download=download,
-                val_fraction=val_fraction,
-                img_size=img_size,
-                loader=loader,
-                workers=workers,
-            ),
-        ),
+        data=replace(cfg.data, **data_flags(data_dir, download, val_fraction, img_size, loader, workers)),
         baseline=replace(cfg.baseline, **given(augment=aug, compile=compile)),
         model=replace(cfg.model, **given(name=model, pretrained=pretrained_weights(pretrained, pretrained_path))),
         tickets=replace(cfg.tickets, **ticket_flags(drop, select, temperature, spread, layers, balance, fuse, boxes)),
@@ -216,6 +206,21 @@ def starting_config(recipe: Path | None, data: str | None) -> CompressConfig:
         return default_compress_config(data or "digits")
     cfg = load_recipe(recipe)
     return cfg if data is None else replace(cfg, data=replace(cfg.data, name=data))
+
+
+def data_flags(
+    data_dir: Path | None,
+    download: bool | None,
+    val_fraction: float | None,
+    img_size: int | None,
+    loader: str | None,
+    workers: int | None,
+) -> dict[str, Any]:
+    """The DataConfig fields the data flags set."""
+    data_dir = str(data_dir) if data_dir else None
+    return given(
+        data_dir=data_dir, download=download, val_fraction=val_fraction, img_size=img_size, loader=loader, workers=workers
+    )
 
 
 def ticket_flags(

@@ -100,15 +100,11 @@ def train(
 
     data_cfg, model_cfg, train_cfg = default_configs(data)  # the dataset's defaults, under the flags given
     data_cfg = data_config(data, data_dir, download, img_size or data_cfg.img_size, val_fraction, loader, workers)
-    model_cfg = replace(
-        model_cfg,
-        pretrained=pretrained_weights(pretrained, pretrained_path),
-        **given(name=model, patch_size=patch_size, depth=depth),
-    )
+    weights = pretrained_weights(pretrained, pretrained_path)
+    model_cfg = replace(model_cfg, pretrained=weights, **given(name=model, patch_size=patch_size, depth=depth))
     schedule = given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
-    train_cfg = replace(
-        train_cfg, device=device, **schedule, **given(label_smoothing=label_smoothing, seed=seed, augment=aug, compile=compile)
-    )
+    recipe = given(label_smoothing=label_smoothing, seed=seed, augment=aug, compile=compile)
+    train_cfg = replace(train_cfg, device=device, **schedule, **recipe)
     check_inputs(data_cfg, checkpoint, device, model=model_cfg, same_holdout=True)  # refused before a run folder is made
     out = run_folder(out, resume)
     from lotus.train import train as train_run  # imports torch: only once the settings are checked

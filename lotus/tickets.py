@@ -578,14 +578,7 @@ def tickets_from_checkpoint(
         )
     else:
         report(progress, "cutting earlier scores", 0, 1)
-        earlier = load_tickets(scores_from)
-        earlier.check(data, model.patch_embed.grid_size[0], model.patch_embed.patch_size[0])
-        if cfg.select == "attention" and earlier.meta["model_sha256"] != meta["sha256"]:
-            raise LotusError(
-                f"the tickets in {scores_from} were scored by another model than {checkpoint}: "
-                "pass the checkpoint that scored them, or score again without --scores-from"
-            )
-        tickets = recut_tickets(earlier, cfg)
+        tickets = _recut_earlier(scores_from, checkpoint, meta["sha256"], model, data, cfg)
         report(progress, "cutting earlier scores", 1, 1)
     tickets.meta["holdout"] = holdout(data_cfg)  # the training split is the stored one less these validation images
     rank, world = distributed()
@@ -594,6 +587,20 @@ def tickets_from_checkpoint(
     if world > 1:
         torch.distributed.barrier()
     return tickets
+
+
+def _recut_earlier(
+    scores_from: str | Path, checkpoint: str | Path, model_sha256: str, model: TokenGatherViT, data: ImageData, cfg: TicketConfig
+) -> Tickets:
+    """Earlier tickets of this data, cut again with `cfg`; refused when another model scored them."""
+    earlier = load_tickets(scores_from)
+    earlier.check(data, model.patch_embed.grid_size[0], model.patch_embed.patch_size[0])
+    if cfg.select == "attention" and earlier.meta["model_sha256"] != model_sha256:
+        raise LotusError(
+            f"the tickets in {scores_from} were scored by another model than {checkpoint}: "
+            "pass the checkpoint that scored them, or score again without --scores-from"
+        )
+    return recut_tickets(earlier, cfg)
 
 
 def _write_tickets(tickets: Tickets, data: ImageData, boxes: ImageBoxes | None, out_dir: Path) -> None:
