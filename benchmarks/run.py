@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "token_gather_step": "CPU",
     "tickets_scoring_speed": "CPU",
+    "tome_latency": "CPU; exports its graphs (a few minutes; --no-onnx skips them)",
     "serve_latency": "CPU; --synthetic, or an exported model",
     "serve_overhead_split": "CPU; an exported model",
     "serve_hostile": "CPU; the synthetic model (exported once) or an exported one; a few minutes (--quick: one)",

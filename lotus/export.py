@@ -26,6 +26,9 @@ version, so any ONNX user can preprocess correctly without the run folder.
 an extra output of the graph in memory), and `exported_coverage` how much of each image's object
 box they cover (see `lotus.coverage`); with `ExportConfig.boxes` the export reports the latter on
 the test images at drop 0.1, 0.3 and 0.5.
+
+`export_merging` writes the training-free peer of patch dropping, token merging (`lotus.merge`,
+ToMe), as a graph with a fixed number of merges per block.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lotus
 from lotus.checkpoint import labels_of, load_model
@@ -48,6 +52,7 @@ from lotus.data import BatchLoader, DataConfig, ImageData, load_split_for_model
 from lotus.drop import num_keep
 from lotus.errors import LotusError
 from lotus.masks import prunable_names
+from lotus.merge import TokenMerging
 from lotus.runtime import lotus_metadata, ort_session
 from lotus.vit import TokenGatherViT
 
@@ -393,6 +398,33 @@ def _export_graphs(
         keep,
     )
     return main, keep
+
+
+def export_merging(model: TokenGatherViT, merge_per_block: int, path: str | Path, opset: int = 18) -> Path:
+    """Export token merging (`lotus.merge`, ToMe) at a fixed `merge_per_block` to `path`: input
+    `pixel_values` float32 [B, 3, H, W] (dynamic batch), output `logits`.
+
+    The merge itself is gather and scatter-add (ONNX ScatterElements with reduction 'add'), and
+    the sort of the matching a TopK. Attention is traced with PyTorch's math kernel: its logit
+    bias (proportional attention) makes the CPU's fused kernel trace to a reshape the exporter
+    cannot decompose. The weights are those of `model`, unchanged.
+    """
+    path = Path(path)
+    size = model.patch_embed.img_size
+    example = torch.randn(2, 3, *size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with sdpa_kernel([SDPBackend.MATH]):
+        _export(TokenMerging(model, merge_per_block), (example,), ["pixel_values"], ({0: batch},), opset, path)
+    props = {
+        "lotus_version": lotus.__version__,
+        "img_size": str(size[0]),
+        "patch_size": str(model.patch_embed.patch_size[0]),
+        "num_patches": str(model.patch_embed.num_patches),
+        "merge_per_block": str(merge_per_block),
+        "inputs": "pixel_values float32 [B,3,H,W] normalised",
+    }
+    _set_metadata(path, props)
+    return path
 
 
 def _quantize(
