@@ -80,6 +80,13 @@ AugOpt = Annotated[
         "(rrc + timm's RandAugment), 'none', or 'auto' (crop for data in memory, rrc when streamed). [default: auto]",
     ),
 ]
+DropAwareOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Drop-aware training: each step keeps the patches the exported graph keeps (its select block's attention) "
+        "at these drop ratios, in turn, e.g. 0.5 or 0.3,0.5, so the model trains as it is served."
+    ),
+]
 CompileOpt = Annotated[
     bool | None, typer.Option("--compile/--no-compile", help="torch.compile the training step on CUDA. [default: compile]")
 ]

@@ -19,6 +19,7 @@ from cli.common import (
     DataOpt,
     DeviceOpt,
     DownloadOpt,
+    DropAwareOpt,
     LoaderOpt,
     PretrainedPathOpt,
     ValFractionOpt,
@@ -29,6 +30,7 @@ from cli.common import (
     given,
     log,
     out_option,
+    parse_floats,
     path_or_latest_run,
     path_or_new_run,
     pretrained_weights,
@@ -88,6 +90,7 @@ def train(
     label_smoothing: LabelSmoothingOpt = None,
     aug: AugOpt = None,
     compile: CompileOpt = None,
+    drop_aware: DropAwareOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     tickets: TicketsOpt = None,
@@ -103,7 +106,8 @@ def train(
     weights = pretrained_weights(pretrained, pretrained_path)
     model_cfg = replace(model_cfg, pretrained=weights, **given(name=model, patch_size=patch_size, depth=depth))
     schedule = given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
-    recipe = given(label_smoothing=label_smoothing, seed=seed, augment=aug, compile=compile)
+    aware = parse_floats(drop_aware, "--drop-aware") if drop_aware else None
+    recipe = given(label_smoothing=label_smoothing, seed=seed, augment=aug, compile=compile, drop_aware=aware)
     train_cfg = replace(train_cfg, device=device, **schedule, **recipe)
     check_inputs(data_cfg, checkpoint, device, model=model_cfg, same_holdout=True)  # refused before a run folder is made
     out = run_folder(out, resume)

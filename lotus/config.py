@@ -347,8 +347,15 @@ class TrainConfig:
     # images held in memory, rrc for streamed ones); digits are never flipped
     augment: str = "auto"
     compile: bool = True  # torch.compile the training step on CUDA (the CPU never compiles)
+    # drop-aware training: each step keeps the patches the exported graph would keep (select_block's
+    # class-token attention) at one of these drop ratios, in turn; () trains on every patch
+    drop_aware: tuple[float, ...] = ()
+    select_block: int | None = None  # the block that picks them; None = depth // 6, as the export
 
     def __post_init__(self):
+        object.__setattr__(self, "drop_aware", tuple(float(d) for d in self.drop_aware))  # a recipe's list
+        if not all(0 <= d < 1 for d in self.drop_aware):
+            raise LotusError(f"--drop-aware {list(self.drop_aware)}: each drop ratio must be in [0, 1), e.g. 0.5 or 0.3,0.5")
         if self.augment not in AUGMENTS:
             raise LotusError(f"--aug {self.augment!r} is not one of: {', '.join(AUGMENTS)}")
         if not self.epochs >= 1:

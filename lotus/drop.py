@@ -24,3 +24,9 @@ def num_keep(num_patches: int, drop):
         return (num_patches - (drop.float() * num_patches).round()).long().clamp(1, num_patches)
     dropped = round(float(np.float32(drop) * np.float32(num_patches)))
     return min(max(num_patches - dropped, 1), num_patches)
+
+
+def select_block_of(depth: int, select_block: int | None = None) -> int:
+    """The block whose class-token attention picks the kept patches, in the exported graph and in
+    drop-aware training: `select_block`, or by default depth // 6 (block 2 of 12)."""
+    return select_block if select_block is not None else depth // 6

@@ -49,7 +49,7 @@ import lotus
 from lotus.checkpoint import labels_of, load_model
 from lotus.coverage import ImageBoxes, match_boxes, selection_coverage
 from lotus.data import BatchLoader, DataConfig, ImageData, load_split_for_model
-from lotus.drop import num_keep
+from lotus.drop import num_keep, select_block_of
 from lotus.errors import LotusError
 from lotus.masks import prunable_names
 from lotus.merge import TokenMerging
@@ -362,7 +362,7 @@ def _coverage_by_drop(path: Path, data: ImageData, boxes: ImageBoxes, log: Calla
 
 def _select_block(cfg: ExportConfig, depth: int) -> int:
     """The block whose class-token attention picks the kept patches (default depth // 6)."""
-    select_block = cfg.select_block if cfg.select_block is not None else depth // 6
+    select_block = select_block_of(depth, cfg.select_block)
     if not 0 <= select_block < depth:
         raise LotusError(f"--select-block {select_block} is outside 0..{depth - 1}")
     return select_block

@@ -50,7 +50,7 @@ from lotus.settings import check_settings, load_recipe, save_recipe
 from lotus.settings import from_dict as from_dict
 from lotus.settings import to_dict as to_dict
 from lotus.tickets import tickets_from_checkpoint
-from lotus.train import batch_tokens, evaluate_checkpoint, train
+from lotus.train import batch_tokens, dropping, evaluate_checkpoint, train
 
 STATE_FILE = "stages.json"
 
@@ -222,7 +222,7 @@ def _finetune(run: Run) -> dict[str, Any]:
         replace(cfg.finetune, device=cfg.device),
         run.dir / "finetune",
         init_checkpoint=run.pruned,
-        tickets=run.dir / "tickets",
+        tickets=None if cfg.finetune.drop_aware else run.dir / "tickets",  # drop-aware: the graph's own patches
         resume=True,
         progress=run.progress,
     )
@@ -366,7 +366,7 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float
 
     device = resolve_device(cfg.device)
     model, meta = load_model(run / "finetune", device)
-    tickets = load_tickets(run / "tickets")
+    tickets = None if cfg.finetune.drop_aware else load_tickets(run / "tickets")
     pre = meta["preprocess"]
     data = load_split_for_model(cfg.data, pre, "train")
     augment = resolve_augment(cfg.finetune.augment, data)
@@ -377,12 +377,13 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float
     batches = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())  # small data: several epochs
     for i, batch in zip(range(2 * steps + 2), batches):
         mode = "dense" if i % 2 == 0 else "lottery"
-        keep, fuse = batch_tokens(tickets.tokens_for_batch if mode == "lottery" else None, batch, device)
+        lottery = mode == "lottery" and tickets is not None
+        keep, fuse = batch_tokens(tickets.tokens_for_batch if lottery else None, batch, device)
         images, labels = batch.images.to(device), batch.labels.to(device)
         _sync(device)
         start = time.perf_counter()
         with autocast(device):
-            logits = model(images, keep, fuse)
+            logits = model(images, keep, fuse, dropping(model, cfg.finetune, i // 2) if mode == "lottery" else None)
         loss = F.cross_entropy(logits.float(), labels)
         opt.zero_grad()
         loss.backward()

@@ -46,6 +46,7 @@ from lotus.data import (
     resolve_augment,
 )
 from lotus.device import autocast, distributed, resolve_device, weights_digest
+from lotus.drop import num_keep, select_block_of
 from lotus.errors import LotusError
 from lotus.masks import MaskEnforcer, Masks, enforce_masks_
 from lotus.progress import Progress, report
@@ -291,7 +292,7 @@ def fit(
             images, labels = batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
             keep_idx, fuse = batch_tokens(keep_fn, batch, device)
             with autocast(device):
-                logits = train_model(images, keep_idx, fuse)
+                logits = train_model(images, keep_idx, fuse, dropping(model, cfg, epoch * steps_per_epoch + i))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -310,6 +311,15 @@ def fit(
     if world > 1:
         log(f"rank {rank}/{world} weights {weights_digest(model)}")
     return history
+
+
+def dropping(model: TokenGatherViT, cfg: TrainConfig, step: int) -> tuple[int, int] | None:
+    """Drop-aware training's (num_keep, select_block) at `step`: the drop ratios taken in turn;
+    None trains on every patch (or on the tickets)."""
+    if not cfg.drop_aware:
+        return None
+    drop = cfg.drop_aware[step % len(cfg.drop_aware)]
+    return num_keep(model.patch_embed.num_patches, drop), select_block_of(len(model.blocks), cfg.select_block)
 
 
 def _skipped(loader: Loader) -> int:
@@ -479,6 +489,10 @@ def train(
     """
     torch.manual_seed(cfg.seed)
     start = _new_model(data_cfg, model_cfg) if init_checkpoint is None else _model_from_checkpoint(init_checkpoint, data_cfg)
+    if tickets is not None and cfg.drop_aware:
+        raise LotusError("--drop-aware and --tickets both choose the patches a step trains on: pass one of them")
+    if cfg.drop_aware and not 0 <= select_block_of(len(start.model.blocks), cfg.select_block) < len(start.model.blocks):
+        raise LotusError(f"--select-block {cfg.select_block} is outside 0..{len(start.model.blocks) - 1}")
     keep_fn, tickets_meta = _ticket_tokens(tickets, start)
     train_loader, eval_loader = _loaders(start, cfg, keep_fn is not None, log)
     out_dir.mkdir(parents=True, exist_ok=True)

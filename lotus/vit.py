@@ -75,7 +75,18 @@ class TokenGatherViT(VisionTransformer):
         x = self.norm(x)
         return x
 
-    def forward(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None, fuse: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        keep_idx: torch.Tensor | None = None,
+        fuse: torch.Tensor | None = None,
+        dropping: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Logits from every patch, from the `keep_idx` patches (data lottery tickets), or with
+        `dropping` = (num_keep, select_block) as `forward_dropping` (drop-aware training: through
+        `forward`, so DDP and torch.compile wrap it as they wrap any forward)."""
+        if dropping is not None:
+            return self.forward_dropping(x, *dropping)
         x = self.forward_features(x, keep_idx, fuse)
         return self.forward_head(x)
 

@@ -217,3 +217,14 @@ def test_compress_a_224px_folder_from_a_vit_small_weight_file(tmp_path):
     assert baseline["model"]["img_size"] == 224 and baseline["model"]["name"] == "vit_small_patch16_224"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.3, abs=0.01) and (tmp_path / "run" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_compress_fine_tunes_drop_aware_instead_of_on_tickets(tmp_path):
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", finetune=TrainConfig(epochs=1, batch_size=64, lr=5e-4, warmup_epochs=0.5))
+    proc = lotus("compress", "--recipe", recipe, "--drop-aware", "0.3,0.5", "--out", tmp_path / "run")
+    saved = load_recipe(tmp_path / "run" / "recipe.yaml")
+    assert saved.finetune.drop_aware == (0.3, 0.5) and load_recipe(tmp_path / "run" / "recipe.yaml") == saved
+    finetuned = json.loads((tmp_path / "run" / "finetune" / "model.json").read_text())
+    assert finetuned["tickets"] is None and finetuned["train"]["drop_aware"] == [0.3, 0.5]
+    assert "a dense training step takes" in proc.stderr  # timed against the drop-aware step

@@ -80,3 +80,40 @@ def test_a_finished_run_is_not_overwritten(tmp_path):
     with pytest.raises(LotusError, match="already holds a training run"):
         train(DATA, MODEL, TrainConfig(**{**FAST.__dict__, "epochs": 1}), tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_drop_aware_training_keeps_the_patches_the_exported_graph_keeps(tmp_path, monkeypatch):
+    """Each step runs the graph's own selection: blocks up to the select block see every patch,
+    the later ones the K that block's class-token attention keeps, at each drop ratio in turn."""
+    from lotus.vit import TokenGatherViT
+
+    calls = []
+    real = TokenGatherViT.forward_dropping
+    monkeypatch.setattr(
+        TokenGatherViT, "forward_dropping", lambda self, x, k, block: calls.append((k, block)) or real(self, x, k, block)
+    )
+    model = ModelConfig(depth=4, drop_path_rate=0.0)
+    cfg = TrainConfig(epochs=1, batch_size=256, lr=1e-3, warmup_epochs=0.1, drop_aware=(0.5, 0.25))
+    seen = []
+
+    def count(module, args, output):
+        seen.append(output.shape[1])
+
+    import lotus.train
+
+    real_fit = lotus.train.fit
+
+    def fit_with_hooks(model_, *args, **kwargs):
+        model_.blocks[3].register_forward_hook(count)
+        return real_fit(model_, *args, **kwargs)
+
+    monkeypatch.setattr(lotus.train, "fit", fit_with_hooks)
+    history = train(DATA, model, cfg, tmp_path)
+    steps = 1365 // 256  # the last partial batch is dropped
+    assert calls[:steps] == [(8, 0), (12, 0)] * (steps // 2) + [(8, 0)] * (steps % 2)  # 16 patches, block 4 // 6 = 0
+    assert seen[:steps] == [9, 13] * (steps // 2) + [9] * (steps % 2)  # the class token and the K kept
+    assert history[-1]["test_accuracy"] is not None  # evaluation sees every patch
+    with pytest.raises(LotusError, match="--drop-aware and --tickets"):
+        train(DATA, model, cfg, tmp_path / "t", tickets=tmp_path)
+    with pytest.raises(LotusError, match="--drop-aware \\[1.5\\]"):
+        TrainConfig(drop_aware=(1.5,))
