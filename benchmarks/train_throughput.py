@@ -32,7 +32,7 @@ from common import ROOT, generated_folder, write_result
 from lotus.data import DataConfig, load_split
 from lotus.device import autocast
 from lotus.drop import num_keep
-from lotus.stream import StreamLoader
+from lotus.stream import StreamLoader, default_workers
 from lotus.tickets import Tickets, keep_from_scores
 from lotus.vit import ModelConfig, build_model
 
@@ -89,7 +89,7 @@ def main() -> None:
     compile_ = cuda and not args.no_compile
     root = args.data or generated_folder(ROOT / "data" / f"jpeg224-{args.images}", args.images)
     data = load_split(DataConfig(str(root), img_size=224, loader="stream", val_fraction=0), "train")
-    workers = args.workers if args.workers is not None else min(8, __import__("os").cpu_count() or 1)
+    workers = args.workers if args.workers is not None else default_workers()
 
     alone = {w: loader_alone(data, batch_size, w, 8) for w in sorted({1, workers})}
     print("loader alone: " + ", ".join(f"{w} workers {ips:.0f} img/s ({ips / w:.0f} per worker)" for w, ips in alone.items()))

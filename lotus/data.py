@@ -482,16 +482,23 @@ class BatchLoader:
         self.drop_last = drop_last
         self.seed = seed
 
+    workers = 0  # batches are cut in this process
+    skipped = 0  # decoded up front: an unreadable image stops the load, none is skipped
+
     def __len__(self) -> int:
         n = len(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def _order(self, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
+        """Epoch `epoch`'s sample order, and the generator that drew it (augmentation draws on)."""
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        n = len(self.data)
+        return (torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)), gen
+
     def epoch(self, epoch: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         """The batches of `epoch`; with `world` > 1 process `rank`'s share of each (every
         `world`-th sample), cut from the same batch every process draws."""
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        n = len(self.data)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        order, gen = self._order(epoch)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             images = self.data.images[index]
@@ -505,7 +512,7 @@ class BatchLoader:
     __iter__ = epoch
 
 
-Loader = BatchLoader  # or lotus.stream.StreamLoader: both yield Batch from epoch(epoch, rank, world)
+Loader = BatchLoader  # or its subclass lotus.stream.StreamLoader: both yield Batch from epoch(epoch, rank, world)
 
 
 def make_loader(

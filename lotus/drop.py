@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lotus.errors import LotusError
+
 MAX_DROP = 0.95  # highest drop ratio the exported graph is served at (at least one patch must stay)
 
 
@@ -29,4 +31,7 @@ def num_keep(num_patches: int, drop):
 def select_block_of(depth: int, select_block: int | None = None) -> int:
     """The block whose class-token attention picks the kept patches, in the exported graph and in
     drop-aware training: `select_block`, or by default depth // 6 (block 2 of 12)."""
-    return select_block if select_block is not None else depth // 6
+    block = select_block if select_block is not None else depth // 6
+    if not 0 <= block < depth:
+        raise LotusError(f"--select-block {block} is outside 0..{depth - 1}")
+    return block

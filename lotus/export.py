@@ -362,10 +362,7 @@ def _coverage_by_drop(path: Path, data: ImageData, boxes: ImageBoxes, log: Calla
 
 def _select_block(cfg: ExportConfig, depth: int) -> int:
     """The block whose class-token attention picks the kept patches (default depth // 6)."""
-    select_block = select_block_of(depth, cfg.select_block)
-    if not 0 <= select_block < depth:
-        raise LotusError(f"--select-block {select_block} is outside 0..{depth - 1}")
-    return select_block
+    return select_block_of(depth, cfg.select_block)
 
 
 def _export_graphs(

@@ -6,6 +6,7 @@ notebook or a service may do something else. `None` reports nothing.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 # progress(label, done, total, status): `label` names the task ("epoch 3/20", "scoring patches"),
@@ -18,3 +19,8 @@ def report(progress: Progress | None, label: str, done: int, total: int | None, 
     """Call `progress` when there is one."""
     if progress is not None:
         progress(label, done, total, status)
+
+
+def log_to_stderr(line: str) -> None:
+    """The library's default `log`: one message per line on stderr (stdout carries results)."""
+    print(line, file=sys.stderr, flush=True)

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lotus.data import Batch, ImageData, default_augment
+from lotus.data import Batch, BatchLoader, ImageData, default_augment
 from lotus.errors import LotusError
 from lotus.images import draft, square_rgb, upright_rgb
+from lotus.progress import log_to_stderr
 
 RANDAUGMENT = "rand-m9-mstd0.5-inc1"
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
@@ -45,12 +46,6 @@ GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "Tran
 
 def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
-
-
-def _log_to_stderr(line: str) -> None:
-    import sys
-
-    print(line, file=sys.stderr, flush=True)
 
 
 class Samples(Dataset):
@@ -189,7 +184,7 @@ def _collate(samples: list) -> tuple:
     ), failed
 
 
-class StreamLoader:
+class StreamLoader(BatchLoader):
     """Batches of a split made by loader workers image by image: the same batches for any
     number of workers (see the module's docstring), in the order `BatchLoader` would cut them."""
 
@@ -207,31 +202,19 @@ class StreamLoader:
         workers: int | None = None,
         geometric: bool = True,
         pin_memory: bool = False,
-        log: Callable[[str], None] = _log_to_stderr,
+        log: Callable[[str], None] = log_to_stderr,
     ):
-        self.data = data
+        super().__init__(data, batch_size, mean, std, shuffle=shuffle, drop_last=drop_last, seed=seed)
         self.samples = Samples(data, augment, geometric)
-        self.batch_size = batch_size
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.seed = seed
         self.workers = default_workers() if workers is None else workers
         self.pin_memory = pin_memory
         self.log = log
         self.skipped = 0  # unreadable images met so far
 
-    def __len__(self) -> int:
-        n = len(self.data)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
     def epoch(self, epoch: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         """The batches of `epoch`; with `world` > 1 process `rank`'s share of each (every
         `world`-th sample), and only that share is read."""
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        n = len(self.data)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        order, _ = self._order(epoch)
         batches = [order[i * self.batch_size : (i + 1) * self.batch_size][rank::world].tolist() for i in range(len(self))]
         self.samples.seed = self.seed * 100_003 + epoch
         loader = DataLoader(

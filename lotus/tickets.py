@@ -455,7 +455,7 @@ def _gathered(mine: torch.Tensor, num_images: int, batch_size: int) -> torch.Ten
     import torch.distributed as dist
 
     rank, world = distributed()
-    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    on = _collective_device()
     shards = [shard_positions(num_images, batch_size, r, world) for r in range(world)]
     rows = max(len(shard) for shard in shards)
     padded = torch.zeros(rows, mine.shape[1], device=on)  # all_gather needs equal shapes
@@ -468,10 +468,17 @@ def _gathered(mine: torch.Tensor, num_images: int, batch_size: int) -> torch.Ten
     return scores
 
 
+def _collective_device() -> torch.device:
+    """Where the process group's tensors must live: the GPU for NCCL, the CPU for gloo."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _summed(count: int) -> int:
     import torch.distributed as dist
 
-    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    on = _collective_device()
     total = torch.tensor([count], device=on)
     dist.all_reduce(total)
     return int(total.item())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -49,7 +48,7 @@ from lotus.device import autocast, distributed, resolve_device, weights_digest
 from lotus.drop import num_keep, select_block_of
 from lotus.errors import LotusError
 from lotus.masks import MaskEnforcer, Masks, enforce_masks_
-from lotus.progress import Progress, report
+from lotus.progress import Progress, log_to_stderr, report
 from lotus.tickets import load_tickets
 from lotus.vit import TokenGatherViT, build_model, pretrained_source
 
@@ -58,11 +57,6 @@ METRICS_FILE = "metrics.jsonl"  # one JSON line per epoch
 NO_EVAL = {"loss": None, "accuracy": None}  # an epoch's test figures when nothing is evaluated
 
 KeepFn = Callable[[Batch], tuple[torch.Tensor, torch.Tensor | None]]  # (B, K) keep indices, (B, N) fused-token weights or None
-
-
-def log_to_stderr(line: str) -> None:
-    """The default `log`: one line to stderr, which keeps stdout for the JSON metrics lines."""
-    print(line, file=sys.stderr, flush=True)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
@@ -304,7 +298,7 @@ def fit(
             report(progress, f"epoch {epoch + 1}/{cfg.epochs}", i + 1, steps_per_epoch, tally.status())
         tally.stop(world)
         test = evaluate(model, eval_loader, device) if eval_loader is not None else NO_EVAL
-        history.append(tally.record(epoch, test, opt.param_groups[0]["lr"]) | {"skipped_images": _skipped(train_loader)})
+        history.append(tally.record(epoch, test, opt.param_groups[0]["lr"]) | {"skipped_images": train_loader.skipped})
         if out_dir is not None:
             _save_epoch(out_dir, model, opt, meta, history)
     enforcer.remove()
@@ -320,11 +314,6 @@ def dropping(model: TokenGatherViT, cfg: TrainConfig, step: int) -> tuple[int, i
         return None
     drop = cfg.drop_aware[step % len(cfg.drop_aware)]
     return num_keep(model.patch_embed.num_patches, drop), select_block_of(len(model.blocks), cfg.select_block)
-
-
-def _skipped(loader: Loader) -> int:
-    """Unreadable images a streamed loader has skipped so far (none for data in memory)."""
-    return getattr(loader, "skipped", 0)
 
 
 def preprocess_of(data: ImageData, mean: list[float], std: list[float]) -> dict[str, Any]:
@@ -437,7 +426,7 @@ def _loaders(start: _Start, cfg: TrainConfig, tickets: bool, log: Callable[[str]
     size = decoded_bytes(len(data), data.img_size)
     size_text = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
     held = "streamed from its files" if data.streamed else "held in memory"
-    by = f" by {train_loader.workers} loader workers" if hasattr(train_loader, "workers") else ""
+    by = f" by {train_loader.workers} loader workers" if train_loader.workers else ""
     log(
         f"training data: {len(data):,} images at {data.img_size} px ({size_text} decoded), {held}{by}; "
         f"augmentation {augment}{' without geometric RandAugment ops (tickets follow crops and flips)' if tickets and augment == 'randaug' else ''}"
@@ -491,8 +480,8 @@ def train(
     start = _new_model(data_cfg, model_cfg) if init_checkpoint is None else _model_from_checkpoint(init_checkpoint, data_cfg)
     if tickets is not None and cfg.drop_aware:
         raise LotusError("--drop-aware and --tickets both choose the patches a step trains on: pass one of them")
-    if cfg.drop_aware and not 0 <= select_block_of(len(start.model.blocks), cfg.select_block) < len(start.model.blocks):
-        raise LotusError(f"--select-block {cfg.select_block} is outside 0..{len(start.model.blocks) - 1}")
+    if cfg.drop_aware:
+        select_block_of(len(start.model.blocks), cfg.select_block)  # refused now, not at the first step
     keep_fn, tickets_meta = _ticket_tokens(tickets, start)
     train_loader, eval_loader = _loaders(start, cfg, keep_fn is not None, log)
     out_dir.mkdir(parents=True, exist_ok=True)
