@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
+import statistics
 import subprocess
 import tarfile
 import time
@@ -110,3 +112,63 @@ def generated_folder(root: Path, train: int, test: int = 200, size: int = 224, c
             Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=85)
     done.touch()
     return root
+
+
+def finetune(
+    checkpoint: str | Path, data_cfg, base, out: Path, epochs: int, seed: int = 0, tickets: Path | None = None, **changes
+) -> dict:
+    """`checkpoint` fine-tuned for `epochs` at half the learning rate of `base` (its TrainConfig),
+    0.5 warm-up epochs, into `out` (resumed, so a finished run is read, not redone); `changes`
+    are further TrainConfig fields (e.g. drop_aware)."""
+    from dataclasses import replace
+
+    from lotus.train import train
+    from lotus.vit import ModelConfig
+
+    cfg = replace(base, epochs=epochs, lr=base.lr / 2, warmup_epochs=0.5, seed=seed, **changes)
+    history = train(data_cfg, ModelConfig(), cfg, out, init_checkpoint=checkpoint, tickets=tickets, resume=True)
+    return {
+        "run": str(out),
+        "seed": seed,
+        "test_accuracy": history[-1]["test_accuracy"],
+        "epoch_seconds": [h["epoch_seconds"] for h in history],
+    }
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """Mean of b - a over paired runs (seeds), and its standard error."""
+    diffs = [y - x for x, y in zip(a, b)]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return {"differences": diffs, "mean": statistics.mean(diffs), "standard_error": se}
+
+
+def time_rounds(calls: dict, batch_sizes: list[int], img_size: int, rounds: int, warmup: int = 1) -> dict[tuple, list[float]]:
+    """Seconds per call of every (key, batch) cell, one timing per round.
+
+    `calls` maps keys whose first item is the engine ('torch' takes tensors, anything else numpy
+    arrays) to a function of a batch of random images. Each round times every cell once, in a
+    shuffled order, so machine noise hits every cell alike; a timing is the mean of enough calls
+    to fill one batch of the largest size.
+    """
+    images = {b: torch.randn(b, 3, img_size, img_size) for b in batch_sizes}
+    repeats = {b: max(1, max(batch_sizes) // b) for b in batch_sizes}
+
+    def time_cell(key: tuple, batch: int) -> float:
+        x = images[batch] if key[0] == "torch" else images[batch].numpy()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(repeats[batch]):
+                calls[key](x)
+        return (time.perf_counter() - start) / repeats[batch]
+
+    cells = [(key, b) for key in calls for b in batch_sizes]
+    for cell in cells:
+        for _ in range(warmup):
+            time_cell(*cell)
+    times: dict[tuple, list[float]] = {cell: [] for cell in cells}
+    for r in range(rounds):
+        random.shuffle(cells)
+        for cell in cells:
+            times[cell].append(time_cell(*cell))
+        print(f"round {r + 1}/{rounds}", flush=True)
+    return times

@@ -17,6 +17,8 @@ HERE = Path(__file__).resolve().parent
 # name -> what it needs; "CPU" needs nothing beyond the install
 BENCHMARKS = {
     "token_gather_step": "CPU",
+    "train_throughput": "CPU (ViT-Ti/16, batch 32); --device cuda: a GPU",
+    "data_memory": "CPU; about 5 GB of memory and 350 MB of disk for the generated folders",
     "tickets_scoring_speed": "CPU",
     "tome_latency": "CPU; exports its graphs (a few minutes; --no-onnx skips them)",
     "serve_latency": "CPU; --synthetic, or an exported model",
@@ -30,6 +32,8 @@ BENCHMARKS = {
     "cifar10_compress": "CIFAR-10, a baseline checkpoint",
     "cifar10_select_block": "CIFAR-10, a compressed checkpoint",
     "cifar10_structured": "CIFAR-10, a baseline checkpoint",
+    "structured_peers": "a baseline checkpoint and its data; torch-pruning (the dev extra)",
+    "frontier": "a baseline checkpoint and its data; structured_peers' result; 1 epoch of fine-tuning per model",
     "cluttered_cifar10": "CIFAR-10 (writes a dataset)",
     "sparse24_gpu": "an NVIDIA GPU (Ampere or newer)",
 }

@@ -24,16 +24,14 @@ entering a block over the dense model's. On a machine whose cores are shared wit
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import write_result
+from common import time_rounds, write_result
 
 from lotus.checkpoint import save_model
 from lotus.drop import num_keep
@@ -111,27 +109,8 @@ def main() -> None:
         if not args.no_onnx:
             calls.update(onnx_calls(export_graphs(model, cfg, args, Path(tmp)), args.drops, args.threads))
 
-        images = {b: torch.randn(b, 3, args.img_size, args.img_size) for b in args.batch_sizes}
+        times = time_rounds(calls, args.batch_sizes, args.img_size, args.rounds, args.warmup)
         repeats = {b: max(1, max(args.batch_sizes) // b) for b in args.batch_sizes}
-
-        def time_cell(variant: tuple[str, str, float], batch: int) -> float:
-            x = images[batch] if variant[0] == "torch" else images[batch].numpy()
-            start = time.perf_counter()
-            with torch.inference_mode():
-                for _ in range(repeats[batch]):
-                    calls[variant](x)
-            return (time.perf_counter() - start) / repeats[batch]
-
-        cells = [(variant, batch) for variant in calls for batch in args.batch_sizes]
-        for cell in cells:
-            for _ in range(args.warmup):
-                time_cell(*cell)
-        times: dict[tuple, list[float]] = {cell: [] for cell in cells}
-        for r in range(args.rounds):
-            random.shuffle(cells)
-            for cell in cells:
-                times[cell].append(time_cell(*cell))
-            print(f"round {r + 1}/{args.rounds}", flush=True)
 
     dense_tokens = sum(tokens_entering_blocks("dense", 0.0, N, depth, args.select_block))
     rows = []

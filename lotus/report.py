@@ -127,7 +127,7 @@ def render_report(cfg: Any, done: dict[str, dict[str, Any]], m: dict[str, Any]) 
         "",
         "## Stages",
         "",
-        *_stage_table(done),
+        *_stage_table(cfg, done),
         *_finetune_saving(done, m),
         *_layer_table(done),
         "",
@@ -158,11 +158,19 @@ def _summary_table(cfg: Any, m: dict[str, Any]) -> list[str]:
             else []
         ),
         f"| sparsity of the prunable weights (measured) | 0 | {m['sparsity']:.4f} |",
-        f"| patches per training image | {m['patches']} | {m['patches_kept']} (drop {m['drop']:g}, {_selection(cfg.tickets)}) |",
+        f"| patches per training image | {m['patches']} | {_kept_in_finetuning(cfg, m)} |",
     ]
     if m.get("parameters_ratio"):
         lines.append(f"| parameters | 1 | x{m['parameters_ratio']:.3f} (heads and MLP neurons removed) |")
     return lines
+
+
+def _kept_in_finetuning(cfg: Any, m: dict[str, Any]) -> str:
+    """What fine-tuning trained on: the tickets' patches, or (drop-aware) those the exported graph keeps."""
+    aware = cfg.finetune.drop_aware
+    if aware:
+        return f"drop-aware at {', '.join(f'{d:g}' for d in aware)}: the patches the exported graph keeps"
+    return f"{m['patches_kept']} (drop {m['drop']:g}, {_selection(cfg.tickets)})"
 
 
 def _splits_note(cfg: Any, m: dict[str, Any]) -> str:
@@ -223,7 +231,7 @@ def _sparsity_kinds(cfg: Any, m: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _stage_notes(done: dict[str, dict[str, Any]]) -> dict[str, str]:
+def _stage_notes(cfg: Any, done: dict[str, dict[str, Any]]) -> dict[str, str]:
     """One line per stage for the stages table."""
     prune, isp = done["prune"], done.get("isp", {})
     essential = (
@@ -239,7 +247,9 @@ def _stage_notes(done: dict[str, dict[str, Any]]) -> dict[str, str]:
         "isp": f"Instant Soup Pruning to {_fmt(isp.get('sparsity'), '.4f')}"
         + (", rounds evaluated on the validation split" if isp.get("val_accuracy") is not None else ""),
         "structure": f"parameters x{_fmt(done.get('structure', {}).get('parameters', {}).get('ratio'), '.3f')}",
-        "finetune": f"{len(done.get('finetune', {}).get('history', []))} epochs on the lottery data, masks held",
+        "finetune": f"{len(done.get('finetune', {}).get('history', []))} epochs "
+        + ("drop-aware (the patches the exported graph keeps)" if cfg.finetune.drop_aware else "on the lottery data")
+        + ", masks held",
         "evaluate": "whole images",
     }
 
@@ -255,9 +265,9 @@ def _coverage_note(tickets: dict[str, Any]) -> str:
     )
 
 
-def _stage_table(done: dict[str, dict[str, Any]]) -> list[str]:
+def _stage_table(cfg: Any, done: dict[str, dict[str, Any]]) -> list[str]:
     """Validation and test accuracy, wall time and throughput of every finished stage."""
-    notes = _stage_notes(done)
+    notes = _stage_notes(cfg, done)
     lines = [
         "| stage | validation accuracy | test accuracy | seconds | images/s | notes |",
         "|---|---|---|---|---|---|",
@@ -273,14 +283,14 @@ def _stage_table(done: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _finetune_saving(done: dict[str, dict[str, Any]], m: dict[str, Any]) -> list[str]:
-    """The training time the lottery data saved in fine-tuning, from this run's step timing."""
+    """The training time fewer patches saved in fine-tuning, from this run's step timing."""
     if m["finetune_seconds_saved"] is None:
         return []
     ratio = done["finetune"]["dense_step_ratio"]
     return [
         "",
-        f"Fine-tuning on the lottery data took {m['finetune_train_seconds']:.1f} s of training; a dense training "
-        f"step measured side by side takes {ratio:.2f}x a lottery step, so dense fine-tuning would have taken about "
+        f"Fine-tuning on the kept patches took {m['finetune_train_seconds']:.1f} s of training; a dense training "
+        f"step measured side by side takes {ratio:.2f}x such a step, so dense fine-tuning would have taken about "
         f"{m['dense_finetune_seconds_estimate']:.1f} s: {m['finetune_seconds_saved']:.1f} s saved.",
     ]
 

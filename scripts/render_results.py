@@ -45,6 +45,9 @@ PAPER = {
 }
 SCORERS = {"selector20": "from a 20-epoch scorer"}  # ticket runs scored by another baseline, by its run folder
 GPU_FOLDERS = {"h200": "NVIDIA H200", "h100": "NVIDIA H100"}  # where a JSON file records no machine
+# structured_peers.json's LOTUS rows were measured with the head and neuron scores lotus/structured.py
+# computed by hand at this commit; Torch-Pruning's replaced them after.
+HANDWRITTEN_SCORES: str | None = None
 
 # A ticket run's variant (see `variant`) -> its name on the page, in the order the tables list them.
 LABELS = {
@@ -818,6 +821,7 @@ def structured(src: Source, page: Page) -> None:
     page.table(["model", "parameters", "ONNX file", "latency vs dense fp32", "accuracy before fine-tuning"], rows, rels)
     structured_importance(src, page)
     structured_finetune(src, page)
+    structured_peers(src, page)
 
 
 def structured_importance(src: Source, page: Page) -> None:
@@ -859,6 +863,141 @@ def structured_finetune(src: Source, page: Page) -> None:
     for name, curve in data["finetune"].items():
         rows.append([name, counts.get(name, ""), pct(before[name]), *(num(v) for v in curve[:-1]), f"**{curve[-1]:.2f}**"])
     page.table(["model", "parameters", "after pruning", *(f"epoch {i + 1}" for i in range(epochs))], rows, [rel, *extra])
+
+
+def structured_peers(src: Source, page: Page) -> None:
+    """LOTUS's structured pruning beside Torch-Pruning's at the same widths and fine-tuning budget."""
+    rel = "structured_peers.json"
+    if not src.has(rel):
+        return
+    data = src.json(rel)
+    config, ft = data["config"], data["finetune"]
+    seeds = ", ".join(map(str, ft["seeds"]))
+    page.add(
+        "### Beside Torch-Pruning",
+        "",
+        f"`benchmarks/structured_peers.py` removes {config['heads']:.0%} of every block's heads and {config['mlp']:.0%} of"
+        " its MLP neurons with LOTUS's importance scores and with Torch-Pruning's (`MetaPruner`, whole heads, the"
+        " residual width kept), so every pruned model has the same widths and parameters. Each library's best score on"
+        f" the validation split is then fine-tuned for {ft['epochs']} epoch(s) on full data (seed{'s' if len(ft['seeds']) > 1 else ''} {seeds}).",
+        (
+            f" LOTUS's rows are the scores it computed by hand at commit `{HANDWRITTEN_SCORES}`: since then its `magnitude`"
+            " and `taylor` scores are Torch-Pruning's, and the surgery is still LOTUS's own."
+            if HANDWRITTEN_SCORES
+            else ""
+        ),
+        "",
+    )
+    page.about(
+        machine(data, rel),
+        f"the baseline `{data['baseline']}` ({pct(data['baseline_test_accuracy'])} test); "
+        f"{config['calib_images']} calibration images; fine-tuning at half the baseline's learning rate",
+    )
+    chosen = data["chosen_by_validation"]
+    rows = [
+        [
+            r["library"] + (" (chosen)" if chosen[r["library"]] == r["importance"] else ""),
+            r["importance"],
+            f"{r['parameters'] / 1e6:.2f} M",
+            pct(r["val_accuracy"]),
+            pct(r["test_accuracy"]),
+        ]
+        for r in data["pruned"]
+    ]
+    page.table(["library", "importance", "parameters", "val, before fine-tuning", "test, before fine-tuning"], rows, [rel])
+    cells = []
+    for lib, runs in ft["runs"].items():
+        mean, sd = mean_sd([r["test_accuracy"] for r in runs])
+        cells.append([lib, chosen[lib], f"{num(mean)} ± {num(sd)} ({len(runs)} seeds)" if len(runs) > 1 else pct(mean)])
+    page.table(["library", "importance", f"test after {ft['epochs']} epoch(s) of fine-tuning"], cells, [rel])
+    diff = data["torch_pruning_minus_lotus"]
+    if diff["standard_error"] is None:
+        page.add(f"Torch-Pruning minus LOTUS after fine-tuning: {signed(diff['mean'])} points (one seed: no standard error).", "")
+    else:
+        page.add(
+            f"Torch-Pruning minus LOTUS after fine-tuning, paired by seed: {signed(diff['mean'])} ± "
+            f"{num(diff['standard_error'])} points (mean ± standard error).",
+            "",
+        )
+
+
+FRONTIER_FAMILIES = {
+    "dense": "dense model, served dropping",
+    "tickets": "fine-tuned on tickets, served dropping",
+    "aware": "fine-tuned drop-aware, served dropping",
+    "int8": "dense int8, served dropping",
+    "structured-lotus": "structured (LOTUS), served dropping",
+    "structured-torch-pruning": "structured (Torch-Pruning)",
+    "stacked": "stacked: structured + drop-aware + int8",
+    "tome": "ToMe (token merging), r per block",
+}
+
+
+def frontier(src: Source, page: Page) -> None:
+    """Accuracy against ONNX Runtime latency for every way of serving cheaper, ToMe beside them."""
+    rels = src.glob("frontier_*.json")
+    if not rels:
+        return
+    page.add(
+        "## Serving's accuracy-latency frontier, beside ToMe",
+        "",
+        "`benchmarks/frontier.py` fine-tunes every model from one baseline for the same epochs, then serves each through"
+        " its exported ONNX graph: patch dropping at every ratio, int8, structured pruning (LOTUS and Torch-Pruning),"
+        " the three stacked, and ToMe's token merging (written here from the paper and exported to ONNX) on the dense"
+        " model. Latency is ONNX Runtime's, as a fraction of the dense fp32 graph at the same batch.",
+        "",
+    )
+    for rel in rels:
+        frontier_run(src, page, rel)
+
+
+def frontier_tables(page: Page, points: list[dict], rel: str) -> None:
+    """One row per way of serving, one column per drop ratio (ToMe: per r): test accuracy and
+    latency at batch 64; batch 1 and validation accuracy are in the JSON."""
+    page.add("Each cell: test accuracy, then ONNX Runtime latency at batch 64 as a fraction of dense fp32.", "")
+    for kind, key in (("drop", "drop"), ("r", "merge")):
+        mine = [p for p in points if (p["family"] == "tome") == (kind == "r")]
+        settings = sorted({p[key] for p in mine})
+        rows = []
+        for family in dict.fromkeys(p["family"] for p in mine):
+            cells = {
+                p[key]: f"{pct(p['test_accuracy'])} · {num(p['fraction_of_dense']['64'])}x" for p in mine if p["family"] == family
+            }
+            rows.append([FRONTIER_FAMILIES.get(family, family), *(cells.get(v, "") for v in settings)])
+        page.table(["model", *(f"{kind} {v:g}" for v in settings)], rows, [rel])
+
+
+def frontier_setting(row: dict) -> str:
+    return f"r {row['merge']}" if row["merge"] else f"drop {row['drop']:g}"
+
+
+def frontier_run(src: Source, page: Page, rel: str) -> None:
+    data = src.json(rel)
+    base = data["baseline"]
+    page.add(f"### {data['data']}: {data['model']}", "")
+    page.about(
+        machine(data, rel),
+        f"baseline {base['train']['epochs']} epochs ({pct(base['test_accuracy'])} test), then {data['finetune_epochs']} epoch(s)"
+        f" of fine-tuning for every model; select block {data['select_block']}; latency: {data['threads']} threads,"
+        f" median of {data['rounds']} shuffled rounds",
+    )
+    frontier_tables(page, data["points"], rel)
+    page.add(
+        "At matched latency (batch 64), the best point under each target, chosen on the validation split, its test accuracy:", ""
+    )
+    matched = []
+    for m in data["matched_latency"]:
+        cells = [f"{m['target']:g}x"]
+        for key in ("lotus", "dropping", "tome"):
+            p = m[key]
+            cells.append(
+                "none"
+                if p is None
+                else f"{pct(p['test_accuracy'])} ({p['model']}, {frontier_setting(p)}, {num(p['fraction_of_dense'], 2)}x)"
+            )
+        matched.append(cells)
+    page.table(["latency at most", "LOTUS, any point", "LOTUS, dropping only (fp32)", "ToMe"], matched, [rel])
+    page.image(src, rel.replace(".json", ".png"), f"{data['data']}: test accuracy against ONNX Runtime latency")
 
 
 def sparse24(src: Source, page: Page) -> None:
@@ -1336,6 +1475,7 @@ SECTIONS = (
     structured,
     sparse24,
     export,
+    frontier,
     serving,
     hostile,
 )

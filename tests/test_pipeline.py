@@ -228,3 +228,5 @@ def test_compress_fine_tunes_drop_aware_instead_of_on_tickets(tmp_path):
     finetuned = json.loads((tmp_path / "run" / "finetune" / "model.json").read_text())
     assert finetuned["tickets"] is None and finetuned["train"]["drop_aware"] == [0.3, 0.5]
     assert "a dense training step takes" in proc.stderr  # timed against the drop-aware step
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "drop-aware at 0.3, 0.5: the patches the exported graph keeps" in report and "drop-aware (the patches" in report

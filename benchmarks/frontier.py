@@ -1,0 +1,306 @@
+"""Serving's accuracy-latency frontier: LOTUS's ways of serving a ViT cheaper beside ToMe's.
+
+From one baseline checkpoint (`lotus train`), every model is fine-tuned for the same --finetune-epochs at the same recipe (the baseline's, at half its
+learning rate), so no point gains by training longer than another:
+- dense: on every patch (the control: what the extra epochs alone give);
+- tickets: on attention tickets at --ticket-drop (`lotus tickets` defaults), as `lotus compress`;
+- aware: drop-aware (`--drop-aware`) at --aware-drops, trained on the patches the graph keeps;
+- structured: whole heads and MLP neurons removed, by LOTUS and by Torch-Pruning, fine-tuned on
+  every patch (`benchmarks/structured_peers.py`, which must run first, gives them);
+- stacked: LOTUS's structured model fine-tuned drop-aware, served int8.
+Each is exported to ONNX and served at every --drops ratio; dense and stacked also as int8.
+ToMe (`lotus.merge`, training-free token merging) runs on the dense model at each --merges
+(tokens merged per block) through its exported graph.
+
+Accuracy is measured on the validation split (which choices read: "the best point under a
+latency" is chosen there) and on the test split (reported). Latency is ONNX Runtime's on this
+machine at batch 1 and 64; weights do not change it, so one graph per architecture and precision
+is timed: every (graph, setting, batch) cell once per round, in shuffled order, the median over
+--rounds kept, as a fraction of the dense fp32 graph's at the same batch. PyTorch timings of
+dense, dropping and merging are taken beside them.
+
+    lotus train --data data/cifar10 --depth 6 --epochs 3 --out runs/frontier/cifar10/baseline
+    python benchmarks/structured_peers.py --baseline runs/frontier/cifar10/baseline
+    python benchmarks/frontier.py --baseline runs/frontier/cifar10/baseline
+
+Runs and graphs go beside the baseline; every stage is skipped when its output exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import RESULTS, ROOT, finetune, time_rounds, write_result
+
+from lotus.checkpoint import load_model
+from lotus.data import DataConfig, load_split_for_model
+from lotus.drop import num_keep, select_block_of
+from lotus.export import ExportConfig, _eval_images, export_merging, export_onnx, quantize_int8
+from lotus.merge import forward_merging
+from lotus.plots import pyplot
+from lotus.runtime import ort_session
+from lotus.tickets import TicketConfig, tickets_from_checkpoint
+from lotus.train import TrainConfig
+
+TARGETS = (0.8, 0.65, 0.5)  # latencies (fraction of dense fp32, batch 64) the best points are compared at
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def finetuned_models(args, data_cfg: DataConfig, baseline: Path) -> dict[str, dict]:
+    """Every fine-tuned model of the frontier: name -> the fine-tuning record (its run folder...)."""
+    _, meta = load_model(baseline)
+    work = baseline.parent
+    base = TrainConfig(**{k: v for k, v in meta["train"].items() if k in TrainConfig.__dataclass_fields__})
+    peers_file = RESULTS / f"{args.peers}.json"
+    if not peers_file.is_file():
+        raise SystemExit(f"{peers_file} is missing: run benchmarks/structured_peers.py --baseline {baseline} first")
+    peers = json.loads(peers_file.read_text())
+    tickets = work / f"tickets-d{args.ticket_drop}"
+    if not (tickets / "tickets.json").is_file():
+        tickets_from_checkpoint(baseline, data_cfg, TicketConfig(drop=args.ticket_drop), tickets)
+    epochs, w = args.finetune_epochs, work
+    models = {
+        "dense": finetune(baseline, data_cfg, base, w / "ft-dense", epochs),
+        "tickets": finetune(baseline, data_cfg, base, w / f"ft-tickets-d{args.ticket_drop}", epochs, tickets=tickets),
+        "aware": finetune(baseline, data_cfg, base, w / "ft-aware", epochs, drop_aware=tuple(args.aware_drops)),
+    }
+    for library in ("lotus", "torch-pruning"):
+        models[f"structured-{library}"] = peers["finetune"]["runs"][library][0]  # seed 0, as every model here
+    pruned = next(
+        r for r in peers["pruned"] if r["library"] == "lotus" and r["importance"] == peers["chosen_by_validation"]["lotus"]
+    )
+    models["stacked"] = finetune(
+        pruned["checkpoint"], data_cfg, base, w / "ft-stacked", epochs, drop_aware=tuple(args.aware_drops)
+    )
+    return models
+
+
+def export_all(models: dict[str, dict], merges: list[int], folder: Path) -> dict[str, Path]:
+    """ONNX graphs: each model fp32 (drop as an input), dense and stacked int8, ToMe per merge."""
+    folder.mkdir(parents=True, exist_ok=True)
+    graphs = {}
+    for name, record in models.items():
+        path = folder / f"{name}.onnx"
+        if not path.is_file():
+            export_onnx(record["run"], path, None, ExportConfig(verify=False))
+        graphs[name] = path
+    for name in ("dense", "stacked"):
+        path = folder / f"{name}-int8.onnx"
+        if not path.is_file():
+            quantize_int8(graphs[name], path)
+        graphs[f"{name}-int8"] = path
+    dense, _ = load_model(models["dense"]["run"])
+    for r in merges:
+        path = folder / f"tome-r{r}.onnx"
+        if not path.is_file():
+            export_merging(dense.float().eval(), r, path)
+        graphs[f"tome-r{r}"] = path
+    return graphs
+
+
+# graph name -> (family on the frontier, the graph timed for it, served at every drop ratio?);
+# weights do not change latency, so graphs of the same architecture and precision share timings
+SERVED = {
+    "dense": ("dense", "dense", True),  # fine-tuned on every patch, served dropping all the same
+    "tickets": ("tickets", "dense", True),
+    "aware": ("aware", "dense", True),
+    "structured-lotus": ("structured-lotus", "structured-lotus", True),
+    "structured-torch-pruning": ("structured-torch-pruning", "structured-lotus", False),
+    "dense-int8": ("int8", "dense-int8", True),
+    "stacked-int8": ("stacked", "stacked-int8", True),
+}
+
+
+def points(graphs: dict[str, Path], drops: list[float]) -> list[dict]:
+    """Every (graph, setting) the frontier shows."""
+    out = []
+    for name, path in graphs.items():
+        if name.startswith("tome-r"):
+            out.append({"model": name, "family": "tome", "timed": name, "drop": 0.0, "merge": int(name[6:]), "graph": path})
+        elif name in SERVED:  # the stacked fp32 graph is a step on the way to its int8 one
+            family, timed, every_drop = SERVED[name]
+            for drop in drops if every_drop else [0.0]:
+                out.append({"model": name, "family": family, "timed": timed, "drop": drop, "merge": 0, "graph": path})
+    return out
+
+
+def accuracy(session, images: torch.Tensor, labels: torch.Tensor, drop: float | None, batch: int = 256) -> float:
+    correct = 0
+    for i in range(0, len(images), batch):
+        feed = {"pixel_values": images[i : i + batch].numpy()}
+        if drop is not None:
+            feed["drop"] = np.array(drop, dtype=np.float32)
+        correct += int((session.run(None, feed)[0].argmax(-1) == labels[i : i + batch].numpy()).sum())
+    return 100.0 * correct / len(images)
+
+
+def measure_accuracy(rows: list[dict], splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    sessions = {}
+    for row in rows:
+        session = sessions.setdefault(row["graph"], ort_session(row["graph"], providers=["CPUExecutionProvider"]))
+        drop = None if row["family"] == "tome" else row["drop"]
+        for split, (images, labels) in splits.items():
+            row[f"{split}_accuracy"] = accuracy(session, images, labels, drop)
+        print(
+            f"{row['model']:>24} drop {row['drop']:<4} r {row['merge']:<2} val {row['val_accuracy']:6.2f} test {row['test_accuracy']:6.2f}",
+            flush=True,
+        )
+
+
+def timing_cells(rows: list[dict], dense_model, threads: int, select_block: int) -> dict[tuple, callable]:
+    """(engine, graph or method, setting) -> a call on a batch of images, one per distinct timing."""
+    calls, sessions = {}, {}
+    for row in rows:
+        if row["timed"] != row["model"]:
+            continue
+        session = sessions.setdefault(row["graph"], ort_session(row["graph"], threads, ["CPUExecutionProvider"], spinning=False))
+        feed = {} if row["family"] == "tome" else {"drop": np.array(row["drop"], dtype=np.float32)}
+        calls[("onnxruntime", row["timed"], row["drop"])] = lambda x, s=session, f=feed: s.run(None, {"pixel_values": x, **f})
+    n = dense_model.patch_embed.num_patches
+    for drop in sorted({r["drop"] for r in rows}):
+        keep = num_keep(n, drop)
+        calls[("torch", "dense", drop)] = lambda x, k=keep: dense_model.forward_dropping(x, k, select_block)
+    for r in sorted({r["merge"] for r in rows if r["merge"]}):
+        calls[("torch", f"tome-r{r}", 0.0)] = lambda x, r=r: forward_merging(dense_model, x, r)
+    return calls
+
+
+def attach_latency(rows: list[dict], medians: dict[tuple, float], batches: list[int]) -> None:
+    for row in rows:
+        row["latency_ms"], row["fraction_of_dense"] = {}, {}
+        for b in batches:
+            seconds = medians[(("onnxruntime", row["timed"], row["drop"]), b)]
+            row["latency_ms"][str(b)] = seconds * 1000
+            row["fraction_of_dense"][str(b)] = seconds / medians[(("onnxruntime", "dense", 0.0), b)]
+
+
+def best_under(rows: list[dict], target: float, batch: str) -> dict | None:
+    """The point with the best validation accuracy among `rows` at or under `target` latency."""
+    fast = [r for r in rows if r["fraction_of_dense"][batch] <= target]
+    return max(fast, key=lambda r: r["val_accuracy"]) if fast else None
+
+
+def matched(rows: list[dict], batch: str = "64") -> list[dict]:
+    """At each target latency: ToMe's best point beside LOTUS's, over every LOTUS point (Torch-Pruning's
+    is a peer's) and over patch dropping alone (fp32, the dense architecture: like for like with merging)."""
+    lotus = [r for r in rows if r["family"] not in ("tome", "structured-torch-pruning")]
+    dropping = [r for r in rows if r["family"] in ("tickets", "aware", "dense")]
+    tome = [r for r in rows if r["family"] == "tome" or (r["model"] == "dense" and r["drop"] == 0.0)]
+    out = []
+    for target in TARGETS:
+        picks = {
+            "lotus": best_under(lotus, target, batch),
+            "dropping": best_under(dropping, target, batch),
+            "tome": best_under(tome, target, batch),
+        }
+        out.append(
+            {
+                "target": target,
+                **{
+                    name: None
+                    if p is None
+                    else {k: p[k] for k in ("model", "drop", "merge", "val_accuracy", "test_accuracy")}
+                    | {"fraction_of_dense": p["fraction_of_dense"][batch]}
+                    for name, p in picks.items()
+                },
+            }
+        )
+    return out
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, batch in zip(axes, ("1", "64")):
+        for family in sorted({r["family"] for r in rows}):
+            mine = sorted(
+                (r for r in rows if r["family"] == family), key=lambda r: (r["drop"], r["merge"])
+            )  # lines follow the setting
+            ax.plot([r["fraction_of_dense"][batch] for r in mine], [r["test_accuracy"] for r in mine], marker="o", label=family)
+        ax.set_xlabel(f"ONNX Runtime latency, fraction of dense fp32 (batch {batch})")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", type=Path, default=Path("runs/frontier/cifar10/baseline"), help="The trained baseline run.")
+    p.add_argument("--name", default="frontier_cifar10", help="Result name under benchmarks/results.")
+    p.add_argument("--peers", default="structured_peers", help="structured_peers.py's result name.")
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--ticket-drop", type=float, default=0.5)
+    p.add_argument("--aware-drops", type=floats, default=[0.3, 0.5, 0.7])
+    p.add_argument("--drops", type=floats, default=[0.0, 0.1, 0.3, 0.5, 0.7])
+    p.add_argument("--merges", type=lambda s: [int(v) for v in s.split(",")], default=[2, 4, 6, 8, 10])
+    p.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 64])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    _, base_meta = load_model(args.baseline)
+    data_cfg = DataConfig(**base_meta["data"])  # as the baseline was trained: the same folder and validation hold-out
+    models = finetuned_models(args, data_cfg, args.baseline)
+    graphs = export_all(models, args.merges, args.baseline.parent / "graphs")
+    rows = points(graphs, args.drops)
+    dense, meta = load_model(models["dense"]["run"])
+    pre = meta["preprocess"]
+    splits = {s: _eval_images(load_split_for_model(data_cfg, pre, s), pre) for s in ("val", "test")}
+    measure_accuracy(rows, splits)
+    select_block = select_block_of(len(dense.blocks), None)
+    calls = timing_cells(rows, dense.float().eval(), args.threads, select_block)
+    times = time_rounds(calls, args.batch_sizes, pre["img_size"], args.rounds)
+    medians = {cell: statistics.median(t) for cell, t in times.items()}
+    attach_latency(rows, medians, args.batch_sizes)
+    for row in rows:
+        row["graph"] = str(Path(row["graph"]).relative_to(ROOT)) if Path(row["graph"]).is_relative_to(ROOT) else str(row["graph"])
+    torch_rows = [
+        {
+            "method": key[1],
+            "drop": key[2],
+            "batch": b,
+            "median_ms": s * 1000,
+            "fraction_of_dense": s / medians[(("torch", "dense", 0.0), b)],
+        }
+        for (key, b), s in medians.items()
+        if key[0] == "torch"
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(rows, RESULTS / f"{args.name}.png", f"{args.name}: accuracy against ONNX Runtime latency")
+    write_result(
+        args.name,
+        {
+            "data": data_cfg.name,
+            "model": f"{base_meta['model']['name']}, depth {len(dense.blocks)}, img {pre['img_size']}, {dense.patch_embed.num_patches} patches",
+            "select_block": select_block,
+            "baseline": {
+                "run": str(args.baseline),
+                "train": base_meta["train"],
+                "test_accuracy": base_meta["metrics"]["test_accuracy"],
+            },
+            "finetune_epochs": args.finetune_epochs,
+            "finetuned": models,
+            "points": rows,
+            "matched_latency": matched(rows),
+            "torch_latency": torch_rows,
+            "threads": args.threads,
+            "rounds": args.rounds,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
