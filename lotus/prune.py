@@ -65,7 +65,7 @@ from lotus.masks import (
     sparsity_summary,
 )
 from lotus.progress import Progress, report
-from lotus.structured import activation_scores, choose, magnitude_scores, shrink_, taylor_scores
+from lotus.structured import activation_scores, choose, group_scores, shrink_
 from lotus.train import evaluate, fit
 from lotus.vit import count_parameters, structure_of
 
@@ -381,10 +381,11 @@ def _unit_scores(
     """Per block, the head and the MLP neuron scores `cfg.importance` ranks by; 'activation' and
     'taylor' measure them on `cfg.calib_images` training images drawn with `cfg.seed`."""
     if cfg.importance == "magnitude":
-        return magnitude_scores(model)
+        return group_scores(model, "magnitude", [], dev)
     train_data = load_split_for_model(data_cfg, pre, "train")
     index = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
     calib = train_data.take(index)
     batches = ((b.images, b.labels) for b in make_loader(calib, 64, pre["mean"], pre["std"]).epoch())
-    scores = activation_scores if cfg.importance == "activation" else taylor_scores
-    return scores(model, batches, dev)
+    if cfg.importance == "activation":
+        return activation_scores(model, batches, dev)
+    return group_scores(model, "taylor", batches, dev)

@@ -8,14 +8,17 @@ change; the head size and the embedding width do not), so training, tickets, exp
 serving run on it unchanged.
 
 Importance scores (`importance`):
-- 'magnitude' (default): weight norms alone, no data: ||W_qkv[h]|| * ||W_proj[:, h]|| for a
-  head, ||W_fc1[j]|| * ||W_fc2[:, j]|| for a neuron.
+- 'magnitude' (default): weight norms alone, no data: the L2 norm of every weight and bias the
+  unit owns (Torch-Pruning's GroupMagnitudeImportance, see `group_scores`).
 - 'activation': what removing the unit would take out of the residual stream, measured on
   calibration images: a head's mean ||o_h W_proj[:, h]|| over tokens, a neuron's mean
   |a_j| * ||W_fc2[:, j]||.
 - 'taylor': the first-order Taylor estimate of the loss change when the unit is removed
-  (Molchanov et al., CVPR 2019): (sum over the unit's weights of w * dL/dw)^2, summed over
-  calibration batches.
+  (Molchanov et al., CVPR 2019): |w * dL/dw| summed over the unit's weights, the gradients
+  summed over calibration batches (Torch-Pruning's GroupTaylorImportance).
+Torch-Pruning's scores chose better than the products of norms and the squared Taylor sums this
+module computed by hand before (benchmarks/structured_peers.py); the surgery stays here, because
+it also cuts a checkpoint's unstructured masks and records each block's widths.
 
 Ranking (`scope`): 'block' (default) removes the same share of every block, so the model stays
 regular; 'global' ranks the units of all blocks together, so blocks lose different numbers of
@@ -63,15 +66,39 @@ def _head_cols(attn: Attention, heads: list[int]) -> torch.Tensor:
     return torch.tensor([h * hd + j for h in heads for j in range(hd)])
 
 
-def magnitude_scores(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per block: (num_heads,) head scores and (hidden,) neuron scores from weight norms alone."""
+def group_scores(
+    model: torch.nn.Module, importance: str, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block: (num_heads,) head and (hidden,) neuron scores by Torch-Pruning's group importance.
+
+    Torch-Pruning traces the model and finds, for a head, every weight and bias that belongs to it
+    (its q, k and v rows of `attn.qkv`, its columns of `attn.proj`) and, for a neuron, its row
+    and bias in `mlp.fc1` and its column of `mlp.fc2`. 'magnitude' scores them by their L2 norm,
+    'taylor' by |w * dL/dw| summed over them, the gradients summed over `batches`; a head's score
+    is the mean over its channels, as Torch-Pruning's own MetaPruner ranks heads, and each
+    group's scores are divided by their mean, so blocks compare in a global ranking.
+    """
+    import torch_pruning as tp
+
+    model.eval()  # no dropout or drop-path noise in the gradients
+    example = torch.randn(1, 3, *model.patch_embed.img_size, device=device)
+    unwrapped = [(p, p.dim() - 1) for p in model.parameters(recurse=False)]  # class token, position embedding
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, unwrapped_parameters=unwrapped)
+    scorer = tp.importance.GroupTaylorImportance() if importance == "taylor" else tp.importance.GroupMagnitudeImportance(p=2)
     heads, neurons = [], []
-    for blk in model.blocks:
-        attn, mlp = blk.attn, blk.mlp
-        q = attn.qkv.weight.detach().reshape(3, attn.num_heads, attn.head_dim, -1).permute(1, 0, 2, 3).flatten(1)
-        p = attn.proj.weight.detach().reshape(-1, attn.num_heads, attn.head_dim).permute(1, 0, 2).flatten(1)
-        heads.append(q.norm(dim=1) * p.norm(dim=1))
-        neurons.append(mlp.fc1.weight.detach().norm(dim=1) * mlp.fc2.weight.detach().norm(dim=0))
+    try:
+        if importance == "taylor":
+            model.zero_grad(set_to_none=True)
+            for x, y in batches:
+                torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        for blk in model.blocks:
+            attn, fc1 = blk.attn, blk.mlp.fc1
+            group = graph.get_pruning_group(attn.proj, tp.prune_linear_in_channels, idxs=list(range(attn.proj.in_features)))
+            heads.append(scorer(group).reshape(attn.num_heads, attn.head_dim).mean(1).cpu())
+            group = graph.get_pruning_group(fc1, tp.prune_linear_out_channels, idxs=list(range(fc1.out_features)))
+            neurons.append(scorer(group).cpu())
+    finally:
+        model.zero_grad(set_to_none=True)
     return heads, neurons
 
 
@@ -112,41 +139,6 @@ def activation_scores(
         for h in handles:
             h.remove()
     return [h.cpu() / tokens for h in heads], [n.cpu() / tokens for n in neurons]
-
-
-def taylor_scores(
-    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per block: each head's and each neuron's (sum of w * dL/dw)^2, summed over the batches."""
-    blocks = list(model.blocks)
-    heads = [torch.zeros(b.attn.num_heads) for b in blocks]
-    neurons = [torch.zeros(b.mlp.fc2.in_features) for b in blocks]
-    model.eval()  # no dropout or drop-path noise in the estimate
-    for x, y in batches:
-        model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
-        with torch.no_grad():
-            for i, blk in enumerate(blocks):
-                attn, mlp = blk.attn, blk.mlp
-                H, hd = attn.num_heads, attn.head_dim
-
-                def wg(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-                    b = linear.bias
-                    return (linear.weight * linear.weight.grad).cpu(), None if b is None or b.grad is None else (b * b.grad).cpu()
-
-                qkv_w, qkv_b = wg(attn.qkv)  # rows: (3, H, hd)
-                per_head = qkv_w.sum(1).reshape(3, H, hd).sum((0, 2))
-                if qkv_b is not None:
-                    per_head += qkv_b.reshape(3, H, hd).sum((0, 2))
-                per_head += wg(attn.proj)[0].sum(0).reshape(H, hd).sum(1)
-                heads[i] += per_head**2
-                fc1_w, fc1_b = wg(mlp.fc1)
-                per_neuron = fc1_w.sum(1) + wg(mlp.fc2)[0].sum(0)
-                if fc1_b is not None:
-                    per_neuron += fc1_b
-                neurons[i] += per_neuron**2
-    model.zero_grad(set_to_none=True)
-    return heads, neurons
 
 
 def choose(head_scores: list[torch.Tensor], neuron_scores: list[torch.Tensor], cfg: StructuredConfig) -> Keep:

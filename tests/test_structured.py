@@ -20,20 +20,17 @@ from lotus.export import ExportConfig, export_onnx
 from lotus.masks import apply_masks_, magnitude_masks, prunable_names
 from lotus.prune import prune_structured
 from lotus.runtime import ort_session
-from lotus.structured import (
-    StructuredConfig,
-    activation_scores,
-    choose,
-    magnitude_scores,
-    shrink_,
-    structure_masks,
-    taylor_scores,
-)
+from lotus.structured import StructuredConfig, activation_scores, choose, group_scores, shrink_, structure_masks
 from lotus.train import TrainConfig, train
 from lotus.vit import ModelConfig, build_model, count_parameters, structure_of
 from serve.settings import Settings
 
 DIGITS = DataConfig("digits", img_size=16)
+CPU = torch.device("cpu")
+
+
+def magnitude_scores(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return group_scores(model, "magnitude", [], CPU)
 
 
 def random_vit(cfg: ModelConfig) -> torch.nn.Module:
@@ -97,11 +94,43 @@ def test_taylor_importance_ranks_a_harmful_head_above_a_silent_one(tiny_cfg):
             blk.attn.qkv.weight[[r for s in range(3) for r in range(s * 192, s * 192 + 64)]] = 0
             blk.attn.qkv.bias.zero_()
     x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
-    heads, neurons = taylor_scores(model, [(x, y)], torch.device("cpu"))
+    heads, neurons = group_scores(model, "taylor", [(x, y)], CPU)
     assert all(h[0] == 0 and (h[1:] > 0).all() for h in heads)
     assert all(n.shape == (768,) and (n >= 0).all() for n in neurons)
     assert all(p.grad is None for p in model.parameters())  # leaves no gradients behind
     assert choose(heads, neurons, StructuredConfig(heads=1 / 3))["heads"] == [[1, 2], [1, 2]]
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_the_choice_is_torch_prunings_own(tiny_cfg, importance):
+    """Scored by Torch-Pruning, chosen and cut here: the same model as its MetaPruner makes."""
+    import torch_pruning as tp
+
+    model = random_vit(tiny_cfg)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    ours = copy.deepcopy(model)
+    shrink_(ours, choose(*group_scores(ours, importance, [(x, y)], CPU), StructuredConfig(heads=1 / 3, mlp=0.5)))
+    blocks = list(model.blocks)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        x[:2],
+        importance=tp.importance.GroupTaylorImportance()
+        if importance == "taylor"
+        else tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=0.5,
+        ignored_layers=[model.head, model.patch_embed.proj, *(b.attn.proj for b in blocks), *(b.mlp.fc2 for b in blocks)],
+        num_heads={b.attn.qkv: b.attn.num_heads for b in blocks},
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=1 / 3,
+        unwrapped_parameters=[(p, p.dim() - 1) for p in model.parameters(recurse=False)],
+    )
+    if importance == "taylor":
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    pruner.step()
+    theirs = model.state_dict()
+    assert all(torch.equal(t, theirs[name]) for name, t in ours.state_dict().items())
+    assert all(p.grad is None for p in ours.parameters())
 
 
 def test_global_scope_lets_blocks_keep_different_widths(tiny_cfg):
