@@ -35,19 +35,11 @@ import torch
 from common import ROOT, finetune, paired, write_result
 
 from lotus.checkpoint import load_model
-from lotus.data import DataConfig, load_split_for_model, make_loader
-from lotus.prune import _eval_loader, _save_pruned, _unit_scores
+from lotus.data import DataConfig
+from lotus.prune import _eval_loader, _save_pruned, _unit_scores, calibration_batches
 from lotus.structured import StructuredConfig, choose, shrink_
 from lotus.train import TrainConfig, evaluate
 from lotus.vit import count_parameters, structure_of
-
-
-def calibration_batches(meta: dict, data_cfg: DataConfig, cfg: StructuredConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The training images LOTUS's activation and Taylor scores read (same seed, same count)."""
-    pre = meta["preprocess"]
-    data = load_split_for_model(data_cfg, pre, "train")
-    index = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
-    return [(b.images, b.labels) for b in make_loader(data.take(index), 64, pre["mean"], pre["std"]).epoch()]
 
 
 def prune_lotus(model: torch.nn.Module, meta: dict, data_cfg: DataConfig, cfg: StructuredConfig) -> torch.nn.Module:
@@ -91,7 +83,7 @@ def prune_torch_pruning(model: torch.nn.Module, importance: str, batches: list, 
 def prune_all(baseline: Path, data_cfg: DataConfig, cfg: StructuredConfig, work: Path) -> list[dict]:
     """Every (library, importance) pruned from `baseline`, saved under `work`, with its accuracies."""
     dense, meta = load_model(baseline, "cpu")
-    batches = calibration_batches(meta, data_cfg, cfg)
+    batches = list(calibration_batches(data_cfg, meta["preprocess"], cfg))  # the images LOTUS's scores read
     loaders = {split: _eval_loader(meta, data_cfg, split) for split in ("val", "test")}
     rows = []
     for library, importance in (

@@ -19,7 +19,7 @@ sparsity it actually reaches.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -375,6 +375,17 @@ def prune_structured(
     return result
 
 
+def calibration_batches(
+    data_cfg: DataConfig, pre: dict[str, Any], cfg: StructuredConfig
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches of the `cfg.calib_images` training images drawn with `cfg.seed`
+    that data-driven structured importance is measured on."""
+    train_data = load_split_for_model(data_cfg, pre, "train")
+    index = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
+    calib = train_data.take(index)
+    return ((b.images, b.labels) for b in make_loader(calib, 64, pre["mean"], pre["std"]).epoch())
+
+
 def _unit_scores(
     model: torch.nn.Module, cfg: StructuredConfig, data_cfg: DataConfig | None, pre: dict[str, Any], dev: torch.device
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -382,10 +393,7 @@ def _unit_scores(
     'taylor' measure them on `cfg.calib_images` training images drawn with `cfg.seed`."""
     if cfg.importance == "magnitude":
         return group_scores(model, "magnitude", [], dev)
-    train_data = load_split_for_model(data_cfg, pre, "train")
-    index = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
-    calib = train_data.take(index)
-    batches = ((b.images, b.labels) for b in make_loader(calib, 64, pre["mean"], pre["std"]).epoch())
+    batches = calibration_batches(data_cfg, pre, cfg)
     if cfg.importance == "activation":
         return activation_scores(model, batches, dev)
     return group_scores(model, "taylor", batches, dev)
