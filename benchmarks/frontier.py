@@ -10,7 +10,8 @@ learning rate), so no point gains by training longer than another:
 - stacked: LOTUS's structured model fine-tuned drop-aware, served int8.
 Each is exported to ONNX and served at every --drops ratio; dense and stacked also as int8.
 ToMe (`lotus.merge`, training-free token merging) runs on the dense model at each --merges
-(tokens merged per block) through its exported graph.
+(tokens merged per block) through its exported graph, fp32 and int8, so that each way of cutting
+tokens is compared with and without int8.
 
 Accuracy is measured on the validation split (which choices read: "the best point under a
 latency" is chosen there) and on the test split (reported). Latency is ONNX Runtime's on this
@@ -23,7 +24,8 @@ dense, dropping and merging are taken beside them.
     python benchmarks/structured_peers.py --baseline runs/frontier/cifar10/baseline
     python benchmarks/frontier.py --baseline runs/frontier/cifar10/baseline
 
-Runs and graphs go beside the baseline; every stage is skipped when its output exists.
+Runs and graphs go beside the baseline; every stage is skipped when its output exists, and
+every accuracy already measured on a graph is read back from `graphs/accuracy.json`.
 """
 
 from __future__ import annotations
@@ -99,10 +101,12 @@ def export_all(models: dict[str, dict], merges: list[int], folder: Path) -> dict
         graphs[f"{name}-int8"] = path
     dense, _ = load_model(models["dense"]["run"])
     for r in merges:
-        path = folder / f"tome-r{r}.onnx"
+        path, int8 = folder / f"tome-r{r}.onnx", folder / f"tome-r{r}-int8.onnx"
         if not path.is_file():
             export_merging(dense.float().eval(), r, path)
-        graphs[f"tome-r{r}"] = path
+        if not int8.is_file():
+            quantize_int8(path, int8)
+        graphs[f"tome-r{r}"], graphs[f"tome-r{r}-int8"] = path, int8
     return graphs
 
 
@@ -124,7 +128,8 @@ def points(graphs: dict[str, Path], drops: list[float]) -> list[dict]:
     out = []
     for name, path in graphs.items():
         if name.startswith("tome-r"):
-            out.append({"model": name, "family": "tome", "timed": name, "drop": 0.0, "merge": int(name[6:]), "graph": path})
+            family, merge = ("tome-int8", name[6:-5]) if name.endswith("-int8") else ("tome", name[6:])
+            out.append({"model": name, "family": family, "timed": name, "drop": 0.0, "merge": int(merge), "graph": path})
         elif name in SERVED:  # the stacked fp32 graph is a step on the way to its int8 one
             family, timed, every_drop = SERVED[name]
             for drop in drops if every_drop else [0.0]:
@@ -142,13 +147,21 @@ def accuracy(session, images: torch.Tensor, labels: torch.Tensor, drop: float | 
     return 100.0 * correct / len(images)
 
 
-def measure_accuracy(rows: list[dict], splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    sessions = {}
+def measure_accuracy(rows: list[dict], splits: dict[str, tuple[torch.Tensor, torch.Tensor]], cache: Path) -> None:
+    """Each row's accuracy on each split; a graph's figures are kept in `cache` under its file's
+    name and modification time, so a rerun measures only new or rewritten graphs."""
+    known, sessions = json.loads(cache.read_text()) if cache.is_file() else {}, {}
     for row in rows:
-        session = sessions.setdefault(row["graph"], ort_session(row["graph"], providers=["CPUExecutionProvider"]))
-        drop = None if row["family"] == "tome" else row["drop"]
+        graph = Path(row["graph"])
+        drop = None if row["family"].startswith("tome") else row["drop"]
         for split, (images, labels) in splits.items():
-            row[f"{split}_accuracy"] = accuracy(session, images, labels, drop)
+            key = f"{graph.name}|{graph.stat().st_mtime_ns}|{drop}|{split}"
+            if key not in known:
+                if graph not in sessions:
+                    sessions[graph] = ort_session(graph, providers=["CPUExecutionProvider"])
+                known[key] = accuracy(sessions[graph], images, labels, drop)
+                cache.write_text(json.dumps(known, indent=1))
+            row[f"{split}_accuracy"] = known[key]
         print(
             f"{row['model']:>24} drop {row['drop']:<4} r {row['merge']:<2} val {row['val_accuracy']:6.2f} test {row['test_accuracy']:6.2f}",
             flush=True,
@@ -162,7 +175,7 @@ def timing_cells(rows: list[dict], dense_model, threads: int, select_block: int)
         if row["timed"] != row["model"]:
             continue
         session = sessions.setdefault(row["graph"], ort_session(row["graph"], threads, ["CPUExecutionProvider"], spinning=False))
-        feed = {} if row["family"] == "tome" else {"drop": np.array(row["drop"], dtype=np.float32)}
+        feed = {} if row["family"].startswith("tome") else {"drop": np.array(row["drop"], dtype=np.float32)}
         calls[("onnxruntime", row["timed"], row["drop"])] = lambda x, s=session, f=feed: s.run(None, {"pixel_values": x, **f})
     n = dense_model.patch_embed.num_patches
     for drop in sorted({r["drop"] for r in rows}):
@@ -189,15 +202,19 @@ def best_under(rows: list[dict], target: float, batch: str) -> dict | None:
 
 
 def matched(rows: list[dict], batch: str = "64") -> list[dict]:
-    """At each target latency: ToMe's best point beside LOTUS's, over every LOTUS point (Torch-Pruning's
-    is a peer's) and over patch dropping alone (fp32, the dense architecture: like for like with merging)."""
-    lotus = [r for r in rows if r["family"] not in ("tome", "structured-torch-pruning")]
+    """At each target latency, the best point of: every LOTUS point (Torch-Pruning's is a peer's) and
+    ToMe's with or without int8; patch dropping alone and ToMe alone (fp32, the dense architecture:
+    like for like)."""
+    untouched = [r for r in rows if r["model"] in ("dense", "dense-int8") and r["drop"] == 0.0]  # r 0, drop 0
+    lotus = [r for r in rows if not r["family"].startswith("tome") and r["family"] != "structured-torch-pruning"]
     dropping = [r for r in rows if r["family"] in ("tickets", "aware", "dense")]
-    tome = [r for r in rows if r["family"] == "tome" or (r["model"] == "dense" and r["drop"] == 0.0)]
+    tome_any = [r for r in rows if r["family"].startswith("tome")] + untouched
+    tome = [r for r in tome_any if r["family"] in ("tome", "dense")]
     out = []
     for target in TARGETS:
         picks = {
             "lotus": best_under(lotus, target, batch),
+            "tome_any": best_under(tome_any, target, batch),
             "dropping": best_under(dropping, target, batch),
             "tome": best_under(tome, target, batch),
         }
@@ -259,7 +276,7 @@ def main() -> None:
     dense, meta = load_model(models["dense"]["run"])
     pre = meta["preprocess"]
     splits = {s: _eval_images(load_split_for_model(data_cfg, pre, s), pre) for s in ("val", "test")}
-    measure_accuracy(rows, splits)
+    measure_accuracy(rows, splits, args.baseline.parent / "graphs" / "accuracy.json")
     select_block = select_block_of(len(dense.blocks), None)
     calls = timing_cells(rows, dense.float().eval(), args.threads, select_block)
     times = time_rounds(calls, args.batch_sizes, pre["img_size"], args.rounds)

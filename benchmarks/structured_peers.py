@@ -16,7 +16,8 @@ The activation and Taylor scores read the same --calib-images training images.
 Each pruned model's accuracy is measured on the validation split (the split choices read) and
 the test split (reported). The best importance of each library, by validation accuracy, is then
 fine-tuned for --finetune-epochs at the same recipe and seeds (the baseline's recipe at half its
-learning rate), and the paired difference over seeds is reported with its standard error.
+learning rate; one fine-tuning when both chose the same score, which cuts the same model), and the
+paired difference over seeds is reported with its standard error.
 
     python benchmarks/structured_peers.py --baseline runs/frontier/cifar10/baseline --seeds 0,1
 """
@@ -140,18 +141,30 @@ def main() -> None:
     for library in ("lotus", "torch-pruning"):
         chosen[library] = max((r for r in rows if r["library"] == library), key=lambda r: r["val_accuracy"])
     base = TrainConfig(**{k: v for k, v in meta["train"].items() if k in TrainConfig.__dataclass_fields__})
+    # LOTUS's magnitude and Taylor choices are Torch-Pruning's (tests/test_structured.py checks it weight for
+    # weight): when both libraries chose the same score, one fine-tuning serves both
+    same = chosen["lotus"]["importance"] == chosen["torch-pruning"]["importance"]
     finetuned = {
         library: [
             finetune(row["checkpoint"], data_cfg, base, work / f"ft-structured-{library}-seed{seed}", args.finetune_epochs, seed)
             for seed in args.seeds
         ]
         for library, row in chosen.items()
+        if not (same and library == "lotus")
     }
+    finetuned.setdefault("lotus", finetuned["torch-pruning"])
     acc = {library: [r["test_accuracy"] for r in runs] for library, runs in finetuned.items()}
     result = {
+        "data": data_cfg.name,
         "baseline": str(args.baseline),
         "baseline_test_accuracy": meta["metrics"]["test_accuracy"],
-        "config": {"heads": args.heads, "mlp": args.mlp, "calib_images": args.calib_images, "scope": "block"},
+        "config": {
+            "heads": args.heads,
+            "mlp": args.mlp,
+            "calib_images": args.calib_images,
+            "scope": "block",
+            "lotus_scores": "torch-pruning",
+        },
         "pruned": rows,
         "chosen_by_validation": {library: row["importance"] for library, row in chosen.items()},
         "finetune": {"epochs": args.finetune_epochs, "seeds": args.seeds, "runs": finetuned},

@@ -32,6 +32,14 @@ BoxesOpt = Annotated[
         help="The eval data's boxes.tsv: report how much of each test image's object box the graph keeps at drop 0.1, 0.3 and 0.5 (object_coverage)."
     ),
 ]
+MergeOpt = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="ToMe's r: export token merging instead of patch dropping, r tokens merged after each block "
+        "(no drop input, no keep-index graph; default out SOURCE_RUN/model.tome-rR.onnx). 0: patch dropping.",
+    ),
+]
 EvalDataOpt = Annotated[
     str | None, typer.Option("--data", help="Dataset of the eval images (default: the one the model was trained on).")
 ]
@@ -47,10 +55,11 @@ def export_onnx(
     select_block: SelectBlockOpt = None,
     verify: VerifyOpt = True,
     boxes: BoxesOpt = None,
+    merge: MergeOpt = 0,
     data: EvalDataOpt = None,
     data_dir: DataDirOpt = Path("data"),
 ) -> None:
-    """Export to ONNX: dynamic batch, patch dropping inside the graph, metadata, verified against PyTorch."""
+    """Export to ONNX: dynamic batch, patch dropping (or token merging) inside the graph, metadata, verified against PyTorch."""
     from lotus.checkpoint import load_checkpoint
     from lotus.export import ExportConfig
     from lotus.export import export_onnx as export_run
@@ -59,18 +68,25 @@ def export_onnx(
     source = path_or_latest_run(source)
     if out is None:
         run_dir = source if source.is_dir() else source.parent
-        out = run_dir / ("model.int8.onnx" if quantize == "int8" else "model.onnx")
+        suffix = (f".tome-r{merge}" if merge else "") + (".int8" if quantize == "int8" else "")
+        out = run_dir / f"model{suffix}.onnx"
     _, meta = load_checkpoint(source)
     dataset = data or (meta.get("data") or {}).get("name") or meta["preprocess"].get("dataset")
     cfg = ExportConfig(
-        opset=opset, select_block=select_block, verify=verify, quantize=quantize, boxes=str(boxes) if boxes else None
+        opset=opset,
+        select_block=select_block,
+        verify=verify,
+        quantize=quantize,
+        boxes=str(boxes) if boxes else None,
+        merge=merge,
     )
     data_cfg = data_config(dataset, data_dir) if dataset else None
     if data_cfg is not None:
         check_boxes(data_cfg, cfg.boxes)
     report = export_run(source, out, data_cfg, cfg, log=log)
     print(json.dumps(report))
-    err.print(f"exported {out} ({report['bytes'] / 1e6:.1f} MB) and {report['keep_idx_path']}")
+    twin = f" and {report['keep_idx_path']}" if "keep_idx_path" in report else ""
+    err.print(f"exported {out} ({report['bytes'] / 1e6:.1f} MB){twin}")
     for drop, coverage in report.get("object_coverage", {}).items():
         err.print(f"drop {drop}: {coverage_line(coverage)}")
 

@@ -28,7 +28,10 @@ box they cover (see `lotus.coverage`); with `ExportConfig.boxes` the export repo
 the test images at drop 0.1, 0.3 and 0.5.
 
 `export_merging` writes the training-free peer of patch dropping, token merging (`lotus.merge`,
-ToMe), as a graph with a fixed number of merges per block.
+ToMe), as a graph with a fixed number of merges per block. With `ExportConfig.merge` > 0,
+`export_onnx` writes that graph instead of the dropping one, verified and with the same
+metadata (plus `merge_per_block`): input `pixel_values` only, every patch read, r tokens fewer
+after each block. `lotus serve` serves it (a request's drop must then be 0).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from lotus.data import BatchLoader, DataConfig, ImageData, load_split_for_model
 from lotus.drop import num_keep, select_block_of
 from lotus.errors import LotusError
 from lotus.masks import prunable_names
-from lotus.merge import TokenMerging
+from lotus.merge import TokenMerging, forward_merging
 from lotus.runtime import lotus_metadata, ort_session
 from lotus.vit import TokenGatherViT
 
@@ -69,6 +72,7 @@ class ExportConfig:
     verify_images: int = 64  # eval images verification runs
     quantize: str | None = None  # 'int8': dynamic per-channel signed int8 weights (ONNX Runtime)
     boxes: str | None = None  # the eval data's boxes.tsv: report the object coverage of the graph's kept patches
+    merge: int = 0  # > 0: a token-merging graph (ToMe's r, tokens merged per block), no drop input, no keep-index twin
 
 
 class DropByAttention(torch.nn.Module):
@@ -190,31 +194,45 @@ def _eval_images(data: ImageData, pre: dict) -> tuple[torch.Tensor, torch.Tensor
     return batch.images, batch.labels
 
 
-def verify(path: Path, model: TokenGatherViT, images: torch.Tensor, select_block: int, tolerance: float) -> dict[str, float]:
-    """Max |ONNX Runtime - PyTorch| logit difference at each drop ratio; raises above tolerance."""
+def verify(
+    path: Path, model: TokenGatherViT, images: torch.Tensor, select_block: int, tolerance: float, merge: int = 0
+) -> dict[str, float]:
+    """Max |ONNX Runtime - PyTorch| logit difference at each drop ratio (a merging graph: at its
+    r, keyed 'rR'); raises above tolerance."""
     session = ort_session(path)
     n = model.patch_embed.num_patches
     diffs = {}
-    for drop in VERIFY_DROPS:
+    for drop in (0.0,) if merge else VERIFY_DROPS:
+        setting = f"r{merge}" if merge else str(drop)
         with torch.no_grad():
-            expected = model.forward_dropping(images, num_keep(n, drop), select_block).numpy()
-        got = session.run(None, {"pixel_values": images.numpy(), "drop": np.array(drop, dtype=np.float32)})[0]
-        diffs[str(drop)] = float(np.abs(got - expected).max())
-        if diffs[str(drop)] > tolerance:
+            expected = (
+                forward_merging(model, images, merge)
+                if merge
+                else model.forward_dropping(images, num_keep(n, drop), select_block)
+            )
+        got = session.run(None, _feed(session, images, drop))[0]
+        diffs[setting] = float(np.abs(got - expected.numpy()).max())
+        if diffs[setting] > tolerance:
             raise LotusError(
-                f"ONNX Runtime differs from PyTorch by {diffs[str(drop)]:.2e} at drop {drop} (tolerance {tolerance:g}): "
-                "the export is not faithful and was not written"
+                f"ONNX Runtime differs from PyTorch by {diffs[setting]:.2e} at {'merge ' if merge else 'drop '}{setting} "
+                f"(tolerance {tolerance:g}): the export is not faithful and was not written"
             )
     return diffs
+
+
+def _feed(session, images: torch.Tensor, drop: float) -> dict[str, np.ndarray]:
+    """The inputs of `session` for `images` at `drop`; a merging graph has no drop input."""
+    feed = {"pixel_values": images.numpy()}
+    if any(i.name == "drop" for i in session.get_inputs()):
+        feed["drop"] = np.array(drop, dtype=np.float32)
+    return feed
 
 
 def accuracy_onnx(path: Path, images: torch.Tensor, labels: torch.Tensor, drop: float = 0.0, batch_size: int = 256) -> float:
     session = ort_session(path)
     correct = 0
     for i in range(0, len(images), batch_size):
-        logits = session.run(
-            None, {"pixel_values": images[i : i + batch_size].numpy(), "drop": np.array(drop, dtype=np.float32)}
-        )[0]
+        logits = session.run(None, _feed(session, images[i : i + batch_size], drop))[0]
         correct += int((logits.argmax(-1) == labels[i : i + batch_size].numpy()).sum())
     return 100.0 * correct / len(images)
 
@@ -308,12 +326,7 @@ def export_onnx(
             coverage (`cfg.boxes`) use (None skips the first two; the checkpoint's own dataset is
             the usual choice).
     """
-    if cfg.quantize not in (None, "int8"):
-        raise LotusError(f"--quantize {cfg.quantize!r} is not supported: use int8")
-    if cfg.verify and data_cfg is None:
-        raise LotusError("verification needs eval images: pass --data, or --no-verify to skip it")
-    if cfg.boxes and data_cfg is None:
-        raise LotusError("--boxes measures the graph on eval images: pass --data")
+    _check_config(cfg, data_cfg)
     model, meta = load_model(checkpoint)
     model.float().eval()
     select_block = _select_block(cfg, len(model.blocks))
@@ -321,34 +334,73 @@ def export_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint),
-        "select_block": select_block,
+        "select_block": None if cfg.merge else select_block,
         "num_patches": model.patch_embed.num_patches,
     }
     needs_data = data_cfg is not None and (cfg.verify or cfg.quantize or cfg.boxes)
     data = load_split_for_model(data_cfg, meta["preprocess"], "test") if needs_data else None
     boxes = match_boxes(cfg.boxes, data) if cfg.boxes else None  # a wrong boxes file fails before the export
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        main, keep = _export_graphs(model, select_block, meta["preprocess"]["img_size"], cfg.opset, Path(tmp), log)
+        main, keep = _write_graphs(model, cfg, select_block, meta["preprocess"]["img_size"], Path(tmp), log)
         report.update(check_exported_sparsity(main, model, prunable_names(model)))
         images, labels = (
             _eval_images(data, meta["preprocess"]) if data is not None and (cfg.verify or cfg.quantize) else (None, None)
         )
         if cfg.verify:
-            log(
-                f"verifying against PyTorch on {min(cfg.verify_images, len(images))} eval images at drop {', '.join(map(str, VERIFY_DROPS))}"
-            )
-            report["max_abs_diff"] = verify(main, model, images[: cfg.verify_images], select_block, cfg.tolerance)
+            settings = f"merge r {cfg.merge}" if cfg.merge else f"drop {', '.join(map(str, VERIFY_DROPS))}"
+            log(f"verifying against PyTorch on {min(cfg.verify_images, len(images))} eval images at {settings}")
+            report["max_abs_diff"] = verify(main, model, images[: cfg.verify_images], select_block, cfg.tolerance, cfg.merge)
         if cfg.quantize == "int8":
             main, keep = _quantize(main, keep, images, labels, report, log)
-        props = _metadata(meta, model, select_block, {"quantize": cfg.quantize or "none"})
+        props = _metadata(meta, model, select_block, {"quantize": cfg.quantize or "none", **_merging_metadata(cfg.merge)})
         _set_metadata(main, props)
-        _set_metadata(keep, {**props, "inputs": "pixel_values float32 [B,3,H,W] normalised; keep_idx int64 [B,K] patch indices"})
         if boxes is not None:
             report["object_coverage"] = _coverage_by_drop(main, data, boxes, log)
-        os.replace(keep, keep_idx_path(out))
+        if keep is not None:
+            _set_metadata(
+                keep, {**props, "inputs": "pixel_values float32 [B,3,H,W] normalised; keep_idx int64 [B,K] patch indices"}
+            )
+            os.replace(keep, keep_idx_path(out))
+            report["keep_idx_path"] = str(keep_idx_path(out))
         os.replace(main, out)
-    report.update({"path": str(out), "keep_idx_path": str(keep_idx_path(out)), "bytes": out.stat().st_size})
+    report.update({"path": str(out), "bytes": out.stat().st_size})
     return report
+
+
+def _write_graphs(
+    model: TokenGatherViT, cfg: ExportConfig, select_block: int, img_size: int, folder: Path, log: Callable[[str], None]
+) -> tuple[Path, Path | None]:
+    """The graphs `cfg` asks for, in `folder`: dropping and its keep-index twin, or merging alone."""
+    if cfg.merge:
+        log(f"exporting the token-merging graph: {cfg.merge} tokens merged per block")
+        return export_merging(model, cfg.merge, folder / "model.onnx", cfg.opset), None
+    return _export_graphs(model, select_block, img_size, cfg.opset, folder, log)
+
+
+def _check_config(cfg: ExportConfig, data_cfg: DataConfig | None) -> None:
+    if cfg.quantize not in (None, "int8"):
+        raise LotusError(f"--quantize {cfg.quantize!r} is not supported: use int8")
+    if cfg.verify and data_cfg is None:
+        raise LotusError("verification needs eval images: pass --data, or --no-verify to skip it")
+    if cfg.boxes and data_cfg is None:
+        raise LotusError("--boxes measures the graph on eval images: pass --data")
+    if cfg.merge < 0:
+        raise LotusError(f"--merge {cfg.merge} is negative: give the tokens merged per block (ToMe's r), e.g. 4")
+    if cfg.merge and cfg.boxes:
+        raise LotusError("--boxes measures the patches a dropping graph keeps; a merging graph (--merge) reads every patch")
+    if cfg.merge and cfg.select_block is not None:
+        raise LotusError("--select-block picks the patches a dropping graph keeps; a merging graph (--merge) drops none")
+
+
+def _merging_metadata(merge: int) -> dict[str, Any]:
+    """What a merging graph's metadata says instead of the dropping graph's (nothing when `merge` is 0)."""
+    if not merge:
+        return {}
+    return {
+        "merge_per_block": merge,
+        "select_block": "none",
+        "inputs": "pixel_values float32 [B,3,H,W] normalised (x/255 - mean) / std; no drop input (tokens merged, ToMe)",
+    }
 
 
 def _coverage_by_drop(path: Path, data: ImageData, boxes: ImageBoxes, log: Callable[[str], None]) -> dict[str, Any]:
@@ -426,20 +478,21 @@ def export_merging(model: TokenGatherViT, merge_per_block: int, path: str | Path
 
 def _quantize(
     main: Path,
-    keep: Path,
+    keep: Path | None,
     images: torch.Tensor | None,
     labels: torch.Tensor | None,
     report: dict[str, Any],
     log: Callable[[str], None],
-) -> tuple[Path, Path]:
+) -> tuple[Path, Path | None]:
     """int8 versions of both graphs, beside them; with eval images, the accuracy before and after
-    goes into `report`. Returns the int8 graphs' paths."""
+    goes into `report`. Returns the int8 graphs' paths (`keep` None: a merging graph, no twin)."""
     log("quantizing weights to int8 (dynamic, per channel, signed)")
     main_int8 = quantize_int8(main, main.with_name("model.int8.onnx"))
-    keep_int8 = quantize_int8(keep, keep.with_name("keep.int8.onnx"))
+    keep_int8 = quantize_int8(keep, keep.with_name("keep.int8.onnx")) if keep is not None else None
     if images is not None:
         report["fp32_accuracy"] = accuracy_onnx(main, images, labels)
         report["int8_accuracy"] = accuracy_onnx(main_int8, images, labels)
-        report["int8_accuracy_drop_0.5"] = accuracy_onnx(main_int8, images, labels, drop=0.5)
+        if keep is not None:  # a dropping graph
+            report["int8_accuracy_drop_0.5"] = accuracy_onnx(main_int8, images, labels, drop=0.5)
         report["accuracy_split"] = "test"  # of the three figures above: reports, nothing is chosen by them
     return main_int8, keep_int8

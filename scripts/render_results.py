@@ -45,9 +45,9 @@ PAPER = {
 }
 SCORERS = {"selector20": "from a 20-epoch scorer"}  # ticket runs scored by another baseline, by its run folder
 GPU_FOLDERS = {"h200": "NVIDIA H200", "h100": "NVIDIA H100"}  # where a JSON file records no machine
-# structured_peers.json's LOTUS rows were measured with the head and neuron scores lotus/structured.py
-# computed by hand at this commit; Torch-Pruning's replaced them after.
-HANDWRITTEN_SCORES: str | None = "084d74c"
+# LOTUS's rows of a structured_peers*.json that does not say `lotus_scores: torch-pruning` were measured
+# with the head and neuron scores lotus/structured.py computed by hand at this commit.
+HANDWRITTEN_SCORES = "084d74c"
 
 # A ticket run's variant (see `variant`) -> its name on the page, in the order the tables list them.
 LABELS = {
@@ -867,31 +867,45 @@ def structured_finetune(src: Source, page: Page) -> None:
 
 def structured_peers(src: Source, page: Page) -> None:
     """LOTUS's structured pruning beside Torch-Pruning's at the same widths and fine-tuning budget."""
-    rel = "structured_peers.json"
-    if not src.has(rel):
+    rels = src.glob("structured_peers*.json")
+    if not rels:
         return
-    data = src.json(rel)
-    config, ft = data["config"], data["finetune"]
-    seeds = ", ".join(map(str, ft["seeds"]))
+    config = src.json(rels[0])["config"]
     page.add(
         "### Beside Torch-Pruning",
         "",
         f"`benchmarks/structured_peers.py` removes {config['heads']:.0%} of every block's heads and {config['mlp']:.0%} of"
         " its MLP neurons with LOTUS's importance scores and with Torch-Pruning's (`MetaPruner`, whole heads, the"
         " residual width kept), so every pruned model has the same widths and parameters. Each library's best score on"
-        f" the validation split is then fine-tuned for {ft['epochs']} epoch(s) on full data (seed{'s' if len(ft['seeds']) > 1 else ''} {seeds}).",
+        " the validation split is then fine-tuned on full data. LOTUS's `magnitude` and `taylor` scores are"
+        " Torch-Pruning's own since a run below found them better than the ones LOTUS computed by hand; the surgery"
+        " and `activation` are still LOTUS's.",
+        "",
+    )
+    for rel in rels:
+        structured_peers_run(src, page, rel)
+
+
+def structured_peers_run(src: Source, page: Page, rel: str) -> None:
+    data = src.json(rel)
+    config, ft = data["config"], data["finetune"]
+    seeds = ", ".join(map(str, ft["seeds"]))
+    handwritten = config.get("lotus_scores") != "torch-pruning"
+    page.add(
+        f"#### {Path(data.get('data') or Path(data['baseline']).parent).name}",  # older files name only the baseline
+        "",
         (
-            f" LOTUS's rows are the scores it computed by hand at commit `{HANDWRITTEN_SCORES}`: since then its `magnitude`"
-            " and `taylor` scores are Torch-Pruning's, and the surgery is still LOTUS's own."
-            if HANDWRITTEN_SCORES
-            else ""
+            f"LOTUS's rows are the scores it computed by hand at commit `{HANDWRITTEN_SCORES}`."
+            if handwritten
+            else "LOTUS's magnitude and Taylor rows are Torch-Pruning's scores through LOTUS's surgery."
         ),
         "",
     )
     page.about(
         machine(data, rel),
         f"the baseline `{data['baseline']}` ({pct(data['baseline_test_accuracy'])} test); "
-        f"{config['calib_images']} calibration images; fine-tuning at half the baseline's learning rate",
+        f"{config['calib_images']} calibration images; {ft['epochs']} epoch(s) of fine-tuning at half the baseline's"
+        f" learning rate, seed{'s' if len(ft['seeds']) > 1 else ''} {seeds}",
     )
     chosen = data["chosen_by_validation"]
     rows = [
@@ -910,6 +924,9 @@ def structured_peers(src: Source, page: Page) -> None:
         mean, sd = mean_sd([r["test_accuracy"] for r in runs])
         cells.append([lib, chosen[lib], f"{num(mean)} ± {num(sd)} ({len(runs)} seeds)" if len(runs) > 1 else pct(mean)])
     page.table(["library", "importance", f"test after {ft['epochs']} epoch(s) of fine-tuning"], cells, [rel])
+    if not handwritten and chosen["lotus"] == chosen["torch-pruning"]:
+        page.add("Both libraries chose the same score, which cuts the same model: one fine-tuning serves both.", "")
+        return
     diff = data["torch_pruning_minus_lotus"]
     if diff["standard_error"] is None:
         page.add(f"Torch-Pruning minus LOTUS after fine-tuning: {signed(diff['mean'])} points (one seed: no standard error).", "")
@@ -930,6 +947,14 @@ FRONTIER_FAMILIES = {
     "structured-torch-pruning": "structured (Torch-Pruning)",
     "stacked": "stacked: structured + drop-aware + int8",
     "tome": "ToMe (token merging), r per block",
+    "tome-int8": "ToMe, int8",
+}
+# frontier_*.json's matched_latency keys -> their columns, in order (older files lack tome_any)
+FRONTIER_MATCHED = {
+    "lotus": "LOTUS, any point",
+    "tome_any": "ToMe, fp32 or int8",
+    "dropping": "LOTUS, dropping only (fp32)",
+    "tome": "ToMe (fp32)",
 }
 
 
@@ -956,7 +981,7 @@ def frontier_tables(page: Page, points: list[dict], rel: str) -> None:
     latency at batch 64; batch 1 and validation accuracy are in the JSON."""
     page.add("Each cell: test accuracy, then ONNX Runtime latency at batch 64 as a fraction of dense fp32.", "")
     for kind, key in (("drop", "drop"), ("r", "merge")):
-        mine = [p for p in points if (p["family"] == "tome") == (kind == "r")]
+        mine = [p for p in points if p["family"].startswith("tome") == (kind == "r")]
         settings = sorted({p[key] for p in mine})
         rows = []
         for family in dict.fromkeys(p["family"] for p in mine):
@@ -974,7 +999,7 @@ def frontier_setting(row: dict) -> str:
 def frontier_run(src: Source, page: Page, rel: str) -> None:
     data = src.json(rel)
     base = data["baseline"]
-    page.add(f"### {data['data']}: {data['model']}", "")
+    page.add(f"### {Path(data['data']).name}: {data['model']}", "")
     page.about(
         machine(data, rel),
         f"baseline {base['train']['epochs']} epochs ({pct(base['test_accuracy'])} test), then {data['finetune_epochs']} epoch(s)"
@@ -986,9 +1011,10 @@ def frontier_run(src: Source, page: Page, rel: str) -> None:
         "At matched latency (batch 64), the best point under each target, chosen on the validation split, its test accuracy:", ""
     )
     matched = []
+    keys = [key for key in FRONTIER_MATCHED if key in data["matched_latency"][0]]
     for m in data["matched_latency"]:
         cells = [f"{m['target']:g}x"]
-        for key in ("lotus", "dropping", "tome"):
+        for key in keys:
             p = m[key]
             cells.append(
                 "none"
@@ -996,7 +1022,7 @@ def frontier_run(src: Source, page: Page, rel: str) -> None:
                 else f"{pct(p['test_accuracy'])} ({p['model']}, {frontier_setting(p)}, {num(p['fraction_of_dense'], 2)}x)"
             )
         matched.append(cells)
-    page.table(["latency at most", "LOTUS, any point", "LOTUS, dropping only (fp32)", "ToMe"], matched, [rel])
+    page.table(["latency at most", *(FRONTIER_MATCHED[key] for key in keys)], matched, [rel])
     page.image(src, rel.replace(".json", ".png"), f"{data['data']}: test accuracy against ONNX Runtime latency")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lotus.drop import num_keep
 from lotus.errors import LotusError
 from lotus.images import STRIP_PIXELS, draft, square_rgb
 from lotus.runtime import lotus_metadata, ort_session
@@ -51,6 +52,7 @@ class ServedModel:
     mean: np.ndarray  # (3, 1, 1), on the [0, 1] pixel scale
     std: np.ndarray  # (3, 1, 1)
     metadata: dict[str, str]
+    merge_per_block: int = 0  # a token-merging graph (`lotus export onnx --merge R`): its r; it takes no drop
 
     @staticmethod
     def check(path: str | Path) -> dict[str, str]:
@@ -63,9 +65,11 @@ class ServedModel:
         meta = cls.check(path)
         session = serving_session(path, threads, spinning)
         inputs = {i.name for i in session.get_inputs()}
-        if inputs != {"pixel_values", "drop"}:
+        merge = int(meta.get("merge_per_block", 0))
+        if inputs != ({"pixel_values"} if merge else {"pixel_values", "drop"}):
             raise LotusError(
                 f"{path} takes inputs {sorted(inputs)}, not pixel_values and drop: serve the drop-by-attention graph (model.onnx)"
+                " or a token-merging one (`lotus export onnx --merge R`)"
             )
         classes = json.loads(meta["classes"])
         return cls(
@@ -78,15 +82,29 @@ class ServedModel:
             mean=np.array(json.loads(meta["mean"]), dtype=np.float32).reshape(3, 1, 1),
             std=np.array(json.loads(meta["std"]), dtype=np.float32).reshape(3, 1, 1),
             metadata=meta,
+            merge_per_block=merge,
         )
 
     @property
     def input_shape(self) -> list[int]:
         return [-1, 3, self.img_size, self.img_size]
 
+    def patches_kept(self, drop: float) -> int:
+        """The patches each image keeps at a request's `drop`; an InputError for a merging graph's
+        drop above 0 (it merges tokens instead, at the r it was exported with)."""
+        if self.merge_per_block and drop > 0:
+            raise InputError(
+                f"this model merges tokens (ToMe, r {self.merge_per_block} per block) and does not drop patches: "
+                "send drop 0 or leave it out"
+            )
+        return num_keep(self.num_patches, drop)
+
     def run(self, pixel_values: np.ndarray, drop: float) -> np.ndarray:
         """(B, 3, H, W) float32 -> (B, classes) logits. Blocking: call it off the event loop."""
-        return self.session.run(None, {"pixel_values": pixel_values, "drop": np.array(drop, dtype=np.float32)})[0]
+        feed = {"pixel_values": pixel_values}
+        if not self.merge_per_block:
+            feed["drop"] = np.array(drop, dtype=np.float32)
+        return self.session.run(None, feed)[0]
 
     def decode_image(self, data: bytes, max_pixels: int) -> np.ndarray:
         """A JPEG or PNG file -> (3, H, W) float32, resized and normalised as in training.

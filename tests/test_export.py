@@ -132,3 +132,38 @@ def test_bench_local_reports_every_cell(exported):
     assert result["cells"][0]["vs_drop0"] == 1.0
     with pytest.raises(LotusError, match="not found"):
         bench_local(path.with_name("nothing.onnx"))
+
+
+def test_the_cli_exports_token_merging_verified_beside_the_dropping_graph(pruned_run, tmp_path):
+    """`lotus export onnx --merge R` writes the ToMe graph (no drop input, no keep-index twin) under
+    its own name, verified against PyTorch, with the metadata a client preprocesses by."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from lotus.merge import forward_merging
+
+    pruned_run = shutil.copytree(pruned_run, tmp_path / "run")
+    result = CliRunner().invoke(app, ["export", "onnx", str(pruned_run), "--merge", "3"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    out = pruned_run / "model.tome-r3.onnx"
+    assert report["path"] == str(out) and "keep_idx_path" not in report and report["max_abs_diff"]["r3"] <= 1e-4
+    assert not (pruned_run / "model.onnx").exists() and not keep_idx_path(out).exists()
+    session = ort_session(out)
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    meta = read_metadata(out)
+    assert meta["merge_per_block"] == "3" and json.loads(meta["classes"]) == [str(i) for i in range(10)]
+    assert json.loads(meta["mean"]) == [0.3] * 3 and meta["train_drop"] == "0.1"
+    model, _ = load_model(pruned_run)
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        expected = forward_merging(model.eval(), x, 3).numpy()
+    assert np.abs(session.run(None, {"pixel_values": x.numpy()})[0] - expected).max() <= 1e-4
+
+    refused = CliRunner().invoke(app, ["export", "onnx", str(pruned_run), "--merge", "3", "--select-block", "1"])
+    assert refused.exit_code == 2 and "a merging graph (--merge) drops none" in refused.stderr
+    with pytest.raises(LotusError, match="time it with --drop 0"):
+        bench_local(out, LocalBenchConfig(batch_sizes=(1,), drops=(0.0, 0.5), runs=1, warmup=0))
+    assert bench_local(out, LocalBenchConfig(batch_sizes=(1,), drops=(0.0,), runs=2, warmup=0))["cells"][0]["runs"] == 2

@@ -403,3 +403,25 @@ def test_metrics_count_requests_latency_batches_and_drops(server):
     assert "lotus_batch_size_images_bucket" in text and "lotus_inference_duration_seconds_count" in text
     drops = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("lotus_drop_ratio_bucket")}
     assert drops['lotus_drop_ratio_bucket{le="0.5"}'] > drops['lotus_drop_ratio_bucket{le="0.4"}']
+
+
+def test_a_token_merging_graph_is_served_and_refuses_a_drop(tiny_onnx):
+    """The graph of `lotus export onnx --merge R` serves as the dropping one does, at its own r;
+    a request that asks it to drop patches gets a 400 saying why, and the next one is answered."""
+    from lotus.export import ExportConfig, export_onnx
+
+    merging = tiny_onnx.with_name("model.tome-r2.onnx")
+    if not merging.exists():
+        export_onnx(tiny_onnx.parent / "run", merging, None, ExportConfig(verify=False, merge=2))
+    expected = ort_session(merging).run(None, {"pixel_values": images(3)})[0]
+    with live_server(limits(merging)) as url, httpx.Client(base_url=url) as client:
+        answer = client.post(INFER, json=infer_body(images(3)))
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(logits_of(answer), expected, atol=1e-5)
+        assert answer.json()["parameters"] == {"drop": 0.0, "patches_kept": PATCHES}
+        refused = client.post(INFER, json=infer_body(images(1), drop=0.3))
+        assert refused.status_code == 400 and "merges tokens (ToMe, r 2 per block)" in refused.json()["error"]
+        photo = encode(Image.new("RGB", (20, 20), "red"), "PNG")
+        assert client.post("/v1/classify", params={"drop": 0.5}, files={"file": ("p.png", photo)}).status_code == 400
+        assert client.post("/v1/classify", files={"file": ("p.png", photo)}).json()["patches_kept"] == PATCHES
+        assert "merges tokens" in client.get("/v2/models/lotus").json()["parameters"]["drop"]

@@ -8,7 +8,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, File, Query, Request, UploadFile
 
-from lotus.drop import MAX_DROP, num_keep
+from lotus.drop import MAX_DROP
 from serve.schemas import ClassifyResponse, ErrorResponse, Prediction
 from serve.service import ServiceDep
 
@@ -33,6 +33,7 @@ async def classify(
     model = service.check_model(service.settings.name)
     data = await file.read()
     # Decoding a large photo takes tens of ms: off the event loop, like inference.
+    kept = model.patches_kept(drop)
     pixel_values = await service.off_loop(model.decode_image, data, service.settings.max_pixels)
     with service.admission.admit(1):
         service.metrics.drop.observe(drop)
@@ -45,7 +46,7 @@ async def classify(
         model_name=service.settings.name,
         predictions=[Prediction(label=model.labels[i], index=int(i), probability=float(probabilities[i])) for i in top],
         drop=drop,
-        patches_kept=num_keep(model.num_patches, drop),
+        patches_kept=kept,
         num_patches=model.num_patches,
         time_ms=(time.perf_counter() - start) * 1000,
     )

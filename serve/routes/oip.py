@@ -6,7 +6,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 import lotus
-from lotus.drop import MAX_DROP, num_keep
+from lotus.drop import MAX_DROP
+from serve.model import ServedModel
 from serve.protocol import HEADER_LENGTH, infer_response, parse_infer
 from serve.schemas import ErrorResponse, InferenceResponse, ModelMetadata, ServerMetadata, TensorMetadata
 from serve.service import ServiceDep
@@ -32,6 +33,13 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="lotus", version=lotus.__version__, extensions=["binary_tensor_data"])
 
 
+def drop_parameter(model: ServedModel) -> str:
+    """What the model metadata says of the request parameter `drop`."""
+    if model.merge_per_block:
+        return f"0 only: the model merges tokens (ToMe, r {model.merge_per_block} per block) instead of dropping patches"
+    return f"request parameter, fraction of patches to skip in [0, {MAX_DROP}], default 0"
+
+
 @router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata, responses=ERRORS)
 @router.get(
     "/models/{name}/versions/{version}",
@@ -48,7 +56,7 @@ async def model_metadata(name: str, service: ServiceDep, version: str | None = N
         platform="onnxruntime_onnx",
         inputs=[TensorMetadata(name="pixel_values", datatype="FP32", shape=model.input_shape)],
         outputs=[TensorMetadata(name="logits", datatype="FP32", shape=[-1, len(model.classes)])],
-        parameters={"drop": f"request parameter, fraction of patches to skip in [0, {MAX_DROP}], default 0", **model.metadata},
+        parameters={"drop": drop_parameter(model), **model.metadata},
     )
 
 
@@ -85,10 +93,11 @@ async def infer(name: str, request: Request, service: ServiceDep, version: str |
     body, ticket = await service.read_body(request)
     inference = await service.off_loop(parse_infer, body, request.headers.get(HEADER_LENGTH), model, settings.max_images)
     ticket.resize(len(inference.pixel_values))
+    kept = model.patches_kept(inference.drop)
     service.metrics.drop.observe(inference.drop)
     service.metrics.images.labels("infer").inc(len(inference.pixel_values))
     logits = await service.run_model(request, inference.pixel_values, inference.drop)
-    body, header_length = infer_response(logits, inference, name, settings.version, num_keep(model.num_patches, inference.drop))
+    body, header_length = infer_response(logits, inference, name, settings.version, kept)
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_length)})
