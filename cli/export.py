@@ -107,7 +107,8 @@ TritonDropsOpt = Annotated[
     typer.Option(
         "--drop",
         help="Comma-separated drop ratios, one Triton model each with the ratio fixed in its graph, "
-        "so a batch never mixes ratios; a client picks the ratio by the model name.",
+        "so a batch never mixes ratios; a client picks the ratio by the model name. "
+        "A token-merging graph (--merge) is one model, NAME_tome-rR: --drop does not apply.",
     ),
 ]
 MaxBatchSizeOpt = Annotated[int, typer.Option(min=1, help="Most images in one model call (Triton's max_batch_size).")]

@@ -14,6 +14,9 @@ The cost is one copy of the weights per ratio, on disk and in memory.
     DIR/NAME_drop0.3/1/model.onnx      model.onnx with drop = 0.3 fixed
     DIR/inferenceservice.yaml          KServe InferenceService serving DIR with Triton (v2 protocol)
 
+A token-merging graph (`lotus export onnx --merge R`) has no drop ratio to choose: it becomes
+one model, `NAME_tome-rR`, as it is.
+
 Nothing under DIR is replaced unless `force`: entries are built in a temporary folder beside
 DIR, each graph checked against the source graph at its ratio, and moved into place at the end.
 Other models in DIR are left alone.
@@ -77,9 +80,10 @@ class Tensor:
     dims: tuple[int, ...]  # without the batch axis; -1 where the graph's axis is not fixed
 
 
-def model_name(name: str, drop: float) -> str:
-    """The repository entry of one drop ratio: 'lotus', 0.3 -> 'lotus_drop0.3'."""
-    return f"{name}_drop{drop:g}"
+def model_name(name: str, drop: float, merge: int = 0) -> str:
+    """The repository entry of one drop ratio: 'lotus', 0.3 -> 'lotus_drop0.3'; of a merging graph
+    (`merge` > 0, no drop ratio): 'lotus', r 8 -> 'lotus_tome-r8'."""
+    return f"{name}_tome-r{merge}" if merge else f"{name}_drop{drop:g}"
 
 
 def fix_drop_(model, drop: float) -> None:
@@ -150,10 +154,11 @@ def model_config(name: str, inputs: list[Tensor], outputs: list[Tensor], cfg: Tr
     return "\n".join(lines) + "\n"
 
 
-def inference_service(name: str, cfg: TritonConfig, weight_bytes: int) -> str:
+def inference_service(name: str, cfg: TritonConfig, weight_bytes: int, first: str | None = None) -> str:
     """A KServe InferenceService (YAML) whose Triton predictor serves the repository from object
     storage over the v2 protocol. Its memory is about twice the weights of every loaded model
-    instance, plus 1 GiB for Triton itself."""
+    instance, plus 1 GiB for Triton itself. `first`: a model of the repository, named in a comment
+    (default: the lowest drop ratio's)."""
     service = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63] or "lotus"  # a DNS-1123 label
     memory_gib = math.ceil((2 * weight_bytes * cfg.instances) / 2**30 + 1)
     gpu = ['          nvidia.com/gpu: "1"'] if cfg.device == "gpu" else []
@@ -171,7 +176,7 @@ def inference_service(name: str, cfg: TritonConfig, weight_bytes: int) -> str:
             "      modelFormat:",
             "        name: triton",
             "      protocolVersion: v2",
-            f"      storageUri: {STORAGE_URI}  # the folder holding {model_name(name, min(cfg.drops))}/ and the other models",
+            f"      storageUri: {STORAGE_URI}  # the folder holding {first or model_name(name, min(cfg.drops))}/ and the other models",
             "      resources:",
             "        requests:",
             f'          cpu: "{(cfg.threads or 1) * cfg.instances}"',
@@ -227,21 +232,23 @@ def export_triton(
     InferenceService for it, from `source`, a drop-by-attention graph of `lotus export onnx`.
 
     Returns a report: the models written (name, drop ratio, patches kept, max |logit difference|
-    from the source graph at that ratio) and the paths.
+    from the source graph at that ratio) and the paths. A token-merging graph gives one model
+    (`cfg.drops` do not apply).
     """
     import onnx
 
     check_config(cfg)
     source, out = Path(source), Path(out)
     meta = lotus_metadata(source, ("num_patches", "classes"))
-    drops = sorted({float(drop) for drop in cfg.drops})
-    names = [model_name(cfg.name, drop) for drop in drops]
+    merge = int(meta.get("merge_per_block", 0))
+    drops = [0.0] if merge else sorted({float(drop) for drop in cfg.drops})
+    names = [model_name(cfg.name, drop, merge) for drop in drops]
     check_free(out, [*names, INFERENCE_SERVICE], cfg.force)
     graph = onnx.load(str(source))
-    if [i.name for i in graph.graph.input] != ["pixel_values", DROP_INPUT]:
+    if [i.name for i in graph.graph.input] != (["pixel_values"] if merge else ["pixel_values", DROP_INPUT]):
         raise LotusError(
             f"{source} takes inputs {[i.name for i in graph.graph.input]}, not pixel_values and drop: "
-            "export the drop-by-attention graph (model.onnx) with `lotus export onnx`"
+            "export the drop-by-attention graph (model.onnx) or a token-merging one with `lotus export onnx`"
         )
     out.mkdir(parents=True, exist_ok=True)
     num_patches = int(meta["num_patches"])
@@ -249,11 +256,14 @@ def export_triton(
     models = []
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         for name, drop in zip(names, drops):
-            log(f"writing {name}: drop {drop:g}, {num_keep(num_patches, drop)} of {num_patches} patches kept")
-            fix_drop_(graph, drop)
-            models.append(_write_model(graph, Path(tmp) / name, name, drop, num_patches, labels, cfg, source))
+            if merge:
+                log(f"writing {name}: {merge} tokens merged per block, as the graph is")
+            else:
+                log(f"writing {name}: drop {drop:g}, {num_keep(num_patches, drop)} of {num_patches} patches kept")
+                fix_drop_(graph, drop)
+            models.append(_write_model(graph, Path(tmp) / name, name, drop, num_patches, labels, cfg, source, merge))
         weight_bytes = sum(m["bytes"] for m in models)
-        (Path(tmp) / INFERENCE_SERVICE).write_text(inference_service(cfg.name, cfg, weight_bytes))
+        (Path(tmp) / INFERENCE_SERVICE).write_text(inference_service(cfg.name, cfg, weight_bytes, names[0]))
         _check_against_source(source, Path(tmp), models)
         for entry in [*names, INFERENCE_SERVICE]:
             _move_into_place(Path(tmp) / entry, out / entry, Path(tmp))
@@ -266,31 +276,46 @@ def export_triton(
 
 
 def _write_model(
-    graph, folder: Path, name: str, drop: float, num_patches: int, labels: list[str], cfg: TritonConfig, source: Path
+    graph,
+    folder: Path,
+    name: str,
+    drop: float,
+    num_patches: int,
+    labels: list[str],
+    cfg: TritonConfig,
+    source: Path,
+    merge: int = 0,
 ) -> dict[str, Any]:
-    """One repository entry: config.pbtxt, labels.txt and 1/model.onnx (`graph`, its drop fixed)."""
+    """One repository entry: config.pbtxt, labels.txt and 1/model.onnx (`graph`, its drop fixed;
+    a merging graph as it is)."""
     import onnx
 
     keep = num_keep(num_patches, drop)
     props = {p.key: p.value for p in graph.metadata_props}
+    setting = f"{merge} tokens merged per block" if merge else f"drop fixed at {drop:g}"
     props.update(
         drop=str(drop),
         num_keep=str(keep),
-        inputs=f"pixel_values float32 [B,3,H,W] normalised (x/255 - mean) / std; drop fixed at {drop:g} in the graph",
+        inputs=f"pixel_values float32 [B,3,H,W] normalised (x/255 - mean) / std; {setting} in the graph",
     )
     del graph.metadata_props[:]
     for key, value in props.items():
         graph.metadata_props.add(key=key, value=value)
     (folder / "1").mkdir(parents=True)
     onnx.save(graph, str(folder / "1" / "model.onnx"))
+    kept = (
+        f"every patch read, {merge} tokens merged after each block"
+        if merge
+        else f"{keep} of {num_patches} patches kept per image"
+    )
     header = (
-        f"Written by `lotus export triton` (LOTUS {lotus.__version__}) from {source.name}: drop ratio {drop:g} is fixed\n"
-        f"in the graph, {keep} of {num_patches} patches kept per image. Preprocessing: the graph's metadata_props."
+        f"Written by `lotus export triton` (LOTUS {lotus.__version__}) from {source.name}: {setting}\n"
+        f"in the graph, {kept}. Preprocessing: the graph's metadata_props."
     )
     inputs, outputs = batched_tensors(graph.graph.input), batched_tensors(graph.graph.output)
     (folder / "config.pbtxt").write_text(model_config(name, inputs, outputs, cfg, header))
     (folder / LABELS).write_text("".join(" ".join(label.split()) + "\n" for label in labels))
-    return {"name": name, "drop": drop, "num_keep": keep, "bytes": (folder / "1" / "model.onnx").stat().st_size}
+    return {"name": name, "drop": drop, "merge": merge, "num_keep": keep, "bytes": (folder / "1" / "model.onnx").stat().st_size}
 
 
 def _check_against_source(source: Path, folder: Path, models: list[dict[str, Any]], batch: int = 2) -> None:
@@ -299,8 +324,10 @@ def _check_against_source(source: Path, folder: Path, models: list[dict[str, Any
     session = ort_session(source)
     shape = [batch, *session.get_inputs()[0].shape[1:]]
     pixel_values = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    takes_drop = any(i.name == DROP_INPUT for i in session.get_inputs())
     for model in models:
-        expected = session.run(None, {"pixel_values": pixel_values, DROP_INPUT: np.array(model["drop"], dtype=np.float32)})[0]
+        drop = {DROP_INPUT: np.array(model["drop"], dtype=np.float32)} if takes_drop else {}
+        expected = session.run(None, {"pixel_values": pixel_values, **drop})[0]
         got = ort_session(folder / model["name"] / "1" / "model.onnx").run(None, {"pixel_values": pixel_values})[0]
         model["max_abs_diff"] = float(np.abs(got - expected).max())
         if model["max_abs_diff"] > 1e-4:

@@ -149,3 +149,21 @@ def test_bad_settings_are_refused_before_anything_is_written(tiny_onnx, tmp_path
 def test_the_keep_index_graph_is_refused(tiny_onnx, tmp_path):
     with pytest.raises(LotusError, match="not pixel_values and drop"):
         export_triton(keep_idx_path(tiny_onnx), tmp_path / "models", TritonConfig(drops=(0.0,)))
+
+
+def test_a_token_merging_graph_is_one_model_as_it_is(tiny_onnx, tmp_path):
+    """`lotus export onnx --merge R` has no drop ratio to fix: the repository holds it once, named by
+    its r, with a config Triton's schema reads and the source graph's logits."""
+    from lotus.export import ExportConfig, export_onnx
+
+    merging = tmp_path / "model.tome-r2.onnx"
+    export_onnx(tiny_onnx.parent / "run", merging, None, ExportConfig(verify=False, merge=2))
+    report = export_triton(merging, tmp_path / "models", CFG)
+    assert [(m["name"], m["merge"], m["num_keep"]) for m in report["models"]] == [("lotus_tome-r2", 2, 16)]  # every patch read
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [INFERENCE_SERVICE, "lotus_tome-r2"]
+    config = parse_config(tmp_path / "models" / "lotus_tome-r2")
+    assert config.name == "lotus_tome-r2" and [i.name for i in config.input] == ["pixel_values"]
+    x = np.random.default_rng(0).standard_normal((3, *config.input[0].dims), dtype=np.float32)
+    got = ort_session(tmp_path / "models" / "lotus_tome-r2" / "1" / "model.onnx").run(None, {"pixel_values": x})[0]
+    np.testing.assert_allclose(got, ort_session(merging).run(None, {"pixel_values": x})[0], atol=1e-6)
+    assert "lotus_tome-r2/" in (tmp_path / "models" / INFERENCE_SERVICE).read_text()
