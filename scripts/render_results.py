@@ -44,6 +44,7 @@ PAPER = {
     "finetune": "near its best by epoch 5",
 }
 SCORERS = {"selector20": "from a 20-epoch scorer"}  # ticket runs scored by another baseline, by its run folder
+DATASETS = {"cifar10": "CIFAR-10", "tiny-imagenet-100": "Tiny-ImageNet-100"}  # data folder -> its name on the page
 GPU_FOLDERS = {"h200": "NVIDIA H200", "h100": "NVIDIA H100"}  # where a JSON file records no machine
 # LOTUS's rows of a structured_peers*.json that does not say `lotus_scores: torch-pruning` were measured
 # with the head and neuron scores lotus/structured.py computed by hand at this commit.
@@ -82,6 +83,11 @@ SERVE_RUNS = (
 
 
 # ---------------------------------------------------------------- numbers and Markdown
+
+
+def dataset_name(folder: str | Path) -> str:
+    name = Path(folder).name
+    return DATASETS.get(name, name)
 
 
 def num(value: float, digits: int = 2) -> str:
@@ -892,7 +898,7 @@ def structured_peers_run(src: Source, page: Page, rel: str) -> None:
     seeds = ", ".join(map(str, ft["seeds"]))
     handwritten = config.get("lotus_scores") != "torch-pruning"
     page.add(
-        f"#### {Path(data.get('data') or Path(data['baseline']).parent).name}",  # older files name only the baseline
+        f"#### {dataset_name(data.get('data') or Path(data['baseline']).parent)}",  # older files name only the baseline
         "",
         (
             f"LOTUS's rows are the scores it computed by hand at commit `{HANDWRITTEN_SCORES}`."
@@ -999,7 +1005,7 @@ def frontier_setting(row: dict) -> str:
 def frontier_run(src: Source, page: Page, rel: str) -> None:
     data = src.json(rel)
     base = data["baseline"]
-    page.add(f"### {Path(data['data']).name}: {data['model']}", "")
+    page.add(f"### {dataset_name(data['data'])}: {data['model']}", "")
     page.about(
         machine(data, rel),
         f"baseline {base['train']['epochs']} epochs ({pct(base['test_accuracy'])} test), then {data['finetune_epochs']} epoch(s)"
@@ -1023,7 +1029,7 @@ def frontier_run(src: Source, page: Page, rel: str) -> None:
             )
         matched.append(cells)
     page.table(["latency at most", *(FRONTIER_MATCHED[key] for key in keys)], matched, [rel])
-    page.image(src, rel.replace(".json", ".png"), f"{data['data']}: test accuracy against ONNX Runtime latency")
+    page.image(src, rel.replace(".json", ".png"), f"{dataset_name(data['data'])}: test accuracy against ONNX Runtime latency")
 
 
 def sparse24(src: Source, page: Page) -> None:
@@ -1587,6 +1593,22 @@ def serve_headline(src: Source) -> list[str] | None:
     return ["`lotus serve`, concurrency 16", figure, short_machine(data, ""), budget]
 
 
+def frontier_headline(src: Source, rel: str, target: float = 0.65) -> list[str] | None:
+    data = src.json(rel)
+    m = next((m for m in data["matched_latency"] if m["target"] == target), None)
+    if m is None or not m["lotus"] or not m.get("tome_any"):
+        return None
+    dense = next(p for p in data["points"] if p["model"] == "dense" and p["drop"] == 0.0)
+
+    def point(p: dict) -> str:
+        return f"{pct(p['test_accuracy'])} ({p['model']}, {frontier_setting(p)})"
+
+    figure = f"{point(m['lotus'])} vs {point(m['tome_any'])}; dense {pct(dense['test_accuracy'])}"
+    budget = f"every model fine-tuned {data['finetune_epochs']} epoch(s) from one baseline; chosen on validation"
+    what = f"{dataset_name(data['data'])}: best LOTUS vs best ToMe point at {target:g}x dense latency (ONNX Runtime, batch 64)"
+    return [what, figure, short_machine(data, rel), budget]
+
+
 def headline_rows(src: Source) -> list[list[str]]:
     """The few figures README shows: [result, figure, machine, budget]."""
     rows = (
@@ -1596,6 +1618,7 @@ def headline_rows(src: Source) -> list[list[str]]:
         compress_headline(src),
         export_headline(src),
         serve_headline(src),
+        *(frontier_headline(src, rel) for rel in src.glob("frontier_*.json")),
     )
     return [row for row in rows if row]
 
