@@ -5,6 +5,8 @@ learning rate), so no point gains by training longer than another:
 - dense: on every patch (the control: what the extra epochs alone give);
 - tickets: on attention tickets at --ticket-drop (`lotus tickets` defaults), as `lotus compress`;
 - aware: drop-aware (`--drop-aware`) at --aware-drops, trained on the patches the graph keeps;
+  also at each --aware-select-blocks (aware-sB: trained and exported with select block B, which
+  trades how well the kept patches are chosen against how many blocks run on fewer tokens);
 - structured: whole heads and MLP neurons removed, by LOTUS and by Torch-Pruning, fine-tuned on
   every patch (`benchmarks/structured_peers.py`, which must run first, gives them);
 - stacked: LOTUS's structured model fine-tuned drop-aware, served int8.
@@ -74,6 +76,11 @@ def finetuned_models(args, data_cfg: DataConfig, baseline: Path) -> dict[str, di
         "tickets": finetune(baseline, data_cfg, base, w / f"ft-tickets-d{args.ticket_drop}", epochs, tickets=tickets),
         "aware": finetune(baseline, data_cfg, base, w / "ft-aware", epochs, drop_aware=tuple(args.aware_drops)),
     }
+    for block in args.aware_select_blocks:
+        run = finetune(
+            baseline, data_cfg, base, w / f"ft-aware-s{block}", epochs, drop_aware=tuple(args.aware_drops), select_block=block
+        )
+        models[f"aware-s{block}"] = {**run, "select_block": block}
     for library in ("lotus", "torch-pruning"):
         models[f"structured-{library}"] = peers["finetune"]["runs"][library][0]  # seed 0, as every model here
     pruned = next(
@@ -92,7 +99,7 @@ def export_all(models: dict[str, dict], merges: list[int], folder: Path) -> dict
     for name, record in models.items():
         path = folder / f"{name}.onnx"
         if not path.is_file():
-            export_onnx(record["run"], path, None, ExportConfig(verify=False))
+            export_onnx(record["run"], path, None, ExportConfig(verify=False, select_block=record.get("select_block")))
         graphs[name] = path
     for name in ("dense", "stacked"):
         path = folder / f"{name}-int8.onnx"
@@ -130,6 +137,8 @@ def points(graphs: dict[str, Path], drops: list[float]) -> list[dict]:
         if name.startswith("tome-r"):
             family, merge = ("tome-int8", name[6:-5]) if name.endswith("-int8") else ("tome", name[6:])
             out.append({"model": name, "family": family, "timed": name, "drop": 0.0, "merge": int(merge), "graph": path})
+        elif name.startswith("aware-s"):  # its own select block: its own timings
+            out += [{"model": name, "family": name, "timed": name, "drop": d, "merge": 0, "graph": path} for d in drops]
         elif name in SERVED:  # the stacked fp32 graph is a step on the way to its int8 one
             family, timed, every_drop = SERVED[name]
             for drop in drops if every_drop else [0.0]:
@@ -207,7 +216,7 @@ def matched(rows: list[dict], batch: str = "64") -> list[dict]:
     like for like)."""
     untouched = [r for r in rows if r["model"] in ("dense", "dense-int8") and r["drop"] == 0.0]  # r 0, drop 0
     lotus = [r for r in rows if not r["family"].startswith("tome") and r["family"] != "structured-torch-pruning"]
-    dropping = [r for r in rows if r["family"] in ("tickets", "aware", "dense")]
+    dropping = [r for r in rows if r["family"] in ("tickets", "dense") or r["family"].startswith("aware")]
     tome_any = [r for r in rows if r["family"].startswith("tome")] + untouched
     tome = [r for r in tome_any if r["family"] in ("tome", "dense")]
     out = []
@@ -260,6 +269,7 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--ticket-drop", type=float, default=0.5)
     p.add_argument("--aware-drops", type=floats, default=[0.3, 0.5, 0.7])
+    p.add_argument("--aware-select-blocks", type=lambda s: [int(v) for v in s.split(",") if v], default=[0])
     p.add_argument("--drops", type=floats, default=[0.0, 0.1, 0.3, 0.5, 0.7])
     p.add_argument("--merges", type=lambda s: [int(v) for v in s.split(",")], default=[2, 4, 6, 8, 10])
     p.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 64])

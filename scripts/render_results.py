@@ -947,7 +947,7 @@ def structured_peers_run(src: Source, page: Page, rel: str) -> None:
 FRONTIER_FAMILIES = {
     "dense": "dense model, served dropping",
     "tickets": "fine-tuned on tickets, served dropping",
-    "aware": "fine-tuned drop-aware, served dropping",
+    "aware": "fine-tuned drop-aware, served dropping (default select block)",
     "int8": "dense int8, served dropping",
     "structured-lotus": "structured (LOTUS), served dropping",
     "structured-torch-pruning": "structured (Torch-Pruning)",
@@ -994,8 +994,14 @@ def frontier_tables(page: Page, points: list[dict], rel: str) -> None:
             cells = {
                 p[key]: f"{pct(p['test_accuracy'])} · {num(p['fraction_of_dense']['64'])}x" for p in mine if p["family"] == family
             }
-            rows.append([FRONTIER_FAMILIES.get(family, family), *(cells.get(v, "") for v in settings)])
+            rows.append([frontier_family(family), *(cells.get(v, "") for v in settings)])
         page.table(["model", *(f"{kind} {v:g}" for v in settings)], rows, [rel])
+
+
+def frontier_family(family: str) -> str:
+    if family.startswith("aware-s"):  # drop-aware at another select block than the default
+        return f"fine-tuned drop-aware at select block {family[7:]}, served so"
+    return FRONTIER_FAMILIES.get(family, family)
 
 
 def frontier_setting(row: dict) -> str:
