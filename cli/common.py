@@ -87,6 +87,14 @@ DropAwareOpt = Annotated[
         "at these drop ratios, in turn, e.g. 0.5 or 0.3,0.5, so the model trains as it is served."
     ),
 ]
+AwareSelectBlockOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--select-block",
+        help="With --drop-aware: the block whose attention picks the kept patches (default: depth // 6, as the export's). "
+        "`lotus export onnx` then uses the same block unless told otherwise.",
+    ),
+]
 CompileOpt = Annotated[
     bool | None, typer.Option("--compile/--no-compile", help="torch.compile the training step on CUDA. [default: compile]")
 ]
@@ -172,6 +180,11 @@ def first_process() -> bool:
     from lotus.device import distributed
 
     return distributed()[0] == 0
+
+
+def aware(drop_aware: str | None, select_block: int | None) -> dict[str, Any]:
+    """--drop-aware and --select-block as TrainConfig fields: train on the patches the exported graph keeps."""
+    return ({"drop_aware": parse_floats(drop_aware, "--drop-aware")} if drop_aware else {}) | given(select_block=select_block)
 
 
 def given(**values: Any) -> dict[str, Any]:

@@ -16,11 +16,13 @@ import typer
 import lotus
 from cli.common import (
     AugOpt,
+    AwareSelectBlockOpt,
     CompileOpt,
     DropAwareOpt,
     LoaderOpt,
     PretrainedPathOpt,
     WorkersOpt,
+    aware,
     err,
     first_process,
     given,
@@ -149,6 +151,7 @@ def compress(
     aug: AugOpt = None,
     compile: CompileOpt = None,
     drop_aware: DropAwareOpt = None,
+    select_block: AwareSelectBlockOpt = None,
     select: SelectOpt = None,
     temperature: TemperatureOpt = None,
     spread: SpreadOpt = None,
@@ -177,7 +180,7 @@ def compress(
         model=replace(cfg.model, **given(name=model, pretrained=pretrained_weights(pretrained, pretrained_path))),
         tickets=replace(cfg.tickets, **ticket_flags(drop, select, temperature, spread, layers, balance, fuse, boxes)),
         sweep=replace(cfg.sweep, **given(tolerance=tolerance)),
-        finetune=replace(cfg.finetune, **given(epochs=epochs, augment=aug, compile=compile), **aware_flag(drop_aware)),
+        finetune=replace(cfg.finetune, **given(epochs=epochs, augment=aug, compile=compile), **aware(drop_aware, select_block)),
         structure=replace(cfg.structure, **structure_flags(structure, structure_importance, structure_scope)),
         **given(
             checkpoint=str(checkpoint) if checkpoint else None,
@@ -208,11 +211,6 @@ def starting_config(recipe: Path | None, data: str | None) -> CompressConfig:
         return default_compress_config(data or "digits")
     cfg = load_recipe(recipe)
     return cfg if data is None else replace(cfg, data=replace(cfg.data, name=data))
-
-
-def aware_flag(drop_aware: str | None) -> dict[str, Any]:
-    """--drop-aware: fine-tune on the patches the exported graph keeps, not on the tickets."""
-    return {"drop_aware": parse_floats(drop_aware, "--drop-aware")} if drop_aware else {}
 
 
 def data_flags(

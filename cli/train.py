@@ -14,6 +14,7 @@ import lotus
 from cli.common import (
     VAL_FRACTION,
     AugOpt,
+    AwareSelectBlockOpt,
     CompileOpt,
     DataDirOpt,
     DataOpt,
@@ -24,13 +25,13 @@ from cli.common import (
     PretrainedPathOpt,
     ValFractionOpt,
     WorkersOpt,
+    aware,
     data_config,
     err,
     first_process,
     given,
     log,
     out_option,
-    parse_floats,
     path_or_latest_run,
     path_or_new_run,
     pretrained_weights,
@@ -91,6 +92,7 @@ def train(
     aug: AugOpt = None,
     compile: CompileOpt = None,
     drop_aware: DropAwareOpt = None,
+    select_block: AwareSelectBlockOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     tickets: TicketsOpt = None,
@@ -106,9 +108,8 @@ def train(
     weights = pretrained_weights(pretrained, pretrained_path)
     model_cfg = replace(model_cfg, pretrained=weights, **given(name=model, patch_size=patch_size, depth=depth))
     schedule = given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
-    aware = parse_floats(drop_aware, "--drop-aware") if drop_aware else None
-    recipe = given(label_smoothing=label_smoothing, seed=seed, augment=aug, compile=compile, drop_aware=aware)
-    train_cfg = replace(train_cfg, device=device, **schedule, **recipe)
+    recipe = given(label_smoothing=label_smoothing, seed=seed, augment=aug, compile=compile)
+    train_cfg = replace(train_cfg, device=device, **schedule, **recipe, **aware(drop_aware, select_block))
     check_inputs(data_cfg, checkpoint, device, model=model_cfg, same_holdout=True)  # refused before a run folder is made
     out = run_folder(out, resume)
     from lotus.train import train as train_run  # imports torch: only once the settings are checked

@@ -356,6 +356,8 @@ class TrainConfig:
         object.__setattr__(self, "drop_aware", tuple(float(d) for d in self.drop_aware))  # a recipe's list
         if not all(0 <= d < 1 for d in self.drop_aware):
             raise LotusError(f"--drop-aware {list(self.drop_aware)}: each drop ratio must be in [0, 1), e.g. 0.5 or 0.3,0.5")
+        if self.select_block is not None and not self.drop_aware:
+            raise LotusError(f"--select-block {self.select_block} sets drop-aware training's select block: add --drop-aware R")
         if self.augment not in AUGMENTS:
             raise LotusError(f"--aug {self.augment!r} is not one of: {', '.join(AUGMENTS)}")
         if not self.epochs >= 1:

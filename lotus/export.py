@@ -329,7 +329,7 @@ def export_onnx(
     _check_config(cfg, data_cfg)
     model, meta = load_model(checkpoint)
     model.float().eval()
-    select_block = _select_block(cfg, len(model.blocks))
+    select_block = _select_block(cfg, len(model.blocks), meta)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -412,8 +412,12 @@ def _coverage_by_drop(path: Path, data: ImageData, boxes: ImageBoxes, log: Calla
     return {str(drop): exported_coverage(path, images, boxes, drop) for drop in drops}
 
 
-def _select_block(cfg: ExportConfig, depth: int) -> int:
-    """The block whose class-token attention picks the kept patches (default depth // 6)."""
+def _select_block(cfg: ExportConfig, depth: int, meta: dict[str, Any]) -> int:
+    """The block whose class-token attention picks the kept patches: `cfg`'s; else the one the
+    model was trained drop-aware with, so it is served as it was trained; else depth // 6."""
+    trained = meta.get("train") or {}
+    if cfg.select_block is None and trained.get("drop_aware") and trained.get("select_block") is not None:
+        return select_block_of(depth, trained["select_block"])
     return select_block_of(depth, cfg.select_block)
 
 

@@ -35,6 +35,7 @@ from lotus.config import (
     nm_pattern,
     weight_file_missing,
 )
+from lotus.drop import select_block_of
 from lotus.errors import LotusError
 
 
@@ -143,12 +144,17 @@ def check_settings(cfg: CompressConfig) -> None:
         meta = _model_sidecar(cfg.checkpoint, cfg.data, classes)
         check_holdout(meta, cfg.data, cfg.checkpoint)  # the pipeline trains it further and reads its validation split
         model = ModelConfig(**meta["model"])
-        cfg.tickets.check_model(len(meta["structure"]["num_heads"]) if meta.get("structure") else model.depth, model.grid_size)
+        depth = len(meta["structure"]["num_heads"]) if meta.get("structure") else model.depth
+        cfg.tickets.check_model(depth, model.grid_size)
+        if cfg.finetune.drop_aware:
+            select_block_of(depth, cfg.finetune.select_block)
         _check_cuda(cfg.device)
         return
     model = _model_to_build(cfg.model, cfg.data)
     if cfg.data.img_size:
         cfg.tickets.check_model(model.depth, model.grid_size)
+    if cfg.finetune.drop_aware and model.depth:  # else the architecture's depth, known once timm builds it
+        select_block_of(model.depth, cfg.finetune.select_block)
     _check_cuda(cfg.device)
     _check_model(model)  # imports torch: last
 

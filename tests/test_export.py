@@ -167,3 +167,15 @@ def test_the_cli_exports_token_merging_verified_beside_the_dropping_graph(pruned
     with pytest.raises(LotusError, match="time it with --drop 0"):
         bench_local(out, LocalBenchConfig(batch_sizes=(1,), drops=(0.0, 0.5), runs=1, warmup=0))
     assert bench_local(out, LocalBenchConfig(batch_sizes=(1,), drops=(0.0,), runs=2, warmup=0))["cells"][0]["runs"] == 2
+
+
+def test_a_drop_aware_model_is_exported_at_the_block_it_was_trained_with(tmp_path):
+    """Trained drop-aware at select block 2, a model is served choosing with block 2 unless the
+    export is told otherwise (the default would be block 0 at depth 4)."""
+    cfg = ModelConfig(num_classes=10, img_size=16, patch_size=4, depth=4, drop_path_rate=0.0)
+    pre = {"img_size": 16, "mean": [0.3] * 3, "std": [0.4] * 3, "classes": [str(i) for i in range(10)], "dataset": "digits"}
+    save_model(tmp_path / "run", build_model(cfg).eval(), cfg, pre, train={"drop_aware": [0.5], "select_block": 2})
+    trained = export_onnx(tmp_path / "run", tmp_path / "a.onnx", None, ExportConfig(verify=False))
+    told = export_onnx(tmp_path / "run", tmp_path / "b.onnx", None, ExportConfig(verify=False, select_block=1))
+    assert (trained["select_block"], read_metadata(tmp_path / "a.onnx")["select_block"]) == (2, "2")
+    assert (told["select_block"], read_metadata(tmp_path / "b.onnx")["select_block"]) == (1, "1")

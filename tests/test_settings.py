@@ -236,6 +236,8 @@ def test_the_console_script_refuses_in_one_line_and_makes_no_run_folder(tmp_path
         (["prune", "isp", "--target", "2"], "--target 2.0 is outside (0, 1)"),
         (["prune", "isp", "--rounds", "0"], "ISP --rounds 0 is below 1"),
         (["train", "--epochs", "0"], "--epochs 0 is below 1"),
+        (["train", "--select-block", "1"], "--select-block 1 sets drop-aware training's select block: add --drop-aware R"),
+        (["compress", "--drop-aware", "0.5", "--select-block", "9"], "--select-block 9 is outside 0..3"),
         (["train", "--lr", "0"], "--lr 0.0 is not above 0"),
         (["train", "--data", "no-such-folder"], "neither 'digits', 'cifar10' nor a folder"),
         (["train", "--checkpoint", "no-such-model", "--out", "out"], "--checkpoint no-such-model:"),
