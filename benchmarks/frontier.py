@@ -3,7 +3,8 @@
 From one baseline checkpoint (`lotus train`), every model is fine-tuned for the same --finetune-epochs at the same recipe (the baseline's, at half its
 learning rate), so no point gains by training longer than another:
 - dense: on every patch (the control: what the extra epochs alone give);
-- tickets: on attention tickets at --ticket-drop (`lotus tickets` defaults), as `lotus compress`;
+- tickets: on attention tickets at --ticket-drop (`lotus tickets` defaults), as `lotus compress`
+  (--no-tickets leaves them out);
 - aware: drop-aware (`--drop-aware`) at --aware-drops, trained on the patches the graph keeps;
   also at each --aware-select-blocks (aware-sB: trained and exported with select block B, which
   trades how well the kept patches are chosen against how many blocks run on fewer tokens);
@@ -67,15 +68,14 @@ def finetuned_models(args, data_cfg: DataConfig, baseline: Path) -> dict[str, di
     if not peers_file.is_file():
         raise SystemExit(f"{peers_file} is missing: run benchmarks/structured_peers.py --baseline {baseline} first")
     peers = json.loads(peers_file.read_text())
-    tickets = work / f"tickets-d{args.ticket_drop}"
-    if not (tickets / "tickets.json").is_file():
-        tickets_from_checkpoint(baseline, data_cfg, TicketConfig(drop=args.ticket_drop), tickets)
     epochs, w = args.finetune_epochs, work
-    models = {
-        "dense": finetune(baseline, data_cfg, base, w / "ft-dense", epochs),
-        "tickets": finetune(baseline, data_cfg, base, w / f"ft-tickets-d{args.ticket_drop}", epochs, tickets=tickets),
-        "aware": finetune(baseline, data_cfg, base, w / "ft-aware", epochs, drop_aware=tuple(args.aware_drops)),
-    }
+    models = {"dense": finetune(baseline, data_cfg, base, w / "ft-dense", epochs)}
+    if args.tickets:
+        tickets = work / f"tickets-d{args.ticket_drop}"
+        if not (tickets / "tickets.json").is_file():
+            tickets_from_checkpoint(baseline, data_cfg, TicketConfig(drop=args.ticket_drop), tickets)
+        models["tickets"] = finetune(baseline, data_cfg, base, w / f"ft-tickets-d{args.ticket_drop}", epochs, tickets=tickets)
+    models["aware"] = finetune(baseline, data_cfg, base, w / "ft-aware", epochs, drop_aware=tuple(args.aware_drops))
     for block in args.aware_select_blocks:
         run = finetune(
             baseline, data_cfg, base, w / f"ft-aware-s{block}", epochs, drop_aware=tuple(args.aware_drops), select_block=block
@@ -268,6 +268,12 @@ def main() -> None:
     p.add_argument("--peers", default="structured_peers", help="structured_peers.py's result name.")
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--ticket-drop", type=float, default=0.5)
+    p.add_argument(
+        "--tickets",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Fine-tune on tickets too (a scoring pass and one more fine-tuning).",
+    )
     p.add_argument("--aware-drops", type=floats, default=[0.3, 0.5, 0.7])
     p.add_argument("--aware-select-blocks", type=lambda s: [int(v) for v in s.split(",") if v], default=[0])
     p.add_argument("--drops", type=floats, default=[0.0, 0.1, 0.3, 0.5, 0.7])
