@@ -48,7 +48,7 @@ from lotus.drop import num_keep, select_block_of
 from lotus.export import ExportConfig, _eval_images, export_merging, export_onnx, quantize_int8
 from lotus.merge import forward_merging
 from lotus.plots import pyplot
-from lotus.runtime import ort_session
+from lotus.runtime import graph_feed, ort_session
 from lotus.tickets import TicketConfig, tickets_from_checkpoint
 from lotus.train import TrainConfig
 
@@ -149,9 +149,7 @@ def points(graphs: dict[str, Path], drops: list[float]) -> list[dict]:
 def accuracy(session, images: torch.Tensor, labels: torch.Tensor, drop: float | None, batch: int = 256) -> float:
     correct = 0
     for i in range(0, len(images), batch):
-        feed = {"pixel_values": images[i : i + batch].numpy()}
-        if drop is not None:
-            feed["drop"] = np.array(drop, dtype=np.float32)
+        feed = graph_feed(session, images[i : i + batch].numpy(), drop or 0.0)  # merging graphs take no drop
         correct += int((session.run(None, feed)[0].argmax(-1) == labels[i : i + batch].numpy()).sum())
     return 100.0 * correct / len(images)
 

@@ -57,21 +57,20 @@ def bench_local(
     path: str | Path, cfg: LocalBenchConfig = LocalBenchConfig(), *, log: Callable[[str], None] = lambda line: None
 ) -> dict[str, Any]:
     """Time `path` at every (batch, drop); returns the cells and their ratios to drop 0."""
-    from lotus.runtime import lotus_metadata, ort_session
+    from lotus.runtime import graph_feed, lotus_metadata, ort_session
 
     path = Path(path)
     meta = lotus_metadata(path, ("img_size",))
     size = int(meta["img_size"])
     session = ort_session(path, cfg.threads)
-    takes_drop = any(i.name == "drop" for i in session.get_inputs())
-    if not takes_drop and any(cfg.drops):
+    if "merge_per_block" in meta and any(cfg.drops):
         raise LotusError(f"{path} takes no drop (a token-merging graph: it merges at a fixed r): time it with --drop 0")
     rng = np.random.default_rng(0)
     cells = []
     for batch in cfg.batch_sizes:
         images = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
         for drop in cfg.drops:
-            feed = {"pixel_values": images, **({"drop": np.array(drop, dtype=np.float32)} if takes_drop else {})}
+            feed = graph_feed(session, images, drop)
             times = time_calls(lambda feed=feed: session.run(None, feed), cfg.runs, cfg.warmup)
             cell = {"batch": batch, "drop": drop, **percentiles(times)}
             cell["images_per_second"] = batch / (cell["median_ms"] / 1000)

@@ -56,7 +56,7 @@ from lotus.drop import num_keep, select_block_of
 from lotus.errors import LotusError
 from lotus.masks import prunable_names
 from lotus.merge import TokenMerging, forward_merging
-from lotus.runtime import lotus_metadata, ort_session
+from lotus.runtime import graph_feed, lotus_metadata, ort_session
 from lotus.vit import TokenGatherViT
 
 VERIFY_DROPS = (0.0, 0.1, 0.3, 0.5)
@@ -210,7 +210,7 @@ def verify(
                 if merge
                 else model.forward_dropping(images, num_keep(n, drop), select_block)
             )
-        got = session.run(None, _feed(session, images, drop))[0]
+        got = session.run(None, graph_feed(session, images.numpy(), drop))[0]
         diffs[setting] = float(np.abs(got - expected.numpy()).max())
         if diffs[setting] > tolerance:
             raise LotusError(
@@ -220,19 +220,11 @@ def verify(
     return diffs
 
 
-def _feed(session, images: torch.Tensor, drop: float) -> dict[str, np.ndarray]:
-    """The inputs of `session` for `images` at `drop`; a merging graph has no drop input."""
-    feed = {"pixel_values": images.numpy()}
-    if any(i.name == "drop" for i in session.get_inputs()):
-        feed["drop"] = np.array(drop, dtype=np.float32)
-    return feed
-
-
 def accuracy_onnx(path: Path, images: torch.Tensor, labels: torch.Tensor, drop: float = 0.0, batch_size: int = 256) -> float:
     session = ort_session(path)
     correct = 0
     for i in range(0, len(images), batch_size):
-        logits = session.run(None, _feed(session, images[i : i + batch_size], drop))[0]
+        logits = session.run(None, graph_feed(session, images[i : i + batch_size].numpy(), drop))[0]
         correct += int((logits.argmax(-1) == labels[i : i + batch_size].numpy()).sum())
     return 100.0 * correct / len(images)
 

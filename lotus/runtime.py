@@ -61,3 +61,14 @@ def lotus_metadata(path: str | Path, required: tuple[str, ...]) -> dict[str, str
     if missing:
         raise LotusError(f"{path} lacks the LOTUS metadata {', '.join(missing)}: export it with `lotus export onnx`")
     return meta
+
+
+def graph_feed(session, pixel_values, drop: float) -> dict:
+    """The inputs of an exported LOTUS graph's `session` for `pixel_values` (numpy, [B, 3, H, W]) at
+    `drop`: a drop-by-attention graph takes `drop`, a token-merging one (`--merge`) has no such input."""
+    import numpy as np
+
+    feed = {"pixel_values": pixel_values}
+    if any(i.name == "drop" for i in session.get_inputs()):
+        feed["drop"] = np.array(drop, dtype=np.float32)
+    return feed

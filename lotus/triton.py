@@ -39,7 +39,7 @@ import numpy as np
 import lotus
 from lotus.drop import MAX_DROP, num_keep
 from lotus.errors import LotusError
-from lotus.runtime import lotus_metadata, ort_session
+from lotus.runtime import graph_feed, lotus_metadata, ort_session
 
 DROP_INPUT = "drop"
 INFERENCE_SERVICE = "inferenceservice.yaml"
@@ -324,10 +324,8 @@ def _check_against_source(source: Path, folder: Path, models: list[dict[str, Any
     session = ort_session(source)
     shape = [batch, *session.get_inputs()[0].shape[1:]]
     pixel_values = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    takes_drop = any(i.name == DROP_INPUT for i in session.get_inputs())
     for model in models:
-        drop = {DROP_INPUT: np.array(model["drop"], dtype=np.float32)} if takes_drop else {}
-        expected = session.run(None, {"pixel_values": pixel_values, **drop})[0]
+        expected = session.run(None, graph_feed(session, pixel_values, model["drop"]))[0]
         got = ort_session(folder / model["name"] / "1" / "model.onnx").run(None, {"pixel_values": pixel_values})[0]
         model["max_abs_diff"] = float(np.abs(got - expected).max())
         if model["max_abs_diff"] > 1e-4:

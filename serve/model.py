@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lotus.drop import num_keep
+from lotus.drop import MAX_DROP, num_keep
 from lotus.errors import LotusError
 from lotus.images import STRIP_PIXELS, draft, square_rgb
 from lotus.runtime import lotus_metadata, ort_session
@@ -98,6 +98,13 @@ class ServedModel:
                 "send drop 0 or leave it out"
             )
         return num_keep(self.num_patches, drop)
+
+    @property
+    def drop_parameter(self) -> str:
+        """What the model metadata says of the request parameter `drop`."""
+        if self.merge_per_block:
+            return f"0 only: the model merges tokens (ToMe, r {self.merge_per_block} per block) instead of dropping patches"
+        return f"request parameter, fraction of patches to skip in [0, {MAX_DROP}], default 0"
 
     def run(self, pixel_values: np.ndarray, drop: float) -> np.ndarray:
         """(B, 3, H, W) float32 -> (B, classes) logits. Blocking: call it off the event loop."""

@@ -32,8 +32,8 @@ async def classify(
     start = time.perf_counter()
     model = service.check_model(service.settings.name)
     data = await file.read()
+    kept = model.patches_kept(drop)  # a merging model refuses a drop before any decoding
     # Decoding a large photo takes tens of ms: off the event loop, like inference.
-    kept = model.patches_kept(drop)
     pixel_values = await service.off_loop(model.decode_image, data, service.settings.max_pixels)
     with service.admission.admit(1):
         service.metrics.drop.observe(drop)

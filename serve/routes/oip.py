@@ -6,8 +6,6 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 import lotus
-from lotus.drop import MAX_DROP
-from serve.model import ServedModel
 from serve.protocol import HEADER_LENGTH, infer_response, parse_infer
 from serve.schemas import ErrorResponse, InferenceResponse, ModelMetadata, ServerMetadata, TensorMetadata
 from serve.service import ServiceDep
@@ -33,13 +31,6 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="lotus", version=lotus.__version__, extensions=["binary_tensor_data"])
 
 
-def drop_parameter(model: ServedModel) -> str:
-    """What the model metadata says of the request parameter `drop`."""
-    if model.merge_per_block:
-        return f"0 only: the model merges tokens (ToMe, r {model.merge_per_block} per block) instead of dropping patches"
-    return f"request parameter, fraction of patches to skip in [0, {MAX_DROP}], default 0"
-
-
 @router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata, responses=ERRORS)
 @router.get(
     "/models/{name}/versions/{version}",
@@ -56,7 +47,7 @@ async def model_metadata(name: str, service: ServiceDep, version: str | None = N
         platform="onnxruntime_onnx",
         inputs=[TensorMetadata(name="pixel_values", datatype="FP32", shape=model.input_shape)],
         outputs=[TensorMetadata(name="logits", datatype="FP32", shape=[-1, len(model.classes)])],
-        parameters={"drop": drop_parameter(model), **model.metadata},
+        parameters={"drop": model.drop_parameter, **model.metadata},
     )
 
 
