@@ -155,7 +155,7 @@ def main() -> None:
     p.add_argument("--warmup-epochs", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=0.0, help="ticket sampling (see lotus.tickets): 0 = fixed top-K")
     p.add_argument("--method", default="cls", choices=["cls", "rollout"], help="attention scoring (see lotus tickets)")
-    p.add_argument("--layers", default=None, help="blocks scored, e.g. '2' or '0,1,2' (default: lotus tickets' default)")
+    p.add_argument("--layers", default="all", help="blocks scored, e.g. '-1', '2' or '0,1,2'")
     p.add_argument(
         "--spread", type=int, default=1, help="keep the best of every S x S block of patches first (lotus tickets --spread)"
     )

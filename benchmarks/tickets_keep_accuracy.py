@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--method", default="cls", choices=["cls", "rollout"], help="attention scoring (see lotus tickets)")
-    p.add_argument("--layers", default=None, help="blocks scored, e.g. '2' (default: lotus tickets' default)")
+    p.add_argument("--layers", default="all", help="blocks scored, e.g. '-1' or '2'")
     args = p.parse_args()
 
     model, meta = load_model(args.checkpoint)

@@ -87,7 +87,7 @@ SpreadOpt = Annotated[
 LayersOpt = Annotated[
     str | None,
     typer.Option(
-        help="Tickets: blocks whose attention scores the patches, 'all' or e.g. '9,10,11' (see `lotus tickets`). [default: the last]"
+        help="Tickets: blocks whose attention scores the patches, 'all' or e.g. '9,10,11' (see `lotus tickets`). [default: all]"
     ),
 ]
 BalanceOpt = Annotated[

@@ -39,6 +39,7 @@ class Select(str, Enum):
 class Method(str, Enum):
     cls = "cls"
     rollout = "rollout"
+    grad = "grad"
 
 
 ScoringCheckpointOpt = Annotated[
@@ -47,11 +48,16 @@ ScoringCheckpointOpt = Annotated[
 ]
 DropOpt = Annotated[float, typer.Option(help="Fraction of each image's patches to drop, in [0, 1).")]
 SelectOpt = Annotated[Select, typer.Option(help="'attention' (scored by the model) or 'random' (the control, same drop ratio).")]
-MethodOpt = Annotated[Method, typer.Option(help="'cls': class-token attention row; 'rollout': attention rollout.")]
+MethodOpt = Annotated[
+    Method,
+    typer.Option(
+        help="'cls': class-token attention row; 'rollout': attention rollout; 'grad': attention weighted by the gradient of each image's label, rolled out (Chefer et al., 2021)."
+    ),
+]
 LayersOpt = Annotated[
     str | None,
     typer.Option(
-        help="Blocks whose attention is averaged: 'all', or comma-separated, e.g. '-1' or '9,10,11' (default: last for cls, all for rollout)."
+        help="Blocks whose attention scores the patches: 'all' (the default), or comma-separated, e.g. '-1' (the last) or '9,10,11'."
     ),
 ]
 ClsSinkOpt = Annotated[bool, typer.Option(help="Replace the class token's self-attention by its row mean.")]

@@ -400,10 +400,8 @@ def default_configs(data_name: str) -> tuple[DataConfig, ModelConfig, TrainConfi
 class TicketConfig:
     drop: float = 0.1  # fraction of each image's patches dropped, in [0, 1)
     select: str = "attention"  # 'attention' (scored by the model) or 'random' (the control)
-    method: str = "cls"  # 'cls' (class-token attention row) or 'rollout'
-    layers: tuple[int, ...] | str | None = (
-        None  # blocks used (negative counts from the end) or 'all'; None = last (cls) / all (rollout)
-    )
+    method: str = "cls"  # 'cls' (class-token attention row), 'rollout', or 'grad' (gradient-weighted rollout)
+    layers: tuple[int, ...] | str | None = "all"  # blocks used (negative counts from the end) or 'all'; None = 'all'
     cls_sink: bool = True  # replace the class token's self-attention by its row mean
     norm_outliers: bool = True  # replace scores of high-norm outlier patches by their neighbours' mean
     outlier_z: float = 3.5  # robust z-score above which a patch's output norm is an outlier...
@@ -417,12 +415,14 @@ class TicketConfig:
     boxes: str | None = None  # the data's boxes.tsv: measure how much of each image's object the tickets keep
 
     def __post_init__(self):
+        if self.layers is None:  # recorded as what it means, so saved tickets say which blocks scored them
+            object.__setattr__(self, "layers", "all")
         if not 0 <= self.drop < 1:
             raise LotusError(f"--drop {self.drop} is outside [0, 1): it is the fraction of patches dropped")
         if self.select not in ("attention", "random"):
             raise LotusError(f"--select {self.select!r} is not one of: attention, random")
-        if self.method not in ("cls", "rollout"):
-            raise LotusError(f"--method {self.method!r} is not one of: cls, rollout")
+        if self.method not in ("cls", "rollout", "grad"):
+            raise LotusError(f"--method {self.method!r} is not one of: cls, rollout, grad")
         if isinstance(self.layers, str) and self.layers != "all":
             raise LotusError(f"--layers {self.layers!r} is not 'all' or a comma-separated list of block numbers")
         if self.spread < 1:
@@ -446,7 +446,7 @@ class TicketConfig:
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | str | None:
-    """`--layers` as typed: None (the method's default), 'all', or block numbers such as '9,10,11'."""
+    """`--layers` as typed: None (not given: all blocks), 'all', or block numbers such as '9,10,11'."""
     if not text or text.strip() == "all":
         return text.strip() if text else None
     try:
@@ -458,7 +458,7 @@ def parse_layers(text: str | None) -> tuple[int, ...] | str | None:
 def resolve_layers(cfg: TicketConfig, depth: int) -> list[int]:
     if cfg.layers == "all":
         return list(range(depth))
-    layers = cfg.layers if cfg.layers else ((depth - 1,) if cfg.method == "cls" else tuple(range(depth)))
+    layers = cfg.layers
     resolved = sorted({layer % depth for layer in layers if -depth <= layer < depth})
     if len(resolved) != len(set(layers)):
         raise LotusError(f"--layers {list(layers)} names blocks outside 0..{depth - 1}")

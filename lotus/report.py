@@ -78,12 +78,13 @@ def write_report(run: Path, cfg: Any, done: dict[str, dict[str, Any]]) -> dict[s
 def _scoring(tickets: Any) -> str:
     """Which attention scored the patches, in words."""
     layers = getattr(tickets, "layers", None)
-    rollout = getattr(tickets, "method", "cls") == "rollout"
-    if layers == "all" or (rollout and not layers):
+    method = getattr(tickets, "method", "cls")
+    if layers == "all" or (method != "cls" and not layers):
         blocks = "all blocks"
-    else:
+    else:  # None for cls: recorded before every block became the default, when it meant the last
         blocks = "blocks " + ", ".join(map(str, layers)) if layers else "the last block"
-    return f"{'attention rollout over' if rollout else 'the attention of'} {blocks}"
+    how = {"rollout": "attention rollout over", "grad": "gradient-weighted attention rollout over"}
+    return f"{how.get(method, 'the attention of')} {blocks}"
 
 
 def _selection(tickets: Any) -> str:

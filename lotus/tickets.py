@@ -1,9 +1,10 @@
 """Data lottery tickets: score every patch of every training image, keep the best ones.
 
 A trained ViT's attention says which patches matter. The score of a patch is the attention the
-class token pays it, averaged over heads, from the last block by default (`layers` picks other
-blocks, averaged; 'all' averages every block), or attention rollout through the chosen blocks
-(Abnar & Zuidema, 2020: add the identity, row-normalise, multiply through the layers). Two corrections, both on by default:
+class token pays it, averaged over heads and over every block by default (`layers` picks some
+blocks; the last block alone finds the informative patches worst of all measured), or attention
+rollout through the chosen blocks (Abnar & Zuidema, 2020: add the identity, row-normalise,
+multiply through the layers), or gradient-weighted rollout (Chefer et al., 2021). Two corrections, both on by default:
 
 - class-token sink (`cls_sink`): in every attention map used, the class token's attention to
   itself is replaced by the mean of the attention it pays to the other tokens, and the row is
@@ -120,6 +121,67 @@ def attention_rollout(attns: list[torch.Tensor]) -> torch.Tensor:
         a = a / a.sum(-1, keepdim=True)
         rollout = a @ rollout
     return rollout
+
+
+def gradient_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Relevance of gradient-weighted attention (Chefer et al., 2021) through maps in forward order.
+
+    Args:
+        maps: per block, (B, T, T) attention weighted by its gradient, negatives clipped, heads averaged.
+    Returns:
+        (B, T, T) relevance: row i says how much each input token is relevant to token i's output.
+    """
+    eye = torch.eye(maps[0].shape[-1], dtype=maps[0].dtype, device=maps[0].device)
+    relevance = eye.expand_as(maps[0])
+    for cam in maps:
+        relevance = relevance + cam @ relevance  # the residual keeps what the block passes by
+    return relevance
+
+
+def gradient_attention(
+    model: TokenGatherViT, images: torch.Tensor, labels: torch.Tensor, layers: list[int]
+) -> list[torch.Tensor]:
+    """Per block in `layers`, (B, T, T): E_heads[(dA ⊙ A)+], the attention maps A weighted by the
+    gradient of each image's own label logit (Chefer et al., 2021), so the maps say which tokens
+    the class decision flows from, not only where attention goes.
+
+    timm's fused attention never builds A, so the blocks scored run their plain attention for the
+    pass, and A is caught where timm applies attention dropout to it.
+    """
+    attns = [model.blocks[i].attn for i in layers]
+    fused = [a.fused_attn for a in attns]
+    caught: list[torch.Tensor] = []
+    hooks = [a.attn_drop.register_forward_hook(lambda m, args, out: caught.append(out)) for a in attns]
+    try:
+        for a in attns:
+            a.fused_attn = False
+        with torch.inference_mode(False), torch.enable_grad():
+            logits = model(images.clone())  # a normal tensor: inference tensors cannot be saved for backward
+            grads = torch.autograd.grad(logits.gather(1, labels.view(-1, 1).to(logits.device)).sum(), caught)
+    finally:
+        for a, f in zip(attns, fused):
+            a.fused_attn = f
+        for h in hooks:
+            h.remove()
+    return [(g * a).clamp_min(0).mean(1).detach() for g, a in zip(grads, caught)]
+
+
+def _attention_maps(model: TokenGatherViT, images: torch.Tensor, layers: list[int], cfg: TicketConfig) -> list[torch.Tensor]:
+    """Per block in `layers`, the heads' mean attention: class-token rows (B, T) for 'cls', full
+    maps (B, T, T) for 'rollout', with the class-token sink corrected when `cfg.cls_sink`."""
+    full = cfg.method == "rollout"
+    qkvs: dict[int, torch.Tensor] = {}
+    hooks = [model.blocks[i].attn.qkv.register_forward_hook(lambda m, a, out, i=i: qkvs.__setitem__(i, out)) for i in layers]
+    try:
+        model.forward_features(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    maps = []
+    for i in layers:
+        attn = cls_attention(model.blocks[i].attn, qkvs[i], full).mean(1)  # heads averaged: (B, T[, T])
+        maps.append(correct_cls_sink(attn) if cfg.cls_sink else attn)
+    return maps
 
 
 def norm_outliers(norms: torch.Tensor, z: float, ratio: float) -> torch.Tensor:
@@ -244,25 +306,29 @@ def crop_scores(scores: torch.Tensor, grid: int, crop: torch.Tensor, flip: torch
 
 
 @torch.inference_mode()
-def score_batch(model: TokenGatherViT, images: torch.Tensor, cfg: TicketConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patch scores of a batch: (B, N) scores and (B, N) high-norm outlier flags."""
+def score_batch(
+    model: TokenGatherViT, images: torch.Tensor, cfg: TicketConfig, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch scores of a batch: (B, N) scores and (B, N) high-norm outlier flags. `labels`, the
+    images' classes, are what the gradient of the 'grad' method is taken of."""
     layers = resolve_layers(cfg, len(model.blocks))
-    full = cfg.method == "rollout"
-    qkvs: dict[int, torch.Tensor] = {}
-    hooks = [model.blocks[i].attn.qkv.register_forward_hook(lambda m, a, out, i=i: qkvs.__setitem__(i, out)) for i in layers]
     outputs: dict[str, torch.Tensor] = {}
-    hooks.append(model.blocks[layers[-1]].register_forward_hook(lambda m, a, out: outputs.__setitem__("x", out)))
+    hook = model.blocks[layers[-1]].register_forward_hook(lambda m, a, out: outputs.__setitem__("x", out.detach()))
     try:
-        model.forward_features(images)
+        if cfg.method == "grad":
+            if labels is None:
+                raise LotusError("--method grad weighs attention by the gradient of each image's label: score labelled images")
+            maps = gradient_attention(model, images, labels, layers)
+        else:
+            maps = _attention_maps(model, images, layers, cfg)
     finally:
-        for h in hooks:
-            h.remove()
+        hook.remove()
     prefix = model.num_prefix_tokens
-    maps = []
-    for i in layers:
-        attn = cls_attention(model.blocks[i].attn, qkvs[i], full).mean(1)  # heads averaged: (B, T[, T])
-        maps.append(correct_cls_sink(attn) if cfg.cls_sink else attn)
-    scores = attention_rollout(maps)[:, 0, prefix:] if full else torch.stack(maps).mean(0)[:, prefix:]
+    if cfg.method == "cls":
+        scores = torch.stack(maps).mean(0)[:, prefix:]
+    else:
+        rolled = gradient_rollout(maps) if cfg.method == "grad" else attention_rollout(maps)
+        scores = rolled[:, 0, prefix:]
     norms = outputs["x"][:, prefix:].float().norm(dim=-1)  # (B, N) output norm of each patch token
     outliers = (
         norm_outliers(norms, cfg.outlier_z, cfg.outlier_ratio) if cfg.norm_outliers else torch.zeros_like(norms, dtype=torch.bool)
@@ -421,7 +487,7 @@ def make_tickets(
         loader = make_loader(data if world == 1 else data.subset(mine), cfg.batch_size, mean, std, workers=workers)
         report(progress, "scoring patches", 0, len(loader))
         for i, batch in enumerate(loader):
-            s, outliers = score_batch(model, batch.images.to(device, non_blocking=True), cfg)
+            s, outliers = score_batch(model, batch.images.to(device, non_blocking=True), cfg, batch.labels)
             scores.append(s.cpu())
             outlier_count += int(outliers.sum())
             report(progress, "scoring patches", i + 1, len(loader))

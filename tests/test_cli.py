@@ -253,14 +253,14 @@ def test_tickets_then_train_on_them(tmp_path):
         "--scores-from",
         tmp_path / "tk",
         "--layers",
-        "all",
+        "-1",
         "--out",
         tmp_path / "x",
         check=False,
     )
     assert (
         bad.returncode == 2
-        and "scored with other settings, layers None (asked: 'all')" in bad.stderr
+        and "scored with other settings, layers 'all' (asked: (-1,))" in bad.stderr
         and not (tmp_path / "x").exists()
     )
 

@@ -16,6 +16,7 @@ from lotus.tickets import (
     balance_scores,
     correct_cls_sink,
     fill_from_neighbours,
+    gradient_rollout,
     keep_from_scores,
     load_tickets,
     make_tickets,
@@ -231,7 +232,7 @@ def test_attention_scores_come_from_the_real_attention(tiny_cfg):
     finally:
         torch.Tensor.softmax = real_softmax
     expected = rows["attn"][:, :, 0, 1:].mean(1)  # (B, N) class-token row, heads averaged
-    scores, _ = score_batch(model, x, TicketConfig(cls_sink=False, norm_outliers=False))
+    scores, _ = score_batch(model, x, TicketConfig(layers=(-1,), cls_sink=False, norm_outliers=False))
     assert torch.allclose(scores, expected, atol=1e-6)
 
 
@@ -243,6 +244,8 @@ def test_layers_all_averages_every_blocks_class_token_row(tiny_cfg):
     every, _ = score_batch(model, x, TicketConfig(layers=parse_layers("all"), **plain))
     assert len(per_block) > 1 and torch.allclose(every, torch.stack(per_block).mean(0), atol=1e-6)
     assert parse_layers("9,10,11") == (9, 10, 11) and parse_layers(None) is None
+    default, _ = score_batch(model, x, TicketConfig(**plain))  # every block, the best selection measured
+    assert torch.equal(default, every) and TicketConfig(layers=None).layers == "all"
     for bad in ("last", "1,x"):
         with pytest.raises(LotusError, match="--layers"):
             TicketConfig(layers=parse_layers(bad))
@@ -254,7 +257,13 @@ def _digits_and_model(tiny_cfg):
 
 
 @pytest.mark.parametrize(
-    "cfg", [TicketConfig(drop=0.3), TicketConfig(drop=0.5, method="rollout"), TicketConfig(drop=0.3, select="random")]
+    "cfg",
+    [
+        TicketConfig(drop=0.3),
+        TicketConfig(drop=0.5, method="rollout"),
+        TicketConfig(drop=0.5, method="grad"),
+        TicketConfig(drop=0.3, select="random"),
+    ],
 )
 def test_every_image_keeps_exactly_k(tiny_cfg, cfg, tmp_path):
     data, model, mean, std = _digits_and_model(tiny_cfg)
@@ -409,3 +418,47 @@ def test_loaded_tickets_are_read_from_the_file_as_batches_need_them(tmp_path):
     assert _rss() - before < 50e6  # not the 246 MB file
     assert torch.equal(keep, tickets.scores[index].topk(16).indices.sort().values)
     assert keep.dtype == torch.long and tickets.keep_idx.dtype == torch.int16  # stored small, handed out as indices
+
+
+def test_gradient_rollout_adds_each_blocks_relevance_through_the_residual():
+    eye = torch.eye(4).expand(2, 4, 4)
+    zero = torch.zeros(2, 4, 4)
+    assert torch.equal(gradient_rollout([zero, zero]), eye)  # no relevant attention: each token explains itself
+    a, b = torch.rand(2, 4, 4), torch.rand(2, 4, 4)
+    assert torch.allclose(gradient_rollout([a, b]), (eye + b) @ (eye + a))
+
+
+def test_gradient_scores_weigh_the_real_attention_by_the_gradient_of_each_images_label(tiny_cfg):
+    # Chefer et al. (2021): per block E_heads[(dlogit_label/dA * A)+], rolled out; checked against
+    # timm's plain attention caught at its softmax and differentiated by autograd directly.
+    model = build_model(tiny_cfg).eval()
+    x, labels = torch.randn(3, 3, 16, 16), torch.tensor([1, 4, 7])
+    caught = []
+    real_softmax = torch.Tensor.softmax
+
+    def spy(t, dim):
+        out = real_softmax(t, dim)
+        if out.dim() == 4 and out.shape[-1] == 17:
+            out.retain_grad()
+            caught.append(out)
+        return out
+
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    torch.Tensor.softmax = spy
+    try:
+        model(x).gather(1, labels[:, None]).sum().backward()
+    finally:
+        torch.Tensor.softmax = real_softmax
+    expected = gradient_rollout([(a.grad * a).clamp_min(0).mean(1) for a in caught])[:, 0, 1:]
+    model.zero_grad()
+    for blk in model.blocks:
+        blk.attn.fused_attn = True
+    scores, _ = score_batch(model, x, TicketConfig(method="grad", norm_outliers=False), labels)
+    assert torch.allclose(scores, expected, atol=1e-6)
+    assert all(blk.attn.fused_attn for blk in model.blocks)  # the model is left as it was
+    assert all(p.grad is None for p in model.parameters())  # and no gradients are left on its weights
+    other, _ = score_batch(model, x, TicketConfig(method="grad", norm_outliers=False), torch.tensor([0, 0, 0]))
+    assert not torch.allclose(other, scores)  # the scores explain each image's own class
+    with pytest.raises(LotusError, match="gradient of each image's label"):
+        score_batch(model, x, TicketConfig(method="grad"))
