@@ -51,6 +51,12 @@ def machine() -> dict:
     }
 
 
+def shown(path: str | Path) -> str:
+    """A path as results record it: relative to the repository when under it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def write_result(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -53,8 +53,8 @@ HANDWRITTEN_SCORES = "084d74c"
 # A ticket run's variant (see `variant`) -> its name on the page, in the order the tables list them.
 LABELS = {
     "full": "full data",
-    "attention-cls": "attention, last block (the default)",
-    "attention-cls-all": "attention, all blocks averaged (`--layers all`)",
+    "attention-cls": "attention, last block (`--layers -1`)",
+    "attention-cls-all": "attention, all blocks averaged (the default)",
     "attention-cls-all-balance": "attention, all blocks, positions balanced (`--balance`)",
     "random": "random drop, fixed per image",
     "attention-cls-t1": "attention, last block, sampled every batch (T = 1)",
@@ -601,9 +601,9 @@ def scoring_label(data: dict) -> str:
     if method == "rollout":
         return "attention rollout, all blocks" if layers is None else f"attention rollout, blocks {layers}"
     if layers is None:
-        return "class token, last block (the default)"
+        return "class token, last block (`--layers -1`)"
     if layers == "all":
-        return "class token, all blocks averaged (`--layers all`)"
+        return "class token, all blocks averaged (the default)"
     return "class token, block " + ", ".join(str(layer) for layer in layers)
 
 
@@ -657,6 +657,131 @@ def tickets_clutter(src: Source, page: Page) -> None:
     page.image(
         src, "h100/cluttered64_tickets/tickets-attention-0.5-lastblock.png", "The same images, last-block tickets at drop 0.5"
     )
+
+
+PHOTO_SELECTIONS = {
+    "last": "class token, last block (`--layers -1`)",
+    "all": "class token, all blocks averaged (the default)",
+    "rollout": "attention rollout, all blocks (`--method rollout`)",
+    "grad": "gradient-weighted rollout, all blocks (`--method grad`)",
+    "random": "random drop, fixed per image",
+    "centre": "the patches nearest the centre (looks at no image)",
+    "full": "full data",
+}
+
+
+def tickets_photos(src: Source, page: Page) -> None:
+    survey = "ticket_coverage_tiny_imagenet.json"
+    grids = src.glob("tiny_imagenet_tickets_*.json")
+    if not src.has(survey) and not grids:
+        return
+    page.add(
+        "## Do attention tickets find the object in photographs?",
+        "",
+        "Tiny-ImageNet-100 (100 Tiny-ImageNet classes, 64x64 photographs with real background) gives every image"
+        " its object box. With 8x8 patches a model sees 64 patches, as on CIFAR-10.",
+        "",
+    )
+    if src.has(survey):
+        photo_coverage(src, page, survey)
+    for rel in grids:
+        photo_grid(src, page, rel)
+
+
+def photo_coverage(src: Source, page: Page, rel: str) -> None:
+    data = src.json(rel)
+    selections = data["selections"]
+    random = selections.get("random", {}).get("drops", {})
+    page.add(
+        f"### How much of the object each selection keeps\n\n`benchmarks/ticket_coverage.py` scores {data['images']:,}"
+        f" training images with a box (drawn once, the same for every selection) with the baseline `{data['baseline']}`"
+        f" ({pct(data.get('baseline_test_accuracy'))} test)."
+        f" The object touches {100 * data['object_share']:.1f}% of an image's patches on average; {data['small_objects']:,}"
+        ' images have an object on fewer than half of them ("small"). Shares are of the object\'s patches that the'
+        " selection keeps.",
+        "",
+    )
+    page.about(src.machines([rel]), f"one scoring pass per selection over {data['images']:,} images of the training split")
+    drops = sorted({float(d) for s in selections.values() for d in s["drops"]})
+    rows = []
+    for name, found in selections.items():
+        cells = []
+        for drop in drops:
+            shares = found["drops"][f"{drop:g}"]
+            versus = ""
+            if name != "random" and f"{drop:g}" in random:
+                versus = f" ({signed(100 * (shares['object_kept'] - random[f'{drop:g}']['object_kept']))})"
+            cells.append(f"{100 * shares['object_kept']:.1f}%{versus}")
+        half = found["drops"].get("0.5")
+        small = f"{100 * half['small_object_kept']:.1f}%" if half else ""
+        rows.append([PHOTO_SELECTIONS.get(name, name), *cells, small, f"{found['scoring_seconds']:.0f}"])
+    header = ["selection", *(f"object kept, drop {d:g}" for d in drops), "small objects kept, drop 0.5", "scoring (s)"]
+    page.table(header, rows, [rel])
+    page.add("In brackets: points above random drop at the same ratio.", "")
+
+
+def photo_grid(src: Source, page: Page, rel: str) -> None:
+    data = src.json(rel)
+    recipe = data["recipe"]
+    shape = data["baseline_model"]
+    base = (
+        f"the baseline (ViT-Tiny of depth {shape['depth']}, {shape['patch_size']}-px patches, {data['baseline_epochs']} epochs,"
+        f" {pct(data['baseline_test_accuracy'])} test)"
+    )
+    if data["mode"] == "finetune":
+        pruned = f" ({pct(data['pruned_test_accuracy'])} test)" if data.get("pruned_test_accuracy") else ""
+        what = (
+            f"{base[0].upper() + base[1:]} is pruned one-shot to sparsity {data['sparsity']:g}{pruned} and fine-tuned"
+            f" {recipe['epochs']} epoch(s) with `lotus compress`'s recipe (masks held)"
+        )
+    else:
+        what = f"A fresh model of the shape of {base} is trained {recipe['epochs']} epoch(s) from scratch"
+    page.add(
+        "### Fine-tuning the pruned model on the tickets"
+        if data["mode"] == "finetune"
+        else "### Training on the tickets from scratch",
+        "",
+        f"`benchmarks/tiny_imagenet_tickets.py`. {what}, on full data or on each selection's tickets (scored once by the"
+        " dense baseline; object coverage over the whole training split). Runs of one seed see the same batches, so"
+        " differences are paired by seed: mean ± its standard error. Validation accuracy is on the images held out of"
+        " the training split (what a choice is made on); test accuracy on the 5,000 test images (what is reported).",
+        "",
+    )
+    runs = {row["selection"] for row in data["rows"]}
+    page.about(src.machines([rel]), f"{recipe['epochs']} epoch(s), batch {recipe['batch_size']}; {len(runs)} kinds of data")
+    rows = []
+    for row in data["rows"]:
+        kept = row.get("object_coverage", {}).get("object_kept")
+        rows.append(
+            [
+                PHOTO_SELECTIONS.get(row["selection"], row["selection"]),
+                f"{row['drop']:g}" if row["selection"] != "full" else "",
+                str(len(row["seeds"])),
+                pct(row["val_mean"]),
+                f"{pct(row['test_mean'])} ± {num(row['test_sd'] or 0)}",
+                paired_cell(row, "vs_random"),
+                paired_cell(row, "vs_full"),
+                num(row.get("epoch_time_vs_full", 1.0), 3),
+                f"{100 * kept:.1f}%" if kept is not None else "",
+            ]
+        )
+    header = [
+        "trained on",
+        "drop",
+        "seeds",
+        "validation",
+        "test (mean ± sd)",
+        "vs random (points)",
+        "vs full (points)",
+        "epoch time vs full",
+        "object kept",
+    ]
+    page.table(header, rows, [rel])
+
+
+def paired_cell(row: dict, key: str) -> str:
+    """'mean ± standard error' of a paired difference, or '' when the row has none."""
+    return f"{signed(row[key]['mean'])} ± {num(row[key]['standard_error'] or 0)}" if key in row else ""
 
 
 def tickets_finetune(src: Source, page: Page) -> None:
@@ -1508,6 +1633,7 @@ SECTIONS = (
     scale,
     tickets_cifar10,
     tickets_clutter,
+    tickets_photos,
     tickets_finetune,
     pipeline,
     structured,
@@ -1549,6 +1675,23 @@ def ticket_headline(src: Source, suite: str, drop: float) -> list[str] | None:
     seeds = f"{len(attention)} seeds each" if len(attention) == len(random) else f"{len(attention)} and {len(random)} seeds"
     budget = f"{found[0].epochs} epochs from scratch, {seeds}"
     return [f"{where}: attention tickets (all blocks) vs random drop, drop {drop:g}", figure, machines, budget]
+
+
+def photo_headline(src: Source, rel: str, drop: float = 0.5) -> list[str] | None:
+    data = src.json(rel)
+    rows = {(r["selection"], r["drop"]): r for r in data["rows"]}
+    attention, random, full = rows.get(("all", drop)), rows.get(("random", drop)), rows.get(("full", 0.0))
+    if not attention or "vs_random" not in attention:
+        return None
+    diff = attention["vs_random"]
+    figure = (
+        f"{attention['test_mean']:.2f}% vs {random['test_mean']:.2f}% ({signed(diff['mean'])} ± {num(diff['standard_error'] or 0)})"
+        + (f"; full data {full['test_mean']:.2f}%" if full else "")
+    )
+    how = f"pruned to {data['sparsity']:g}, fine-tuned" if data["mode"] == "finetune" else "from scratch"
+    budget = f"{data['recipe']['epochs']} epoch(s) {how}, {len(attention['seeds'])} seeds each"
+    what = f"Tiny-ImageNet-100: attention tickets (all blocks) vs random drop, drop {drop:g}"
+    return [what, figure, short_machine(data, rel), budget]
 
 
 def step_headline(src: Source) -> list[str] | None:
@@ -1621,6 +1764,7 @@ def headline_rows(src: Source) -> list[list[str]]:
         step_headline(src),
         ticket_headline(src, "cifar10_tickets", 0.5),
         ticket_headline(src, "cluttered64_tickets", 0.3),
+        *(photo_headline(src, rel) for rel in src.glob("tiny_imagenet_tickets_*.json")),
         compress_headline(src),
         export_headline(src),
         serve_headline(src),
