@@ -82,7 +82,7 @@ def test_compress_writes_the_run_folder_and_reproduces_from_its_recipe(tmp_path)
     for stage in ("baseline", "tickets", "prune", "finetune", "evaluate"):
         assert {"accuracy", "seconds", "images_per_second"} <= set(metrics["stages"][stage])
     report = (run / "report.md").read_text()
-    assert "| test accuracy |" in report and "(drop 0.1, fixed per image, by the attention of the last block)" in report
+    assert "| test accuracy |" in report and "(drop 0.1, fixed per image, by the attention of all blocks)" in report
     assert "Classes (10): 0, 1, 2, 3, 4, 5, 6, 7, 8, 9." in report  # the digits name their classes by themselves
     assert json.loads(first.stdout.splitlines()[-1])["compressed_accuracy"] == metrics["compressed_accuracy"]
 
