@@ -31,7 +31,7 @@ from common import RESULTS, ROOT, machine, paired, shown, write_result
 from ticket_coverage import SELECTIONS
 
 from lotus.checkpoint import load_model
-from lotus.config import default_compress_config
+from lotus.config import TrainConfig, default_compress_config
 from lotus.data import DataConfig
 from lotus.prune import prune_oneshot
 from lotus.tickets import tickets_from_checkpoint
@@ -56,7 +56,7 @@ def tickets_for(args, data_cfg: DataConfig, selection: str, drop: float) -> Path
     return out
 
 
-def start_point(args, data_cfg: DataConfig) -> tuple[Path | None, ModelConfig, dict]:
+def start_point(args, data_cfg: DataConfig) -> tuple[Path | None, ModelConfig, TrainConfig]:
     """What every run starts from: the pruned baseline (finetune) or nothing (scratch), the
     model's shape for scratch runs, and the recipe."""
     cfg = default_compress_config(data_cfg.name)
@@ -65,12 +65,12 @@ def start_point(args, data_cfg: DataConfig) -> tuple[Path | None, ModelConfig, d
         shape = meta["model"]
         model_cfg = ModelConfig(patch_size=shape["patch_size"], depth=shape["depth"])
         recipe = replace(cfg.baseline, epochs=args.epochs, seed=0)
-        return None, model_cfg, asdict(recipe) | {"_recipe": recipe}
+        return None, model_cfg, recipe
     pruned = args.work / f"stage1-{args.sparsity:g}"
     if not (pruned / "model.safetensors").exists():
         prune_oneshot(args.baseline, args.sparsity, pruned, cfg.prune, data_cfg=data_cfg)
     recipe = replace(cfg.finetune, epochs=args.epochs, warmup_epochs=min(0.5, args.epochs / 4))
-    return pruned, ModelConfig(), asdict(recipe) | {"_recipe": recipe}
+    return pruned, ModelConfig(), recipe
 
 
 def main() -> None:
@@ -96,8 +96,7 @@ def main() -> None:
 
 def run_grid(args, out: Path, label: str) -> None:
     data_cfg = DataConfig(str(args.data))
-    init, model_cfg, recipe = start_point(args, data_cfg)
-    train_cfg = recipe.pop("_recipe")
+    init, model_cfg, train_cfg = start_point(args, data_cfg)
     out.mkdir(parents=True, exist_ok=True)
     drops = [float(d) for d in args.drops.split(",")]
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -124,7 +123,7 @@ def run_grid(args, out: Path, label: str) -> None:
                 "seed": seed,
                 "mode": args.mode,
                 "sparsity": args.sparsity if args.mode == "finetune" else None,
-                "recipe": recipe,
+                "recipe": asdict(train_cfg),
                 "object_coverage": coverage,
                 "val_accuracy": val["accuracy"],
                 "test_accuracy": history[-1]["test_accuracy"],
@@ -187,14 +186,15 @@ def report(out: Path, label: str, args) -> None:
             f"{r.get('epoch_time_vs_full', 1.0):6.3f} {kept:>11}"
         )
     first = runs[0]
+    baseline = json.loads((args.baseline / "model.json").read_text())  # the checkpoint's record, no weights
     write_result(
         f"{SUITE}_{label}",
         {
             "data": shown(args.data),
             "baseline": shown(args.baseline),
-            "baseline_test_accuracy": load_model(args.baseline)[1]["metrics"].get("test_accuracy"),
-            "baseline_epochs": load_model(args.baseline)[1]["train"]["epochs"],
-            "baseline_model": load_model(args.baseline)[1]["model"],
+            "baseline_test_accuracy": baseline["metrics"].get("test_accuracy"),
+            "baseline_epochs": baseline["train"]["epochs"],
+            "baseline_model": baseline["model"],
             "pruned_test_accuracy": _pruned_accuracy(args),
             "mode": first["mode"],
             "sparsity": first["sparsity"],
