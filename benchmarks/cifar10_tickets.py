@@ -220,16 +220,15 @@ def main() -> None:
             tickets_dir = args.work / f"tickets-{name}"
             if not (tickets_dir / "tickets.json").exists():
                 start = time.perf_counter()
+                how = dict(method=args.method, layers=layers, balance=balance) if select == "attention" else {}
                 ticket_cfg = TicketConfig(
                     drop=drop,
                     select=select,
-                    method=args.method,
-                    layers=layers,
                     temperature=args.temperature,
                     spread=args.spread,
                     fuse=args.fuse,
                     seed=args.seed,
-                    balance=balance,
+                    **how,
                 )
                 scores_from = args.scores_from if select == "attention" else None
                 tickets_from_checkpoint(args.baseline, data_cfg, ticket_cfg, tickets_dir, scores_from=scores_from)

@@ -31,10 +31,10 @@ from lotus.tickets import TicketConfig, keep_from_scores, make_tickets
 
 # The selections worth trying, by the name the results use; "centre" is the control that looks at no image.
 SELECTIONS = {
-    "last": TicketConfig(layers=(-1,)),
-    "all": TicketConfig(layers="all"),
-    "rollout": TicketConfig(method="rollout"),
-    "grad": TicketConfig(method="grad"),
+    "last": TicketConfig(select="attention", layers=(-1,)),
+    "all": TicketConfig(select="attention", layers="all"),
+    "rollout": TicketConfig(select="attention", method="rollout"),
+    "grad": TicketConfig(select="attention", method="grad"),
     "random": TicketConfig(select="random"),
     "centre": None,
 }

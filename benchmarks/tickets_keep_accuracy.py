@@ -41,7 +41,7 @@ def main() -> None:
     data = load_split_for_model(DataConfig(str(cifar10_folder(args.archive))), pre, "test")
     drops = [float(d) for d in args.drops.split(",")]
     layers = parse_layers(args.layers)
-    scoring = TicketConfig(method=args.method, layers=layers)  # the tickets' scoring, sink corrections on
+    scoring = TicketConfig(select="attention", method=args.method, layers=layers)  # the tickets' scoring, sink corrections on
     n = model.patch_embed.num_patches
     gen = torch.Generator().manual_seed(0)
     correct = {"full": 0, **{f"{how}-{d:g}": 0 for d in drops for how in ("highest", "spread", "random", "lowest")}}

@@ -37,8 +37,8 @@ def main() -> None:
 
     modes = {
         "eval": evaluate,
-        "score_cls": lambda: score_batch(model, images, TicketConfig()),
-        "score_rollout": lambda: score_batch(model, images, TicketConfig(method="rollout")),
+        "score_cls": lambda: score_batch(model, images, TicketConfig(select="attention")),
+        "score_rollout": lambda: score_batch(model, images, TicketConfig(select="attention", method="rollout")),
     }
     for fn in modes.values():
         fn()  # warm-up

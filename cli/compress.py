@@ -73,7 +73,9 @@ ValFractionOpt = Annotated[
         "0: none. An ImageFolder with val/ beside train/ and test/ uses val/. [default: 0.05]"
     ),
 ]
-SelectOpt = Annotated[Select | None, typer.Option(help="Ticket selection: 'attention' or the 'random' control.")]
+SelectOpt = Annotated[
+    Select | None, typer.Option(help="Ticket selection: 'random' (default) or 'attention' (see `lotus tickets`).")
+]
 TemperatureOpt = Annotated[
     float | None,
     typer.Option(

@@ -1,4 +1,4 @@
-"""`lotus tickets`: score the training patches with a model's attention, write the keep masks."""
+"""`lotus tickets`: choose the training patches kept, at random or by a model's attention, write the keep masks."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
 
 class Select(str, Enum):
-    attention = "attention"
     random = "random"
+    attention = "attention"
 
 
 class Method(str, Enum):
@@ -47,7 +47,12 @@ ScoringCheckpointOpt = Annotated[
     typer.Option(help="Trained LOTUS checkpoint or run folder that scores the patches (default: the latest run)."),
 ]
 DropOpt = Annotated[float, typer.Option(help="Fraction of each image's patches to drop, in [0, 1).")]
-SelectOpt = Annotated[Select, typer.Option(help="'attention' (scored by the model) or 'random' (the control, same drop ratio).")]
+SelectOpt = Annotated[
+    Select,
+    typer.Option(
+        help="'random': each image keeps K patches drawn at random (level with attention or ahead of it in every measurement, and no scoring pass); 'attention': the K the model's attention scores highest."
+    ),
+]
 MethodOpt = Annotated[
     Method,
     typer.Option(
@@ -115,7 +120,7 @@ def tickets(
     loader: LoaderOpt = None,
     workers: WorkersOpt = None,
     drop: DropOpt = 0.1,
-    select: SelectOpt = Select.attention,
+    select: SelectOpt = Select.random,
     method: MethodOpt = Method.cls,
     layers: LayersOpt = None,
     cls_sink: ClsSinkOpt = True,
@@ -130,7 +135,7 @@ def tickets(
     device: DeviceOpt = "auto",
     out: TicketsOutOpt = None,
 ) -> None:
-    """Score every training patch with a model's attention and write the keep masks (data lottery tickets)."""
+    """Choose each training image's kept patches, at random or by a model's attention, and write the keep masks (data lottery tickets)."""
     from lotus.config import TicketConfig, parse_layers
     from lotus.settings import check_boxes
 

@@ -399,7 +399,7 @@ def default_configs(data_name: str) -> tuple[DataConfig, ModelConfig, TrainConfi
 @dataclass(frozen=True)
 class TicketConfig:
     drop: float = 0.1  # fraction of each image's patches dropped, in [0, 1)
-    select: str = "attention"  # 'attention' (scored by the model) or 'random' (the control)
+    select: str = "random"  # 'random' (measured level with attention or ahead of it) or 'attention' (scored by the model)
     method: str = "cls"  # 'cls' (class-token attention row), 'rollout', or 'grad' (gradient-weighted rollout)
     layers: tuple[int, ...] | str | None = "all"  # blocks used (negative counts from the end) or 'all'; None = 'all'
     cls_sink: bool = True  # replace the class token's self-attention by its row mean
@@ -427,9 +427,9 @@ class TicketConfig:
             raise LotusError(f"--layers {self.layers!r} is not 'all' or a comma-separated list of block numbers")
         if self.spread < 1:
             raise LotusError(f"--spread {self.spread} must be at least 1 (the side of the patch blocks, 1 = whole image)")
-        if self.balance and self.select == "random":
+        if self.select == "random" and (scoring := self._attention_settings()):
             raise LotusError(
-                "--balance ranks attention scores by position: random tickets keep every position equally often already"
+                f"{', '.join(scoring)} set how attention scores patches, but these tickets are random: add --select attention"
             )
         if not self.temperature >= 0:
             raise LotusError(
@@ -437,6 +437,18 @@ class TicketConfig:
             )
         if not self.batch_size >= 1:
             raise LotusError(f"ticket batch_size {self.batch_size} is below 1: score 1 or more images per pass")
+
+    def _attention_settings(self) -> list[str]:
+        """The options given that only attention tickets use, as typed."""
+        layers = self.layers if isinstance(self.layers, str) else ",".join(map(str, self.layers))
+        given = {
+            f"--method {self.method}": self.method != "cls",
+            f"--layers {layers}": layers != "all",
+            "--no-cls-sink": not self.cls_sink,
+            "--no-norm-outliers": not self.norm_outliers,
+            "--balance": self.balance,
+        }
+        return [option for option, set_ in given.items() if set_]
 
     def check_model(self, depth: int | None, grid: int) -> None:
         """Refuse settings that do not fit a model of `depth` blocks (None: not known yet) on a `grid` x `grid` patch grid."""

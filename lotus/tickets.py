@@ -564,7 +564,7 @@ def recut_tickets(tickets: Tickets, cfg: TicketConfig) -> Tickets:
         f"{f} {made.get(f)!r} (asked: {wanted[f]!r})" for f in fields if json.dumps(made.get(f)) != json.dumps(wanted[f])
     ]  # as JSON: the saved config holds lists for tuples
     if differ:
-        raise LotusError(f"these tickets were scored with other settings, {', '.join(differ)}: score again with `lotus tickets`")
+        raise LotusError(f"these tickets were scored with other settings, {', '.join(differ)}: ask for the same, or score again")
     check_spread(cfg.spread, tickets.grid)
     earlier = {k: v for k, v in tickets.meta.items() if k != "object_coverage"}  # measured on the earlier cut
     meta = {**earlier, "config": wanted, "num_keep": num_keep(tickets.grid**2, cfg.drop)}

@@ -54,9 +54,9 @@ HANDWRITTEN_SCORES = "084d74c"
 LABELS = {
     "full": "full data",
     "attention-cls": "attention, last block (`--layers -1`)",
-    "attention-cls-all": "attention, all blocks averaged (the default)",
+    "attention-cls-all": "attention, all blocks averaged (the default scoring)",
     "attention-cls-all-balance": "attention, all blocks, positions balanced (`--balance`)",
-    "random": "random drop, fixed per image",
+    "random": "random drop, fixed per image (the default)",
     "attention-cls-t1": "attention, last block, sampled every batch (T = 1)",
     "attention-cls-t3": "attention, last block, sampled every batch (T = 3)",
     "attention-rollout": "attention rollout, all blocks",
@@ -603,7 +603,7 @@ def scoring_label(data: dict) -> str:
     if layers is None:
         return "class token, last block (`--layers -1`)"
     if layers == "all":
-        return "class token, all blocks averaged (the default)"
+        return "class token, all blocks averaged (the default scoring)"
     return "class token, block " + ", ".join(str(layer) for layer in layers)
 
 
@@ -661,10 +661,10 @@ def tickets_clutter(src: Source, page: Page) -> None:
 
 PHOTO_SELECTIONS = {
     "last": "class token, last block (`--layers -1`)",
-    "all": "class token, all blocks averaged (the default)",
+    "all": "class token, all blocks averaged (the default scoring)",
     "rollout": "attention rollout, all blocks (`--method rollout`)",
     "grad": "gradient-weighted rollout, all blocks (`--method grad`)",
-    "random": "random drop, fixed per image",
+    "random": "random drop, fixed per image (the default)",
     "centre": "the patches nearest the centre (looks at no image)",
     "full": "full data",
 }

@@ -212,7 +212,9 @@ def test_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_tickets_then_train_on_them(tmp_path):
     lotus("train", "--epochs", "1", *FAST, "--out", tmp_path / "base")
-    proc = lotus("tickets", "--checkpoint", tmp_path / "base", "--drop", "0.25", "--out", tmp_path / "tk")
+    proc = lotus(
+        "tickets", "--checkpoint", tmp_path / "base", "--select", "attention", "--drop", "0.25", "--out", tmp_path / "tk"
+    )
     assert "kept 12 of 16 patches in each of 1365 images" in proc.stderr.replace("\n", " ")
     assert (tmp_path / "tk" / "tickets.png").stat().st_size > 10_000
     lotus("train", "--epochs", "1", *FAST, "--tickets", tmp_path / "tk", "--out", tmp_path / "lottery")
@@ -222,7 +224,17 @@ def test_tickets_then_train_on_them(tmp_path):
     assert bad.returncode == 2 and "--drop 1.5 is outside [0, 1)" in bad.stderr
     # the same scores cut at another drop ratio, without scoring again
     proc = lotus(
-        "tickets", "--checkpoint", tmp_path / "base", "--scores-from", tmp_path / "tk", "--drop", "0.5", "--out", tmp_path / "tk2"
+        "tickets",
+        "--checkpoint",
+        tmp_path / "base",
+        "--scores-from",
+        tmp_path / "tk",
+        "--select",
+        "attention",
+        "--drop",
+        "0.5",
+        "--out",
+        tmp_path / "tk2",
     )
     assert "kept 8 of 16 patches" in proc.stderr.replace("\n", " ")
     from lotus.tickets import balance_scores, load_tickets
@@ -237,6 +249,8 @@ def test_tickets_then_train_on_them(tmp_path):
         tmp_path / "base",
         "--scores-from",
         tmp_path / "tk",
+        "--select",
+        "attention",
         "--drop",
         "0.5",
         "--balance",
@@ -252,6 +266,8 @@ def test_tickets_then_train_on_them(tmp_path):
         tmp_path / "base",
         "--scores-from",
         tmp_path / "tk",
+        "--select",
+        "attention",
         "--layers",
         "-1",
         "--out",

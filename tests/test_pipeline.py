@@ -82,7 +82,7 @@ def test_compress_writes_the_run_folder_and_reproduces_from_its_recipe(tmp_path)
     for stage in ("baseline", "tickets", "prune", "finetune", "evaluate"):
         assert {"accuracy", "seconds", "images_per_second"} <= set(metrics["stages"][stage])
     report = (run / "report.md").read_text()
-    assert "| test accuracy |" in report and "(drop 0.1, fixed per image, by the attention of all blocks)" in report
+    assert "| test accuracy |" in report and "(drop 0.1, fixed per image, at random)" in report
     assert "Classes (10): 0, 1, 2, 3, 4, 5, 6, 7, 8, 9." in report  # the digits name their classes by themselves
     assert json.loads(first.stdout.splitlines()[-1])["compressed_accuracy"] == metrics["compressed_accuracy"]
 
@@ -96,7 +96,16 @@ def test_compress_writes_the_run_folder_and_reproduces_from_its_recipe(tmp_path)
 def test_compress_with_structure_fine_tunes_a_shrunk_model(tmp_path):
     recipe = tiny_recipe(tmp_path / "tiny.yaml", finetune=TrainConfig(epochs=1, batch_size=64, lr=5e-4, warmup_epochs=0.5))
     done = lotus(
-        "compress", "--recipe", recipe, "--structure", "heads=0.34,mlp=0.5", "--layers", "all", "--fuse", "--out", tmp_path / "s"
+        "compress",
+        "--recipe",
+        recipe,
+        "--structure",
+        "heads=0.34,mlp=0.5",
+        "--select",
+        "attention",
+        "--fuse",
+        "--out",
+        tmp_path / "s",
     )
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert metrics["structure"] == {"num_heads": [2], "mlp_hidden": [384]} and 0.5 < metrics["parameters_ratio"] < 0.8
@@ -110,7 +119,7 @@ def test_compress_with_structure_fine_tunes_a_shrunk_model(tmp_path):
     assert "Structured: heads per block [2]" in (tmp_path / "s" / "report.md").read_text()
     assert load_recipe(tmp_path / "s" / "recipe.yaml").structure.mlp == 0.5
     tickets = load_recipe(tmp_path / "s" / "recipe.yaml").tickets
-    assert tickets.layers == "all" and tickets.fuse  # scored by every block's attention, dropped patches fused
+    assert tickets.select == "attention" and tickets.layers == "all" and tickets.fuse  # every block's attention, fused
     assert "by the attention of all blocks, the dropped ones fused into one token" in (tmp_path / "s" / "report.md").read_text()
     bad = lotus("compress", "--recipe", recipe, "--structure", "heads=half", "--out", tmp_path / "t", check=False)
     assert bad.returncode == 2 and "--structure heads" in bad.stderr and "Traceback" not in bad.stderr

@@ -62,6 +62,11 @@ def refused(tmp_path: Path, make_cfg, message: str) -> str:
             "--sparsity auto chooses on the validation split and --val-fraction 0 leaves none",
         ),
         (lambda: replace(DIGITS, tickets=TicketConfig(drop=-0.1)), "--drop -0.1 is outside [0, 1)"),
+        (
+            lambda: replace(DIGITS, tickets=TicketConfig(method="grad", layers=(-1,))),
+            "--method grad, --layers -1 set how attention scores patches, but these tickets are random: add --select attention",
+        ),
+        (lambda: replace(DIGITS, tickets=TicketConfig(balance=True)), "--balance set how attention scores"),
         (lambda: replace(DIGITS, finetune=replace(DIGITS.finetune, epochs=0)), "--epochs 0 is below 1"),
         (lambda: replace(DIGITS, baseline=replace(DIGITS.baseline, epochs=-1)), "--epochs -1 is below 1"),
         (lambda: replace(DIGITS, finetune=replace(DIGITS.finetune, batch_size=0)), "--batch-size 0 is below 1"),
@@ -93,7 +98,10 @@ def test_a_bad_setting_is_refused_before_any_stage(tmp_path, make_cfg, message):
         (lambda tmp: replace(DIGITS, checkpoint=str(tmp / "no-such-model")), "--checkpoint"),
         (lambda tmp: replace(DIGITS, model=ModelConfig(name="vit_no_such_model")), "unknown timm model"),
         (lambda tmp: replace(DIGITS, tickets=TicketConfig(spread=3)), "--spread 3 does not divide the 4x4 patch grid"),
-        (lambda tmp: replace(DIGITS, tickets=TicketConfig(layers=(7,))), "--layers [7] names blocks outside 0..3"),
+        (
+            lambda tmp: replace(DIGITS, tickets=TicketConfig(select="attention", layers=(7,))),
+            "--layers [7] names blocks outside 0..3",
+        ),
     ],
 )
 def test_data_checkpoint_and_model_are_checked_before_any_stage(tmp_path, make_cfg, message):
@@ -142,7 +150,7 @@ def test_a_checkpoint_trained_on_the_validation_images_is_refused(tmp_path):
 
 def test_ticket_settings_are_checked_against_the_checkpoint(tmp_path):
     one_block = untrained_checkpoint(tmp_path / "digits", DIGITS_CLASSES)
-    cfg = replace(DIGITS, checkpoint=str(one_block), tickets=TicketConfig(layers=(1,)))
+    cfg = replace(DIGITS, checkpoint=str(one_block), tickets=TicketConfig(select="attention", layers=(1,)))
     refused(tmp_path, lambda: cfg, "--layers [1] names blocks outside 0..0")
 
 
@@ -301,13 +309,14 @@ for args in (
     ["compress", "--spread", "3"],
     ["compress", "--data", "no-such-folder"],
     ["compress", "--checkpoint", "no-such-model"],
-    ["compress", "--checkpoint", checkpoint, "--layers", "5", "--device", "cpu"],
+    ["compress", "--checkpoint", checkpoint, "--select", "attention", "--layers", "5", "--device", "cpu"],
     ["train", "--data", "no-such-folder"],
     ["train", "--pretrained-path", "no-such-weights.safetensors"],
     ["train", "--pretrained-path", "weights.ckpt"],
     ["compress", "--pretrained-path", "no-such-weights.npz"],
     ["tickets", "--checkpoint", "no-such-model"],
     ["tickets", "--boxes", "no-such-boxes.tsv"],
+    ["tickets", "--method", "grad"],  # random tickets by default: attention settings alone are refused
     ["compress", "--boxes", "no-such-boxes.tsv"],
     ["prune", "isp", "--checkpoint", checkpoint, "--target", "2"],
     ["prune", "sweep", "--checkpoint", checkpoint, "--device", "gpu"],

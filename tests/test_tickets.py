@@ -139,8 +139,10 @@ def test_balance_keeps_every_position_equally_often_and_what_an_image_attends_un
     centre = torch.zeros(4, 4)
     centre[1:3, 1:3] = 2.0
     scores = (centre.view(1, 16) + torch.rand(2000, 16, generator=gen)).softmax(-1)
-    plain = Tickets(keep_from_scores(scores, 8), scores, 4, 4, {"config": asdict(TicketConfig(drop=0.5)), "num_keep": 8})
-    balanced = recut_tickets(plain, TicketConfig(drop=0.5, balance=True))
+    plain = Tickets(
+        keep_from_scores(scores, 8), scores, 4, 4, {"config": asdict(TicketConfig(drop=0.5, select="attention")), "num_keep": 8}
+    )
+    balanced = recut_tickets(plain, TicketConfig(select="attention", drop=0.5, balance=True))
 
     def kept_share(keep):
         return torch.bincount(keep.flatten(), minlength=16).float() / len(keep)
@@ -157,7 +159,7 @@ def test_balance_keeps_every_position_equally_often_and_what_an_image_attends_un
         torch.zeros(2000, dtype=torch.bool),
     )
     assert torch.equal(balanced.for_batch(batch), balanced.keep_idx)  # an unmoved crop keeps the balanced tickets
-    with pytest.raises(LotusError, match="random tickets keep every position equally often already"):
+    with pytest.raises(LotusError, match="--balance set how attention scores patches, but these tickets are random"):
         TicketConfig(select="random", balance=True)
     # the key is a patch's rank at its position: image 1 attends its patch 1 more than its patch 0,
     # yet less than any other image attends patch 1 and more than any other attends patch 0
@@ -232,23 +234,23 @@ def test_attention_scores_come_from_the_real_attention(tiny_cfg):
     finally:
         torch.Tensor.softmax = real_softmax
     expected = rows["attn"][:, :, 0, 1:].mean(1)  # (B, N) class-token row, heads averaged
-    scores, _ = score_batch(model, x, TicketConfig(layers=(-1,), cls_sink=False, norm_outliers=False))
+    scores, _ = score_batch(model, x, TicketConfig(select="attention", layers=(-1,), cls_sink=False, norm_outliers=False))
     assert torch.allclose(scores, expected, atol=1e-6)
 
 
 def test_layers_all_averages_every_blocks_class_token_row(tiny_cfg):
     model = build_model(tiny_cfg).eval()
     x = torch.randn(2, 3, 16, 16)
-    plain = dict(cls_sink=False, norm_outliers=False)
+    plain = dict(select="attention", cls_sink=False, norm_outliers=False)
     per_block = [score_batch(model, x, TicketConfig(layers=(i,), **plain))[0] for i in range(len(model.blocks))]
     every, _ = score_batch(model, x, TicketConfig(layers=parse_layers("all"), **plain))
     assert len(per_block) > 1 and torch.allclose(every, torch.stack(per_block).mean(0), atol=1e-6)
     assert parse_layers("9,10,11") == (9, 10, 11) and parse_layers(None) is None
-    default, _ = score_batch(model, x, TicketConfig(**plain))  # every block, the best selection measured
-    assert torch.equal(default, every) and TicketConfig(layers=None).layers == "all"
+    default, _ = score_batch(model, x, TicketConfig(**plain))  # every block, the best attention measured
+    assert torch.equal(default, every) and TicketConfig(select="attention", layers=None).layers == "all"
     for bad in ("last", "1,x"):
         with pytest.raises(LotusError, match="--layers"):
-            TicketConfig(layers=parse_layers(bad))
+            TicketConfig(select="attention", layers=parse_layers(bad))
 
 
 def _digits_and_model(tiny_cfg):
@@ -260,8 +262,8 @@ def _digits_and_model(tiny_cfg):
     "cfg",
     [
         TicketConfig(drop=0.3),
-        TicketConfig(drop=0.5, method="rollout"),
-        TicketConfig(drop=0.5, method="grad"),
+        TicketConfig(select="attention", drop=0.5, method="rollout"),
+        TicketConfig(select="attention", drop=0.5, method="grad"),
         TicketConfig(drop=0.3, select="random"),
     ],
 )
@@ -283,18 +285,18 @@ def test_every_image_keeps_exactly_k(tiny_cfg, cfg, tmp_path):
 
 def test_recut_tickets_are_the_tickets_scored_at_that_setting(tiny_cfg, tmp_path):
     data, model, mean, std = _digits_and_model(tiny_cfg)
-    scored = make_tickets(model, data, mean, std, TicketConfig(drop=0.5, layers=(0, 1)))
+    scored = make_tickets(model, data, mean, std, TicketConfig(select="attention", drop=0.5, layers=(0, 1)))
     save_tickets(scored, tmp_path)  # the saved config holds layers as a list
-    cut = TicketConfig(drop=0.25, layers=(0, 1), spread=2, fuse=True)
+    cut = TicketConfig(select="attention", drop=0.25, layers=(0, 1), spread=2, fuse=True)
     loaded = load_tickets(tmp_path)
     recut = recut_tickets(loaded, cut)
     direct = make_tickets(model, data, mean, std, cut)
     assert recut.num_keep == 12 and torch.equal(recut.keep_idx, direct.keep_idx) and torch.equal(recut.scores, direct.scores)
     assert recut.meta["config"] == direct.meta["config"] and recut.fuse
-    with pytest.raises(LotusError, match=r"scored with other settings, layers \[0, 1\] \(asked: 'all'\): score again"):
-        recut_tickets(loaded, TicketConfig(drop=0.25, layers="all"))
+    with pytest.raises(LotusError, match=r"scored with other settings, layers \[0, 1\] \(asked: 'all'\): ask for the same"):
+        recut_tickets(loaded, TicketConfig(select="attention", drop=0.25, layers="all"))
     with pytest.raises(LotusError, match="does not divide the 4x4 patch grid"):
-        recut_tickets(scored, TicketConfig(drop=0.25, layers=(0, 1), spread=3))
+        recut_tickets(scored, TicketConfig(select="attention", drop=0.25, layers=(0, 1), spread=3))
     random = make_tickets(model, data, mean, std, TicketConfig(drop=0.5, select="random", seed=1))
     assert torch.equal(
         recut_tickets(random, TicketConfig(drop=0.25, select="random", seed=1)).keep_idx,
@@ -454,11 +456,13 @@ def test_gradient_scores_weigh_the_real_attention_by_the_gradient_of_each_images
     model.zero_grad()
     for blk in model.blocks:
         blk.attn.fused_attn = True
-    scores, _ = score_batch(model, x, TicketConfig(method="grad", norm_outliers=False), labels)
+    scores, _ = score_batch(model, x, TicketConfig(select="attention", method="grad", norm_outliers=False), labels)
     assert torch.allclose(scores, expected, atol=1e-6)
     assert all(blk.attn.fused_attn for blk in model.blocks)  # the model is left as it was
     assert all(p.grad is None for p in model.parameters())  # and no gradients are left on its weights
-    other, _ = score_batch(model, x, TicketConfig(method="grad", norm_outliers=False), torch.tensor([0, 0, 0]))
+    other, _ = score_batch(
+        model, x, TicketConfig(select="attention", method="grad", norm_outliers=False), torch.tensor([0, 0, 0])
+    )
     assert not torch.allclose(other, scores)  # the scores explain each image's own class
     with pytest.raises(LotusError, match="gradient of each image's label"):
-        score_batch(model, x, TicketConfig(method="grad"))
+        score_batch(model, x, TicketConfig(select="attention", method="grad"))
