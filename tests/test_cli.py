@@ -223,19 +223,8 @@ def test_tickets_then_train_on_them(tmp_path):
     bad = lotus("tickets", "--checkpoint", tmp_path / "base", "--drop", "1.5", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "--drop 1.5 is outside [0, 1)" in bad.stderr
     # the same scores cut at another drop ratio, without scoring again
-    proc = lotus(
-        "tickets",
-        "--checkpoint",
-        tmp_path / "base",
-        "--scores-from",
-        tmp_path / "tk",
-        "--select",
-        "attention",
-        "--drop",
-        "0.5",
-        "--out",
-        tmp_path / "tk2",
-    )
+    recut = ("tickets", "--checkpoint", tmp_path / "base", "--scores-from", tmp_path / "tk", "--select", "attention")
+    proc = lotus(*recut, "--drop", "0.5", "--out", tmp_path / "tk2")
     assert "kept 8 of 16 patches" in proc.stderr.replace("\n", " ")
     from lotus.tickets import balance_scores, load_tickets
 
@@ -243,37 +232,11 @@ def test_tickets_then_train_on_them(tmp_path):
     assert torch.equal(second.scores, first.scores) and torch.equal(
         second.keep_idx.long(), second.scores.topk(8).indices.sort().values
     )
-    lotus(
-        "tickets",
-        "--checkpoint",
-        tmp_path / "base",
-        "--scores-from",
-        tmp_path / "tk",
-        "--select",
-        "attention",
-        "--drop",
-        "0.5",
-        "--balance",
-        "--out",
-        tmp_path / "tk3",
-    )
+    lotus(*recut, "--drop", "0.5", "--balance", "--out", tmp_path / "tk3")
     balanced = load_tickets(tmp_path / "tk3")
     assert torch.equal(balanced.keep_idx.long(), balance_scores(first.scores).topk(8).indices.sort().values)
     assert not torch.equal(balanced.keep_idx, second.keep_idx)
-    bad = lotus(
-        "tickets",
-        "--checkpoint",
-        tmp_path / "base",
-        "--scores-from",
-        tmp_path / "tk",
-        "--select",
-        "attention",
-        "--layers",
-        "-1",
-        "--out",
-        tmp_path / "x",
-        check=False,
-    )
+    bad = lotus(*recut, "--layers", "-1", "--out", tmp_path / "x", check=False)
     assert (
         bad.returncode == 2
         and "scored with other settings, layers 'all' (asked: (-1,))" in bad.stderr
