@@ -80,6 +80,18 @@ AugOpt = Annotated[
         "(rrc + timm's RandAugment), 'none', or 'auto' (crop for data in memory, rrc when streamed). [default: auto]",
     ),
 ]
+MixupOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="timm's Mixup: blend each training image and its label with another's, Beta(alpha) weights (DeiT: 0.8). [default: 0, off]"
+    ),
+]
+CutmixOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="timm's CutMix: paste a box of another training image, labels by area (DeiT: 1.0); with --mixup, half the batches each. [default: 0, off]"
+    ),
+]
 DropAwareOpt = Annotated[
     str | None,
     typer.Option(

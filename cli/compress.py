@@ -18,8 +18,10 @@ from cli.common import (
     AugOpt,
     AwareSelectBlockOpt,
     CompileOpt,
+    CutmixOpt,
     DropAwareOpt,
     LoaderOpt,
+    MixupOpt,
     PretrainedPathOpt,
     WorkersOpt,
     aware,
@@ -151,6 +153,8 @@ def compress(
     loader: LoaderOpt = None,
     workers: WorkersOpt = None,
     aug: AugOpt = None,
+    mixup: MixupOpt = None,
+    cutmix: CutmixOpt = None,
     compile: CompileOpt = None,
     drop_aware: DropAwareOpt = None,
     select_block: AwareSelectBlockOpt = None,
@@ -175,21 +179,18 @@ def compress(
 
     recipe, out = resumed_recipe(recipe, out, resume)
     cfg = starting_config(recipe, data)
+    training = given(augment=aug, mixup=mixup, cutmix=cutmix, compile=compile)  # the baseline's and the fine-tuning's
     cfg = replace(
         cfg,
         data=replace(cfg.data, **data_flags(data_dir, download, val_fraction, img_size, loader, workers)),
-        baseline=replace(cfg.baseline, **given(augment=aug, compile=compile)),
+        baseline=replace(cfg.baseline, **training),
         model=replace(cfg.model, **given(name=model, pretrained=pretrained_weights(pretrained, pretrained_path))),
         tickets=replace(cfg.tickets, **ticket_flags(drop, select, temperature, spread, layers, balance, fuse, boxes)),
         sweep=replace(cfg.sweep, **given(tolerance=tolerance)),
-        finetune=replace(cfg.finetune, **given(epochs=epochs, augment=aug, compile=compile), **aware(drop_aware, select_block)),
+        finetune=replace(cfg.finetune, **training, **given(epochs=epochs), **aware(drop_aware, select_block)),
         structure=replace(cfg.structure, **structure_flags(structure, structure_importance, structure_scope)),
-        **given(
-            checkpoint=str(checkpoint) if checkpoint else None,
-            device=device,
-            isp_target=isp_target,
-            sparsity=sparsity,  # the config reads '0.3', 'auto' and '2:4' alike, and refuses anything else
-        ),
+        # the config reads a --sparsity of '0.3', 'auto' and '2:4' alike, and refuses anything else
+        **given(checkpoint=str(checkpoint) if checkpoint else None, device=device, isp_target=isp_target, sparsity=sparsity),
     )
     check_settings(cfg)  # before a new run folder is made for it
     run_pipeline(cfg, path_or_new_run(out, "compress"), resume)

@@ -16,12 +16,14 @@ from cli.common import (
     AugOpt,
     AwareSelectBlockOpt,
     CompileOpt,
+    CutmixOpt,
     DataDirOpt,
     DataOpt,
     DeviceOpt,
     DownloadOpt,
     DropAwareOpt,
     LoaderOpt,
+    MixupOpt,
     PretrainedPathOpt,
     ValFractionOpt,
     WorkersOpt,
@@ -90,6 +92,8 @@ def train(
     warmup_epochs: WarmupOpt = None,
     label_smoothing: LabelSmoothingOpt = None,
     aug: AugOpt = None,
+    mixup: MixupOpt = None,
+    cutmix: CutmixOpt = None,
     compile: CompileOpt = None,
     drop_aware: DropAwareOpt = None,
     select_block: AwareSelectBlockOpt = None,
@@ -108,24 +112,15 @@ def train(
     weights = pretrained_weights(pretrained, pretrained_path)
     model_cfg = replace(model_cfg, pretrained=weights, **given(name=model, patch_size=patch_size, depth=depth))
     schedule = given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
-    recipe = given(label_smoothing=label_smoothing, seed=seed, augment=aug, compile=compile)
+    recipe = given(label_smoothing=label_smoothing, seed=seed, augment=aug, mixup=mixup, cutmix=cutmix, compile=compile)
     train_cfg = replace(train_cfg, device=device, **schedule, **recipe, **aware(drop_aware, select_block))
     check_inputs(data_cfg, checkpoint, device, model=model_cfg, same_holdout=True)  # refused before a run folder is made
     out = run_folder(out, resume)
     from lotus.train import train as train_run  # imports torch: only once the settings are checked
 
     with progress_bars(show=first_process()) as progress:
-        history = train_run(
-            data_cfg,
-            model_cfg,
-            train_cfg,
-            out,
-            init_checkpoint=checkpoint,
-            tickets=tickets,
-            resume=resume,
-            progress=progress,
-            log=log,
-        )
+        start = dict(init_checkpoint=checkpoint, tickets=tickets, resume=resume)
+        history = train_run(data_cfg, model_cfg, train_cfg, out, **start, progress=progress, log=log)
     err.print(
         f"test accuracy {history[-1]['test_accuracy']:.2f}% after {len(history)} epochs; checkpoint: {out / 'model.safetensors'}"
     )

@@ -346,6 +346,8 @@ class TrainConfig:
     # 'randaug' (rrc + timm's RandAugment rand-m9-mstd0.5-inc1), 'none', or 'auto' (crop for
     # images held in memory, rrc for streamed ones); digits are never flipped
     augment: str = "auto"
+    mixup: float = 0.0  # timm's Mixup alpha: blend each image with another, labels alike (0: off; DeiT: 0.8)
+    cutmix: float = 0.0  # timm's CutMix alpha: paste a box of another image (0: off; DeiT: 1.0); with both, half the batches each
     compile: bool = True  # torch.compile the training step on CUDA (the CPU never compiles)
     # drop-aware training: each step keeps the patches the exported graph would keep (select_block's
     # class-token attention) at one of these drop ratios, in turn; () trains on every patch
@@ -366,7 +368,9 @@ class TrainConfig:
             raise LotusError(f"--batch-size {self.batch_size} is below 1: a step needs at least one image")
         if not self.lr > 0:
             raise LotusError(f"--lr {self.lr} is not above 0: pass a positive peak learning rate such as 5e-4")
-        for flag, value in (("--warmup-epochs", self.warmup_epochs), ("--weight-decay", self.weight_decay)):
+        nonnegative = {"--warmup-epochs": self.warmup_epochs, "--weight-decay": self.weight_decay}
+        nonnegative |= {"--mixup": self.mixup, "--cutmix": self.cutmix}
+        for flag, value in nonnegative.items():
             if not value >= 0:
                 raise LotusError(f"{flag} {value} is negative: pass 0 or more")
         if not self.min_lr >= 0 or not self.grad_clip >= 0:

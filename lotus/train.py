@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -275,7 +276,7 @@ def fit(
     train_model, opt, enforcer = _prepare(model, cfg, masks or {}, device, world)
     history, start_epoch = _restore(out_dir, resume, meta, model, opt, device, log)
     out_dir = _writer(out_dir, rank, history)  # every process restores the run; one writes it
-    steps_per_epoch, lr_of = len(train_loader), schedule(cfg, len(train_loader))
+    steps_per_epoch, lr_of, mix = len(train_loader), schedule(cfg, len(train_loader)), mixing(cfg, model.num_classes, rank)
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout / drop-path noise of this epoch
         model.train()
@@ -285,9 +286,10 @@ def fit(
                 group["lr"] = lr_of(epoch * steps_per_epoch + i)
             images, labels = batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
             keep_idx, fuse = batch_tokens(keep_fn, batch, device)
+            images, targets = mix(images, labels, epoch * steps_per_epoch + i)
             with autocast(device):
                 logits = train_model(images, keep_idx, fuse, dropping(model, cfg, epoch * steps_per_epoch + i))
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -305,6 +307,29 @@ def fit(
     if world > 1:
         log(f"rank {rank}/{world} weights {weights_digest(model)}")
     return history
+
+
+def mixing(cfg: TrainConfig, num_classes: int, rank: int) -> Callable[[torch.Tensor, torch.Tensor, int], tuple]:
+    """A step's (images, labels, step) -> (images, targets): timm's Mixup / CutMix mixing images
+    and labels alike (targets as class probabilities) when `cfg` asks for them, else unchanged."""
+    from timm.data import Mixup
+
+    if not (cfg.mixup or cfg.cutmix):
+        return lambda images, labels, step: (images, labels)
+    # label smoothing stays with the loss, which smooths class probabilities as timm would
+    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=num_classes)
+
+    def mix(images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(images) % 2:  # timm pairs a batch with its reverse: an odd batch goes unmixed
+            return images, labels
+        state = np.random.get_state()
+        np.random.seed([cfg.seed, step, rank])  # timm draws from numpy's global generator: a resumed run mixes alike
+        try:
+            return mixup(images.clone(), labels)  # timm mixes in place; the batch may be the data's own tensor
+        finally:
+            np.random.set_state(state)
+
+    return mix
 
 
 def dropping(model: TokenGatherViT, cfg: TrainConfig, step: int) -> tuple[int, int] | None:

@@ -68,6 +68,7 @@ def refused(tmp_path: Path, make_cfg, message: str) -> str:
         ),
         (lambda: replace(DIGITS, tickets=TicketConfig(balance=True)), "--balance set how attention scores"),
         (lambda: replace(DIGITS, finetune=replace(DIGITS.finetune, epochs=0)), "--epochs 0 is below 1"),
+        (lambda: replace(DIGITS, finetune=replace(DIGITS.finetune, mixup=-0.5)), "--mixup -0.5 is negative"),
         (lambda: replace(DIGITS, baseline=replace(DIGITS.baseline, epochs=-1)), "--epochs -1 is below 1"),
         (lambda: replace(DIGITS, finetune=replace(DIGITS.finetune, batch_size=0)), "--batch-size 0 is below 1"),
         (lambda: replace(DIGITS, finetune=replace(DIGITS.finetune, lr=0.0)), "--lr 0.0 is not above 0"),

@@ -2,14 +2,17 @@
 
 import json
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lotus import LotusError
 from lotus.data import DataConfig
-from lotus.train import TrainConfig, evaluate_checkpoint, lr_at, train
+from lotus.train import TrainConfig, evaluate_checkpoint, lr_at, mixing, train
 from lotus.vit import ModelConfig
 
 DATA = DataConfig("digits", img_size=16)
@@ -43,9 +46,35 @@ def same_metrics(a: list[dict], b: list[dict]) -> bool:
     return [[h[k] for k in keys] for h in a] == [[h[k] for k in keys] for h in b]
 
 
+def test_mixup_and_cutmix_mix_images_and_labels_alike_and_the_same_way_at_each_step():
+    """timm's Mixup and CutMix: each image is paired with its mirror in the batch, and its own
+    label keeps the share of it that is left; a step mixes the same way every time it is run."""
+    mix = mixing(TrainConfig(mixup=0.8, cutmix=1.0, seed=3), num_classes=8, rank=0)
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8)
+    x0, numpy_state = x.clone(), np.random.get_state()[1].copy()
+    kinds = set()
+    for step in range(12):
+        mixed, targets = mix(x, y, step)
+        lam = targets[0, 0].item()  # image 0's own label
+        assert torch.allclose(targets, lam * F.one_hot(y, 8) + (1 - lam) * F.one_hot(y.flip(0), 8))
+        if torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0), atol=1e-6):
+            kinds.add("mixup")
+        else:  # a box of the mirror image pasted in, its area the mirror's label share
+            own = (mixed == x).all(1, keepdim=True)
+            assert torch.equal(mixed, torch.where(own, x, x.flip(0))) and own[0].float().mean() == pytest.approx(lam)
+            kinds.add("cutmix")
+        again = mix(x, y, step)
+        assert torch.equal(again[0], mixed) and torch.equal(again[1], targets)
+    assert kinds == {"mixup", "cutmix"} and torch.equal(x, x0)  # both kinds drawn; the batch itself untouched
+    assert np.array_equal(np.random.get_state()[1], numpy_state)  # numpy's global generator left as it was
+    odd = mix(x[:7], y[:7], 0)  # timm needs pairs: an odd (last) batch trains unmixed
+    assert torch.equal(odd[0], x[:7]) and torch.equal(odd[1], y[:7])
+
+
 @pytest.mark.slow
-def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
-    straight = train(DATA, MODEL, FAST, tmp_path / "straight")
+@pytest.mark.parametrize("cfg", [FAST, replace(FAST, mixup=0.8, cutmix=1.0)], ids=["plain", "mixup"])
+def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, cfg):
+    straight = train(DATA, MODEL, cfg, tmp_path / "straight")
 
     import lotus.train as T
 
@@ -57,11 +86,11 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypat
 
     monkeypatch.setattr(T, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(DATA, MODEL, FAST, tmp_path / "resumed")
+        train(DATA, MODEL, cfg, tmp_path / "resumed")
     monkeypatch.setattr(T, "save_checkpoint", real_save)
     assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 1
 
-    resumed = train(DATA, MODEL, FAST, tmp_path / "resumed", resume=True)
+    resumed = train(DATA, MODEL, cfg, tmp_path / "resumed", resume=True)
     assert same_metrics(resumed, straight)
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
