@@ -2,8 +2,10 @@
 
 Fine-tunes the baseline pruned one-shot to --sparsity (stage 1 of `lotus compress`) with
 `lotus compress`'s fine-tuning recipe, on (a) full data, (b) each attention selection's tickets,
-(c) random tickets, at each drop ratio, for every seed (--mode finetune); or trains a fresh model
-of the baseline's shape from scratch the same way (--mode scratch). Every run of a seed sees the
+(c) random tickets, at each drop ratio, for every seed, and with `dense` among the selections
+(d) the dense baseline fine-tuned on full data the same way, so that a gain over the baseline is
+not just the extra epochs (--mode finetune); or trains a fresh model of the baseline's shape from
+scratch the same way (--mode scratch). Every run of a seed sees the
 same batches, so the differences are paired. The tickets are cut from the scores
 `lotus tickets --boxes` writes them, scored once per selection by the baseline, with their
 object coverage over the whole training split, which the report shows beside.
@@ -41,8 +43,11 @@ from lotus.vit import ModelConfig
 SUITE = "tiny_imagenet_tickets"
 
 
+WHOLE = ("full", "dense")  # trained on every patch: the pruned model, and the dense one (--mode finetune)
+
+
 def run_name(selection: str, drop: float, seed: int) -> str:
-    return ("full" if selection == "full" else f"{selection}-{drop:g}") + f"-seed{seed}"
+    return (selection if selection in WHOLE else f"{selection}-{drop:g}") + f"-seed{seed}"
 
 
 def tickets_for(args, data_cfg: DataConfig, selection: str, drop: float) -> Path:
@@ -87,6 +92,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "tiny-imagenet-tickets")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    if args.mode == "scratch" and "dense" in args.selections.split(","):
+        p.error("--selections dense fine-tunes the dense baseline: it has no meaning with --mode scratch")
     label = f"{args.mode}-s{args.sparsity:g}-epochs{args.epochs}" if args.mode == "finetune" else f"scratch-epochs{args.epochs}"
     out = RESULTS / SUITE / label
     if not args.report_only:
@@ -100,19 +107,27 @@ def run_grid(args, out: Path, label: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     drops = [float(d) for d in args.drops.split(",")]
     for seed in (int(s) for s in args.seeds.split(",")):
-        todo = [("full", 0.0)] + [(s, d) for d in drops for s in args.selections.split(",")]
+        selections = args.selections.split(",")
+        todo = [(s, 0.0) for s in WHOLE if s == "full" or s in selections]
+        todo += [(s, d) for d in drops for s in selections if s not in WHOLE]
         for selection, drop in todo:
             name = run_name(selection, drop, seed)
             if (out / f"{name}.json").exists():
                 continue
             tickets, coverage = None, None
-            if selection != "full":
+            if selection not in WHOLE:
                 tickets = tickets_for(args, data_cfg, selection, drop)
                 coverage = json.loads((tickets / "tickets.json").read_text()).get("object_coverage")
             run_dir = args.work / label / name
             start = time.perf_counter()
             history = train(
-                data_cfg, model_cfg, replace(train_cfg, seed=seed), run_dir, init_checkpoint=init, tickets=tickets, resume=True
+                data_cfg,
+                model_cfg,
+                replace(train_cfg, seed=seed),
+                run_dir,
+                init_checkpoint=args.baseline if selection == "dense" else init,
+                tickets=tickets,
+                resume=True,
             )
             val = evaluate_checkpoint(run_dir, data_cfg, split="val")
             result = {

@@ -667,6 +667,7 @@ PHOTO_SELECTIONS = {
     "random": "random drop, fixed per image (the default)",
     "centre": "the patches nearest the centre (looks at no image)",
     "full": "full data",
+    "dense": "full data, the dense baseline (not pruned)",
 }
 
 
@@ -755,7 +756,7 @@ def photo_grid(src: Source, page: Page, rel: str) -> None:
         rows.append(
             [
                 PHOTO_SELECTIONS.get(row["selection"], row["selection"]),
-                f"{row['drop']:g}" if row["selection"] != "full" else "",
+                f"{row['drop']:g}" if row["selection"] not in ("full", "dense") else "",
                 str(len(row["seeds"])),
                 pct(row["val_mean"]),
                 f"{pct(row['test_mean'])} ± {num(row['test_sd'] or 0)}",
