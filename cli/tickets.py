@@ -170,9 +170,9 @@ def tickets(
 def summarise(result: Tickets, out: Path) -> None:
     """What the tickets keep, on stderr (and how much of the object boxes, when measured)."""
     m = result.meta
+    how = "at random" if m["config"]["select"] == "random" else f"({m['outlier_patches']} high-norm outlier patches re-scored)"
     err.print(
-        f"kept {result.num_keep} of {m['num_patches']} patches in each of {m['data']['num_images']} images "
-        f"({m['outlier_patches']} high-norm outlier patches re-scored); tickets: {out}"
+        f"kept {result.num_keep} of {m['num_patches']} patches in each of {m['data']['num_images']} images {how}; tickets: {out}"
     )
     if "object_coverage" in m:
         err.print(coverage_line(m["object_coverage"]))

@@ -22,19 +22,19 @@ def pyplot():
 def save_tickets_figure(
     path: str | Path,
     images: torch.Tensor,
-    scores: torch.Tensor,
+    scores: torch.Tensor | None,
     keep_idx: torch.Tensor,
     grid: int,
     title: str = "",
     *,
     boxes: torch.Tensor | None = None,
 ) -> Path:
-    """Like the LOTUS paper's Figure 3: each image with its dropped patches greyed out, beside
-    the heat map of its patch scores.
+    """Like the LOTUS paper's Figure 3: each image with its dropped patches greyed out, above
+    the heat map of its patch scores (None: random tickets, whose scores show nothing).
 
     Args:
         images: (n, 3, H, W) uint8.
-        scores: (n, N) patch scores, N = grid * grid.
+        scores: (n, N) patch scores, N = grid * grid, or None.
         keep_idx: (n, K) kept patch indices.
         boxes: optional (n, 4) object boxes [x0, x1) x [y0, y1) in pixels of `images` (float;
             a row of NaN: no box), outlined over the kept patches.
@@ -44,7 +44,8 @@ def save_tickets_figure(
     plt = pyplot()
     n = len(images)
     cols = min(n, 8)
-    rows = 2 * -(-n // cols)
+    per_image = 1 if scores is None else 2
+    rows = per_image * -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
     H = images.shape[-1]
     patch = H // grid
@@ -55,16 +56,18 @@ def save_tickets_figure(
         img = images[i].permute(1, 2, 0).float() / 255
         grey = torch.full_like(img, 0.5)
         shown = torch.where(mask[..., None], img, 0.25 * img + 0.75 * grey)
-        r, c = 2 * (i // cols), i % cols
+        r, c = per_image * (i // cols), i % cols
         axes[r][c].imshow(shown.numpy(), interpolation="nearest")
         if boxes is not None and not boxes[i].isnan().any():
             _outline(axes[r][c], boxes[i].tolist())
-        axes[r + 1][c].imshow(scores[i].view(grid, grid).numpy(), cmap="inferno", interpolation="nearest")
+        if scores is not None:
+            axes[r + 1][c].imshow(scores[i].view(grid, grid).numpy(), cmap="inferno", interpolation="nearest")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0][0].set_ylabel("kept", fontsize=8)
-    axes[1][0].set_ylabel("score", fontsize=8)
+    if scores is not None:
+        axes[1][0].set_ylabel("score", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -690,7 +690,7 @@ def _write_tickets(tickets: Tickets, data: ImageData, boxes: ImageBoxes | None, 
     save_tickets_figure(
         out_dir / "tickets.png",
         data.take(show).images,
-        tickets.scores[show],
+        tickets.scores[show] if cfg["select"] == "attention" else None,
         tickets.keep_idx[show].long(),
         tickets.grid,
         title,

@@ -220,6 +220,12 @@ def test_tickets_then_train_on_them(tmp_path):
     lotus("train", "--epochs", "1", *FAST, "--tickets", tmp_path / "tk", "--out", tmp_path / "lottery")
     meta = json.loads((tmp_path / "lottery" / "model.json").read_text())
     assert meta["tickets"]["num_keep"] == 12
+    proc = lotus("tickets", "--checkpoint", tmp_path / "base", "--drop", "0.25", "--out", tmp_path / "rt")  # the default
+    assert "kept 12 of 16 patches in each of 1365 images at random" in proc.stderr.replace("\n", " ")
+    from PIL import Image
+
+    shown = [Image.open(tmp_path / tk / "tickets.png").height for tk in ("tk", "rt")]
+    assert shown[1] < 0.75 * shown[0]  # random tickets are drawn without a score map under each image
     bad = lotus("tickets", "--checkpoint", tmp_path / "base", "--drop", "1.5", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "--drop 1.5 is outside [0, 1)" in bad.stderr
     # the same scores cut at another drop ratio, without scoring again
