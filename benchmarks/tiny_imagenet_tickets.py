@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
 from common import RESULTS, ROOT, machine, paired, shown, write_result
 from ticket_coverage import SELECTIONS
 
@@ -36,7 +37,7 @@ from lotus.checkpoint import load_model
 from lotus.config import TrainConfig, default_compress_config
 from lotus.data import DataConfig
 from lotus.prune import prune_oneshot
-from lotus.tickets import tickets_from_checkpoint
+from lotus.tickets import load_tickets, tickets_from_checkpoint
 from lotus.train import evaluate_checkpoint, train
 from lotus.vit import ModelConfig
 
@@ -186,9 +187,7 @@ def report(out: Path, label: str, args) -> None:
         if both and selection not in ("full", "random"):
             row["vs_random"] = paired([rand[s]["test_accuracy"] for s in both], [mine[s]["test_accuracy"] for s in both])
             row["val_vs_random"] = paired([rand[s]["val_accuracy"] for s in both], [mine[s]["val_accuracy"] for s in both])
-        if mine[seeds[0]].get("object_coverage"):
-            row["object_coverage"] = mine[seeds[0]]["object_coverage"]  # the same tickets for every seed
-        rows.append(row)
+        rows.append(row | _tickets_figures(args, mine[seeds[0]]))  # the same tickets for every seed
     print(f"{label}: test accuracy after the last epoch (validation mean beside); differences paired by seed")
     print(
         f"{'selection':>10} {'drop':>5} {'n':>2} {'val':>6} {'test':>6} {'sd':>5} {'vs random':>14} {'vs full':>14} {'time':>6} {'object kept':>11}"
@@ -218,6 +217,17 @@ def report(out: Path, label: str, args) -> None:
             "rows": rows,
         },
     )
+
+
+def _tickets_figures(args, run: dict) -> dict:
+    """A run's tickets, as the report shows them: object coverage, and how often each patch
+    position is kept over the training images (random tickets: the keep ratio everywhere)."""
+    if run["selection"] in WHOLE:
+        return {}
+    tickets = load_tickets(args.work / f"tickets-{run['selection']}-{run['drop']:g}")
+    rate = torch.bincount(tickets.keep_idx.long().flatten(), minlength=tickets.grid**2).float() / len(tickets.keep_idx)
+    position = {"min": rate.min().item(), "max": rate.max().item(), "sd": rate.std().item()}
+    return {"object_coverage": run["object_coverage"], "position_keep_rate": position}
 
 
 def _pruned_accuracy(args) -> float | None:

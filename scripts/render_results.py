@@ -759,11 +759,12 @@ def photo_grid(src: Source, page: Page, rel: str) -> None:
                 f"{row['drop']:g}" if row["selection"] not in ("full", "dense") else "",
                 str(len(row["seeds"])),
                 pct(row["val_mean"]),
-                f"{pct(row['test_mean'])} ± {num(row['test_sd'] or 0)}",
+                pct(row["test_mean"]) + (f" ± {num(row['test_sd'])}" if row["test_sd"] is not None else ""),
                 paired_cell(row, "vs_random"),
                 paired_cell(row, "vs_full"),
                 num(row.get("epoch_time_vs_full", 1.0), 3),
                 f"{100 * kept:.1f}%" if kept is not None else "",
+                position_cell(row.get("position_keep_rate")),
             ]
         )
     header = [
@@ -776,13 +777,26 @@ def photo_grid(src: Source, page: Page, rel: str) -> None:
         "vs full (points)",
         "epoch time vs full",
         "object kept",
+        "kept per position",
     ]
     page.table(header, rows, [rel])
+    page.add(
+        "Kept per position: over the training images, how often the least and the most kept patch"
+        " positions are kept (random tickets keep every position at the keep ratio).",
+        "",
+    )
+
+
+def position_cell(rate: dict | None) -> str:
+    return f"{100 * rate['min']:.0f}-{100 * rate['max']:.0f}%" if rate else ""
 
 
 def paired_cell(row: dict, key: str) -> str:
     """'mean ± standard error' of a paired difference, or '' when the row has none."""
-    return f"{signed(row[key]['mean'])} ± {num(row[key]['standard_error'] or 0)}" if key in row else ""
+    if key not in row:
+        return ""
+    error = row[key]["standard_error"]
+    return f"{signed(row[key]['mean'])} " + (f"± {num(error)}" if error is not None else "(one seed)")
 
 
 def tickets_finetune(src: Source, page: Page) -> None:
