@@ -27,7 +27,7 @@ from lotus.checkpoint import load_model
 from lotus.coverage import box_patches, coverage_shares, keep_mask, match_boxes
 from lotus.data import DataConfig, load_split_for_model
 from lotus.drop import num_keep
-from lotus.tickets import TicketConfig, keep_from_scores, make_tickets
+from lotus.tickets import TicketConfig, balance_scores, keep_from_scores, make_tickets
 
 # The selections worth trying, by the name the results use; "centre" is the control that looks at no image.
 SELECTIONS = {
@@ -35,6 +35,7 @@ SELECTIONS = {
     "all": TicketConfig(select="attention", layers="all"),
     "rollout": TicketConfig(select="attention", method="rollout"),
     "grad": TicketConfig(select="attention", method="grad"),
+    "balance": TicketConfig(select="attention", layers="all", balance=True),  # "all", ranked by position first
     "random": TicketConfig(select="random"),
     "centre": None,
 }
@@ -90,10 +91,11 @@ def main() -> None:
         else:
             scores = make_tickets(model, sample, pre["mean"], pre["std"], cfg).scores
         seconds = time.perf_counter() - start
+        keys = balance_scores(scores) if cfg is not None and cfg.balance else scores
         results[name] = {
             "config": asdict(cfg) if cfg else "the patches nearest the centre",
             "scoring_seconds": seconds,
-            "drops": {f"{d:g}": coverage(keep_from_scores(scores, num_keep(grid * grid, d)), on_object, small) for d in drops},
+            "drops": {f"{d:g}": coverage(keep_from_scores(keys, num_keep(grid * grid, d)), on_object, small) for d in drops},
         }
         shares = results[name]["drops"]
         print(

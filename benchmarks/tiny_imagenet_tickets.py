@@ -57,7 +57,8 @@ def tickets_for(args, data_cfg: DataConfig, selection: str, drop: float) -> Path
     out = args.work / f"tickets-{selection}-{drop:g}"
     if not (out / "tickets.json").exists():
         cfg = replace(SELECTIONS[selection], drop=drop, boxes=str(args.boxes or args.data / "boxes.tsv"))
-        earlier = next((d for d in sorted(args.work.glob(f"tickets-{selection}-*")) if (d / "tickets.json").exists()), None)
+        scored = "all" if selection == "balance" else selection  # balance re-ranks every block's attention
+        earlier = next((d for d in sorted(args.work.glob(f"tickets-{scored}-*")) if (d / "tickets.json").exists()), None)
         tickets_from_checkpoint(args.baseline, data_cfg, cfg, out, scores_from=earlier)
     return out
 

@@ -664,6 +664,7 @@ PHOTO_SELECTIONS = {
     "all": "class token, all blocks averaged (the default scoring)",
     "rollout": "attention rollout, all blocks (`--method rollout`)",
     "grad": "gradient-weighted rollout, all blocks (`--method grad`)",
+    "balance": "class token, all blocks, positions balanced (`--balance`)",
     "random": "random drop, fixed per image (the default)",
     "centre": "the patches nearest the centre (looks at no image)",
     "full": "full data",
