@@ -71,6 +71,13 @@ LoaderOpt = Annotated[
         "[default: auto]"
     ),
 ]
+CropPctOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Evaluate (and serve) as timm does: resize the shorter side to img-size / crop-pct and cut out the centre, "
+        "e.g. 0.9 as timm's ViT weights were evaluated. Training images stay whole. [default: resize the whole image]"
+    ),
+]
 WorkersOpt = Annotated[int | None, typer.Option(help="Loader worker processes for streamed data. [default: min(8, cores)]")]
 AugOpt = Annotated[
     str | None,
@@ -139,8 +146,10 @@ def data_config(
     val_fraction: float = VAL_FRACTION,
     loader: str | None = None,
     workers: int | None = None,
+    crop_pct: float | None = None,
 ) -> DataConfig:
-    """The dataset the --data, --data-dir, --download, --val-fraction, --loader and --workers options name."""
+    """The dataset the --data, --data-dir, --download, --val-fraction, --loader, --workers and
+    --crop-pct options name."""
     from lotus.config import DataConfig
 
     return DataConfig(
@@ -151,6 +160,7 @@ def data_config(
         val_fraction=val_fraction,
         loader=loader or "auto",
         workers=workers,
+        crop_pct=crop_pct,
     )
 
 

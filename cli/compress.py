@@ -18,6 +18,7 @@ from cli.common import (
     AugOpt,
     AwareSelectBlockOpt,
     CompileOpt,
+    CropPctOpt,
     CutmixOpt,
     DropAwareOpt,
     LoaderOpt,
@@ -152,6 +153,7 @@ def compress(
     img_size: ImgSizeOpt = None,
     loader: LoaderOpt = None,
     workers: WorkersOpt = None,
+    crop_pct: CropPctOpt = None,
     aug: AugOpt = None,
     mixup: MixupOpt = None,
     cutmix: CutmixOpt = None,
@@ -182,7 +184,7 @@ def compress(
     training = given(augment=aug, mixup=mixup, cutmix=cutmix, compile=compile)  # the baseline's and the fine-tuning's
     cfg = replace(
         cfg,
-        data=replace(cfg.data, **data_flags(data_dir, download, val_fraction, img_size, loader, workers)),
+        data=replace(cfg.data, **data_flags(data_dir, download, val_fraction, img_size, loader, workers, crop_pct)),
         baseline=replace(cfg.baseline, **training),
         model=replace(cfg.model, **given(name=model, pretrained=pretrained_weights(pretrained, pretrained_path))),
         tickets=replace(cfg.tickets, **ticket_flags(drop, select, temperature, spread, layers, balance, fuse, boxes)),
@@ -223,11 +225,18 @@ def data_flags(
     img_size: int | None,
     loader: str | None,
     workers: int | None,
+    crop_pct: float | None = None,
 ) -> dict[str, Any]:
     """The DataConfig fields the data flags set."""
     data_dir = str(data_dir) if data_dir else None
     return given(
-        data_dir=data_dir, download=download, val_fraction=val_fraction, img_size=img_size, loader=loader, workers=workers
+        data_dir=data_dir,
+        download=download,
+        val_fraction=val_fraction,
+        img_size=img_size,
+        loader=loader,
+        workers=workers,
+        crop_pct=crop_pct,
     )
 
 

@@ -16,6 +16,7 @@ from cli.common import (
     AugOpt,
     AwareSelectBlockOpt,
     CompileOpt,
+    CropPctOpt,
     CutmixOpt,
     DataDirOpt,
     DataOpt,
@@ -79,6 +80,7 @@ def train(
     img_size: ImgSizeOpt = None,
     loader: LoaderOpt = None,
     workers: WorkersOpt = None,
+    crop_pct: CropPctOpt = None,
     model: ModelOpt = None,
     patch_size: PatchSizeOpt = None,
     depth: DepthOpt = None,
@@ -108,7 +110,7 @@ def train(
     from lotus.settings import check_inputs
 
     data_cfg, model_cfg, train_cfg = default_configs(data)  # the dataset's defaults, under the flags given
-    data_cfg = data_config(data, data_dir, download, img_size or data_cfg.img_size, val_fraction, loader, workers)
+    data_cfg = data_config(data, data_dir, download, img_size or data_cfg.img_size, val_fraction, loader, workers, crop_pct)
     weights = pretrained_weights(pretrained, pretrained_path)
     model_cfg = replace(model_cfg, pretrained=weights, **given(name=model, patch_size=patch_size, depth=depth))
     schedule = given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)

@@ -60,6 +60,11 @@ class DataConfig:
     # fits MEMORY_BUDGET of the machine's memory, else stream); see lotus.data and lotus.stream
     loader: str = "auto"
     workers: int | None = None  # loader worker processes; None = min(8, CPU cores)
+    # how the validation and test splits (and served images) are resized: None = the whole image to
+    # the square input; a share in [0.5, 1] = as timm evaluates, the shorter side to img_size /
+    # crop_pct and the centre img_size x img_size cut out (timm's ViT weights: 0.9). Training
+    # images are never cut: tickets score, and augmentation crops from, the whole image.
+    crop_pct: float | None = None
 
     def __post_init__(self):
         if self.loader not in LOADERS:
@@ -68,6 +73,11 @@ class DataConfig:
             raise LotusError(f"--workers {self.workers} is negative: pass 0 (load in the training process) or more")
         if self.img_size is not None and not self.img_size >= 1:
             raise LotusError(f"--img-size {self.img_size} is below 1: pass a side in pixels, or leave it out for the native size")
+        if self.crop_pct is not None and not 0.5 <= self.crop_pct <= 1:
+            raise LotusError(
+                f"--crop-pct {self.crop_pct} is outside [0.5, 1]: it is the share of the resized image's shorter side "
+                "evaluation keeps, e.g. 0.9 as timm evaluates ViTs (leave it out to resize whole images)"
+            )
         if not 0 <= self.val_fraction <= 0.5:
             raise LotusError(
                 f"--val-fraction {self.val_fraction} is outside [0, 0.5]: it is the share of the training images held "

@@ -111,11 +111,16 @@ def match_boxes(path: str | Path, data: ImageData) -> ImageBoxes:
 
     Raises:
         LotusError: the file is missing or malformed, the data has no image files (digits,
-            torchvision's CIFAR-10), the file names none of the split's images (the boxes of
-            another dataset), or a box reaches outside its image.
+            torchvision's CIFAR-10), the images are cut (`crop_pct`), the file names none of the
+            split's images (the boxes of another dataset), or a box reaches outside its image.
     """
     if data.files is None:
         raise LotusError(f"--boxes needs an ImageFolder dataset (its lines name image files): {data.name} has no files")
+    if data.crop_pct is not None:
+        raise LotusError(
+            f"--boxes measures patches of whole images, but this model's {data.split} images are cut as timm evaluates "
+            f"(crop_pct {data.crop_pct:g}): measure a model trained without --crop-pct"
+        )
     boxes = read_boxes(path)
     found = [(i, boxes[data.split, rel]) for i, rel in enumerate(data.files) if (data.split, rel) in boxes]
     if not found:

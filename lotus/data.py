@@ -52,7 +52,7 @@ from lotus.config import (
 )
 from lotus.config import class_names as class_names
 from lotus.errors import LotusError
-from lotus.images import draft, square_rgb
+from lotus.images import centre_crop_box, draft, square_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -79,6 +79,7 @@ class ImageData:
     files: list[str] | None = None  # ImageFolder: each image's path relative to the root ('train/cat/001.png')
     sizes: torch.Tensor | None = None  # ImageFolder: (N, 2) int64 (width, height) of each file before resizing
     size: int | None = None  # side of the square images, needed when streamed (else the tensor's)
+    crop_pct: float | None = None  # evaluation's centre crop the images were (or are, streamed) cut with; None: whole
 
     def __post_init__(self) -> None:
         if self.class_labels is None:
@@ -109,7 +110,16 @@ class ImageData:
             return self.take(index)
         files = [self.files[i] for i in index.tolist()]
         return ImageData(
-            None, self.labels[index], self.classes, self.name, self.split, None, self.class_labels, files, size=self.size
+            None,
+            self.labels[index],
+            self.classes,
+            self.name,
+            self.split,
+            None,
+            self.class_labels,
+            files,
+            size=self.size,
+            crop_pct=self.crop_pct,
         )
 
     def take(self, index: torch.Tensor) -> ImageData:
@@ -118,9 +128,12 @@ class ImageData:
         if not self.streamed:
             images, sizes = self.images[index], None if self.sizes is None else self.sizes[index]
         else:
-            images, sizes = _decode_files(self.paths(index.tolist()), self.img_size)
+            images, sizes = _decode_files(self.paths(index.tolist()), self.img_size, self.crop_pct)
         files = None if self.files is None else [self.files[i] for i in index.tolist()]
-        return ImageData(images, self.labels[index], self.classes, self.name, self.split, None, self.class_labels, files, sizes)
+        labels = self.labels[index]
+        return ImageData(
+            images, labels, self.classes, self.name, self.split, None, self.class_labels, files, sizes, crop_pct=self.crop_pct
+        )
 
     def image_sizes(self) -> torch.Tensor:
         """(N, 2) (width, height) of every file; streamed splits read them from the file headers."""
@@ -175,7 +188,8 @@ def load_split(cfg: DataConfig, split: str) -> ImageData:
     """Load the 'train', 'val' or 'test' split of the dataset `cfg` names.
 
     'train' is the stored training split less the images held out for validation; 'val' is those
-    images, or an ImageFolder's own val/ (see the module's docstring).
+    images, or an ImageFolder's own val/ (see the module's docstring). 'val' and 'test' are cut
+    with `cfg.crop_pct` where it is set; 'train' never is.
 
     Raises:
         LotusError: the data is missing, laid out wrongly, or holds an unreadable image; or 'val'
@@ -184,14 +198,17 @@ def load_split(cfg: DataConfig, split: str) -> ImageData:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     stored, fraction = _stored_split(cfg, split)
+    crop = cfg.crop_pct if split != "train" else None
     if cfg.name in ("digits", "cifar10"):
         data = _load_digits(stored) if cfg.name == "digits" else _load_cifar10(cfg, stored)
         positions = _taken(data.labels, split, fraction)
         if positions is not None:
             data = ImageData(data.images[positions], data.labels[positions], data.classes, data.name, split, positions)
+        if crop is not None:
+            data.images = centre_crop_uint8(data.images, cfg.img_size or data.img_size, crop)
     else:
-        data = _load_image_folder(cfg, stored, cfg.img_size, lambda labels: _taken(labels, split, fraction))
-    data.split = split
+        data = _load_image_folder(cfg, stored, cfg.img_size, lambda labels: _taken(labels, split, fraction), crop)
+    data.split, data.crop_pct = split, crop
     if cfg.img_size is not None and cfg.img_size != data.img_size and not data.streamed:
         data.images = resize_uint8(data.images, cfg.img_size)
     return data
@@ -266,9 +283,9 @@ def load_split_for_model(cfg: DataConfig, preprocess: dict, split: str) -> Image
     """A split as a trained model expects it: at its input size, with its classes in its order.
 
     Args:
-        preprocess: the checkpoint's preprocessing record (img_size, classes, mean, std).
+        preprocess: the checkpoint's preprocessing record (img_size, crop_pct, classes, mean, std).
     """
-    data = load_split(replace(cfg, img_size=preprocess["img_size"]), split)
+    data = load_split(replace(cfg, img_size=preprocess["img_size"], crop_pct=preprocess.get("crop_pct")), split)
     if data.classes != preprocess["classes"]:
         raise LotusError(
             f"the classes of {cfg.name} ({', '.join(data.classes[:4])}, ...) differ from those the model was trained on "
@@ -277,13 +294,20 @@ def load_split_for_model(cfg: DataConfig, preprocess: dict, split: str) -> Image
     return data
 
 
-def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a (N, 3, H, W) uint8 batch to (N, 3, size, size), bilinear with antialiasing."""
+def resize_uint8(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize a (N, 3, H, W) uint8 batch to (N, 3, size, size) (or size's (height, width)),
+    bilinear with antialiasing."""
     out = []
     for chunk in images.split(4096):
-        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(chunk.float(), size=size if isinstance(size, tuple) else (size, size), mode="bilinear", antialias=True)
         out.append(x.round_().clamp_(0, 255).to(torch.uint8))
     return torch.cat(out)
+
+
+def centre_crop_uint8(images: torch.Tensor, size: int, crop_pct: float) -> torch.Tensor:
+    """A (N, 3, H, W) uint8 batch as timm evaluates it (`lotus.images.centre_crop_box`): (N, 3, size, size)."""
+    (width, height), (left, top, right, bottom) = centre_crop_box(images.shape[-1], images.shape[-2], size, crop_pct)
+    return resize_uint8(images, (height, width))[..., top:bottom, left:right].contiguous()
 
 
 def _load_digits(split: str) -> ImageData:
@@ -315,10 +339,15 @@ def _load_cifar10(cfg: DataConfig, split: str) -> ImageData:
 
 
 def _load_image_folder(
-    cfg: DataConfig, split: str, img_size: int | None, select: Callable[[torch.Tensor], torch.Tensor | None]
+    cfg: DataConfig,
+    split: str,
+    img_size: int | None,
+    select: Callable[[torch.Tensor], torch.Tensor | None],
+    crop_pct: float | None = None,
 ) -> ImageData:
     """One stored split of an ImageFolder root; only the images `select` picks from the labels
-    (positions, or None for all) are decoded, and only when the split is held in memory."""
+    (positions, or None for all) are decoded (cut with `crop_pct` where set), and only when the
+    split is held in memory."""
     root = Path(cfg.name)
     folder = split_dir(root, split)
     classes = class_folders(folder)
@@ -342,7 +371,7 @@ def _load_image_folder(
     relative = [f.relative_to(root).as_posix() for f in files]
     if stream_split(cfg, len(files), img_size):
         return ImageData(None, label_tensor, classes, str(root), split, positions, words, relative, size=img_size)
-    images, sizes = _decode_files(files, img_size)
+    images, sizes = _decode_files(files, img_size, crop_pct)
     return ImageData(images, label_tensor, classes, str(root), split, positions, words, relative, sizes)
 
 
@@ -362,14 +391,14 @@ def stream_split(cfg: DataConfig, num_images: int, img_size: int) -> bool:
     return decoded_bytes(num_images, img_size) > memory_budget()
 
 
-def _decode_files(files: list[Path], img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_files(files: list[Path], img_size: int, crop_pct: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode image files into one preallocated (N, 3, S, S) uint8 tensor (the only copy of the
     pixels) and their (N, 2) (width, height)."""
     images = np.empty((len(files), 3, img_size, img_size), dtype=np.uint8)
     sizes = np.empty((len(files), 2), dtype=np.int64)
 
     def decode_into(i: int) -> None:
-        array, size = _decode(files[i], img_size)
+        array, size = _decode(files[i], img_size, crop_pct)
         images[i] = array.transpose(2, 0, 1)
         sizes[i] = size
 
@@ -411,7 +440,7 @@ def _header_size(path: Path) -> tuple[int, int]:
         raise LotusError(f"cannot read image {path}: {e}") from None
 
 
-def _decode(path: Path, img_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _decode(path: Path, img_size: int, crop_pct: float | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """One image file as an (img_size, img_size, 3) uint8 array, decoded as the service decodes
     uploads (lotus.images), and its own (width, height)."""
     from PIL import Image
@@ -421,7 +450,7 @@ def _decode(path: Path, img_size: int) -> tuple[np.ndarray, tuple[int, int]]:
             size = im.size
             draft(im, img_size)
             im.load()
-            return square_rgb(im, img_size), size
+            return square_rgb(im, img_size, crop_pct), size
     except Exception as e:
         raise LotusError(f"cannot read image {path}: {e}") from None
 

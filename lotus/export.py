@@ -137,6 +137,7 @@ def _metadata(meta: dict[str, Any], model: TokenGatherViT, select_block: int, ex
         "mean": json.dumps(pre["mean"]),
         "std": json.dumps(pre["std"]),
         "resize": pre.get("resize", ""),
+        "crop_pct": json.dumps(pre.get("crop_pct")),
         "classes": json.dumps(pre["classes"]),
         "labels": json.dumps(labels_of(pre)),
         "sparsity": f"{sparsity:.6f}",

@@ -2,14 +2,18 @@
 
 An image is taken as a viewer shows it: turned upright by its EXIF orientation, transparency
 composited on ALPHA_BACKGROUND, 16-bit samples scaled to 8 bits, an animated PNG's first frame.
-Then it is resized to a square of the model's input size, bilinear. A photo much larger than that
-is first reduced cheaply: a JPEG decodes at one of libjpeg's 1/8 ... 1/1 scales (draft mode), and
-other images are box-averaged a strip of rows at a time, so the only full-size buffer is the
-decoded image itself; the pixels differ from a direct resize by about one level in 255 on average.
+Then it is resized to a square of the model's input size, bilinear: the whole image, or, for
+evaluation with a crop_pct, as timm evaluates (the shorter side to size / crop_pct, the centre cut
+out). A photo much larger than that is first reduced cheaply: a JPEG decodes at one of libjpeg's
+1/8 ... 1/1 scales (draft mode), and other images are box-averaged a strip of rows at a time, so
+the only full-size buffer is the decoded image itself; the pixels differ from a direct resize by
+about one level in 255 on average.
 Without torch: the service imports it.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -25,14 +29,35 @@ def draft(image, size: int) -> None:
         image.draft("RGB", (REDUCING_GAP * size,) * 2)
 
 
-def square_rgb(image, size: int) -> np.ndarray:
-    """A loaded PIL image -> (size, size, 3) uint8, as a viewer shows it, resized bilinear."""
+def square_rgb(image, size: int, crop_pct: float | None = None) -> np.ndarray:
+    """A loaded PIL image -> (size, size, 3) uint8, as a viewer shows it, resized bilinear: the
+    whole image to the square, or with `crop_pct` as timm evaluates (`centre_crop_box`)."""
     from PIL import Image
 
     rgb = upright_rgb(image, size)
+    if crop_pct is not None:
+        scaled, box = centre_crop_box(*rgb.size, size, crop_pct)
+        return np.asarray(rgb.resize(scaled, Image.Resampling.BILINEAR).crop(box), dtype=np.uint8)
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def centre_crop_box(width: int, height: int, size: int, crop_pct: float) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """timm's evaluation transform for an image of width x height: resized so its shorter side is
+    floor(size / crop_pct), aspect kept, then the centre size x size cut out (torchvision's Resize
+    and CenterCrop). Returns the resized (width, height) and the cut's (left, top, right, bottom)."""
+    short = math.floor(size / crop_pct)
+    scaled = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    left, top = round((scaled[0] - size) / 2), round((scaled[1] - size) / 2)
+    return scaled, (left, top, left + size, top + size)
+
+
+def resize_words(size: int, crop_pct: float | None) -> str:
+    """How images are resized to the model's input, in words (the checkpoint's and export's `resize`)."""
+    if crop_pct is None:
+        return f"bilinear, to {size} x {size}"
+    return f"bilinear, shorter side to {math.floor(size / crop_pct)}, centre {size} x {size} cut out (crop_pct {crop_pct:g})"
 
 
 def to_rgb(image):

@@ -3,7 +3,8 @@ and for augmentation that works on one image at a time (timm's RandomResizedCrop
 
 Each worker decodes a file as `lotus.images` decodes it for serving (upright, RGB, a large photo
 reduced while it decodes), or takes the image from memory, then augments it:
-  - 'none': resized to the model's square input: the pixels the in-memory path holds;
+  - 'none': resized to the model's square input (an evaluation split: cut as timm evaluates where
+    its `crop_pct` is set): the pixels the in-memory path holds;
   - 'crop': resized, zero-padded and cropped back, and flipped: the in-memory recipe, per image;
   - 'rrc': timm's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, as
     `timm.data.create_transform` makes them for training;
@@ -66,6 +67,7 @@ class Samples(Dataset):
         # Paths as one numpy bytes array: forked workers that read a Python list of strings touch
         # every refcount and so copy the list, once per worker (pytorch/pytorch#13246).
         self.files = None if data.images is not None else np.array([f.encode() for f in data.files])
+        self.crop_pct = data.crop_pct if self.files is not None else None  # images in memory were cut as decoded
         self.hflip = data.name != "digits"  # a flipped digit is another symbol, or none
         self.padding = default_augment(data.name).padding
         if augment in ("rrc", "randaug"):
@@ -129,7 +131,7 @@ class Samples(Dataset):
             image = self.photometric(image)
             pixels = np.array(image, dtype=np.uint8)  # a writable copy: torch takes it as is
         else:
-            pixels = square_rgb(image, self.size)
+            pixels = square_rgb(image, self.size, self.crop_pct)
             if self.augment == "crop":
                 pixels, shift, flip = self._padded_crop(pixels)
         pixels = pixels if pixels.flags.writeable and pixels.flags.c_contiguous else np.array(pixels)

@@ -48,6 +48,7 @@ from lotus.data import (
 from lotus.device import autocast, distributed, resolve_device, weights_digest
 from lotus.drop import num_keep, select_block_of
 from lotus.errors import LotusError
+from lotus.images import resize_words
 from lotus.masks import MaskEnforcer, Masks, enforce_masks_
 from lotus.progress import Progress, log_to_stderr, report
 from lotus.tickets import load_tickets
@@ -341,11 +342,12 @@ def dropping(model: TokenGatherViT, cfg: TrainConfig, step: int) -> tuple[int, i
     return num_keep(model.patch_embed.num_patches, drop), select_block_of(len(model.blocks), cfg.select_block)
 
 
-def preprocess_of(data: ImageData, mean: list[float], std: list[float]) -> dict[str, Any]:
+def preprocess_of(data: ImageData, mean: list[float], std: list[float], crop_pct: float | None = None) -> dict[str, Any]:
     """What a model's inputs went through, so evaluation and serving can repeat it."""
     return {
         "img_size": data.img_size,
-        "resize": "bilinear, to img_size x img_size",
+        "crop_pct": crop_pct,  # evaluation's and serving's centre crop (None: the whole image)
+        "resize": resize_words(data.img_size, crop_pct),
         "mean": mean,
         "std": std,
         "pixel_scale": "RGB in [0, 1] before normalisation",
@@ -388,24 +390,26 @@ def _new_model(data_cfg: DataConfig, model_cfg: ModelConfig) -> _Start:
         mean, std = list(model.pretrained_cfg["mean"]), list(model.pretrained_cfg["std"])
     else:
         mean, std = train_data.channel_stats()
-    preprocess = preprocess_of(train_data, mean, std)
+    preprocess = preprocess_of(train_data, mean, std, data_cfg.crop_pct)
     return _Start(model, model_cfg, data_cfg, train_data, test_data, preprocess, None, pretrained_source(model_cfg, model))
 
 
 def _model_from_checkpoint(checkpoint: str | Path, data_cfg: DataConfig) -> _Start:
-    """A LOTUS checkpoint's model, its masks, and the data at its input size, normalised as it was.
-    Refused when the checkpoint was trained with another validation hold-out than `data_cfg`'s."""
+    """A LOTUS checkpoint's model, its masks, and the data at its input size, normalised as it was
+    and cut as it was evaluated (unless `data_cfg` sets another crop_pct). Refused when the
+    checkpoint was trained with another validation hold-out than `data_cfg`'s."""
     model, meta = load_model(checkpoint)
     check_holdout(meta, data_cfg, checkpoint)
     model_cfg = ModelConfig(**meta["model"])
-    data_cfg = replace(data_cfg, img_size=model_cfg.img_size)
+    crop_pct = data_cfg.crop_pct if data_cfg.crop_pct is not None else meta["preprocess"].get("crop_pct")
+    data_cfg = replace(data_cfg, img_size=model_cfg.img_size, crop_pct=crop_pct)
     train_data, test_data = _load_splits(data_cfg)
     if model_cfg.num_classes != len(train_data.classes):
         raise LotusError(
             f"checkpoint has {model_cfg.num_classes} classes but {data_cfg.name} has {len(train_data.classes)}: "
             "fine-tune from a checkpoint trained on the same classes"
         )
-    preprocess = preprocess_of(train_data, meta["preprocess"]["mean"], meta["preprocess"]["std"])
+    preprocess = preprocess_of(train_data, meta["preprocess"]["mean"], meta["preprocess"]["std"], crop_pct)
     return _Start(model, model_cfg, data_cfg, train_data, test_data, preprocess, meta["masks"] or None, meta.get("pretrained"))
 
 

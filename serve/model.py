@@ -53,6 +53,7 @@ class ServedModel:
     std: np.ndarray  # (3, 1, 1)
     metadata: dict[str, str]
     merge_per_block: int = 0  # a token-merging graph (`lotus export onnx --merge R`): its r; it takes no drop
+    crop_pct: float | None = None  # images cut as timm evaluates (lotus.images.square_rgb); None: resized whole
 
     @staticmethod
     def check(path: str | Path) -> dict[str, str]:
@@ -83,6 +84,7 @@ class ServedModel:
             std=np.array(json.loads(meta["std"]), dtype=np.float32).reshape(3, 1, 1),
             metadata=meta,
             merge_per_block=merge,
+            crop_pct=json.loads(meta.get("crop_pct", "null")),  # exported before crops: whole images
         )
 
     @property
@@ -114,7 +116,7 @@ class ServedModel:
         return self.session.run(None, feed)[0]
 
     def decode_image(self, data: bytes, max_pixels: int) -> np.ndarray:
-        """A JPEG or PNG file -> (3, H, W) float32, resized and normalised as in training.
+        """A JPEG or PNG file -> (3, H, W) float32, resized (and cut) and normalised as in evaluation.
 
         It is decoded exactly as training decodes its files (lotus.images). The pixel count it
         would decode to is checked from the header before anything is decoded, so an image bomb
@@ -135,7 +137,7 @@ class ServedModel:
                 )
             try:
                 image.load()  # an animated PNG: its first frame
-                rgb = square_rgb(image, self.img_size)
+                rgb = square_rgb(image, self.img_size, self.crop_pct)
             except Image.DecompressionBombError as e:
                 raise InputError(f"the image is too large to decode: {e}", 413) from None
             except Exception as e:  # truncated or corrupt data

@@ -118,6 +118,9 @@ def test_boxes_are_matched_by_split_and_path(tmp_path):
     assert boxes.at_input(torch.tensor([1, 2]), 16)[0].isnan().all()  # no box
     with pytest.raises(LotusError, match=r"names none of the 6 test images of .*: pass the boxes file of this dataset"):
         match_boxes(root / "boxes.tsv", load_split(DataConfig(str(root)), "test"))
+    cut = load_split(DataConfig(str(root), img_size=16, crop_pct=0.9), "test")  # boxes are of whole images
+    with pytest.raises(LotusError, match=r"test images are cut as timm evaluates \(crop_pct 0.9\): measure a model trained"):
+        match_boxes(root / "boxes.tsv", cut)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """Datasets, the validation hold-out, batches with sample indices, augmentation, and the errors bad data gives."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_image_folder
@@ -52,7 +53,7 @@ def test_an_image_folder_holds_out_of_train_and_decodes_only_what_a_split_takes(
     root = write_image_folder(tmp_path / "f", per_class=20)
     decoded = []
     real = lotus.data._decode
-    monkeypatch.setattr(lotus.data, "_decode", lambda path, size: decoded.append(path) or real(path, size))
+    monkeypatch.setattr(lotus.data, "_decode", lambda path, size, crop=None: decoded.append(path) or real(path, size, crop))
     val = load_split(DataConfig(str(root), val_fraction=0.1), "val")
     assert len(val) == 4 and len(decoded) == 4 and all("/train/" in str(p) for p in decoded)
     assert torch.bincount(val.labels).tolist() == [2, 2]
@@ -149,3 +150,43 @@ def test_missing_cifar10_says_how_to_get_it(tmp_path):
 def test_unknown_dataset_name(tmp_path):
     with pytest.raises(LotusError, match="neither 'digits', 'cifar10' nor a folder"):
         load_split(DataConfig(str(tmp_path / "nothing")), "train")
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_crop_pct_cuts_evaluation_images_as_timm_evaluates_and_leaves_training_images_whole(tmp_path, loader):
+    """Photographs of any shape: validation and test images are resized and centre-cut exactly as
+    timm's evaluation transform does (in memory and through the loader workers alike), while the
+    training split stays whole, so tickets and augmentation see the whole image."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from lotus.data import make_loader
+    from lotus.images import square_rgb
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "photos"
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i, (w, h) in enumerate([(40, 24), (24, 44), (30, 30)]):
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    cfg = DataConfig(str(root), img_size=16, val_fraction=0.34, loader=loader, crop_pct=0.875)
+    resize, centre = create_transform(16, is_training=False, crop_pct=0.875, interpolation="bilinear").transforms[:2]
+    for split in ("val", "test"):
+        data = load_split(cfg, split)
+        assert data.crop_pct == 0.875
+        pixels = next(make_loader(data, len(data), [0.0] * 3, [1.0] * 3, workers=0).epoch()).images * 255
+        for n, path in enumerate(data.paths(range(len(data)))):
+            with Image.open(path) as im:
+                expected = torch.from_numpy(np.array(centre(resize(im.convert("RGB"))))).permute(2, 0, 1)
+            assert torch.allclose(pixels[n], expected.float(), atol=1e-3), (split, path.name)
+    train = load_split(cfg, "train")
+    assert train.crop_pct is None
+    pixels = next(make_loader(train, len(train), [0.0] * 3, [1.0] * 3, workers=0).epoch()).images * 255
+    with Image.open(train.paths([0])[0]) as im:
+        assert torch.allclose(pixels[0], torch.from_numpy(square_rgb(im, 16).copy()).permute(2, 0, 1).float(), atol=1e-3)
+    digits = load_split(DataConfig(img_size=16, crop_pct=0.875), "test")  # built-ins alike: 8 px, to 18, centre 16
+    whole = load_split(DataConfig(img_size=16), "test")
+    assert digits.images.shape == whole.images.shape and not torch.equal(digits.images, whole.images)
+    with pytest.raises(LotusError, match="--crop-pct 0.3 is outside"):
+        DataConfig(crop_pct=0.3)

@@ -220,12 +220,14 @@ def test_compress_a_224px_folder_from_a_vit_small_weight_file(tmp_path):
         replace(cfg, baseline=replace(cfg.baseline, epochs=1, batch_size=8), finetune=replace(cfg.finetune, batch_size=8)), recipe
     )
     command = ["compress", "--data", root, "--model", "vit_small_patch16_224", "--img-size", "224", "--pretrained", weights]
-    lotus(*command, "--recipe", recipe, "--epochs", "1", "--out", tmp_path / "run")
+    lotus(*command, "--crop-pct", "0.9", "--recipe", recipe, "--epochs", "1", "--out", tmp_path / "run")
     baseline = json.loads((tmp_path / "run" / "baseline" / "model.json").read_text())
     assert baseline["pretrained"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert baseline["model"]["img_size"] == 224 and baseline["model"]["name"] == "vit_small_patch16_224"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.3, abs=0.01) and (tmp_path / "run" / "report.md").is_file()
+    compressed = json.loads((tmp_path / "run" / "model.json").read_text())  # evaluated as timm evaluates, every stage
+    assert baseline["preprocess"]["crop_pct"] == compressed["preprocess"]["crop_pct"] == 0.9
 
 
 @pytest.mark.slow

@@ -269,6 +269,29 @@ def test_training_decodes_files_as_the_service_decodes_uploads(tiny_onnx, tmp_pa
         np.testing.assert_allclose(served.transpose(1, 2, 0) * 255, trained, atol=1e-3, err_msg=name)
 
 
+def test_a_model_evaluated_on_centre_cuts_is_served_the_same_cut(tmp_path):
+    """A model trained with --crop-pct was evaluated on centre cuts: its export says so, and the
+    service cuts each upload as evaluation cut its test images, not the whole image."""
+    from lotus.checkpoint import save_model
+    from lotus.config import ModelConfig
+    from lotus.data import _decode
+    from lotus.export import ExportConfig, export_onnx
+    from lotus.vit import build_model
+
+    cfg = ModelConfig(num_classes=2, img_size=SIZE, patch_size=4, depth=1, drop_path_rate=0.0)
+    pre = {"img_size": SIZE, "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.25] * 3, "classes": ["a", "b"], "dataset": "x"}
+    save_model(tmp_path / "run", build_model(cfg).eval(), cfg, pre, None, sparsity={"overall": 0.0})
+    export_onnx(tmp_path / "run", tmp_path / "model.onnx", None, ExportConfig(verify=False))
+    model = ServedModel.load(tmp_path / "model.onnx")
+    assert model.crop_pct == 0.875
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    served = model.decode_image((tmp_path / "wide.png").read_bytes(), max_pixels=10**6) * model.std + model.mean
+    cut, _ = _decode(tmp_path / "wide.png", SIZE, 0.875)
+    np.testing.assert_allclose(served.transpose(1, 2, 0) * 255, cut, atol=1e-3)
+    whole, _ = _decode(tmp_path / "wide.png", SIZE)
+    assert np.abs(served.transpose(1, 2, 0) * 255 - whole).max() > 10
+
+
 def _json(body) -> dict:
     return {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
 

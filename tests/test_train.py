@@ -41,6 +41,21 @@ def test_training_learns_and_writes_its_run(tmp_path):
     assert meta["preprocess"]["img_size"] == 16 and len(meta["preprocess"]["mean"]) == 3
 
 
+def test_a_centre_crop_is_recorded_evaluated_with_and_kept_by_fine_tuning(tmp_path):
+    """--crop-pct: the checkpoint records it, evaluation reads its test images cut so, and a run
+    fine-tuned from it keeps it unless told otherwise."""
+    one = replace(FAST, epochs=1)
+    history = train(replace(DATA, crop_pct=0.875), MODEL, one, tmp_path / "base")
+    pre = json.loads((tmp_path / "base" / "model.json").read_text())["preprocess"]
+    assert pre["crop_pct"] == 0.875 and "shorter side to 18, centre 16 x 16" in pre["resize"]
+    assert evaluate_checkpoint(tmp_path / "base", DataConfig("digits"))["accuracy"] == history[-1]["test_accuracy"]
+    train(DATA, MODEL, one, tmp_path / "tuned", init_checkpoint=tmp_path / "base")
+    assert json.loads((tmp_path / "tuned" / "model.json").read_text())["preprocess"]["crop_pct"] == 0.875
+    whole = train(DATA, MODEL, one, tmp_path / "whole")
+    assert json.loads((tmp_path / "whole" / "model.json").read_text())["preprocess"]["crop_pct"] is None
+    assert history[-1]["test_loss"] != whole[-1]["test_loss"]  # the same weights, other test pixels
+
+
 def same_metrics(a: list[dict], b: list[dict]) -> bool:
     keys = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr")  # not the timings
     return [[h[k] for k in keys] for h in a] == [[h[k] for k in keys] for h in b]
