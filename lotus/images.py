@@ -56,7 +56,7 @@ def centre_crop_box(width: int, height: int, size: int, crop_pct: float) -> tupl
 def resize_words(size: int, crop_pct: float | None) -> str:
     """How images are resized to the model's input, in words (the checkpoint's and export's `resize`)."""
     if crop_pct is None:
-        return f"bilinear, to {size} x {size}"
+        return "bilinear, to img_size x img_size"  # as checkpoints have always said it
     return f"bilinear, shorter side to {math.floor(size / crop_pct)}, centre {size} x {size} cut out (crop_pct {crop_pct:g})"
 
 

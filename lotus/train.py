@@ -129,12 +129,27 @@ def _restore(
     if not state.exists():
         return [], 0  # nothing finished yet: start from epoch 1
     tensors, saved = load_checkpoint(out_dir / STATE_FILE)
-    if saved["run"] != json.loads(json.dumps(meta)):
+    current = json.loads(json.dumps(meta))
+    if _with_new_settings(saved["run"], current) != current:
         raise LotusError(f"{out_dir} holds a run with other settings: resume it with the same flags, or pass a new --out")
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     _load_optimizer(opt, {k: v.to(device) for k, v in tensors.items()}, saved["param_groups"])
     log(f"resuming {out_dir} after epoch {saved['epoch']}")
     return saved["history"], saved["epoch"]
+
+
+def _with_new_settings(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved settings with those LOTUS has gained since the run started put in at their
+    defaults (the run ran as the defaults do: a new setting's default is the old behaviour), so
+    that upgrading LOTUS does not strand a run halfway; a new setting given another value still
+    makes the run one with other settings."""
+    defaults = {"data": asdict(DataConfig()), "train": asdict(TrainConfig()), "preprocess": {"crop_pct": None}}
+    filled = dict(saved)
+    for key, known in defaults.items():
+        if isinstance(saved.get(key), dict) and isinstance(current.get(key), dict):
+            added = {k: known[k] for k in current[key].keys() - saved[key].keys() if k in known}
+            filled[key] = {**saved[key], **json.loads(json.dumps(added))}
+    return filled
 
 
 def _writer(out_dir: Path | None, rank: int, history: list[dict[str, Any]]) -> Path | None:

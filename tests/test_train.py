@@ -118,6 +118,21 @@ def test_resume_refuses_other_settings(tmp_path):
         train(DATA, MODEL, TrainConfig(**{**FAST.__dict__, "epochs": 1, "lr": 0.1}), tmp_path, resume=True)
 
 
+def test_a_run_started_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """Upgrading LOTUS mid-run: a setting added since the run started counts at its default
+    (the behaviour the run had), and only another value of it is other settings."""
+    one = replace(FAST, epochs=1)
+    train(DATA, MODEL, one, tmp_path)
+    state = tmp_path / "train_state.json"
+    saved = json.loads(state.read_text())
+    for key, name in (("data", "crop_pct"), ("preprocess", "crop_pct"), ("train", "mixup")):
+        del saved["run"][key][name]
+    state.write_text(json.dumps(saved))
+    assert len(train(DATA, MODEL, one, tmp_path, resume=True)) == 1  # resumed, finished already
+    with pytest.raises(LotusError, match="other settings"):
+        train(DATA, MODEL, replace(one, mixup=0.8), tmp_path, resume=True)
+
+
 def test_a_finished_run_is_not_overwritten(tmp_path):
     train(DATA, MODEL, TrainConfig(**{**FAST.__dict__, "epochs": 1}), tmp_path)
     before = (tmp_path / "model.safetensors").read_bytes()
