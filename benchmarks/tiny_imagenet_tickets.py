@@ -225,7 +225,8 @@ def _tickets_figures(args, run: dict) -> dict:
     position is kept over the training images (random tickets: the keep ratio everywhere)."""
     if run["selection"] in WHOLE:
         return {}
-    tickets = load_tickets(args.work / f"tickets-{run['selection']}-{run['drop']:g}")
+    # cut again where this machine lacks them: random ones are seeded, the others re-cut from the saved scores
+    tickets = load_tickets(tickets_for(args, DataConfig(str(args.data)), run["selection"], run["drop"]))
     rate = torch.bincount(tickets.keep_idx.long().flatten(), minlength=tickets.grid**2).float() / len(tickets.keep_idx)
     position = {"min": rate.min().item(), "max": rate.max().item(), "sd": rate.std().item()}
     return {"object_coverage": run["object_coverage"], "position_keep_rate": position}
