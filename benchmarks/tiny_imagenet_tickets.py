@@ -225,7 +225,8 @@ def _tickets_figures(args, run: dict) -> dict:
     position is kept over the training images (random tickets: the keep ratio everywhere)."""
     if run["selection"] in WHOLE:
         return {}
-    # cut again where this machine lacks them: random ones are seeded, the others re-cut from the saved scores
+    # made again where this machine lacks them: random ones are seeded, attention ones re-cut from the
+    # scores saved beside them (a selection never scored here is scored first: minutes)
     tickets = load_tickets(tickets_for(args, DataConfig(str(args.data)), run["selection"], run["drop"]))
     rate = torch.bincount(tickets.keep_idx.long().flatten(), minlength=tickets.grid**2).float() / len(tickets.keep_idx)
     position = {"min": rate.min().item(), "max": rate.max().item(), "sd": rate.std().item()}

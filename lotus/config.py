@@ -63,7 +63,9 @@ class DataConfig:
     # how the validation and test splits (and served images) are resized: None = the whole image to
     # the square input; a share in [0.5, 1] = as timm evaluates, the shorter side to img_size /
     # crop_pct and the centre img_size x img_size cut out (timm's ViT weights: 0.9). Training
-    # images are never cut: tickets score, and augmentation crops from, the whole image.
+    # images are never cut: tickets score, and augmentation crops from, the whole image. At least
+    # 0.5, so the resized side (at most 2x the input) stays under the 3x a large photo is first
+    # reduced to (lotus.images.REDUCING_GAP).
     crop_pct: float | None = None
 
     def __post_init__(self):
