@@ -60,6 +60,9 @@ from serve.bench import infer_body  # the bodies `lotus bench` sends (JSON or bi
 
 HOST = "127.0.0.1"
 MB = 1 << 20
+# Linux's SO_TIMESTAMPNS (Python has no name for it): the kernel stamps every packet it receives,
+# so an answer's arrival is known apart from when this client's busy event loop reads it
+SO_TIMESTAMPNS = 35
 SYNTHETIC = Path(tempfile.gettempdir()) / "lotus-serve-synthetic"  # the exported synthetic model, kept between runs
 
 
@@ -273,6 +276,10 @@ class Answer:
     body: bytes = b""
     sent: int = 0  # bytes written before the answer came (or the client left)
     send_failed: bool = False  # the server hung up while the request was still being sent
+    # from the first byte sent to the answer's first bytes reaching this client's socket (the
+    # kernel's receive time): what a client on a machine of its own would see; `seconds` also
+    # holds the time this load generator's event loop, busy with every other client, took to read it
+    arrived: float | None = None
 
     @property
     def label(self) -> str:
@@ -352,6 +359,7 @@ class Connection:
         self.sent = 0
         self.send_failed = False
         self.last_used = 0.0
+        self.first_arrival: float | None = None  # wall-clock time the current answer's first bytes arrived
 
     def close(self) -> None:
         if self.sock is not None:
@@ -363,6 +371,8 @@ class Connection:
         if self.sock is None or time.perf_counter() - self.last_used > 2.0:
             self.close()  # the server may close an idle keep-alive connection: do not race it
             sock = socket.socket()
+            if sys.platform == "linux":
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, (HOST, self.port))
             self.sock = sock
@@ -381,7 +391,7 @@ class Connection:
 
     async def _answer(self) -> tuple[int, dict[str, str], bytes] | str:
         """The next response (taken off the buffer), or how the connection ended without one."""
-        loop, ended = asyncio.get_running_loop(), None
+        ended = None
         while True:
             parsed = parse_answer(self.buffer, ended is not None)
             if parsed is not None:
@@ -391,7 +401,7 @@ class Connection:
             if ended:
                 return ended
             try:
-                data = await loop.sock_recv(self.sock, 1 << 16)
+                data = await self._recv()
             except OSError:
                 ended = "reset"
                 continue
@@ -399,11 +409,39 @@ class Connection:
                 ended = "closed"
             self.buffer += data
 
+    async def _recv(self) -> bytes:
+        """What the socket holds (up to 64 KiB), once it holds something; the first bytes'
+        arrival time, as the kernel stamped it, goes to `first_arrival`."""
+        while True:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(16))
+            except BlockingIOError:
+                await self._readable()
+                continue
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and self.first_arrival is None:
+                    seconds, nanoseconds = struct.unpack("qq", value[:16])
+                    self.first_arrival = seconds + nanoseconds / 1e9
+            return data
+
+    async def _readable(self) -> None:
+        loop, fd = asyncio.get_running_loop(), self.sock.fileno()
+        ready = loop.create_future()
+        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+
+    def _arrived(self, wall_start: float) -> float | None:
+        return None if self.first_arrival is None else self.first_arrival - wall_start
+
     async def exchange(self, parts: Iterable[bytes | memoryview], timeout: float = 60.0, leave: float | None = None) -> Answer:
         """Send `parts` (reading the answer meanwhile) and return the answer; with `leave`, hang up
         `leave` seconds after the last part instead of waiting for one."""
         await self._open()
-        self.sent, self.send_failed, start = 0, False, time.perf_counter()
+        self.sent, self.send_failed, start, wall_start = 0, False, time.perf_counter(), time.time()
+        self.first_arrival = None
         sending = asyncio.create_task(self._send(parts, leave or 0.0))
         try:
             if leave is not None:
@@ -418,25 +456,35 @@ class Connection:
                 sending.cancel()
             await asyncio.gather(sending, return_exceptions=True)
         self.last_used = time.perf_counter()
+        arrived = self._arrived(wall_start)
         if isinstance(got, str):
             self.close()
             return Answer(None, self.last_used - start, got, sent=self.sent, send_failed=self.send_failed)
         status, headers, body = got
         if headers.get("connection", "").lower() == "close" or self.send_failed:
             self.close()
-        return Answer(status, self.last_used - start, headers=headers, body=body, sent=self.sent, send_failed=self.send_failed)
+        return Answer(
+            status,
+            self.last_used - start,
+            headers=headers,
+            body=body,
+            sent=self.sent,
+            send_failed=self.send_failed,
+            arrived=arrived,
+        )
 
     async def exchange_continue(self, raw: bytes, timeout: float = 60.0) -> Answer:
         """Send `raw`'s head (it says Expect: 100-continue) and its body only once the server
         answers 100 Continue, as curl does for large bodies; a final answer instead ends it."""
         await self._open()
-        self.sent, self.send_failed, start = 0, False, time.perf_counter()
+        self.sent, self.send_failed, start, wall_start = 0, False, time.perf_counter(), time.time()
+        self.first_arrival = None
         head_end = raw.index(b"\r\n\r\n") + 4
         loop = asyncio.get_running_loop()
         try:
             await loop.sock_sendall(self.sock, raw[:head_end])
             while b"\r\n\r\n" not in self.buffer:
-                data = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), timeout)
+                data = await asyncio.wait_for(self._recv(), timeout)
                 if not data:
                     break
                 self.buffer += data
@@ -445,16 +493,18 @@ class Connection:
                 self.last_used = time.perf_counter()  # the same connection carries the body
                 answer = await self.exchange(chunks(raw[head_end:]), timeout)
                 answer.seconds = time.perf_counter() - start
+                answer.arrived = self._arrived(wall_start)
                 return answer
             got = await asyncio.wait_for(self._answer(), timeout)
         except (asyncio.TimeoutError, OSError):
             got = "timeout"
         self.last_used = time.perf_counter()
+        arrived = self._arrived(wall_start)
         self.close()
         if isinstance(got, str):
             return Answer(None, self.last_used - start, got, sent=self.sent)
         status, headers, body = got
-        return Answer(status, self.last_used - start, headers=headers, body=body, sent=self.sent)
+        return Answer(status, self.last_used - start, headers=headers, body=body, sent=self.sent, arrived=arrived)
 
 
 async def exchange(port: int, parts: Iterable[bytes | memoryview], timeout: float = 60.0, leave: float | None = None) -> Answer:
@@ -738,6 +788,7 @@ async def backpressure_section(server: Server, requests: int, images: int, timeo
             "statuses": dict(Counter(a.label for a in probed)),
             "upload_cut_by_server": sum(a.send_failed for a in probed),
             "latency_503": latency_stats(a.seconds for a in probed if a.status == 503),
+            "arrival_503": latency_stats(a.arrived for a in probed if a.status == 503 and a.arrived is not None),
         },
         "health": latency_stats(poller.values(start)),
         "dropped_metric": dropped(before, after),
@@ -766,8 +817,7 @@ async def continue_crowd(server: Server, requests: int, images: int, timeout_ms:
         "health": latency_stats(poller.values(start)),
     }
     log(f"  the same crowd with Expect: 100-continue, in {wall:.1f} s: {result['statuses']}")
-    for status, stats in result["latency"].items():
-        log(f"    {status}: {show(stats)}")
+    show_latencies(result)
     log(f"  health meanwhile: {show(result['health'])}")
     return result
 
@@ -781,6 +831,12 @@ def crowd_figures(answers: list[Answer], timeout_ms: float) -> dict:
     return {
         "statuses": {k: len(v) for k, v in sorted(by_status.items())},
         "latency": {k: latency_stats(a.seconds for a in v) for k, v in sorted(by_status.items())},
+        # the same, to the answer's arrival at this client's socket (see Answer.arrived)
+        "arrival": {
+            k: latency_stats(a.arrived for a in v if a.arrived is not None)
+            for k, v in sorted(by_status.items())
+            if any(a.arrived is not None for a in v)
+        },
         "accepted_within_deadline": sum(a.seconds * 1000 <= timeout_ms for a in accepted),
         "accepted_over_deadline_max_ms": max([a.seconds * 1000 - timeout_ms for a in accepted] + [0.0]),
         "shed_with_retry_after": sum("retry-after" in a.headers for a in shed),
@@ -790,14 +846,20 @@ def crowd_figures(answers: list[Answer], timeout_ms: float) -> dict:
     }
 
 
+def show_latencies(result: dict) -> None:
+    """Latency by status: read by this load generator, and arrived at its sockets."""
+    for status, stats in result["latency"].items():
+        arrival = result["arrival"].get(status)
+        log(f"    {status}: {show(stats)}" + (f"; arrived at the socket: {show(arrival)}" if arrival else ""))
+
+
 def show_crowd(result: dict) -> None:
     accepted, shed = result["statuses"].get("200", 0), result["statuses"].get("503", 0)
     log(
         f"  {result['requests']} x {result['images_per_request']} images (queue {result['queue_capacity_images']} images, "
         f"deadline {result['timeout_ms']:g} ms) in {result['wall_s']:.1f} s: {result['statuses']}"
     )
-    for status, stats in result["latency"].items():
-        log(f"    {status}: {show(stats)}")
+    show_latencies(result)
     log(
         f"  accepted within the deadline: {result['accepted_within_deadline']} of {accepted}; "
         f"503s with Retry-After: {result['shed_with_retry_after']} of {shed} {result['retry_after_values']}; "
@@ -918,7 +980,7 @@ def parse_args() -> argparse.Namespace:
         "--queue-images",
         type=int,
         default=None,
-        help="The backpressure server's --max-queue-images (default: its own, 2 s of work).",
+        help="The backpressure server's --max-queue-images (default: its own, 2 s of work and at most half the deadline's).",
     )
     p.add_argument("--timeout-ms", type=float, default=2000, help="The backpressure server's --timeout-ms.")
     p.add_argument(

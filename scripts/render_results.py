@@ -688,6 +688,8 @@ def tickets_photos(src: Source, page: Page) -> None:
         photo_coverage(src, page, survey)
     for rel in grids:
         photo_grid(src, page, rel)
+    if src.has("ticket_views_tiny_imagenet.json"):
+        photo_views(src, page, "ticket_views_tiny_imagenet.json")
 
 
 def photo_coverage(src: Source, page: Page, rel: str) -> None:
@@ -786,6 +788,38 @@ def photo_grid(src: Source, page: Page, rel: str) -> None:
         " positions are kept (random tickets keep every position at the keep ratio).",
         "",
     )
+
+
+def photo_views(src: Source, page: Page, rel: str) -> None:
+    data = src.json(rel)
+    page.add(
+        "### What the models fine-tuned on tickets have learnt to see",
+        "",
+        "`benchmarks/ticket_views.py` evaluates each fine-tuned model of the grid above on the test images seen"
+        " three ways: whole; only the patches the baseline's every-block attention keeps at the drop ratio the model"
+        " trained at; and only as many patches kept at random. A model trained on attention tickets that is behind on"
+        " whole images but ahead on attention-kept views has learnt its tickets' kind of view, and misses the patches"
+        " attention drops when evaluation shows them.",
+        "",
+    )
+    page.about(src.machines([rel]), f"{len(data['runs'])} fine-tuned models, three passes each over the test split")
+    rows = [
+        [
+            PHOTO_SELECTIONS.get(r["selection"], r["selection"]),
+            f"{r['drop']:g}",
+            str(r["seed"]),
+            *(pct(r["accuracy"][v]) for v in ("whole", "attention", "random")),
+        ]
+        for r in sorted(data["runs"], key=lambda r: (r["drop"], r["seed"], r["selection"]))
+    ]
+    header = ["trained on", "drop", "seed", "whole images", "attention-kept patches", "random-kept patches"]
+    page.table(header, rows, [rel])
+    lines = []
+    for drop, views in data["attention_minus_random"].items():
+        cells = [f"{view} {paired_cell(views, view)}" for view in ("whole", "attention", "random") if views.get(view)]
+        seeds = max(v["seeds"] for v in views.values() if v)
+        lines.append(f"- drop {drop} ({seeds} seed(s)): " + "; ".join(cells))
+    page.add("Attention-trained minus random-trained, paired by seed, in points:", "", *lines, "")
 
 
 def position_cell(rate: dict | None) -> str:
@@ -1535,16 +1569,19 @@ def hostile_crowd_rows(crowd: dict) -> list[list[str]]:
     return [
         [
             f"{crowd['requests']} concurrent requests of {crowd['images_per_request']} images, queue"
-            f" {crowd['queue_capacity_images']} images (2 s of work measured at startup), deadline {crowd['timeout_ms']:g} ms",
+            f" {crowd['queue_capacity_images']} images (the default: 2 s of work measured at startup, at most half the"
+            f" deadline's), deadline {crowd['timeout_ms']:g} ms",
             statuses,
             "the excess 503, the rest answered by the deadline",
         ],
         [
-            "the same: 503 latency, p50 / p99 / max ms (clients sending their 0.8 MB body)",
+            "the same: 503 latency, p50 / p99 / max ms (clients sending their 0.8 MB body), read by the load generator",
             ms(crowd["latency"]["503"]),
             "<= 50 ms",
         ],
+        *arrival_row("the same: the 503s' arrival at the clients' sockets (the kernel's receive time)", crowd, "503"),
         ["the same from clients that wait for `100 Continue` (no body sent)", ms(continued["latency"]["503"]), "<= 50 ms"],
+        *arrival_row("the same: arrival at the sockets", continued, "503"),
         ["one request at a time into the full queue: 503 latency, p50 / p99 / max ms", ms(crowd["probes"]["latency_503"]), ""],
         [
             "the same crowds: accepted requests answered by their deadline (else 504 at it)",
@@ -1559,6 +1596,12 @@ def hostile_crowd_rows(crowd: dict) -> list[list[str]]:
             "p99 < 50 ms",
         ],
     ]
+
+
+def arrival_row(what: str, crowd: dict, status: str) -> list[list[str]]:
+    """A row for the answers' arrival at the load generator's sockets, where the run measured it."""
+    arrival = crowd.get("arrival", {}).get(status)
+    return [[what, ms(arrival), "<= 50 ms"]] if arrival else []
 
 
 def hostile_slow_rows(slow: dict) -> list[list[str]]:

@@ -16,8 +16,22 @@ import math
 from collections.abc import Callable
 
 from serve.errors import ServiceError
+from serve.settings import Settings
 
 UPLOAD_GRACE_S = 1.0  # an upload still going after this gives its share of the queue back meanwhile
+QUEUE_SECONDS = 2.0  # the default queue holds at most this much of the model's work
+
+
+def queue_capacity(settings: Settings, seconds_per_image: float) -> int:
+    """Images the queue admits: --max-queue-images, or else QUEUE_SECONDS of the model's work and
+    at most half the deadline's, never fewer than one request's max_images. Half, because the time
+    per image is measured on an idle machine at startup, and under a crowd the same cores also
+    read, parse and refuse requests: a queue holding the whole deadline's work would see its last
+    admitted requests time out."""
+    if settings.max_queue_images is not None:
+        return settings.max_queue_images
+    seconds = min(QUEUE_SECONDS, settings.timeout_ms / 1000 / 2)
+    return max(settings.max_images, round(seconds / seconds_per_image))
 
 
 def estimate_images(content_length: bytes | None, img_size: int, max_images: int) -> int:

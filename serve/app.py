@@ -27,12 +27,12 @@ from starlette.routing import BaseRoute
 import lotus
 from lotus.bench import time_calls
 from lotus.checkpoint import latest_run
-from serve.admission import Admission
+from serve.admission import Admission, queue_capacity
 from serve.batching import Batcher
 from serve.errors import ClientGone, ServiceError
-from serve.http import METRICS_STATE, server_options
+from serve.http import METRICS_STATE, REFUSAL_STATE, server_options
 from serve.metrics import Metrics
-from serve.middleware import AdmissionMiddleware, ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from serve.middleware import AdmissionMiddleware, ApiKeyMiddleware, BodyLimitMiddleware, EarlyRefusal, MetricsMiddleware
 from serve.model import ServedModel
 from serve.routes import classify, metrics, oip
 from serve.schemas import InferenceRequest, validation_message
@@ -65,7 +65,9 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     routers = (oip.router, classify.router, metrics.router)
     for router in routers:
         app.include_router(router)
-    add_middleware(app, app.state.service, [route for router in routers for route in router.routes])
+    routes = [route for router in routers for route in router.routes]
+    add_middleware(app, app.state.service, routes)
+    app.state.early_refusal = EarlyRefusal(app.state.service, routes)
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(ClientDisconnect, client_gone)
@@ -84,7 +86,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = service.settings
     model = await run_in_threadpool(ServedModel.load, resolve_model(settings.model), settings.threads, settings.spinning)
     seconds_per_image = await run_in_threadpool(time_model, model, settings.max_batch)
-    capacity = settings.max_queue_images or max(settings.max_images, round(QUEUE_SECONDS / seconds_per_image))
+    capacity = queue_capacity(settings, seconds_per_image)
     service.admission = Admission(
         capacity, seconds_per_image, service.metrics.queue.set, service.metrics.dropped.labels("queue_full").inc
     )
@@ -111,14 +113,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.max_batch,
     )
     try:
-        yield {METRICS_STATE: service.metrics}  # the HTTP protocol counts the answers it gives itself (431, 408)
+        # the HTTP protocol counts the answers it gives itself (431, 408), and refuses a crowd's excess (503)
+        yield {METRICS_STATE: service.metrics, REFUSAL_STATE: app.state.early_refusal}
     finally:
         service.ready = False
         await batcher.stop()
         service.preprocess.shutdown(wait=False, cancel_futures=True)
-
-
-QUEUE_SECONDS = 2.0  # the default queue holds about this much of the model's work
 
 
 def time_model(model: ServedModel, batch: int) -> float:

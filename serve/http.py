@@ -12,15 +12,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from serve.settings import Settings
 
 LINGER_S = 2.0  # how long a refused request's remaining bytes are read and dropped
 METRICS_STATE = "lotus_metrics"  # the lifespan state key of the app's serve.metrics.Metrics
+# the lifespan state key of a serve.middleware.EarlyRefusal: (method, path, headers) -> (route, error) | None
+REFUSAL_STATE = "lotus_early_refusal"
 
 
 @dataclass(frozen=True)
@@ -74,13 +78,36 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self._stop_head_timer()
+        if self._refused_early():
+            return
         super().on_headers_complete()
         if self.cycle is not None and not isinstance(self.cycle.transport, _LingeringClose):
             self.cycle.transport = _LingeringClose(self)  # type: ignore[assignment]
 
+    def _refused_early(self) -> bool:
+        """Answer now, before the body or the app, when the app's hook refuses the request (never
+        while an earlier request's answer on this connection is still being given: a pipelined
+        request goes the app's way, in its turn)."""
+        refusal = self.app_state.get(REFUSAL_STATE)
+        method = self.parser.get_method().decode("ascii")
+        if refusal is None or method != "POST" or (self.cycle is not None and not self.cycle.response_complete):
+            return False
+        path = urllib.parse.unquote(httptools.parse_url(self.url).path.decode("ascii"))
+        refused = refusal(method, path, self.headers)
+        if refused is None:
+            return False
+        route, error = refused
+        self._refuse(error.status, str(error), error.headers or {}, route, method)
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        if not self.refused:  # the rest of a refused request's body is dropped
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
         self.awaiting_head = True
-        super().on_message_complete()
+        if not self.refused:
+            super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
@@ -95,15 +122,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         elif self.awaiting_head and self.cycle is None:  # connected and never sent a byte
             self.transport.close()
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer `status` with {"error": message}, count it, and close (lingering)."""
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
-        self.logger.info("%s %d: %s", client, status, message)
+    def _refuse(
+        self, status: int, message: str, headers: dict[str, str] | None = None, route: str = "other", method: str = "-"
+    ) -> None:
+        """Answer `status` with {"error": message} (and `headers`), count it, and close (lingering)."""
+        if status < 500:  # the client's fault; overload (503) is counted in the metrics, not logged per request
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+            self.logger.info("%s %d: %s", client, status, message)
         metrics = self.app_state.get(METRICS_STATE)
         if metrics is not None:  # answered before the app: counted here
-            metrics.requests.labels("other", "-", str(status)).inc()
+            metrics.requests.labels(route, method, str(status)).inc()
         body = json.dumps({"error": message}).encode()
         head = [STATUS_LINE[status], *(n + b": " + v + b"\r\n" for n, v in self.server_state.default_headers)]
+        head += [f"{name.lower()}: {value}\r\n".encode() for name, value in (headers or {}).items()]
         head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
         self.transport.write(b"".join(head) + body)
         self.in_head = False

@@ -81,12 +81,17 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             return await self.app(scope, receive, send)
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        scheme, _, token = given.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+        if not authorized(given, self.key):
             error = "missing API key: send 'Authorization: Bearer KEY'" if not given else "wrong API key"
             headers = {"WWW-Authenticate": "Bearer", **close_unread_body(scope)}
             return await JSONResponse({"error": error}, 401, headers=headers)(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def authorized(authorization: bytes, key: bytes) -> bool:
+    """Whether an Authorization header's value is 'Bearer KEY' (compared in constant time)."""
+    scheme, _, token = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
 
 
 class AdmissionMiddleware:
@@ -114,6 +119,42 @@ class AdmissionMiddleware:
         scope[TICKET] = ticket
         with ticket:
             await self.app(scope, receive, send)
+
+
+class EarlyRefusal:
+    """AdmissionMiddleware's 503, decided by the HTTP protocol (serve.http) the moment a request's
+    head is parsed: a refused request then costs no buffered body, no task and no trip through
+    the app. Under a crowd the refusals queue behind each other on the event loop, so their cost
+    is the crowd's 503 latency: for 0.8 MB uploads it fell from about 1 ms to 0.6 ms a refusal,
+    most of what is left being the reading of the body that the lingering close drops.
+
+    Called with the request's method, path and headers; returns the metrics' route label and the
+    error, or None when the request goes on to the app (which admits it). An unauthenticated
+    request goes on too: its answer is the API key's 401, not the queue's state.
+
+    Args:
+        routes: the service's routes, for the metrics' route label.
+    """
+
+    def __init__(self, service: Service, routes: Sequence[BaseRoute]) -> None:
+        self.service = service
+        self.routes = routes
+        key = service.settings.api_key
+        self.key = key.get_secret_value().encode() if key is not None and key.get_secret_value() else None
+
+    def __call__(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[str, ServiceError] | None:
+        service = self.service
+        if method != "POST" or not service.ready or not is_inference(path):
+            return None
+        if self.key is not None and not authorized(next((v for k, v in headers if k == b"authorization"), b""), self.key):
+            return None
+        length = next((v for k, v in headers if k == b"content-length"), None)
+        images = 1 if path == CLASSIFY else estimate_images(length, service.model.img_size, service.settings.max_images)
+        try:
+            service.admission.check(images)
+        except ServiceError as e:
+            return route_template({"type": "http", "path": path, "method": method}, self.routes), e
+        return None
 
 
 CLASSIFY = "/v1/classify"

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="Most images admitted and not yet answered; beyond it 503 with Retry-After (default: 2 s of the "
-        "model's work, measured at startup, and at least max_images).",
+        "model's work measured at startup, at most half the deadline's, and at least max_images).",
     )
     timeout_ms: float = Field(
         30_000, gt=0, description="Deadline of a request from its arrival; work still queued then gets 504."

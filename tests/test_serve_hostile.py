@@ -20,7 +20,7 @@ import pytest
 from conftest import live_server
 from PIL import Image
 
-from serve.admission import UPLOAD_GRACE_S
+from serve.admission import UPLOAD_GRACE_S, queue_capacity
 from serve.app import create_app
 from serve.settings import Settings
 
@@ -170,6 +170,44 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(tiny_onnx):
         metrics = httpx.get(url + "/metrics").text
         assert 'lotus_dropped_requests_total{reason="queue_full"} 1.0' in metrics
         assert "lotus_queue_images 0.0" in metrics
+
+
+def test_a_full_queue_refuses_from_the_headers_alone_but_a_stranger_still_gets_401(tiny_onnx):
+    key = {"Authorization": "Bearer s3cret"}
+    with gated_server(tiny_onnx, max_queue_images=4, api_key="s3cret") as (url, gate, app):
+
+        async def main():
+            async with httpx.AsyncClient(base_url=url, timeout=20, headers=key) as client:
+                first = asyncio.create_task(client.post(INFER, json=body(4)))
+                await asyncio.to_thread(gate.entered.wait, 5)
+                # the head of a 1-image request, its body never sent
+                head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n"
+                refused = await asyncio.to_thread(raw, url, (head + "Authorization: Bearer s3cret\r\n\r\n").encode())
+                stranger = await asyncio.to_thread(raw, url, (head + "\r\n").encode())
+                gate.opened.set()
+                return await first, refused, stranger
+
+        first, refused, stranger = asyncio.run(main())
+        assert first.status_code == 200
+        status, error = status_and_json(refused)
+        assert status == 503 and "at capacity" in error["error"]
+        assert b"\r\nretry-after: " in refused.lower() and b"\r\nconnection: close\r\n" in refused.lower()
+        status, error = status_and_json(stranger)
+        assert status == 401 and error["error"].startswith("missing API key")  # not told the queue's state
+        metrics = httpx.get(url + "/metrics", headers=key).text
+        assert 'lotus_requests_total{method="POST",route="/v2/models/{name}/infer",status="503"} 1.0' in metrics
+        assert 'lotus_dropped_requests_total{reason="queue_full"} 1.0' in metrics
+        assert httpx.post(url + INFER, json=body(1), headers=key).status_code == 200
+
+
+def test_the_default_queue_holds_two_seconds_of_work_and_at_most_half_the_deadline(tiny_onnx):
+    def capacity(**overrides) -> int:
+        return queue_capacity(settings(tiny_onnx, **overrides), seconds_per_image=0.010)
+
+    assert capacity() == 200  # 2 s at 10 ms an image, under the default 30 s deadline
+    assert capacity(timeout_ms=2000) == 100  # half of a 2 s deadline: admitted work finishes in time under load
+    assert capacity(timeout_ms=50) == 4  # never less than one request's max_images
+    assert capacity(timeout_ms=2000, max_queue_images=300) == 300  # given: as given
 
 
 def test_a_slow_upload_gives_its_share_of_the_queue_back(tiny_onnx):
