@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import socket
+import sys
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,9 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from serve.settings import Settings
 
 LINGER_S = 2.0  # how long a refused request's remaining bytes are read and dropped
+# Where those bytes are "read" to: with MSG_TRUNC, Linux drops TCP data without copying it out,
+# so the buffer is never written; one serves every connection.
+DROPPED = bytearray(1 << 20)
 METRICS_STATE = "lotus_metrics"  # the lifespan state key of the app's serve.metrics.Metrics
 # the lifespan state key of a serve.middleware.EarlyRefusal: (method, path, headers) -> (route, error) | None
 REFUSAL_STATE = "lotus_early_refusal"
@@ -46,6 +51,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.in_head = False
         self.refused = False
         self.head_timer: asyncio.TimerHandle | None = None
+        self.dropping: socket.socket | None = None  # a refused request's socket, drained by `_drop`
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -109,8 +115,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if not self.refused:
             super().on_message_complete()
 
+    def on_response_complete(self) -> None:
+        if self.dropping is not None:  # the transport must not read (and copy) what `_drop` drops
+            self.server_state.total_requests += 1
+            return
+        super().on_response_complete()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_dropping()
         super().connection_lost(exc)
 
     def _head_timed_out(self) -> None:
@@ -145,15 +158,44 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
         Closing a socket with unread data in it resets the connection, and a client still sending
         would see the reset instead of the answer (a 413, 401 or 503 given before the body was
-        read). So our side is shut, what the client still sends is read and dropped for LINGER_S,
-        and then the connection is closed (nginx's lingering close)."""
+        read). So our side is shut, what the client still sends is read and dropped for LINGER_S
+        (or until the client closes), and then the connection is closed (nginx's lingering close).
+        On Linux the dropped bytes are never copied out of the kernel: under a crowd of refused
+        uploads, copying them was most of the event loop's work."""
         self.refused = True
-        self.flow.resume_reading()
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-            self.loop.call_later(LINGER_S, self.transport.close)
-        else:
+        if not self.transport.can_write_eof():
             self.transport.close()
+            return
+        self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self._close)
+        sock = self.transport.get_extra_info("socket")
+        if sys.platform != "linux" or sock is None:
+            self.flow.resume_reading()  # read by the transport, dropped by data_received
+            return
+        self.flow.pause_reading()
+        self.dropping = sock.dup()
+        self.loop.add_reader(self.dropping.fileno(), self._drop)
+
+    def _drop(self) -> None:
+        """Drop what the socket holds; close once the client has closed its side."""
+        try:
+            while self.dropping.recv_into(DROPPED, len(DROPPED), socket.MSG_TRUNC):
+                pass
+        except BlockingIOError:
+            return
+        except OSError:  # reset by the client
+            pass
+        self._close()
+
+    def _stop_dropping(self) -> None:
+        if self.dropping is not None:
+            self.loop.remove_reader(self.dropping.fileno())
+            self.dropping.close()  # only the duplicate: the transport's socket stays open
+            self.dropping = None
+
+    def _close(self) -> None:
+        self._stop_dropping()
+        self.transport.close()
 
 
 class _LingeringClose:
