@@ -160,8 +160,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         would see the reset instead of the answer (a 413, 401 or 503 given before the body was
         read). So our side is shut, what the client still sends is read and dropped for LINGER_S
         (or until the client closes), and then the connection is closed (nginx's lingering close).
-        On Linux the dropped bytes are never copied out of the kernel: under a crowd of refused
-        uploads, copying them was most of the event loop's work."""
+        On Linux the dropped bytes are not even copied out of the kernel, which under a crowd of
+        refused uploads is event-loop time the other requests wait for."""
         self.refused = True
         if not self.transport.can_write_eof():
             self.transport.close()
@@ -169,11 +169,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write_eof()
         self.loop.call_later(LINGER_S, self._close)
         sock = self.transport.get_extra_info("socket")
-        if sys.platform != "linux" or sock is None:
-            self.flow.resume_reading()  # read by the transport, dropped by data_received
+        self.dropping = _duplicate(sock) if sys.platform == "linux" and sock is not None else None
+        if self.dropping is None:  # read by the transport, dropped by data_received
+            self.flow.resume_reading()
             return
         self.flow.pause_reading()
-        self.dropping = sock.dup()
         self.loop.add_reader(self.dropping.fileno(), self._drop)
 
     def _drop(self) -> None:
@@ -196,6 +196,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _close(self) -> None:
         self._stop_dropping()
         self.transport.close()
+
+
+def _duplicate(sock: Any) -> socket.socket | None:
+    """A socket of our own on the transport's connection (None when out of file descriptors)."""
+    try:
+        return sock.dup()
+    except OSError:
+        return None
 
 
 class _LingeringClose:
