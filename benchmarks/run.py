@@ -36,6 +36,10 @@ BENCHMARKS = {
     "frontier": "a baseline checkpoint and its data; structured_peers' result; 1 epoch of fine-tuning per model",
     "cluttered_cifar10": "CIFAR-10 (writes a dataset)",
     "sparse24_gpu": "an NVIDIA GPU (Ampere or newer)",
+    "epoch_time": "an ImageFolder (default: Tiny-ImageNet-100 unpacked into data/); about an hour on 2 CPU cores",
+    "ticket_coverage": "Tiny-ImageNet-100 (boxes.tsv), a baseline checkpoint",
+    "tiny_imagenet_tickets": "Tiny-ImageNet-100, a baseline checkpoint; about 10 minutes per run and seed on 2 CPU cores",
+    "ticket_views": "the models tiny_imagenet_tickets fine-tuned, under runs/",
 }
 
 

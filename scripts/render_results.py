@@ -371,6 +371,7 @@ def step_cost(src: Source, page: Page) -> None:
     page.table(header, rows, ["token_gather_step.json"])
     page.add("A step costs what its tokens cost: the token-gathering forward skips the dropped patches entirely.", "")
     epoch_cost(src, page)
+    epochs_side_by_side(src, page)
     scoring_cost(src, page)
     gpu_step_cost(src, page)
 
@@ -405,6 +406,48 @@ def epoch_cost(src: Source, page: Page) -> None:
         rows,
         [full, dropped],
     )
+
+
+def epochs_side_by_side(src: Source, page: Page) -> None:
+    rels = src.glob("epoch_time_*.json")
+    if not rels:
+        return
+    page.add(
+        "### Whole epochs, side by side",
+        "",
+        "`benchmarks/epoch_time.py` trains one epoch on full data and one on tickets at each drop ratio in every"
+        " round, in a shuffled order, through `lotus train`'s own path (loading, augmentation, the tickets'"
+        " indices moved with each crop); a round's ratios are taken between its own epochs.",
+        "",
+    )
+    for rel in rels:
+        data = src.json(rel)
+        model, recipe, rounds = data["model"], data["recipe"], data["rounds"]
+        patches = (model["img_size"] // model["patch_size"]) ** 2
+        page.add(f"**{dataset_name(data['data'])}**", "")
+        page.about(
+            src.machines([rel]),
+            f"{len(rounds)} rounds; ViT-Tiny of depth {model['depth']}, {model['img_size']} px,"
+            f" {patches} patches; batch {recipe['batch_size']}",
+        )
+        rows = [
+            [
+                "full data" if setting == "full" else f"tickets, {setting}",
+                str(row["patches_kept"]),
+                f"{row['epoch_seconds']:.0f}",
+                f"**{row['vs_full_wall']:.3f}** / {row['vs_full_cpu']:.3f}",
+                ", ".join(f"{r:.3f}" for r in row["vs_full_wall_per_round"]),
+            ]
+            for setting, row in data["summary"].items()
+        ]
+        header = [
+            "trained on",
+            "patches kept",
+            "epoch wall (s, median)",
+            "vs full data (wall / CPU, median)",
+            "wall ratio per round",
+        ]
+        page.table(header, rows, [rel])
 
 
 def scoring_cost(src: Source, page: Page) -> None:
@@ -785,7 +828,9 @@ def photo_grid(src: Source, page: Page, rel: str) -> None:
     page.table(header, rows, [rel])
     page.add(
         "Kept per position: over the training images, how often the least and the most kept patch"
-        " positions are kept (random tickets keep every position at the keep ratio).",
+        " positions are kept (random tickets keep every position at the keep ratio). Epoch time vs full: the"
+        " mean epoch of runs made one after another on a shared machine, so it carries the machine's drift;"
+        " [whole epochs, side by side](#whole-epochs-side-by-side) gives the ratio without it.",
         "",
     )
 

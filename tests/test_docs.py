@@ -60,6 +60,19 @@ def test_readme_is_a_front_door():
     assert "make demo" in top and "make test" in top, "the two set-up commands belong on the README's first screen"
 
 
+def test_every_benchmark_runs_by_name_and_is_listed_in_the_guide():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"common", "run"}
+    assert scripts - set(module.BENCHMARKS) == set(), "benchmarks/run.py's BENCHMARKS must name every benchmark script"
+    assert set(module.BENCHMARKS) - scripts == set(), "benchmarks/run.py names a benchmark that has no script"
+    guide = (DOCS / "benchmarking.md").read_text()
+    assert {name for name in scripts if f"| `{name}` |" not in guide} == set(), (
+        "docs/benchmarking.md's table must list every benchmark"
+    )
+
+
 def test_readme_has_the_headline_block():
     text = README.read_text()
     start, end = "<!-- results:headline:start -->", "<!-- results:headline:end -->"
