@@ -21,8 +21,8 @@ from common import ROOT, SHARED_CIFAR, cifar10_folder, write_result
 
 from lotus.bench import LocalBenchConfig, bench_local
 from lotus.checkpoint import load_model
-from lotus.data import DataConfig
-from lotus.export import ExportConfig, _eval_images, accuracy_onnx, export_onnx
+from lotus.data import DataConfig, load_split_for_model
+from lotus.export import ExportConfig, accuracy_onnx, eval_images, export_onnx
 from lotus.masks import nm_pattern
 from lotus.pipeline import compress, default_compress_config
 
@@ -65,7 +65,7 @@ def main() -> None:
 
     if not args.skip_export:
         model, meta = load_model(run)
-        images, labels = _eval_images(meta, data_cfg, None)
+        images, labels = eval_images(load_split_for_model(data_cfg, meta["preprocess"], "test"), meta["preprocess"])
         exports = {}
         tag = "" if args.select_block is None else f".select{args.select_block}"
         for quantize in (None, "int8"):

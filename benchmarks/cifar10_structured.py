@@ -29,8 +29,8 @@ from common import RESULTS, ROOT, SHARED_CIFAR, cifar10_folder, write_result
 
 from lotus.bench import LocalBenchConfig, bench_local
 from lotus.checkpoint import load_model
-from lotus.data import DataConfig
-from lotus.export import ExportConfig, _eval_images, accuracy_onnx, export_onnx
+from lotus.data import DataConfig, load_split_for_model
+from lotus.export import ExportConfig, accuracy_onnx, eval_images, export_onnx
 from lotus.masks import prunable_names
 from lotus.prune import PruneConfig, prune_oneshot, prune_structured
 from lotus.structured import StructuredConfig
@@ -199,7 +199,8 @@ def main() -> None:
             if not path.exists():
                 export_onnx(tuned, path, data_cfg, ExportConfig(quantize=quantize, verify_images=32))
             if images is None:
-                images, labels = _eval_images(load_model(tuned)[1], data_cfg, None)
+                pre = load_model(tuned)[1]["preprocess"]
+                images, labels = eval_images(load_split_for_model(data_cfg, pre, "test"), pre)
             result["finetuned_shrunk_onnx"][quantize or "fp32"] = {
                 f"drop{d:g}": accuracy_onnx(path, images, labels, drop=d) for d in (0.0, 0.5)
             }

@@ -45,7 +45,7 @@ from common import RESULTS, ROOT, finetune, time_rounds, write_result
 from lotus.checkpoint import load_model
 from lotus.data import DataConfig, load_split_for_model
 from lotus.drop import num_keep, select_block_of
-from lotus.export import ExportConfig, _eval_images, export_merging, export_onnx, quantize_int8
+from lotus.export import ExportConfig, eval_images, export_merging, export_onnx, quantize_int8
 from lotus.merge import forward_merging
 from lotus.plots import pyplot
 from lotus.runtime import graph_feed, ort_session
@@ -289,7 +289,7 @@ def main() -> None:
     rows = points(graphs, args.drops)
     dense, meta = load_model(models["dense"]["run"])
     pre = meta["preprocess"]
-    splits = {s: _eval_images(load_split_for_model(data_cfg, pre, s), pre) for s in ("val", "test")}
+    splits = {s: eval_images(load_split_for_model(data_cfg, pre, s), pre) for s in ("val", "test")}
     measure_accuracy(rows, splits, args.baseline.parent / "graphs" / "accuracy.json")
     select_block = select_block_of(len(dense.blocks), None)
     calls = timing_cells(rows, dense.float().eval(), args.threads, select_block)

@@ -187,8 +187,8 @@ def check_exported_sparsity(path: Path, model: TokenGatherViT, names: list[str])
     return {"exported_sparsity": zeros / max(size, 1), "checkpoint_sparsity": expected / max(size, 1)}
 
 
-def _eval_images(data: ImageData, pre: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole split, normalised as the model's preprocessing says, and its labels."""
+def eval_images(data: ImageData, pre: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole split, normalised as the model's preprocessing says, and its labels: what `accuracy_onnx` takes."""
     if data.streamed:
         data = data.take(torch.arange(len(data)))
     batch = next(iter(BatchLoader(data, len(data), pre["mean"], pre["std"])))
@@ -337,7 +337,7 @@ def export_onnx(
         main, keep = _write_graphs(model, cfg, select_block, meta["preprocess"]["img_size"], Path(tmp), log)
         report.update(check_exported_sparsity(main, model, prunable_names(model)))
         images, labels = (
-            _eval_images(data, meta["preprocess"]) if data is not None and (cfg.verify or cfg.quantize) else (None, None)
+            eval_images(data, meta["preprocess"]) if data is not None and (cfg.verify or cfg.quantize) else (None, None)
         )
         if cfg.verify:
             settings = f"merge r {cfg.merge}" if cfg.merge else f"drop {', '.join(map(str, VERIFY_DROPS))}"
