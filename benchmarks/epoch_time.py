@@ -96,7 +96,7 @@ def main() -> None:
             f"{setting}: {summary[setting]['vs_full_wall']:.3f}x the wall time of a full epoch, {summary[setting]['vs_full_cpu']:.3f}x its CPU time"
         )
     write_result(
-        f"epoch_time_{data_cfg.name.rstrip('/').split('/')[-1].replace('-', '_')}",
+        f"epoch_time_{args.data.name.replace('-', '_')}",
         {
             "data": shown(args.data),
             "model": model,

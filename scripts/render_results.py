@@ -423,7 +423,7 @@ def epochs_side_by_side(src: Source, page: Page) -> None:
     for rel in rels:
         data = src.json(rel)
         model, recipe, rounds = data["model"], data["recipe"], data["rounds"]
-        patches = (model["img_size"] // model["patch_size"]) ** 2
+        patches = data["summary"]["full"]["patches_kept"]
         page.add(f"**{dataset_name(data['data'])}**", "")
         page.about(
             src.machines([rel]),

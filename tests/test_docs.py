@@ -15,11 +15,16 @@ DOCS = ROOT / "docs"
 PAGES = [README, *sorted(DOCS.glob("*.md"))]
 
 
-def _cli_reference():
-    spec = importlib.util.spec_from_file_location("cli_reference", ROOT / "scripts" / "cli_reference.py")
+def _script(path: Path):
+    """A script of the repository (not a package) loaded as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _cli_reference():
+    return _script(ROOT / "scripts" / "cli_reference.py")
 
 
 def test_cli_reference_matches_the_cli():
@@ -61,9 +66,7 @@ def test_readme_is_a_front_door():
 
 
 def test_every_benchmark_runs_by_name_and_is_listed_in_the_guide():
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script(ROOT / "benchmarks" / "run.py")
     scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"common", "run"}
     assert scripts - set(module.BENCHMARKS) == set(), "benchmarks/run.py's BENCHMARKS must name every benchmark script"
     assert set(module.BENCHMARKS) - scripts == set(), "benchmarks/run.py names a benchmark that has no script"
