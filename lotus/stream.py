@@ -239,8 +239,10 @@ class StreamLoader(BatchLoader):
                 if self.pin_memory:
                     images = images.pin_memory()
                 yield Batch(images, labels, index, shift, flip, crop)
-        except RuntimeError as e:
-            if "DataLoader worker" not in str(e):
+        except (RuntimeError, ConnectionError) as e:
+            # a worker that dies while the batch it sent is still being received resets that
+            # connection (ConnectionError) before torch notices the death (RuntimeError)
+            if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
                 raise
             raise LotusError(
                 f"a data loader worker stopped ({str(e).strip().splitlines()[0]}): if memory ran out, lower --workers "
