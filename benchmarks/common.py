@@ -22,22 +22,51 @@ SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 RESULTS = Path(os.environ.get("LOTUS_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
+SHARED_TINY_IMAGENET = ROOT.parent / "shared" / "data" / "tiny-imagenet-100.tar.gz"
+
+
 def cifar10_folder(archive: Path = SHARED_CIFAR, dest: Path = ROOT / "data") -> Path:
     """Unpack the CIFAR-10 ImageFolder archive once; returns the root holding train/ and test/."""
-    unpacked = dest / "cifar10"
-    for candidate in (unpacked, dest, *(unpacked.iterdir() if unpacked.is_dir() else ())):
+    return unpacked_folder(archive, dest / "cifar10", also=(dest,))
+
+
+def tiny_imagenet_folder(archive: Path = SHARED_TINY_IMAGENET, dest: Path = ROOT / "data") -> Path:
+    """Unpack the Tiny-ImageNet-100 archive once; returns the root holding train/, test/ and boxes.tsv."""
+    return unpacked_folder(archive, dest / "tiny-imagenet-100", into=dest)  # the archive holds its top folder
+
+
+def _image_root(folder: Path) -> Path | None:
+    """`folder` or the folder just under it that holds train/ and test/, if any."""
+    for candidate in (folder, *(sorted(folder.iterdir()) if folder.is_dir() else ())):
         if (candidate / "train").is_dir() and (candidate / "test").is_dir():
             return candidate
-    if not archive.is_file():
-        raise SystemExit(f"CIFAR-10 archive {archive} not found: pass --archive PATH")
-    out = dest / "cifar10"
-    out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(out, filter="data")
-    # the archive may hold a top folder: find the level with train/ and test/
-    for candidate in [out, *out.iterdir()]:
-        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
-            return candidate
+    return None
+
+
+def unpacked_folder(archive: Path, out: Path, into: Path | None = None, also: tuple[Path, ...] = ()) -> Path:
+    """The ImageFolder root at `out` (or just under it, or under one of `also`), unpacking
+    `archive` into `into` (default `out`) the first time. Where the archive is missing, its parts
+    in `into` (NAME.partNN, written by `split -b`: how a machine that takes files of limited size
+    receives it) are read in order."""
+    into = into or out
+    for folder in (out, *also):
+        if root := _image_root(folder):
+            return root
+    parts = sorted(into.glob(f"{archive.name}.part*"))
+    if not archive.is_file() and not parts:
+        raise SystemExit(f"archive {archive} not found (nor its parts {into}/{archive.name}.part*): pass --archive PATH")
+    into.mkdir(parents=True, exist_ok=True)
+    if archive.is_file():
+        with tarfile.open(archive) as tar:
+            tar.extractall(into, filter="data")
+    else:
+        with (
+            subprocess.Popen(["cat", *map(str, parts)], stdout=subprocess.PIPE) as cat,
+            tarfile.open(fileobj=cat.stdout, mode="r|gz") as tar,
+        ):
+            tar.extractall(into, filter="data")
+    if root := _image_root(out):
+        return root
     raise SystemExit(f"{archive} does not unpack to train/ and test/ folders")
 
 

@@ -27,7 +27,7 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from common import ROOT, shown, write_result
+from common import ROOT, shown, tiny_imagenet_folder, write_result
 
 from lotus.checkpoint import load_model
 from lotus.config import TicketConfig, default_compress_config
@@ -48,13 +48,16 @@ def one_epoch(args, data_cfg: DataConfig, recipe, name: str, tickets: Path | Non
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=ROOT / "data" / "tiny-imagenet-100", help="an ImageFolder root")
+    p.add_argument(
+        "--data", type=Path, default=None, help="an ImageFolder root (default: Tiny-ImageNet-100, unpacked into data/ once)"
+    )
     p.add_argument("--drops", default="0.5")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--patch-size", type=int, default=8, help="8 gives 64-px images 64 patches, the CIFAR-10 cost")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "epoch-time")
     args = p.parse_args()
+    args.data = args.data or tiny_imagenet_folder()
     if not (args.data / "train").is_dir():
         raise SystemExit(f"{args.data} has no train/ folder: pass --data, the root of an ImageFolder")
     data_cfg = DataConfig(str(args.data))

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import ROOT, shown, write_result
+from common import ROOT, shown, tiny_imagenet_folder, write_result
 
 from lotus.checkpoint import load_model
 from lotus.coverage import box_patches, coverage_shares, keep_mask, match_boxes
@@ -59,37 +59,31 @@ def centre_scores(num_images: int, grid: int) -> torch.Tensor:
     return near + 1e-3 * torch.rand(num_images, grid * grid, generator=torch.Generator().manual_seed(0))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", type=Path, default=ROOT / "runs" / "frontier" / "tiny-imagenet-100" / "baseline")
-    p.add_argument("--data", type=Path, default=ROOT / "data" / "tiny-imagenet-100")
-    p.add_argument("--boxes", type=Path, default=None, help="the boxes.tsv (default: DATA/boxes.tsv)")
-    p.add_argument("--drops", default="0.3,0.5,0.7")
-    p.add_argument("--images", type=int, default=5000, help="images sampled (among those with a box); 0 = all")
-    p.add_argument("--selections", default=",".join(SELECTIONS), help=f"any of {', '.join(SELECTIONS)}")
-    p.add_argument("--name", default="ticket_coverage_tiny_imagenet", help="results file name")
-    args = p.parse_args()
-
-    model, meta = load_model(args.baseline)
-    pre = meta["preprocess"]
-    data = load_split_for_model(DataConfig(str(args.data)), pre, "train")
-    boxes = match_boxes(args.boxes or args.data / "boxes.tsv", data)
+def boxed_sample(model, pre: dict, root: Path, boxes_file: Path, images: int):
+    """A fixed sample of `images` boxed training images (0 = all), as the model expects them, with
+    each image's patches on the object (images, N) and which objects cover less than half of it."""
+    data = load_split_for_model(DataConfig(str(root)), pre, "train")
+    boxes = match_boxes(boxes_file, data)
     rows = torch.randperm(len(boxes.index), generator=torch.Generator().manual_seed(0))
-    rows = rows[: args.images].sort().values if args.images else torch.arange(len(boxes.index))
-    sample = data.take(boxes.index[rows])
+    rows = rows[:images].sort().values if images else torch.arange(len(boxes.index))
     grid, patch_size = model.patch_embed.grid_size[0], model.patch_embed.patch_size[0]
     on_object = box_patches(boxes.boxes[rows], boxes.sizes[rows], grid, patch_size)
-    small = on_object.float().mean(-1) < 0.5
-    drops = [float(d) for d in args.drops.split(",")]
-    print(f"{len(rows)} images with a box; {small.float().mean().item():.1%} have an object on < half the patches")
+    return data.take(boxes.index[rows]), on_object, on_object.float().mean(-1) < 0.5, len(boxes.index)
+
+
+def survey(
+    model, pre: dict, sample, on_object: torch.Tensor, small: torch.Tensor, names: list[str], drops: list[float], device="cpu"
+) -> dict:
+    """Each named selection's coverage of the sample's objects at every drop ratio, and its scoring time."""
+    grid = model.patch_embed.grid_size[0]
     results = {}
-    for name in args.selections.split(","):
+    for name in names:
         start = time.perf_counter()
         cfg = SELECTIONS[name]
         if cfg is None:
             scores = centre_scores(len(sample), grid)
         else:
-            scores = make_tickets(model, sample, pre["mean"], pre["std"], cfg).scores
+            scores = make_tickets(model, sample, pre["mean"], pre["std"], cfg, device=device).scores
         seconds = time.perf_counter() - start
         keys = balance_scores(scores) if cfg is not None and cfg.balance else scores
         results[name] = {
@@ -105,6 +99,29 @@ def main() -> None:
             ),
             flush=True,
         )
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", type=Path, default=ROOT / "runs" / "frontier" / "tiny-imagenet-100" / "baseline")
+    p.add_argument(
+        "--data", type=Path, default=None, help="an ImageFolder root (default: Tiny-ImageNet-100, unpacked into data/ once)"
+    )
+    p.add_argument("--boxes", type=Path, default=None, help="the boxes.tsv (default: DATA/boxes.tsv)")
+    p.add_argument("--drops", default="0.3,0.5,0.7")
+    p.add_argument("--images", type=int, default=5000, help="images sampled (among those with a box); 0 = all")
+    p.add_argument("--selections", default=",".join(SELECTIONS), help=f"any of {', '.join(SELECTIONS)}")
+    p.add_argument("--name", default="ticket_coverage_tiny_imagenet", help="results file name")
+    args = p.parse_args()
+    args.data = args.data or tiny_imagenet_folder()
+
+    model, meta = load_model(args.baseline)
+    pre = meta["preprocess"]
+    sample, on_object, small, with_box = boxed_sample(model, pre, args.data, args.boxes or args.data / "boxes.tsv", args.images)
+    print(f"{len(sample)} images with a box; {small.float().mean().item():.1%} have an object on < half the patches")
+    drops = [float(d) for d in args.drops.split(",")]
+    results = survey(model, pre, sample, on_object, small, args.selections.split(","), drops)
     write_result(
         args.name,
         {
@@ -112,11 +129,11 @@ def main() -> None:
             "baseline_test_accuracy": meta["metrics"].get("test_accuracy"),
             "data": shown(args.data),
             "split": "train (validation images held out)",
-            "images": len(rows),
-            "images_with_box": len(boxes.index),
+            "images": len(sample),
+            "images_with_box": with_box,
             "small_objects": int(small.sum()),
             "object_share": on_object.float().mean().item(),
-            "grid": grid,
+            "grid": model.patch_embed.grid_size[0],
             "selections": results,
         },
     )

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, shown, write_result
+from common import ROOT, shown, tiny_imagenet_folder, write_result
 
 from lotus.checkpoint import load_model
 from lotus.data import DataConfig, load_split_for_model, make_loader
@@ -71,11 +71,14 @@ def paired(rows: list[dict], view: str) -> dict[str, float] | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", type=Path, default=ROOT / "runs" / "frontier" / "tiny-imagenet-100" / "baseline")
-    p.add_argument("--data", type=Path, default=ROOT / "data" / "tiny-imagenet-100")
+    p.add_argument(
+        "--data", type=Path, default=None, help="an ImageFolder root (default: Tiny-ImageNet-100, unpacked into data/ once)"
+    )
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "tiny-imagenet-tickets" / "finetune-s0.5-epochs1")
     p.add_argument("--drops", default=None, help="only models trained at these drop ratios (default: every one there)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random views")
     args = p.parse_args()
+    args.data = args.data or tiny_imagenet_folder()
     torch.set_grad_enabled(False)
 
     found = [(RUN.fullmatch(d.name), d) for d in sorted(args.runs.iterdir()) if (d / "model.safetensors").exists()]

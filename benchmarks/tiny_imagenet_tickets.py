@@ -30,7 +30,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from common import RESULTS, ROOT, machine, paired, shown, write_result
+from common import RESULTS, ROOT, machine, paired, shown, tiny_imagenet_folder, write_result
 from ticket_coverage import SELECTIONS
 
 from lotus.checkpoint import load_model
@@ -83,7 +83,9 @@ def start_point(args, data_cfg: DataConfig) -> tuple[Path | None, ModelConfig, T
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", type=Path, default=ROOT / "runs" / "frontier" / "tiny-imagenet-100" / "baseline")
-    p.add_argument("--data", type=Path, default=ROOT / "data" / "tiny-imagenet-100")
+    p.add_argument(
+        "--data", type=Path, default=None, help="an ImageFolder root (default: Tiny-ImageNet-100, unpacked into data/ once)"
+    )
     p.add_argument("--mode", default="finetune", choices=["finetune", "scratch"])
     p.add_argument("--sparsity", type=float, default=0.5, help="stage-1 one-shot sparsity of the model fine-tuned")
     p.add_argument("--selections", default="grad,random", help="ticket_coverage.py's selections, each beside full data")
@@ -92,15 +94,35 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--boxes", type=Path, default=None, help="the boxes.tsv (default: DATA/boxes.tsv)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "tiny-imagenet-tickets")
+    p.add_argument("--tag", default="", help="appended to the grid's name: keeps grids from other baselines apart")
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="score the tickets and prune the baseline, then stop: runs started in parallel (a seed each) then only read them",
+    )
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    args.data = args.data or tiny_imagenet_folder()
     if args.mode == "scratch" and "dense" in args.selections.split(","):
         p.error("--selections dense fine-tunes the dense baseline: it has no meaning with --mode scratch")
     label = f"{args.mode}-s{args.sparsity:g}-epochs{args.epochs}" if args.mode == "finetune" else f"scratch-epochs{args.epochs}"
+    label += f"-{args.tag}" if args.tag else ""
     out = RESULTS / SUITE / label
+    if args.prepare_only:
+        prepare(args, DataConfig(str(args.data)))
+        return
     if not args.report_only:
         run_grid(args, out, label)
     report(out, label, args)
+
+
+def prepare(args, data_cfg: DataConfig) -> None:
+    """Everything the grid's runs share: the pruned baseline and every selection's tickets."""
+    start_point(args, data_cfg)
+    for drop in (float(d) for d in args.drops.split(",")):
+        for selection in args.selections.split(","):
+            if selection not in WHOLE:
+                tickets_for(args, data_cfg, selection, drop)
 
 
 def run_grid(args, out: Path, label: str) -> None:

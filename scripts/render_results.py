@@ -370,42 +370,9 @@ def step_cost(src: Source, page: Page) -> None:
     header = ["patches kept (ratio)", "patches kept", "tokens vs all (with the class token)", "step (s)", "step vs all patches"]
     page.table(header, rows, ["token_gather_step.json"])
     page.add("A step costs what its tokens cost: the token-gathering forward skips the dropped patches entirely.", "")
-    epoch_cost(src, page)
     epochs_side_by_side(src, page)
     scoring_cost(src, page)
     gpu_step_cost(src, page)
-
-
-def epoch_cost(src: Source, page: Page) -> None:
-    full, dropped = "cifar10_tickets/epochs5/full.json", "cifar10_tickets/cpu-epoch1-attention-0.5.json"
-    if not src.has(full, dropped):
-        return
-    page.add("### A whole CIFAR-10 epoch", "")
-    page.about(
-        src.machines([full, dropped]),
-        "CIFAR-10's 50,000 training images per epoch, batch 128; two separate runs, not side by side",
-    )
-    base = src.json(full)["history"]
-    base_wall = statistics.fmean(e["epoch_seconds"] for e in base)
-    base_cpu = statistics.fmean(e["epoch_cpu_seconds"] for e in base)
-    rows = [["full data (64 patches)", str(len(base)), f"{base_wall:.0f}", f"{base_cpu:.0f}", "1"]]
-    history = src.json(dropped)["history"]
-    wall = statistics.fmean(e["epoch_seconds"] for e in history)
-    cpu = statistics.fmean(e["epoch_cpu_seconds"] for e in history)
-    rows.append(
-        [
-            "attention tickets, drop 0.5 (32 patches)",
-            str(len(history)),
-            f"{wall:.0f}",
-            f"{cpu:.0f}",
-            f"**{wall / base_wall:.3f}** / {cpu / base_cpu:.3f}",
-        ]
-    )
-    page.table(
-        ["trained on", "epochs", "epoch wall (s, mean)", "epoch CPU time (s, mean)", "vs full data (wall / CPU)"],
-        rows,
-        [full, dropped],
-    )
 
 
 def epochs_side_by_side(src: Source, page: Page) -> None:
@@ -729,6 +696,8 @@ def tickets_photos(src: Source, page: Page) -> None:
     )
     if src.has(survey):
         photo_coverage(src, page, survey)
+    if src.has("scorer_coverage_tiny_imagenet.json"):
+        photo_scorer(src, page, "scorer_coverage_tiny_imagenet.json")
     for rel in grids:
         photo_grid(src, page, rel)
     if src.has("ticket_views_tiny_imagenet.json"):
@@ -765,6 +734,37 @@ def photo_coverage(src: Source, page: Page, rel: str) -> None:
     header = ["selection", *(f"object kept, drop {d:g}" for d in drops), "small objects kept, drop 0.5", "scoring (s)"]
     page.table(header, rows, [rel])
     page.add("In brackets: points above random drop at the same ratio.", "")
+
+
+def photo_scorer(src: Source, page: Page, rel: str) -> None:
+    """Object coverage of the scorer as it stood after each epoch of a longer training."""
+    data = src.json(rel)
+    train, shape = data["train"], data["model"]
+    rows, names = [], list(data["epochs"][0]["selections"])
+    drop = sorted(data["epochs"][0]["selections"][names[0]]["drops"])[0]
+    for e in data["epochs"]:
+        cells = [
+            f"{100 * e['selections'][n]['drops'][drop]['object_kept']:.1f}%"
+            f" ({signed(100 * e['selections'][n]['drops'][drop]['object_kept'] - 100 * (1 - float(drop)))})"
+            for n in names
+        ]
+        rows.append([str(e["epoch"]), pct(e["val_accuracy"]), pct(e["test_accuracy"]), *cells])
+    page.add(
+        "### Does a better-trained scorer find more of the object?",
+        "",
+        f"`benchmarks/scorer_coverage.py` trains a baseline of the same shape (ViT-Tiny of depth {shape['depth']},"
+        f" {shape['patch_size']}-px patches) for {train['epochs']} epochs (one cosine schedule) and scores the same"
+        f" {data['images']:,} boxed training images with the model as it stood after each epoch. Shares are of the"
+        f" object's patches kept at drop {float(drop):g}; in brackets, points above random drop, which keeps"
+        f" {100 * (1 - float(drop)):.0f}% of any object in expectation.",
+        "",
+    )
+    page.about(
+        src.machines([rel]),
+        f"{train['epochs']} epochs of training, batch {train['batch_size']}; one scoring pass per epoch and selection",
+    )
+    header = ["after epoch", "validation accuracy", "test accuracy", *(PHOTO_SELECTIONS.get(n, n) for n in names)]
+    page.table(header, rows, [rel])
 
 
 def photo_grid(src: Source, page: Page, rel: str) -> None:
