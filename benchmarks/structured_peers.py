@@ -37,14 +37,14 @@ from common import ROOT, finetune, paired, write_result
 
 from lotus.checkpoint import load_model
 from lotus.data import DataConfig
-from lotus.prune import _eval_loader, _save_pruned, _unit_scores, calibration_batches
+from lotus.prune import calibration_batches, eval_loader, save_pruned, unit_scores
 from lotus.structured import StructuredConfig, choose, shrink_
 from lotus.train import TrainConfig, evaluate
 from lotus.vit import count_parameters, structure_of
 
 
 def prune_lotus(model: torch.nn.Module, meta: dict, data_cfg: DataConfig, cfg: StructuredConfig) -> torch.nn.Module:
-    heads, neurons = _unit_scores(model, cfg, data_cfg, meta["preprocess"], torch.device("cpu"))
+    heads, neurons = unit_scores(model, cfg, data_cfg, meta["preprocess"], torch.device("cpu"))
     shrink_(model, choose(heads, neurons, cfg))
     return model
 
@@ -85,7 +85,7 @@ def prune_all(baseline: Path, data_cfg: DataConfig, cfg: StructuredConfig, work:
     """Every (library, importance) pruned from `baseline`, saved under `work`, with its accuracies."""
     dense, meta = load_model(baseline, "cpu")
     batches = list(calibration_batches(data_cfg, meta["preprocess"], cfg))  # the images LOTUS's scores read
-    loaders = {split: _eval_loader(meta, data_cfg, split) for split in ("val", "test")}
+    loaders = {split: eval_loader(meta, data_cfg, split) for split in ("val", "test")}
     rows = []
     for library, importance in (
         ("lotus", "magnitude"),
@@ -103,7 +103,7 @@ def prune_all(baseline: Path, data_cfg: DataConfig, cfg: StructuredConfig, work:
         seconds = time.perf_counter() - start
         acc = {split: evaluate(model, loader, torch.device("cpu"))["accuracy"] for split, loader in loaders.items()}
         out = work / f"structured-{library}-{importance}"
-        _save_pruned(out, model, meta, None, acc["val"], "val", pruning={"stage": "structured", "library": library})
+        save_pruned(out, model, meta, None, acc["val"], "val", pruning={"stage": "structured", "library": library})
         row = {
             "library": library,
             "importance": importance,

@@ -75,7 +75,7 @@ def _weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor
     return {n: params[n].detach() for n in names}
 
 
-def _eval_loader(checkpoint_meta: dict, data_cfg: DataConfig, split: str, batch_size: int = 256) -> Loader:
+def eval_loader(checkpoint_meta: dict, data_cfg: DataConfig, split: str, batch_size: int = 256) -> Loader:
     """Batches of the `split` ('val' or 'test') images, preprocessed as the checkpoint says."""
     pre = checkpoint_meta["preprocess"]
     data = load_split_for_model(data_cfg, pre, split)
@@ -132,7 +132,7 @@ def sweep(
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
     check_holdout(meta, data_cfg, checkpoint)
-    loader = _eval_loader(meta, data_cfg, "val")
+    loader = eval_loader(meta, data_cfg, "val")
     dense = evaluate(model, loader, dev)
     rows = _sweep_rows(model, meta["masks"] or None, loader, cfg, dev, progress)
     knee = essential_sparsity([r["sparsity"] for r in rows], [r["accuracy"] for r in rows], dense["accuracy"], cfg.tolerance)
@@ -185,14 +185,14 @@ def prune_oneshot(
         masks = magnitude_masks(_weights(model, names), sparsity, scope=cfg.scope, keep=keep)
     apply_masks_(model, masks)
     measured = sparsity_report(model, names)
-    accuracy = evaluate(model, _eval_loader(meta, data_cfg, "test"), dev)["accuracy"] if data_cfg else None
+    accuracy = evaluate(model, eval_loader(meta, data_cfg, "test"), dev)["accuracy"] if data_cfg else None
     pruning = {"stage": "oneshot", "requested_sparsity": sparsity, "prune": asdict(cfg)}
-    out_dir = _save_pruned(out_dir, model, meta, masks, accuracy, "test", pruning=pruning, sparsity=sparsity_summary(measured))
+    out_dir = save_pruned(out_dir, model, meta, masks, accuracy, "test", pruning=pruning, sparsity=sparsity_summary(measured))
     atomic_write_json(out_dir / "sparsity.json", measured)
     return {"sparsity": measured, "accuracy": accuracy}
 
 
-def _save_pruned(
+def save_pruned(
     out_dir: str | Path,
     model: torch.nn.Module,
     meta: dict[str, Any],
@@ -249,7 +249,7 @@ def isp(
     masks: Masks = meta["masks"] or {n: torch.ones_like(w, dtype=torch.bool) for n, w in _weights(model, names).items()}
     if set(masks) != set(names):
         raise LotusError("the checkpoint's masks cover other weights than this pruning: use the same --include")
-    eval_loader = _eval_loader(meta, data_cfg, "val") if holdout(data_cfg)["source"] else None
+    val_loader = eval_loader(meta, data_cfg, "val") if holdout(data_cfg)["source"] else None
     start = mask_sparsity(masks)
     if not start <= cfg.target < 1:
         raise LotusError(f"ISP target {cfg.target} must lie in [{start:.3f}, 1): the checkpoint is already {start:.3f} sparse")
@@ -259,7 +259,7 @@ def isp(
         proposals = [magnitude_masks(_weights(model, names), s, scope=cfg.prune.scope, keep=masks) for s in levels]
         masks = merge_masks(proposals, "union")
         apply_masks_(model, masks)
-        rounds.append(_round_record(0, levels[-1], model, names, eval_loader, dev, log))
+        rounds.append(_round_record(0, levels[-1], model, names, val_loader, dev, log))
     else:
         train_data = load_split_for_model(data_cfg, pre, "train")
         for r in range(cfg.rounds):
@@ -271,10 +271,10 @@ def isp(
             if cfg.soup:
                 soup_(model, copies)
             apply_masks_(model, masks)
-            rounds.append(_round_record(r + 1, level, model, names, eval_loader, dev, log))
+            rounds.append(_round_record(r + 1, level, model, names, val_loader, dev, log))
     measured = sparsity_report(model, names)
     pruning = {"stage": "isp", "isp": asdict(cfg), "rounds": rounds}
-    out_dir = _save_pruned(
+    out_dir = save_pruned(
         out_dir, model, meta, masks, rounds[-1]["accuracy"], "val", pruning=pruning, sparsity=sparsity_summary(measured)
     )
     atomic_write_json(out_dir / "sparsity.json", measured)
@@ -355,10 +355,10 @@ def prune_structured(
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
     params_before = count_parameters(model)
-    head_scores, neuron_scores = _unit_scores(model, cfg, data_cfg, meta["preprocess"], dev)
+    head_scores, neuron_scores = unit_scores(model, cfg, data_cfg, meta["preprocess"], dev)
     keep = choose(head_scores, neuron_scores, cfg)
     masks = shrink_(model, keep, meta["masks"] or None)
-    accuracy = evaluate(model, _eval_loader(meta, data_cfg, "test"), dev)["accuracy"] if data_cfg else None
+    accuracy = evaluate(model, eval_loader(meta, data_cfg, "test"), dev)["accuracy"] if data_cfg else None
     params_after = count_parameters(model)
     result = {
         "config": asdict(cfg),
@@ -370,7 +370,7 @@ def prune_structured(
     figures = {"pruning": {"stage": "structured", **asdict(cfg)}, "parameters": result["parameters"]}
     if masks:
         figures["sparsity"] = sparsity_summary(sparsity_report(model, list(masks)))
-    out_dir = _save_pruned(out_dir, model, meta, masks, accuracy, "test", **figures)
+    out_dir = save_pruned(out_dir, model, meta, masks, accuracy, "test", **figures)
     atomic_write_json(out_dir / "structured.json", result)
     return result
 
@@ -386,7 +386,7 @@ def calibration_batches(
     return ((b.images, b.labels) for b in make_loader(calib, 64, pre["mean"], pre["std"]).epoch())
 
 
-def _unit_scores(
+def unit_scores(
     model: torch.nn.Module, cfg: StructuredConfig, data_cfg: DataConfig | None, pre: dict[str, Any], dev: torch.device
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per block, the head and the MLP neuron scores `cfg.importance` ranks by; 'activation' and
