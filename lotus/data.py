@@ -52,7 +52,7 @@ from lotus.config import (
 )
 from lotus.config import class_names as class_names
 from lotus.errors import LotusError
-from lotus.images import centre_crop_box, draft, square_rgb
+from lotus.images import centre_crop_box, draft, square_rgb, upright_size
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -430,24 +430,24 @@ def _native_size(path: Path) -> int:
 
 
 def _header_size(path: Path) -> tuple[int, int]:
-    """An image file's (width, height) as its header states it (as `_decode` reports it), nothing decoded."""
+    """An image file's (width, height) upright, from its header (as `_decode` reports it), nothing decoded."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.size
+            return upright_size(im)
     except Exception as e:
         raise LotusError(f"cannot read image {path}: {e}") from None
 
 
 def _decode(path: Path, img_size: int, crop_pct: float | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """One image file as an (img_size, img_size, 3) uint8 array, decoded as the service decodes
-    uploads (lotus.images), and its own (width, height)."""
+    uploads (lotus.images), and its own (width, height), upright as its pixels are."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            size = im.size
+            size = upright_size(im)
             draft(im, img_size)
             im.load()
             return square_rgb(im, img_size, crop_pct), size

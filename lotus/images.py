@@ -75,6 +75,16 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def upright_size(image) -> tuple[int, int]:
+    """An opened PIL image's (width, height) as a viewer shows it: EXIF orientations 5 to 8 turn
+    it a quarter, so the stored width is the shown height (read from the header, nothing decoded)."""
+    from PIL import ExifTags
+
+    width, height = image.size
+    turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
+
+
 def upright_rgb(image, size: int):
     """A loaded PIL image as 8-bit RGB at least REDUCING_GAP * `size` on each side (where it was
     larger), turned upright by its EXIF orientation.

@@ -123,6 +123,24 @@ def test_boxes_are_matched_by_split_and_path(tmp_path):
         match_boxes(root / "boxes.tsv", cut)
 
 
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_boxes_are_in_the_upright_image_of_a_turned_photo(tmp_path, loader):
+    """A phone photo stored 40 wide and 20 high with EXIF orientation 6 shows 20 wide and 40 high:
+    its box is in the shown pixels, as LOTUS reads the image, and is scaled by the shown size."""
+    from PIL import Image
+
+    root = write_image_folder(tmp_path / "folder", size=12)
+    stored = Image.fromarray(np.zeros((20, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to show
+    stored.save(root / "train" / "cat" / "000.jpg", exif=exif)
+    write_boxes(root / "boxes.tsv", [("train", "train/cat/000.jpg", (0, 20, 19, 39))])  # the shown lower half
+    data = load_split(DataConfig(str(root), img_size=16, loader=loader), "train")
+    boxes = match_boxes(root / "boxes.tsv", data)
+    assert boxes.sizes.tolist() == [[20, 40]]
+    assert boxes.at_input(boxes.index, 16)[0].tolist() == pytest.approx([0.0, 8.0, 16.0, 16.0])
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
