@@ -38,7 +38,7 @@ BENCHMARKS = {
     "sparse24_gpu": "an NVIDIA GPU (Ampere or newer)",
     "epoch_time": "an ImageFolder (default: Tiny-ImageNet-100 unpacked into data/); about an hour on 2 CPU cores",
     "ticket_coverage": "Tiny-ImageNet-100 (boxes.tsv), a baseline checkpoint",
-    "scorer_coverage": "Tiny-ImageNet-100 (boxes.tsv); trains its own scorer (about 8 minutes an epoch on 2 CPU cores)",
+    "scorer_coverage": "Tiny-ImageNet-100 (boxes.tsv); trains its own scorer (5 to 7 minutes an epoch on 2 CPU cores)",
     "tiny_imagenet_tickets": "Tiny-ImageNet-100, a baseline checkpoint; about 10 minutes per run and seed on 2 CPU cores",
     "ticket_views": "the models tiny_imagenet_tickets fine-tuned, under runs/",
 }

@@ -94,6 +94,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--boxes", type=Path, default=None, help="the boxes.tsv (default: DATA/boxes.tsv)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "tiny-imagenet-tickets")
+    p.add_argument(
+        "--full", action=argparse.BooleanOptionalAction, default=True, help="train on full data too (the reference of 'vs full')"
+    )
     p.add_argument("--tag", default="", help="appended to the grid's name: keeps grids from other baselines apart")
     p.add_argument(
         "--prepare-only",
@@ -132,7 +135,7 @@ def run_grid(args, out: Path, label: str) -> None:
     drops = [float(d) for d in args.drops.split(",")]
     for seed in (int(s) for s in args.seeds.split(",")):
         selections = args.selections.split(",")
-        todo = [(s, 0.0) for s in WHOLE if s == "full" or s in selections]
+        todo = [(s, 0.0) for s in WHOLE if (s == "full" and args.full) or s in selections]
         todo += [(s, d) for d in drops for s in selections if s not in WHOLE]
         for selection, drop in todo:
             name = run_name(selection, drop, seed)

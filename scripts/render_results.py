@@ -740,23 +740,26 @@ def photo_scorer(src: Source, page: Page, rel: str) -> None:
     """Object coverage of the scorer as it stood after each epoch of a longer training."""
     data = src.json(rel)
     train, shape = data["train"], data["model"]
-    rows, names = [], list(data["epochs"][0]["selections"])
+    names = list(data["epochs"][0]["selections"])
     drop = sorted(data["epochs"][0]["selections"][names[0]]["drops"])[0]
+    rows = []
     for e in data["epochs"]:
-        cells = [
-            f"{100 * e['selections'][n]['drops'][drop]['object_kept']:.1f}%"
-            f" ({signed(100 * e['selections'][n]['drops'][drop]['object_kept'] - 100 * (1 - float(drop)))})"
-            for n in names
-        ]
+        kept = {n: 100 * e["selections"][n]["drops"][drop]["object_kept"] for n in names}
+        random = kept.get("random", 100 * (1 - float(drop)))  # measured on the same images, else its expectation
+        cells = [f"{kept[n]:.1f}%" + ("" if n == "random" else f" ({signed(kept[n] - random)})") for n in names]
         rows.append([str(e["epoch"]), pct(e["val_accuracy"]), pct(e["test_accuracy"]), *cells])
+    versus = (
+        "random drop on the same images"
+        if "random" in names
+        else f"random drop, which keeps {100 * (1 - float(drop)):.0f}% of any object in expectation"
+    )
     page.add(
         "### Does a better-trained scorer find more of the object?",
         "",
         f"`benchmarks/scorer_coverage.py` trains a baseline of the same shape (ViT-Tiny of depth {shape['depth']},"
         f" {shape['patch_size']}-px patches) for {train['epochs']} epochs (one cosine schedule) and scores the same"
         f" {data['images']:,} boxed training images with the model as it stood after each epoch. Shares are of the"
-        f" object's patches kept at drop {float(drop):g}; in brackets, points above random drop, which keeps"
-        f" {100 * (1 - float(drop)):.0f}% of any object in expectation.",
+        f" object's patches kept at drop {float(drop):g}; in brackets, points above {versus}.",
         "",
     )
     page.about(
@@ -808,7 +811,7 @@ def photo_grid(src: Source, page: Page, rel: str) -> None:
                 pct(row["test_mean"]) + (f" ± {num(row['test_sd'])}" if row["test_sd"] is not None else ""),
                 paired_cell(row, "vs_random"),
                 paired_cell(row, "vs_full"),
-                num(row.get("epoch_time_vs_full", 1.0), 3),
+                num(row.get("epoch_time_vs_full", 1.0), 3) if "epoch_time_vs_full" in row or row["selection"] == "full" else "",
                 f"{100 * kept:.1f}%" if kept is not None else "",
                 position_cell(row.get("position_keep_rate")),
             ]
