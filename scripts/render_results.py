@@ -698,7 +698,7 @@ def tickets_photos(src: Source, page: Page) -> None:
         photo_coverage(src, page, survey)
     if src.has("scorer_coverage_tiny_imagenet.json"):
         photo_scorer(src, page, "scorer_coverage_tiny_imagenet.json")
-    for rel in grids:
+    for rel in sorted(grids, key=lambda rel: src.json(rel)["baseline_epochs"]):
         photo_grid(src, page, rel)
     if src.has("ticket_views_tiny_imagenet.json"):
         photo_views(src, page, "ticket_views_tiny_imagenet.json")
@@ -787,9 +787,12 @@ def photo_grid(src: Source, page: Page, rel: str) -> None:
     else:
         what = f"A fresh model of the shape of {base} is trained {recipe['epochs']} epoch(s) from scratch"
     page.add(
-        "### Fine-tuning the pruned model on the tickets"
-        if data["mode"] == "finetune"
-        else "### Training on the tickets from scratch",
+        (
+            "### Fine-tuning the pruned model on the tickets"
+            if data["mode"] == "finetune"
+            else "### Training on the tickets from scratch"
+        )
+        + f" (a baseline of {data['baseline_epochs']} epochs)",
         "",
         f"`benchmarks/tiny_imagenet_tickets.py`. {what}, on full data or on each selection's tickets (scored once by the"
         " dense baseline; object coverage over the whole training split). Runs of one seed see the same batches, so"
@@ -1796,7 +1799,10 @@ def photo_headline(src: Source, rel: str, drop: float = 0.5) -> list[str] | None
         + (f"; full data {full['test_mean']:.2f}%" if full else "")
     )
     how = f"pruned to {data['sparsity']:g}, fine-tuned" if data["mode"] == "finetune" else "from scratch"
-    budget = f"{data['recipe']['epochs']} epoch(s) {how}, {len(attention['seeds'])} seeds each"
+    budget = (
+        f"scorer trained {data['baseline_epochs']} epochs; {data['recipe']['epochs']} epoch(s) {how},"
+        f" {len(attention['seeds'])} seeds each"
+    )
     what = f"Tiny-ImageNet-100: attention tickets (all blocks) vs random drop, drop {drop:g}"
     return [what, figure, short_machine(data, rel), budget]
 
@@ -1871,7 +1877,10 @@ def headline_rows(src: Source) -> list[list[str]]:
         step_headline(src),
         ticket_headline(src, "cifar10_tickets", 0.5),
         ticket_headline(src, "cluttered64_tickets", 0.3),
-        *(photo_headline(src, rel) for rel in src.glob("tiny_imagenet_tickets_*.json")),
+        *(
+            photo_headline(src, rel)
+            for rel in sorted(src.glob("tiny_imagenet_tickets_*.json"), key=lambda rel: src.json(rel)["baseline_epochs"])
+        ),
         compress_headline(src),
         export_headline(src),
         serve_headline(src),
