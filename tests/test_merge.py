@@ -76,6 +76,7 @@ def test_merged_token_is_the_size_weighted_average():
 
 
 def test_a_token_of_size_s_is_attended_as_s_copies():
+    torch.manual_seed(0)
     attn = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1).blocks[0].attn.eval()
     a, b = torch.randn(2, 1, 192).unbind(0)
     with torch.no_grad():
@@ -83,7 +84,8 @@ def test_a_token_of_size_s_is_attended_as_s_copies():
         sized, sized_keys = proportional_attention(attn, torch.cat([a, b]).unsqueeze(0), torch.tensor([[[1.0], [3.0]]]))
         unsized, _ = proportional_attention(attn, torch.cat([a, b]).unsqueeze(0), None)
     assert torch.allclose(sized, copies[:, :2], atol=1e-5)  # a's and b's outputs, as with b three times
-    assert torch.allclose(sized_keys, copies_keys[:, :2])
+    # the same keys, up to the rounding of a product over 2 rows rather than 4
+    assert torch.allclose(sized_keys, copies_keys[:, :2], atol=1e-6)
     assert not torch.allclose(unsized, copies[:, :2], atol=1e-3)  # without log(size) b counts once
 
 
