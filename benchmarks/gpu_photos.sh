@@ -39,7 +39,7 @@ source ./gpu_common.sh
 DATA=${DATA:-$("$PY" -c "from common import tiny_imagenet_folder; print(tiny_imagenet_folder())")} || exit 1
 
 has scorer && run scorer scorer_coverage.py --data "$DATA" --epochs "$BASE_EPOCHS" --measure "$MEASURE" --images 5000 \
-  --selections last,all,rollout,grad,balance,centre --work "$WORK/scorer" --name "scorer_coverage_tiny_imagenet_$BASE_EPOCHS"
+  --selections last,all,rollout,grad,balance,random,centre --work "$WORK/scorer" --name "scorer_coverage_tiny_imagenet_$BASE_EPOCHS"
 [ -f "$BASE/model.json" ] || echo "no baseline: the phases that need it are skipped" | tee -a "$RAW/logs/driver.log"
 
 grid() {  # grid MODE: the tickets grid in MODE, one process per seed

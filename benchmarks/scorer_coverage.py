@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common import ROOT, machine, shown, tiny_imagenet_folder, write_result
+from common import ROOT, shown, tiny_imagenet_folder, write_result
 from ticket_coverage import SELECTIONS, boxed_sample, survey
 
 from lotus.checkpoint import load_checkpoint, load_model
@@ -65,8 +65,8 @@ def main() -> None:
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--measure", default="", help="epochs to measure, e.g. 1,2,4,8 (default: every epoch)")
     p.add_argument("--drops", default="0.5")
-    p.add_argument("--images", type=int, default=3000, help="boxed training images sampled; 0 = all")
-    p.add_argument("--selections", default="last,all,rollout,grad,centre", help=f"any of {', '.join(SELECTIONS)}")
+    p.add_argument("--images", type=int, default=5000, help="boxed training images sampled; 0 = all")
+    p.add_argument("--selections", default="last,all,rollout,grad,random,centre", help=f"any of {', '.join(SELECTIONS)}")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "scorer-coverage")
     p.add_argument("--name", default="scorer_coverage_tiny_imagenet", help="results file name")
     args = p.parse_args()
@@ -87,8 +87,7 @@ def main() -> None:
     sample, on_object, small, _ = boxed_sample(model, pre, args.data, args.boxes or args.data / "boxes.tsv", args.images)
     rows = []
     for epoch in epochs:
-        state = run if epoch == args.epochs else snapshots / f"epoch-{epoch}"
-        scorer = model if epoch == args.epochs else scorer_at(run, state)
+        scorer = model if epoch == args.epochs else scorer_at(run, snapshots / f"epoch-{epoch}")
         val = evaluate(scorer.to(device), val_loader, device)["accuracy"]
         print(f"epoch {epoch}: validation accuracy {val:.2f}%", flush=True)
         rows.append(
@@ -102,7 +101,6 @@ def main() -> None:
     write_result(
         args.name,
         {
-            "machine": machine(),
             "data": shown(args.data),
             "split": "coverage on train (validation images held out); accuracy on validation and test",
             "baseline": shown(run),
