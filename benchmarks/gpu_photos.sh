@@ -13,8 +13,9 @@
 # PHASES picks what runs (default "scorer grid"). A phase whose runs already finished is read, not
 # redone: a second call on a warm machine goes on where a deadline stopped the first.
 #
-# The data: DATA (an unpacked folder) where it is set; else ../shared/data/tiny-imagenet-100.tar.gz where it exists; otherwise the archive's parts
-# in data/ (75 MB is over what one device call carries, 64 MiB with the working tree). Split it
+# The data: DATA (an unpacked folder) where it is set; else ../shared/data/tiny-imagenet-100.tar.gz
+# where it exists; otherwise the archive's parts in data/ (75 MB is over what one device call
+# carries, 64 MiB with the working tree). Split it
 # here with `split -b 40M -d ../shared/data/tiny-imagenet-100.tar.gz data/tiny-imagenet-100.tar.gz.part`,
 # carry data/tiny-imagenet-100.tar.gz.part00 in a first call and ...part01 in the next (a warm
 # machine keeps the first). OUTDIR gets results.tar.gz (JSON results, logs, per-epoch metrics) and

@@ -15,10 +15,12 @@ photographs does not single out the object at any accuracy this budget reaches.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 from pathlib import Path
 
+import torch
 from common import ROOT, shown, tiny_imagenet_folder, write_result
 from ticket_coverage import SELECTIONS, boxed_sample, survey
 
@@ -31,14 +33,15 @@ from lotus.vit import ModelConfig
 
 
 def keep_epoch_states(run: Path, snapshots: Path):
-    """A progress callback that copies the run's saved state once an epoch's state is on disk
-    (at the first step of the next epoch), as snapshots/epoch-E.*; the last epoch is the model."""
+    """A progress callback that, at the first step of each epoch, copies the state the epoch before
+    saved (its sidecar names the epoch) as snapshots/epoch-E.*; the last epoch's is the model."""
+    state = run / f"{STATE_FILE}.json"
 
     def progress(label: str, done: int, total: int | None, status: str) -> None:
-        if not label.startswith("epoch ") or done != 1:
+        if done != 1 or not state.exists():
             return
-        finished = int(label.split()[1].split("/")[0]) - 1
-        if finished >= 1 and not (snapshots / f"epoch-{finished}.json").exists():
+        finished = json.loads(state.read_text())["epoch"]
+        if not (snapshots / f"epoch-{finished}.json").exists():
             snapshots.mkdir(parents=True, exist_ok=True)
             for suffix in (".safetensors", ".json"):
                 shutil.copyfile(run / f"{STATE_FILE}{suffix}", snapshots / f"epoch-{finished}{suffix}")
@@ -46,10 +49,10 @@ def keep_epoch_states(run: Path, snapshots: Path):
     return progress
 
 
-def scorer_at(final: Path, snapshot: Path):
-    """The model as it stood at `snapshot` (a saved training state), in the final model's shape."""
-    model, _ = load_model(final)
+def scorer_at(final: torch.nn.Module, snapshot: Path) -> torch.nn.Module:
+    """The model as it stood at `snapshot` (a saved training state): a copy of `final` with its weights."""
     tensors, _ = load_checkpoint(snapshot)
+    model = copy.deepcopy(final)
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     return model.eval()
 
@@ -87,7 +90,7 @@ def main() -> None:
     sample, on_object, small, _ = boxed_sample(model, pre, args.data, args.boxes or args.data / "boxes.tsv", args.images)
     rows = []
     for epoch in epochs:
-        scorer = model if epoch == args.epochs else scorer_at(run, snapshots / f"epoch-{epoch}")
+        scorer = model if epoch == args.epochs else scorer_at(model, snapshots / f"epoch-{epoch}")
         val = evaluate(scorer.to(device), val_loader, device)["accuracy"]
         print(f"epoch {epoch}: validation accuracy {val:.2f}%", flush=True)
         rows.append(

@@ -684,7 +684,7 @@ PHOTO_SELECTIONS = {
 
 def tickets_photos(src: Source, page: Page) -> None:
     survey = "ticket_coverage_tiny_imagenet.json"
-    grids = src.glob("tiny_imagenet_tickets_*.json")
+    grids = photo_grids(src)
     if not src.has(survey) and not grids:
         return
     page.add(
@@ -698,10 +698,15 @@ def tickets_photos(src: Source, page: Page) -> None:
         photo_coverage(src, page, survey)
     if src.has("scorer_coverage_tiny_imagenet.json"):
         photo_scorer(src, page, "scorer_coverage_tiny_imagenet.json")
-    for rel in sorted(grids, key=lambda rel: src.json(rel)["baseline_epochs"]):
+    for rel in grids:
         photo_grid(src, page, rel)
     if src.has("ticket_views_tiny_imagenet.json"):
         photo_views(src, page, "ticket_views_tiny_imagenet.json")
+
+
+def photo_grids(src: Source) -> list[str]:
+    """The Tiny-ImageNet-100 tickets grids, the one whose scorer trained least first."""
+    return sorted(src.glob("tiny_imagenet_tickets_*.json"), key=lambda rel: src.json(rel)["baseline_epochs"])
 
 
 def photo_coverage(src: Source, page: Page, rel: str) -> None:
@@ -814,7 +819,9 @@ def photo_grid(src: Source, page: Page, rel: str) -> None:
                 pct(row["test_mean"]) + (f" ± {num(row['test_sd'])}" if row["test_sd"] is not None else ""),
                 paired_cell(row, "vs_random"),
                 paired_cell(row, "vs_full"),
-                num(row.get("epoch_time_vs_full", 1.0), 3) if "epoch_time_vs_full" in row or row["selection"] == "full" else "",
+                num(row["epoch_time_vs_full"], 3)
+                if "epoch_time_vs_full" in row
+                else ("1.000" if row["selection"] == "full" else ""),
                 f"{100 * kept:.1f}%" if kept is not None else "",
                 position_cell(row.get("position_keep_rate")),
             ]
@@ -1877,10 +1884,7 @@ def headline_rows(src: Source) -> list[list[str]]:
         step_headline(src),
         ticket_headline(src, "cifar10_tickets", 0.5),
         ticket_headline(src, "cluttered64_tickets", 0.3),
-        *(
-            photo_headline(src, rel)
-            for rel in sorted(src.glob("tiny_imagenet_tickets_*.json"), key=lambda rel: src.json(rel)["baseline_epochs"])
-        ),
+        *(photo_headline(src, rel) for rel in photo_grids(src)),
         compress_headline(src),
         export_headline(src),
         serve_headline(src),
