@@ -10,8 +10,13 @@ learning rate), so no point gains by training longer than another:
   trades how well the kept patches are chosen against how many blocks run on fewer tokens);
 - structured: whole heads and MLP neurons removed, by LOTUS and by Torch-Pruning, fine-tuned on
   every patch (`benchmarks/structured_peers.py`, which must run first, gives them);
-- stacked: LOTUS's structured model fine-tuned drop-aware, served int8.
-Each is exported to ONNX and served at every --drops ratio; dense and stacked also as int8.
+- stacked: LOTUS's structured model fine-tuned drop-aware, served int8;
+- distilled (--distill): aware and stacked again, each also learning the baseline's predictions on
+  every whole training image (`--distill`, weight --distill-weight): the teacher is the model they
+  start from, so no point has seen more than the baseline and its one fine-tuning; each step also
+  runs the teacher, which the records' epoch seconds show.
+Each is exported to ONNX and served at every --drops ratio; dense, aware and stacked (and the
+distilled ones) also as int8, which times as the dense (or structured) int8 graph.
 ToMe (`lotus.merge`, training-free token merging) runs on the dense model at each --merges
 (tokens merged per block) through its exported graph, fp32 and int8, so that each way of cutting
 tokens is compared with and without int8.
@@ -89,11 +94,18 @@ def finetuned_models(args, data_cfg: DataConfig, baseline: Path) -> dict[str, di
     models["stacked"] = finetune(
         pruned["checkpoint"], data_cfg, base, w / "ft-stacked", epochs, drop_aware=tuple(args.aware_drops)
     )
+    if args.distill:
+        taught = {"drop_aware": tuple(args.aware_drops), "distill": str(baseline), "distill_weight": args.distill_weight}
+        models["aware-distilled"] = finetune(baseline, data_cfg, base, w / "ft-aware-distilled", epochs, **taught)
+        models["stacked-distilled"] = finetune(pruned["checkpoint"], data_cfg, base, w / "ft-stacked-distilled", epochs, **taught)
     return models
 
 
+INT8 = ("dense", "aware", "aware-distilled", "stacked", "stacked-distilled")  # the models also served int8
+
+
 def export_all(models: dict[str, dict], merges: list[int], folder: Path) -> dict[str, Path]:
-    """ONNX graphs: each model fp32 (drop as an input), dense and stacked int8, ToMe per merge."""
+    """ONNX graphs: each model fp32 (drop as an input), those of INT8 also int8, ToMe per merge."""
     folder.mkdir(parents=True, exist_ok=True)
     graphs = {}
     for name, record in models.items():
@@ -101,7 +113,7 @@ def export_all(models: dict[str, dict], merges: list[int], folder: Path) -> dict
         if not path.is_file():
             export_onnx(record["run"], path, None, ExportConfig(verify=False, select_block=record.get("select_block")))
         graphs[name] = path
-    for name in ("dense", "stacked"):
+    for name in [n for n in INT8 if n in graphs]:
         path = folder / f"{name}-int8.onnx"
         if not path.is_file():
             quantize_int8(graphs[name], path)
@@ -125,8 +137,12 @@ SERVED = {
     "aware": ("aware", "dense", True),
     "structured-lotus": ("structured-lotus", "structured-lotus", True),
     "structured-torch-pruning": ("structured-torch-pruning", "structured-lotus", False),
+    "aware-distilled": ("aware-distilled", "dense", True),
     "dense-int8": ("int8", "dense-int8", True),
+    "aware-int8": ("aware-int8", "dense-int8", True),
+    "aware-distilled-int8": ("aware-distilled-int8", "dense-int8", True),
     "stacked-int8": ("stacked", "stacked-int8", True),
+    "stacked-distilled-int8": ("stacked-distilled", "stacked-int8", True),
 }
 
 
@@ -272,6 +288,13 @@ def main() -> None:
         default=True,
         help="Fine-tune on tickets too (a scoring pass and one more fine-tuning).",
     )
+    p.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Fine-tune aware and stacked again distilling from the baseline (two more fine-tunings).",
+    )
+    p.add_argument("--distill-weight", type=float, default=0.5)
     p.add_argument("--aware-drops", type=floats, default=[0.3, 0.5, 0.7])
     p.add_argument("--aware-select-blocks", type=lambda s: [int(v) for v in s.split(",") if v], default=[0])
     p.add_argument("--drops", type=floats, default=[0.0, 0.1, 0.3, 0.5, 0.7])

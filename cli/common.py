@@ -114,6 +114,14 @@ AwareSelectBlockOpt = Annotated[
         "`lotus export onnx` then uses the same block unless told otherwise.",
     ),
 ]
+DistillWeightOpt = Annotated[
+    float | None,
+    typer.Option(help="With distillation: the teacher's share of the loss, the rest label cross-entropy. [default: 0.5]"),
+]
+DistillTemperatureOpt = Annotated[
+    float | None,
+    typer.Option(help="With distillation: the temperature both predictions are softened by (Hinton et al.: 1-4). [default: 1]"),
+]
 CompileOpt = Annotated[
     bool | None, typer.Option("--compile/--no-compile", help="torch.compile the training step on CUDA. [default: compile]")
 ]
@@ -207,6 +215,13 @@ def first_process() -> bool:
 def aware(drop_aware: str | None, select_block: int | None) -> dict[str, Any]:
     """--drop-aware and --select-block as TrainConfig fields: train on the patches the exported graph keeps."""
     return ({"drop_aware": parse_floats(drop_aware, "--drop-aware")} if drop_aware else {}) | given(select_block=select_block)
+
+
+def distillation(teacher: str | None, weight: float | None, temperature: float | None) -> dict[str, Any]:
+    """The distillation flags as TrainConfig fields; a weight or temperature with no teacher is refused."""
+    if teacher is None and (weight is not None or temperature is not None):
+        raise lotus.LotusError("--distill-weight and --distill-temperature set distillation: add --distill")
+    return given(distill=teacher, distill_weight=weight, distill_temperature=temperature)
 
 
 def given(**values: Any) -> dict[str, Any]:

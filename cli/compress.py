@@ -20,12 +20,15 @@ from cli.common import (
     CompileOpt,
     CropPctOpt,
     CutmixOpt,
+    DistillTemperatureOpt,
+    DistillWeightOpt,
     DropAwareOpt,
     LoaderOpt,
     MixupOpt,
     PretrainedPathOpt,
     WorkersOpt,
     aware,
+    distillation,
     err,
     first_process,
     given,
@@ -52,6 +55,14 @@ SparsityOpt = Annotated[
 DropOpt = Annotated[
     float | None,
     typer.Option(help="Fraction of each training image's patches dropped (data lottery tickets). [default: 0.1]"),
+]
+DistillOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--distill/--no-distill",
+        help="Fine-tune learning also the dense model's predictions on each whole image (knowledge distillation: "
+        "the pruned or drop-aware model learns what the model it came from sees). [default: off]",
+    ),
 ]
 IspTargetOpt = Annotated[float | None, typer.Option(help="Stage-2 Instant Soup Pruning target sparsity (off when not given).")]
 EpochsOpt = Annotated[int | None, typer.Option(help="Fine-tuning epochs on the lottery data. [default: 5]")]
@@ -160,6 +171,9 @@ def compress(
     compile: CompileOpt = None,
     drop_aware: DropAwareOpt = None,
     select_block: AwareSelectBlockOpt = None,
+    distill: DistillOpt = None,
+    distill_weight: DistillWeightOpt = None,
+    distill_temperature: DistillTemperatureOpt = None,
     select: SelectOpt = None,
     temperature: TemperatureOpt = None,
     spread: SpreadOpt = None,
@@ -189,13 +203,29 @@ def compress(
         model=replace(cfg.model, **given(name=model, pretrained=pretrained_weights(pretrained, pretrained_path))),
         tickets=replace(cfg.tickets, **ticket_flags(drop, select, temperature, spread, layers, balance, fuse, boxes)),
         sweep=replace(cfg.sweep, **given(tolerance=tolerance)),
-        finetune=replace(cfg.finetune, **training, **given(epochs=epochs), **aware(drop_aware, select_block)),
+        finetune=replace(
+            cfg.finetune,
+            **training,
+            **given(epochs=epochs),
+            **aware(drop_aware, select_block),
+            **teacher(distill, distill_weight, distill_temperature),
+        ),
         structure=replace(cfg.structure, **structure_flags(structure, structure_importance, structure_scope)),
         # the config reads a --sparsity of '0.3', 'auto' and '2:4' alike, and refuses anything else
         **given(checkpoint=str(checkpoint) if checkpoint else None, device=device, isp_target=isp_target, sparsity=sparsity),
     )
     check_settings(cfg)  # before a new run folder is made for it
     run_pipeline(cfg, path_or_new_run(out, "compress"), resume)
+
+
+def teacher(distill: bool | None, weight: float | None, temperature: float | None) -> dict[str, Any]:
+    """--distill/--no-distill and its weight and temperature as fine-tuning's TrainConfig fields;
+    the teacher is the run's dense baseline (`lotus.config.BASELINE_TEACHER`)."""
+    from lotus.config import BASELINE_TEACHER
+
+    if distill is False:
+        return {"distill": None}
+    return distillation(BASELINE_TEACHER if distill else None, weight, temperature)
 
 
 def resumed_recipe(recipe: Path | None, out: Path | None, resume: bool) -> tuple[Path | None, Path | None]:

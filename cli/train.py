@@ -21,6 +21,8 @@ from cli.common import (
     DataDirOpt,
     DataOpt,
     DeviceOpt,
+    DistillTemperatureOpt,
+    DistillWeightOpt,
     DownloadOpt,
     DropAwareOpt,
     LoaderOpt,
@@ -30,6 +32,7 @@ from cli.common import (
     WorkersOpt,
     aware,
     data_config,
+    distillation,
     err,
     first_process,
     given,
@@ -62,6 +65,13 @@ LabelSmoothingOpt = Annotated[float | None, typer.Option(help="Cross-entropy lab
 SeedOpt = Annotated[int | None, typer.Option(help="Seed for weights, batch order, augmentation and dropout.")]
 TicketsOpt = Annotated[
     Path | None, typer.Option(help="Train on the kept patches of these data lottery tickets (a `lotus tickets` folder).")
+]
+DistillOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Knowledge distillation: also learn this LOTUS checkpoint's predictions on each whole training image "
+        "(e.g. the dense model a pruned or drop-aware one is fine-tuned from); same classes and preprocessing."
+    ),
 ]
 TrainOutOpt = out_option("train", "Run folder")
 ResumeOpt = Annotated[
@@ -99,6 +109,9 @@ def train(
     compile: CompileOpt = None,
     drop_aware: DropAwareOpt = None,
     select_block: AwareSelectBlockOpt = None,
+    distill: DistillOpt = None,
+    distill_weight: DistillWeightOpt = None,
+    distill_temperature: DistillTemperatureOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     tickets: TicketsOpt = None,
@@ -115,7 +128,8 @@ def train(
     model_cfg = replace(model_cfg, pretrained=weights, **given(name=model, patch_size=patch_size, depth=depth))
     schedule = given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
     recipe = given(label_smoothing=label_smoothing, seed=seed, augment=aug, mixup=mixup, cutmix=cutmix, compile=compile)
-    train_cfg = replace(train_cfg, device=device, **schedule, **recipe, **aware(drop_aware, select_block))
+    teacher = distillation(str(distill) if distill else None, distill_weight, distill_temperature)
+    train_cfg = replace(train_cfg, device=device, **schedule, **recipe, **aware(drop_aware, select_block), **teacher)
     check_inputs(data_cfg, checkpoint, device, model=model_cfg, same_holdout=True)  # refused before a run folder is made
     out = run_folder(out, resume)
     from lotus.train import train as train_run  # imports torch: only once the settings are checked

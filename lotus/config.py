@@ -342,6 +342,9 @@ def default_patch_size(img_size: int) -> int:
 AUGMENTS = ("auto", "none", "crop", "rrc", "randaug")
 
 
+BASELINE_TEACHER = "baseline"  # a compress recipe's `finetune.distill`: distil from the dense baseline of the run
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30  # passes over the training split
@@ -365,6 +368,12 @@ class TrainConfig:
     # class-token attention) at one of these drop ratios, in turn; () trains on every patch
     drop_aware: tuple[float, ...] = ()
     select_block: int | None = None  # the block that picks them; None = depth // 6, as the export
+    # knowledge distillation (Hinton et al. 2015): a LOTUS checkpoint of the same classes and input
+    # (the dense model a compressed one comes from) whose predictions on each whole training image
+    # the model also learns: loss = (1 - w) * cross-entropy + w * T^2 * KL(teacher || model) at temperature T
+    distill: str | None = None  # in a compress recipe's fine-tuning, BASELINE_TEACHER: the run's dense baseline
+    distill_weight: float = 0.5  # w
+    distill_temperature: float = 1.0  # T
 
     def __post_init__(self):
         object.__setattr__(self, "drop_aware", tuple(float(d) for d in self.drop_aware))  # a recipe's list
@@ -372,6 +381,12 @@ class TrainConfig:
             raise LotusError(f"--drop-aware {list(self.drop_aware)}: each drop ratio must be in [0, 1), e.g. 0.5 or 0.3,0.5")
         if self.select_block is not None and not self.drop_aware:
             raise LotusError(f"--select-block {self.select_block} sets drop-aware training's select block: add --drop-aware R")
+        if not 0 <= self.distill_weight <= 1:
+            raise LotusError(
+                f"--distill-weight {self.distill_weight} is outside [0, 1]: pass e.g. 0.5 (half cross-entropy, half the teacher)"
+            )
+        if not self.distill_temperature > 0:
+            raise LotusError(f"--distill-temperature {self.distill_temperature} is not above 0: pass e.g. 1 or 4")
         if self.augment not in AUGMENTS:
             raise LotusError(f"--aug {self.augment!r} is not one of: {', '.join(AUGMENTS)}")
         if not self.epochs >= 1:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from lotus.checkpoint import atomic_write_json, labels_of, load_model, save_model
-from lotus.config import CompressConfig, ModelConfig, holdout, nm_pattern
+from lotus.config import BASELINE_TEACHER, CompressConfig, ModelConfig, holdout, nm_pattern
 from lotus.config import default_compress_config as default_compress_config  # re-exported with the recipe functions
 from lotus.errors import LotusError
 from lotus.masks import prunable_names, sparsity_report, sparsity_summary
@@ -215,11 +215,11 @@ def _structure(run: Run) -> dict[str, Any]:
 def _finetune(run: Run) -> dict[str, Any]:
     """Fine-tune the pruned model on the lottery data (resuming from its last finished epoch), then
     time a dense and a lottery training step side by side."""
-    cfg = run.cfg
+    cfg, distill = run.cfg, run.cfg.finetune.distill
     history = train(
         cfg.data,
         cfg.model,
-        replace(cfg.finetune, device=cfg.device),
+        replace(cfg.finetune, device=cfg.device, distill=str(run.baseline) if distill == BASELINE_TEACHER else distill),
         run.dir / "finetune",
         init_checkpoint=run.pruned,
         tickets=None if cfg.finetune.drop_aware else run.dir / "tickets",  # drop-aware: the graph's own patches

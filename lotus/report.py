@@ -174,6 +174,14 @@ def _kept_in_finetuning(cfg: Any, m: dict[str, Any]) -> str:
     return f"{m['patches_kept']} (drop {m['drop']:g}, {_selection(cfg.tickets)})"
 
 
+def _teacher(finetune: Any) -> str:
+    """The distillation teacher in words, with its loss weight and temperature."""
+    from lotus.config import BASELINE_TEACHER
+
+    who = "the dense baseline" if finetune.distill == BASELINE_TEACHER else finetune.distill
+    return f"{who} (weight {finetune.distill_weight:g}, temperature {finetune.distill_temperature:g})"
+
+
 def _splits_note(cfg: Any, m: dict[str, Any]) -> str:
     """Which split each figure comes from, and which split the run's choices read."""
     val = m["validation"]
@@ -250,6 +258,7 @@ def _stage_notes(cfg: Any, done: dict[str, dict[str, Any]]) -> dict[str, str]:
         "structure": f"parameters x{_fmt(done.get('structure', {}).get('parameters', {}).get('ratio'), '.3f')}",
         "finetune": f"{len(done.get('finetune', {}).get('history', []))} epochs "
         + ("drop-aware (the patches the exported graph keeps)" if cfg.finetune.drop_aware else "on the lottery data")
+        + (f", distilled from {_teacher(cfg.finetune)}" if cfg.finetune.distill else "")
         + ", masks held",
         "evaluate": "whole images",
     }

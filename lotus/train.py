@@ -274,6 +274,7 @@ def fit(
     resume: bool = False,
     keep_fn: KeepFn | None = None,
     masks: Masks | None = None,
+    teacher: torch.nn.Module | None = None,
     progress: Progress | None = None,
     log: Callable[[str], None] = log_to_stderr,
 ) -> list[dict[str, Any]]:
@@ -285,6 +286,8 @@ def fit(
         meta: what identifies the run, saved with its state; a resumed run must match it.
         keep_fn: a batch's kept patch indices and fused-token weights (data lottery tickets); None: every patch.
         masks: pruning masks (True = kept) that hold through training.
+        teacher: a model whose predictions on each whole (augmented) image `model` also learns
+            (`cfg.distill_weight`, `cfg.distill_temperature`); it sees every patch, whatever `model` keeps.
         progress: told ("epoch e/E", steps done, steps per epoch, status) after every step.
     """
     device = resolve_device(cfg.device)
@@ -293,6 +296,7 @@ def fit(
     history, start_epoch = _restore(out_dir, resume, meta, model, opt, device, log)
     out_dir = _writer(out_dir, rank, history)  # every process restores the run; one writes it
     steps_per_epoch, lr_of, mix = len(train_loader), schedule(cfg, len(train_loader)), mixing(cfg, model.num_classes, rank)
+    teach = teaching(teacher, cfg, device)
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout / drop-path noise of this epoch
         model.train()
@@ -305,7 +309,7 @@ def fit(
             images, targets = mix(images, labels, epoch * steps_per_epoch + i)
             with autocast(device):
                 logits = train_model(images, keep_idx, fuse, dropping(model, cfg, epoch * steps_per_epoch + i))
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+            loss = training_loss(logits.float(), targets, cfg, teach(images))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -323,6 +327,39 @@ def fit(
     if world > 1:
         log(f"rank {rank}/{world} weights {weights_digest(model)}")
     return history
+
+
+def teaching(
+    teacher: torch.nn.Module | None, cfg: TrainConfig, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """A step's images -> the teacher's logits on them (every patch, no gradient); None without a teacher."""
+    if teacher is None:
+        return lambda images: None
+    teacher.to(device).eval().requires_grad_(False)
+    run = torch.compile(teacher) if cfg.compile and device.type == "cuda" else teacher
+
+    @torch.no_grad()
+    def teach(images: torch.Tensor) -> torch.Tensor:
+        with autocast(device):
+            return run(images).float()
+
+    return teach
+
+
+def training_loss(
+    logits: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, teacher_logits: torch.Tensor | None
+) -> torch.Tensor:
+    """Label-smoothed cross-entropy on `targets` (class indices or, mixed, probabilities); with a
+    teacher's logits, blended with the KL divergence from the teacher's softened predictions,
+    scaled by T^2 so its gradients keep their size whatever the temperature (Hinton et al. 2015)."""
+    loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+    if teacher_logits is None:
+        return loss
+    t, w = cfg.distill_temperature, cfg.distill_weight
+    taught = F.kl_div(
+        F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1), reduction="batchmean", log_target=True
+    )
+    return (1 - w) * loss + w * t * t * taught
 
 
 def mixing(cfg: TrainConfig, num_classes: int, rank: int) -> Callable[[torch.Tensor, torch.Tensor, int], tuple]:
@@ -447,6 +484,26 @@ def _ticket_tokens(tickets: str | Path | None, start: _Start) -> tuple[KeepFn | 
     }
 
 
+def _teacher(checkpoint: str | None, start: _Start) -> TokenGatherViT | None:
+    """The distillation teacher of `cfg.distill`, refused unless it predicts the same classes from
+    the same input (size and normalisation) as the model it teaches."""
+    if checkpoint is None:
+        return None
+    teacher, meta = load_model(checkpoint)
+    mine, its = start.preprocess, meta["preprocess"]
+    if its["classes"] != mine["classes"]:
+        raise LotusError(
+            f"--distill {checkpoint} predicts other classes than {start.data_cfg.name}: distill from a model trained on the same classes"
+        )
+    if its["img_size"] != mine["img_size"] or not np.allclose(its["mean"] + its["std"], mine["mean"] + mine["std"]):
+        raise LotusError(
+            f"--distill {checkpoint} reads its input otherwise ({its['img_size']} px, mean {its['mean']}, std {its['std']}) "
+            f"than the model it would teach ({mine['img_size']} px, mean {mine['mean']}, std {mine['std']}): "
+            "distill from the model this one was fine-tuned from, or one trained on the same preprocessing"
+        )
+    return teacher
+
+
 def _loaders(start: _Start, cfg: TrainConfig, tickets: bool, log: Callable[[str], None]) -> tuple[Loader, Loader]:
     """Shuffled, augmented training batches (the last partial one dropped unless the split is
     small) and evaluation batches; says where the images come from and how they are augmented."""
@@ -527,6 +584,7 @@ def train(
     if cfg.drop_aware:
         select_block_of(len(start.model.blocks), cfg.select_block)  # refused now, not at the first step
     keep_fn, tickets_meta = _ticket_tokens(tickets, start)
+    teacher = _teacher(cfg.distill, start)
     train_loader, eval_loader = _loaders(start, cfg, keep_fn is not None, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -549,6 +607,7 @@ def train(
         resume=resume,
         keep_fn=keep_fn,
         masks=start.masks,
+        teacher=teacher,
         progress=progress,
         log=log,
     )

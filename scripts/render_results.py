@@ -1185,6 +1185,10 @@ FRONTIER_FAMILIES = {
     "structured-lotus": "structured (LOTUS), served dropping",
     "structured-torch-pruning": "structured (Torch-Pruning)",
     "stacked": "stacked: structured + drop-aware + int8",
+    "aware-int8": "fine-tuned drop-aware, served int8",
+    "aware-distilled": "fine-tuned drop-aware, distilled from the baseline",
+    "aware-distilled-int8": "fine-tuned drop-aware, distilled, served int8",
+    "stacked-distilled": "stacked, distilled from the baseline",
     "tome": "ToMe (token merging), r per block",
     "tome-int8": "ToMe, int8",
 }

@@ -231,13 +231,16 @@ def test_compress_a_224px_folder_from_a_vit_small_weight_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_compress_fine_tunes_drop_aware_instead_of_on_tickets(tmp_path):
+def test_compress_fine_tunes_drop_aware_instead_of_on_tickets_distilling_from_its_baseline(tmp_path):
     recipe = tiny_recipe(tmp_path / "tiny.yaml", finetune=TrainConfig(epochs=1, batch_size=64, lr=5e-4, warmup_epochs=0.5))
-    proc = lotus("compress", "--recipe", recipe, "--drop-aware", "0.3,0.5", "--out", tmp_path / "run")
+    proc = lotus("compress", "--recipe", recipe, "--drop-aware", "0.3,0.5", "--distill", "--out", tmp_path / "run")
     saved = load_recipe(tmp_path / "run" / "recipe.yaml")
     assert saved.finetune.drop_aware == (0.3, 0.5) and load_recipe(tmp_path / "run" / "recipe.yaml") == saved
+    assert saved.finetune.distill == "baseline"  # the recipe names the run's own baseline, wherever the run is moved
     finetuned = json.loads((tmp_path / "run" / "finetune" / "model.json").read_text())
     assert finetuned["tickets"] is None and finetuned["train"]["drop_aware"] == [0.3, 0.5]
+    assert finetuned["train"]["distill"] == str(tmp_path / "run" / "baseline")
     assert "a dense training step takes" in proc.stderr  # timed against the drop-aware step
     report = (tmp_path / "run" / "report.md").read_text()
     assert "drop-aware at 0.3, 0.5: the patches the exported graph keeps" in report and "drop-aware (the patches" in report
+    assert "distilled from the dense baseline (weight 0.5, temperature 1)" in report

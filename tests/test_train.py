@@ -176,3 +176,59 @@ def test_drop_aware_training_keeps_the_patches_the_exported_graph_keeps(tmp_path
         train(DATA, model, cfg, tmp_path / "t", tickets=tmp_path)
     with pytest.raises(LotusError, match="--drop-aware \\[1.5\\]"):
         TrainConfig(drop_aware=(1.5,))
+
+
+def digit_test_batches(pre: dict):
+    from lotus.data import load_split_for_model, make_loader
+
+    return make_loader(load_split_for_model(DATA, pre, "test"), 256, pre["mean"], pre["std"])
+
+
+def predictions(checkpoint) -> torch.Tensor:
+    """A checkpoint's predicted class for every test image of DATA."""
+    from lotus.checkpoint import load_model
+
+    model, meta = load_model(checkpoint)
+    with torch.inference_mode():
+        return torch.cat([model(batch.images).argmax(-1) for batch in digit_test_batches(meta["preprocess"])])
+
+
+def test_distillation_teaches_the_teachers_predictions(tmp_path):
+    """A student taught only by a teacher (--distill-weight 1) learns what the teacher predicts,
+    not the labels: a teacher that names every digit's successor makes a student that does too."""
+    from lotus.checkpoint import load_model, save_model
+
+    train(DATA, MODEL, FAST, tmp_path / "base")
+    model, meta = load_model(tmp_path / "base")
+    with torch.no_grad():  # logit c now scores what class c - 1 did: the teacher predicts each digit plus one
+        model.head.weight.copy_(model.head.weight.roll(1, 0))
+        model.head.bias.copy_(model.head.bias.roll(1, 0))
+    save_model(tmp_path / "teacher", model, ModelConfig(**meta["model"]), meta["preprocess"])
+    teacher = predictions(tmp_path / "teacher")
+    labels = torch.cat([b.labels for b in digit_test_batches(meta["preprocess"])])
+    assert (teacher == (labels + 1) % 10).float().mean() > 0.3  # the base model is right on ~45%
+
+    taught = train(DATA, MODEL, replace(FAST, distill=str(tmp_path / "teacher"), distill_weight=1.0), tmp_path / "student")
+    student = predictions(tmp_path / "student")
+    assert (student == teacher).float().mean() > 0.6  # chance: 10%
+    assert taught[-1]["test_accuracy"] < 15  # against the true labels: it learned the teacher's shift
+    assert json.loads((tmp_path / "student" / "model.json").read_text())["train"]["distill"] == str(tmp_path / "teacher")
+
+    plain = train(DATA, MODEL, FAST, tmp_path / "plain")
+    unweighted = train(DATA, MODEL, replace(FAST, distill=str(tmp_path / "teacher"), distill_weight=0.0), tmp_path / "w0")
+    assert same_metrics(unweighted, plain)  # weight 0: the teacher runs but teaches nothing, and disturbs nothing
+
+
+def test_a_teacher_that_reads_other_input_or_classes_is_refused_before_the_run_starts(tmp_path):
+    from lotus.checkpoint import load_model, save_model
+
+    train(DATA, MODEL, replace(FAST, epochs=1), tmp_path / "base")
+    model, meta = load_model(tmp_path / "base")
+    pre = meta["preprocess"]
+    save_model(tmp_path / "other-mean", model, ModelConfig(**meta["model"]), {**pre, "mean": [0.5, 0.5, 0.5]})
+    save_model(tmp_path / "other-classes", model, ModelConfig(**meta["model"]), {**pre, "classes": [f"c{i}" for i in range(10)]})
+    for teacher, message in [("other-mean", "reads its input otherwise"), ("other-classes", "predicts other classes")]:
+        cfg = replace(FAST, distill=str(tmp_path / teacher))
+        with pytest.raises(LotusError, match=message):
+            train(DATA, MODEL, cfg, tmp_path / f"run-{teacher}")
+        assert not (tmp_path / f"run-{teacher}").exists()  # nothing made before the refusal
