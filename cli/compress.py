@@ -20,15 +20,12 @@ from cli.common import (
     CompileOpt,
     CropPctOpt,
     CutmixOpt,
-    DistillTemperatureOpt,
-    DistillWeightOpt,
     DropAwareOpt,
     LoaderOpt,
     MixupOpt,
     PretrainedPathOpt,
     WorkersOpt,
     aware,
-    distillation,
     err,
     first_process,
     given,
@@ -172,8 +169,6 @@ def compress(
     drop_aware: DropAwareOpt = None,
     select_block: AwareSelectBlockOpt = None,
     distill: DistillOpt = None,
-    distill_weight: DistillWeightOpt = None,
-    distill_temperature: DistillTemperatureOpt = None,
     select: SelectOpt = None,
     temperature: TemperatureOpt = None,
     spread: SpreadOpt = None,
@@ -203,13 +198,7 @@ def compress(
         model=replace(cfg.model, **given(name=model, pretrained=pretrained_weights(pretrained, pretrained_path))),
         tickets=replace(cfg.tickets, **ticket_flags(drop, select, temperature, spread, layers, balance, fuse, boxes)),
         sweep=replace(cfg.sweep, **given(tolerance=tolerance)),
-        finetune=replace(
-            cfg.finetune,
-            **training,
-            **given(epochs=epochs),
-            **aware(drop_aware, select_block),
-            **teacher(distill, distill_weight, distill_temperature),
-        ),
+        finetune=replace(cfg.finetune, **training, **given(epochs=epochs), **aware(drop_aware, select_block), **teacher(distill)),
         structure=replace(cfg.structure, **structure_flags(structure, structure_importance, structure_scope)),
         # the config reads a --sparsity of '0.3', 'auto' and '2:4' alike, and refuses anything else
         **given(checkpoint=str(checkpoint) if checkpoint else None, device=device, isp_target=isp_target, sparsity=sparsity),
@@ -218,14 +207,12 @@ def compress(
     run_pipeline(cfg, path_or_new_run(out, "compress"), resume)
 
 
-def teacher(distill: bool | None, weight: float | None, temperature: float | None) -> dict[str, Any]:
-    """--distill/--no-distill and its weight and temperature as fine-tuning's TrainConfig fields;
-    the teacher is the run's dense baseline (`lotus.config.BASELINE_TEACHER`)."""
+def teacher(distill: bool | None) -> dict[str, Any]:
+    """--distill/--no-distill as fine-tuning's teacher: the run's dense baseline, or none (the
+    recipe's `finetune.distill_weight` and `distill_temperature` set how it teaches)."""
     from lotus.config import BASELINE_TEACHER
 
-    if distill is False:
-        return {"distill": None}
-    return distillation(BASELINE_TEACHER if distill else None, weight, temperature)
+    return {} if distill is None else {"distill": BASELINE_TEACHER if distill else None}
 
 
 def resumed_recipe(recipe: Path | None, out: Path | None, resume: bool) -> tuple[Path | None, Path | None]:

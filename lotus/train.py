@@ -310,12 +310,7 @@ def fit(
             with autocast(device):
                 logits = train_model(images, keep_idx, fuse, dropping(model, cfg, epoch * steps_per_epoch + i))
             loss = training_loss(logits.float(), targets, cfg, teach(images))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            enforcer.after_step(opt)  # weight decay or momentum must not revive pruned weights
+            optimizer_step(loss, model, opt, enforcer, cfg.grad_clip)
             tally.add(loss, logits, labels)
             report(progress, f"epoch {epoch + 1}/{cfg.epochs}", i + 1, steps_per_epoch, tally.status())
         tally.stop(world)
@@ -327,6 +322,18 @@ def fit(
     if world > 1:
         log(f"rank {rank}/{world} weights {weights_digest(model)}")
     return history
+
+
+def optimizer_step(
+    loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer, enforcer: MaskEnforcer, grad_clip: float
+) -> None:
+    """backward -> clip -> step -> re-apply masks."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    enforcer.after_step(opt)  # weight decay or momentum must not revive pruned weights
 
 
 def teaching(

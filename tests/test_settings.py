@@ -249,7 +249,7 @@ def test_the_console_script_refuses_in_one_line_and_makes_no_run_folder(tmp_path
         (["compress", "--drop-aware", "0.5", "--select-block", "9"], "--select-block 9 is outside 0..3"),
         (["train", "--lr", "0"], "--lr 0.0 is not above 0"),
         (["train", "--distill-weight", "0.3"], "--distill-weight and --distill-temperature set distillation: add --distill"),
-        (["compress", "--distill", "--distill-weight", "2"], "--distill-weight 2.0 is outside [0, 1]"),
+        (["train", "--distill", "x", "--distill-weight", "2"], "--distill-weight 2.0 is outside [0, 1]"),
         (["train", "--distill", "x", "--distill-temperature", "0"], "--distill-temperature 0.0 is not above 0"),
         (["train", "--data", "no-such-folder"], "neither 'digits', 'cifar10' nor a folder"),
         (["train", "--checkpoint", "no-such-model", "--out", "out"], "--checkpoint no-such-model:"),
