@@ -1131,7 +1131,8 @@ def structured_peers_run(src: Source, page: Page, rel: str) -> None:
     seeds = ", ".join(map(str, ft["seeds"]))
     handwritten = config.get("lotus_scores") != "torch-pruning"
     page.add(
-        f"#### {dataset_name(data.get('data') or Path(data['baseline']).parent)}",  # older files name only the baseline
+        f"#### {dataset_name(data.get('data') or Path(data['baseline']).parent)}"  # older files name only the baseline
+        + (", LOTUS's hand-written scores" if handwritten else ""),
         "",
         (
             f"LOTUS's rows are the scores it computed by hand at commit `{HANDWRITTEN_SCORES}`."
