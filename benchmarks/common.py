@@ -70,9 +70,22 @@ def unpacked_folder(archive: Path, out: Path, into: Path | None = None, also: tu
     raise SystemExit(f"{archive} does not unpack to train/ and test/ folders")
 
 
+def cpu_model() -> dict:
+    """The CPU's model name and the vector and matrix extensions that set how fast int8 and fp32
+    matrix products run: latency ratios measured on one CPU need not hold on another."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
+    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    return {
+        "cpu_model": name,
+        "cpu_features": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8"}),
+    }
+
+
 def machine() -> dict:
     return {
         "cpu": platform.processor() or platform.machine(),
+        **cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

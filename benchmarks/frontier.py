@@ -11,10 +11,12 @@ learning rate), so no point gains by training longer than another:
 - structured: whole heads and MLP neurons removed, by LOTUS and by Torch-Pruning, fine-tuned on
   every patch (`benchmarks/structured_peers.py`, which must run first, gives them);
 - stacked: LOTUS's structured model fine-tuned drop-aware, served int8;
-- distilled (--distill): aware and stacked again, each also learning the baseline's predictions on
-  every whole training image (`--distill`, weight --distill-weight): the teacher is the model they
-  start from, so no point has seen more than the baseline and its one fine-tuning; each step also
-  runs the teacher, which the records' epoch seconds show.
+- distilled (--teachers): aware and stacked again, each also learning a teacher's predictions on
+  every whole training image (`--distill`, weight --distill-weight). Teacher `baseline`: the model
+  they start from, so no point has seen more than the baseline and its one fine-tuning. Teacher
+  `dense` (models named `...-distilled-dense`): the dense model after its own fine-tuning, a
+  stronger teacher that has trained an epoch more, so its points are compared apart. Each step
+  also runs the teacher, which the records' epoch seconds show.
 Each is exported to ONNX and served at every --drops ratio; dense, aware and stacked (and the
 distilled ones) also as int8, which times as the dense (or structured) int8 graph.
 ToMe (`lotus.merge`, training-free token merging) runs on the dense model at each --merges
@@ -94,14 +96,18 @@ def finetuned_models(args, data_cfg: DataConfig, baseline: Path) -> dict[str, di
     models["stacked"] = finetune(
         pruned["checkpoint"], data_cfg, base, w / "ft-stacked", epochs, drop_aware=tuple(args.aware_drops)
     )
-    if args.distill:
-        taught = {"drop_aware": tuple(args.aware_drops), "distill": str(baseline), "distill_weight": args.distill_weight}
-        models["aware-distilled"] = finetune(baseline, data_cfg, base, w / "ft-aware-distilled", epochs, **taught)
-        models["stacked-distilled"] = finetune(pruned["checkpoint"], data_cfg, base, w / "ft-stacked-distilled", epochs, **taught)
+    for teacher in args.teachers:
+        path = baseline if teacher == "baseline" else Path(models["dense"]["run"])
+        taught = {"drop_aware": tuple(args.aware_drops), "distill": str(path), "distill_weight": args.distill_weight}
+        for name, start in (("aware", baseline), ("stacked", pruned["checkpoint"])):
+            model = f"{name}-distilled{TEACHERS[teacher]}"
+            models[model] = {**finetune(start, data_cfg, base, w / f"ft-{model}", epochs, **taught), "teacher": teacher}
     return models
 
 
-INT8 = ("dense", "aware", "aware-distilled", "stacked", "stacked-distilled")  # the models also served int8
+TEACHERS = {"baseline": "", "dense": "-dense"}  # --teachers -> the suffix of the models each teaches
+DISTILLED = [f"{m}-distilled{s}" for s in TEACHERS.values() for m in ("aware", "stacked")]
+INT8 = ("dense", "aware", "stacked", *DISTILLED)  # the models also served int8
 
 
 def export_all(models: dict[str, dict], merges: list[int], folder: Path) -> dict[str, Path]:
@@ -137,12 +143,12 @@ SERVED = {
     "aware": ("aware", "dense", True),
     "structured-lotus": ("structured-lotus", "structured-lotus", True),
     "structured-torch-pruning": ("structured-torch-pruning", "structured-lotus", False),
-    "aware-distilled": ("aware-distilled", "dense", True),
     "dense-int8": ("int8", "dense-int8", True),
     "aware-int8": ("aware-int8", "dense-int8", True),
-    "aware-distilled-int8": ("aware-distilled-int8", "dense-int8", True),
     "stacked-int8": ("stacked", "stacked-int8", True),
-    "stacked-distilled-int8": ("stacked-distilled", "stacked-int8", True),
+    **{d: (d, "dense", True) for d in DISTILLED if d.startswith("aware")},
+    **{f"{d}-int8": (f"{d}-int8", "dense-int8", True) for d in DISTILLED if d.startswith("aware")},
+    **{f"{d}-int8": (d, "stacked-int8", True) for d in DISTILLED if d.startswith("stacked")},  # int8 only, as stacked
 }
 
 
@@ -225,18 +231,21 @@ def best_under(rows: list[dict], target: float, batch: str) -> dict | None:
 
 
 def matched(rows: list[dict], batch: str = "64") -> list[dict]:
-    """At each target latency, the best point of: every LOTUS point (Torch-Pruning's is a peer's) and
-    ToMe's with or without int8; patch dropping alone and ToMe alone (fp32, the dense architecture:
-    like for like)."""
+    """At each target latency, the best point of: every LOTUS point (Torch-Pruning's is a peer's;
+    those distilled from the fine-tuned dense model apart, with them) and ToMe's with or without
+    int8; patch dropping alone and ToMe alone (fp32, the dense architecture: like for like)."""
     untouched = [r for r in rows if r["model"] in ("dense", "dense-int8") and r["drop"] == 0.0]  # r 0, drop 0
-    lotus = [r for r in rows if not r["family"].startswith("tome") and r["family"] != "structured-torch-pruning"]
-    dropping = [r for r in rows if r["family"] in ("tickets", "dense") or r["family"].startswith("aware")]
+    taught = [r for r in rows if not r["family"].startswith("tome") and r["family"] != "structured-torch-pruning"]
+    lotus = [r for r in taught if "distilled-dense" not in r["family"]]  # a teacher that trained longer: apart
+    fp32 = [r for r in lotus if not r["family"].endswith("-int8")]
+    dropping = [r for r in fp32 if r["family"] in ("tickets", "dense") or r["family"].startswith("aware")]
     tome_any = [r for r in rows if r["family"].startswith("tome")] + untouched
     tome = [r for r in tome_any if r["family"] in ("tome", "dense")]
     out = []
     for target in TARGETS:
         picks = {
             "lotus": best_under(lotus, target, batch),
+            "lotus_dense_teacher": best_under(taught, target, batch) if len(taught) > len(lotus) else None,
             "tome_any": best_under(tome_any, target, batch),
             "dropping": best_under(dropping, target, batch),
             "tome": best_under(tome, target, batch),
@@ -289,10 +298,10 @@ def main() -> None:
         help="Fine-tune on tickets too (a scoring pass and one more fine-tuning).",
     )
     p.add_argument(
-        "--distill",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Fine-tune aware and stacked again distilling from the baseline (two more fine-tunings).",
+        "--teachers",
+        type=lambda s: [v for v in s.split(",") if v],
+        default=["baseline"],
+        help="Fine-tune aware and stacked again distilled from each (two fine-tunings each): baseline, dense; '' for none.",
     )
     p.add_argument("--distill-weight", type=float, default=0.5)
     p.add_argument("--aware-drops", type=floats, default=[0.3, 0.5, 0.7])
@@ -303,6 +312,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if set(args.teachers) - TEACHERS.keys():
+        p.error(f"--teachers {','.join(args.teachers)}: each must be one of {', '.join(TEACHERS)}")
 
     torch.set_num_threads(args.threads)
     _, base_meta = load_model(args.baseline)
@@ -346,6 +357,7 @@ def main() -> None:
                 "test_accuracy": base_meta["metrics"]["test_accuracy"],
             },
             "finetune_epochs": args.finetune_epochs,
+            "teachers": args.teachers,
             "finetuned": models,
             "points": rows,
             "matched_latency": matched(rows),

@@ -130,7 +130,9 @@ def machine(data: dict, rel: str) -> str:
     torch = str(info.get("torch", "?")).split("+")[0]
     if info.get("gpu"):
         return f"{info['gpu']} (torch {torch})"
-    return f"{info.get('cpu', 'CPU')} CPU, {info.get('torch_threads', '?')} threads (torch {torch})"
+    features = "/".join(f for f in ("avx512_vnni", "amx_int8") if f in info.get("cpu_features", []))
+    model = f" ({info['cpu_model']}{', ' + features if features else ''})" if info.get("cpu_model") else ""
+    return f"{info.get('cpu', 'CPU')} CPU{model}, {info.get('torch_threads', '?')} threads (torch {torch})"
 
 
 # ---------------------------------------------------------------- inputs and the page
@@ -1190,12 +1192,16 @@ FRONTIER_FAMILIES = {
     "aware-distilled": "fine-tuned drop-aware, distilled from the baseline",
     "aware-distilled-int8": "fine-tuned drop-aware, distilled, served int8",
     "stacked-distilled": "stacked, distilled from the baseline",
+    "aware-distilled-dense": "fine-tuned drop-aware, distilled from the fine-tuned dense model",
+    "aware-distilled-dense-int8": "fine-tuned drop-aware, distilled from the fine-tuned dense model, served int8",
+    "stacked-distilled-dense": "stacked, distilled from the fine-tuned dense model",
     "tome": "ToMe (token merging), r per block",
     "tome-int8": "ToMe, int8",
 }
 # frontier_*.json's matched_latency keys -> their columns, in order (older files lack tome_any)
 FRONTIER_MATCHED = {
     "lotus": "LOTUS, any point",
+    "lotus_dense_teacher": "LOTUS, with teachers trained an epoch more",
     "tome_any": "ToMe, fp32 or int8",
     "dropping": "LOTUS, dropping only (fp32)",
     "tome": "ToMe (fp32)",
@@ -1213,7 +1219,10 @@ def frontier(src: Source, page: Page) -> None:
         "`benchmarks/frontier.py` fine-tunes every model from one baseline for the same epochs, then serves each through"
         " its exported ONNX graph: patch dropping at every ratio, int8, structured pruning (LOTUS and Torch-Pruning),"
         " the three stacked, and ToMe's token merging (written here from the paper and exported to ONNX) on the dense"
-        " model. Latency is ONNX Runtime's, as a fraction of the dense fp32 graph at the same batch.",
+        " model. Distilled models also learned a teacher's predictions on whole images (`--distill`): the baseline"
+        " every model starts from (none has then seen more), or the dense model after its own fine-tuning (an epoch"
+        " more: those points are compared apart). Latency is ONNX Runtime's, as a fraction of the dense fp32 graph"
+        " at the same batch.",
         "",
     )
     for rel in rels:
