@@ -215,11 +215,12 @@ def _structure(run: Run) -> dict[str, Any]:
 def _finetune(run: Run) -> dict[str, Any]:
     """Fine-tune the pruned model on the lottery data (resuming from its last finished epoch), then
     time a dense and a lottery training step side by side."""
-    cfg, distill = run.cfg, run.cfg.finetune.distill
+    cfg, teacher = run.cfg, run.cfg.finetune.distill
+    teacher = str(run.baseline) if teacher == BASELINE_TEACHER else teacher
     history = train(
         cfg.data,
         cfg.model,
-        replace(cfg.finetune, device=cfg.device, distill=str(run.baseline) if distill == BASELINE_TEACHER else distill),
+        replace(cfg.finetune, device=cfg.device, distill=teacher),
         run.dir / "finetune",
         init_checkpoint=run.pruned,
         tickets=None if cfg.finetune.drop_aware else run.dir / "tickets",  # drop-aware: the graph's own patches
@@ -227,8 +228,9 @@ def _finetune(run: Run) -> dict[str, Any]:
         progress=run.progress,
     )
     seconds = run.seconds()  # the fine-tuning's, without the timing below
-    ratio = measure_step_ratio(run.dir, cfg)
-    run.log(f"  a dense training step takes {ratio:.2f}x a lottery step (measured side by side)")
+    ratio = measure_step_ratio(run.dir, cfg, teacher)
+    taught = ", its teacher's forward pass included" if teacher else ""
+    run.log(f"  a dense training step takes {ratio:.2f}x a lottery step{taught} (measured side by side)")
     figures = _training_figures(history)
     return {
         "accuracy": history[-1]["test_accuracy"],
@@ -351,8 +353,9 @@ def _training_figures(history: list[dict]) -> dict[str, Any]:
     }
 
 
-def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float:
-    """Dense training-step time over lottery training-step time, on the device the fine-tuning ran on.
+def measure_step_ratio(run: Path, cfg: CompressConfig, teacher: str | None = None, steps: int = 16) -> float:
+    """Dense training-step time over lottery training-step time, on the device the fine-tuning ran on;
+    with a distillation `teacher`, the lottery step runs it on the whole images too, as fine-tuning did.
 
     The two kinds of step alternate on fresh batches (the first pair warms up), so any drift in
     the machine's speed hits both alike; only the step itself is timed, not the batch preparation
@@ -366,6 +369,7 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float
 
     device = resolve_device(cfg.device)
     model, meta = load_model(run / "finetune", device)
+    teacher_model = load_model(teacher, device)[0] if teacher else None
     tickets = None if cfg.finetune.drop_aware else load_tickets(run / "tickets")
     pre = meta["preprocess"]
     data = load_split_for_model(cfg.data, pre, "train")
@@ -384,6 +388,9 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, steps: int = 16) -> float
         start = time.perf_counter()
         with autocast(device):
             logits = model(images, keep, fuse, dropping(model, cfg.finetune, i // 2) if mode == "lottery" else None)
+            if teacher_model is not None and mode == "lottery":
+                with torch.no_grad():
+                    teacher_model(images)
         loss = F.cross_entropy(logits.float(), labels)
         opt.zero_grad()
         loss.backward()
