@@ -50,7 +50,7 @@ from lotus.settings import check_settings, load_recipe, save_recipe
 from lotus.settings import from_dict as from_dict
 from lotus.settings import to_dict as to_dict
 from lotus.tickets import tickets_from_checkpoint
-from lotus.train import batch_tokens, dropping, evaluate_checkpoint, train
+from lotus.train import batch_tokens, dropping, evaluate_checkpoint, teaching, train
 
 STATE_FILE = "stages.json"
 
@@ -93,6 +93,12 @@ class Run:
     def baseline(self) -> Path:
         """The dense checkpoint: the one given, or the baseline trained here."""
         return Path(self.cfg.checkpoint) if self.cfg.checkpoint else self.dir / "baseline"
+
+    @property
+    def teacher(self) -> str | None:
+        """Fine-tuning's distillation teacher: the baseline where the recipe says BASELINE_TEACHER."""
+        distill = self.cfg.finetune.distill
+        return str(self.baseline) if distill == BASELINE_TEACHER else distill
 
     @property
     def unstructured(self) -> Path:
@@ -215,12 +221,11 @@ def _structure(run: Run) -> dict[str, Any]:
 def _finetune(run: Run) -> dict[str, Any]:
     """Fine-tune the pruned model on the lottery data (resuming from its last finished epoch), then
     time a dense and a lottery training step side by side."""
-    cfg, teacher = run.cfg, run.cfg.finetune.distill
-    teacher = str(run.baseline) if teacher == BASELINE_TEACHER else teacher
+    cfg = run.cfg
     history = train(
         cfg.data,
         cfg.model,
-        replace(cfg.finetune, device=cfg.device, distill=teacher),
+        replace(cfg.finetune, device=cfg.device, distill=run.teacher),
         run.dir / "finetune",
         init_checkpoint=run.pruned,
         tickets=None if cfg.finetune.drop_aware else run.dir / "tickets",  # drop-aware: the graph's own patches
@@ -228,8 +233,8 @@ def _finetune(run: Run) -> dict[str, Any]:
         progress=run.progress,
     )
     seconds = run.seconds()  # the fine-tuning's, without the timing below
-    ratio = measure_step_ratio(run.dir, cfg, teacher)
-    taught = ", its teacher's forward pass included" if teacher else ""
+    ratio = measure_step_ratio(run.dir, cfg, run.teacher)
+    taught = ", its teacher's forward pass included" if run.teacher else ""
     run.log(f"  a dense training step takes {ratio:.2f}x a lottery step{taught} (measured side by side)")
     figures = _training_figures(history)
     return {
@@ -369,7 +374,7 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, teacher: str | None = Non
 
     device = resolve_device(cfg.device)
     model, meta = load_model(run / "finetune", device)
-    teacher_model = load_model(teacher, device)[0] if teacher else None
+    teach = teaching(load_model(teacher)[0] if teacher else None, cfg.finetune, device)
     tickets = None if cfg.finetune.drop_aware else load_tickets(run / "tickets")
     pre = meta["preprocess"]
     data = load_split_for_model(cfg.data, pre, "train")
@@ -388,9 +393,8 @@ def measure_step_ratio(run: Path, cfg: CompressConfig, teacher: str | None = Non
         start = time.perf_counter()
         with autocast(device):
             logits = model(images, keep, fuse, dropping(model, cfg.finetune, i // 2) if mode == "lottery" else None)
-            if teacher_model is not None and mode == "lottery":
-                with torch.no_grad():
-                    teacher_model(images)
+        if mode == "lottery":
+            teach(images)
         loss = F.cross_entropy(logits.float(), labels)
         opt.zero_grad()
         loss.backward()

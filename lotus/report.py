@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lotus.checkpoint import atomic_write_csv, atomic_write_json, atomic_write_text
-from lotus.config import holdout
+from lotus.config import BASELINE_TEACHER, holdout
 from lotus.masks import nm_pattern
 from lotus.plots import save_finetune_figure, save_stage_figure
 
@@ -176,8 +176,6 @@ def _kept_in_finetuning(cfg: Any, m: dict[str, Any]) -> str:
 
 def _teacher(finetune: Any) -> str:
     """The distillation teacher in words, with its loss weight and temperature."""
-    from lotus.config import BASELINE_TEACHER
-
     who = "the dense baseline" if finetune.distill == BASELINE_TEACHER else finetune.distill
     return f"{who} (weight {finetune.distill_weight:g}, temperature {finetune.distill_temperature:g})"
 
