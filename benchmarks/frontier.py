@@ -17,8 +17,8 @@ learning rate), so no point gains by training longer than another:
   `dense` (models named `...-distilled-dense`): the dense model after its own fine-tuning, a
   stronger teacher that has trained an epoch more, so its points are compared apart. Each step
   also runs the teacher, which the records' epoch seconds show.
-Each is exported to ONNX and served at every --drops ratio; dense, aware and stacked (and the
-distilled ones) also as int8, which times as the dense (or structured) int8 graph.
+Each is exported to ONNX and served at every --drops ratio; dense, aware, LOTUS's structured and
+stacked (and the distilled ones) also as int8, which times as the dense (or structured) int8 graph.
 ToMe (`lotus.merge`, training-free token merging) runs on the dense model at each --merges
 (tokens merged per block) through its exported graph, fp32 and int8, so that each way of cutting
 tokens is compared with and without int8.
@@ -107,7 +107,7 @@ def finetuned_models(args, data_cfg: DataConfig, baseline: Path) -> dict[str, di
 
 TEACHERS = {"baseline": "", "dense": "-dense"}  # --teachers -> the suffix of the models each teaches
 DISTILLED = [f"{m}-distilled{s}" for s in TEACHERS.values() for m in ("aware", "stacked")]
-INT8 = ("dense", "aware", "stacked", *DISTILLED)  # the models also served int8
+INT8 = ("dense", "aware", "structured-lotus", "stacked", *DISTILLED)  # the models also served int8
 
 
 def export_all(models: dict[str, dict], merges: list[int], folder: Path) -> dict[str, Path]:
@@ -146,6 +146,7 @@ SERVED = {
     "dense-int8": ("int8", "dense-int8", True),
     "aware-int8": ("aware-int8", "dense-int8", True),
     "stacked-int8": ("stacked", "stacked-int8", True),
+    "structured-lotus-int8": ("structured-lotus-int8", "stacked-int8", True),  # stacked without drop-aware training
     **{d: (d, "dense", True) for d in DISTILLED if d.startswith("aware")},
     **{f"{d}-int8": (f"{d}-int8", "dense-int8", True) for d in DISTILLED if d.startswith("aware")},
     **{f"{d}-int8": (d, "stacked-int8", True) for d in DISTILLED if d.startswith("stacked")},  # int8 only, as stacked

@@ -1188,6 +1188,7 @@ FRONTIER_FAMILIES = {
     "structured-lotus": "structured (LOTUS), served dropping",
     "structured-torch-pruning": "structured (Torch-Pruning)",
     "stacked": "stacked: structured + drop-aware + int8",
+    "structured-lotus-int8": "structured (LOTUS), served int8 dropping (stacked without drop-aware training)",
     "aware-int8": "fine-tuned drop-aware, served int8",
     "aware-distilled": "fine-tuned drop-aware, distilled from the baseline",
     "aware-distilled-int8": "fine-tuned drop-aware, distilled, served int8",
