@@ -1787,7 +1787,11 @@ def short_machine(data: dict, rel: str) -> str:
     info = data.get("machine") or data.get("latency_machine") or {}
     if info.get("gpu"):
         return " ".join(str(info["gpu"]).split()[:2])  # "NVIDIA H100 80GB HBM3" -> "NVIDIA H100"
-    return f"CPU, {info['torch_threads']} threads" if info else GPU_FOLDERS.get(rel.split("/")[0], "not recorded")
+    if not info:
+        return GPU_FOLDERS.get(rel.split("/")[0], "not recorded")
+    # CPU latency ratios move with these extensions (docs/export.md); older files do not record them
+    extensions = [name for key, name in (("avx512_vnni", "VNNI"), ("amx_int8", "AMX")) if key in info.get("cpu_features", [])]
+    return f"CPU{' (' + ', '.join(extensions) + ')' if extensions else ''}, {info['torch_threads']} threads"
 
 
 def ticket_headline(src: Source, suite: str, drop: float) -> list[str] | None:
