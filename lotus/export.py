@@ -5,8 +5,9 @@ Two graphs, both with a dynamic batch axis and self-contained (no external data 
 - `model.onnx`, inputs `pixel_values` float32 [B, 3, H, W] (normalised as the metadata says)
   and `drop` float32 scalar in [0, 1): the fraction of patches to skip. K = N - round(drop * N)
   patches are kept per image, chosen by the model's own class-token attention in block
-  `select_block` (default depth // 6: block 2 of 12). Blocks up to that one run on every token;
-  the rest run on the class token and the K kept patches only, so latency falls with the drop
+  `select_block` (default depth // 6: block 2 of 12). Blocks before that one run on every
+  token; it computes keys and values for every token and the rest of its work for the class token
+  and the K kept patches only, and the later blocks run on those, so latency falls with the drop
   ratio. The block is a trade: an earlier choice saves more compute per dropped patch, a later
   one is better informed (`benchmarks/cifar10_select_block.py` measures it for a model).
   drop = 0 gives the dense model's logits.

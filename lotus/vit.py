@@ -25,6 +25,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import VisionTransformer
@@ -94,8 +95,8 @@ class TokenGatherViT(VisionTransformer):
         """Inference that drops patches chosen by the model's own attention.
 
         Blocks up to `select_block` run on every token; the class token's attention in
-        `select_block` (heads averaged) scores the patches; its output is cut to the class
-        token and the `num_keep` best patches, and the remaining blocks run on those only.
+        `select_block` (heads averaged) scores the patches, and that block and the rest run on
+        the class token and the `num_keep` best patches only (`selecting_block`).
         With num_keep = all patches the logits equal `forward`'s (the kept tokens are merely
         reordered, and attention does not depend on the order).
         """
@@ -104,13 +105,42 @@ class TokenGatherViT(VisionTransformer):
         x = self.norm_pre(x)
         for blk in self.blocks[:select_block]:
             x = blk(x)
-        chooser = self.blocks[select_block]
-        scores = cls_attention(chooser.attn, chooser.attn.qkv(chooser.norm1(x))).mean(1)[:, self.num_prefix_tokens :]  # (B, N)
-        keep_idx = scores.topk(num_keep, dim=1).indices  # (B, K)
-        x = gather_tokens(chooser(x), keep_idx, self.num_prefix_tokens)
+        x = selecting_block(self.blocks[select_block], x, num_keep, self.num_prefix_tokens)
         for blk in self.blocks[select_block + 1 :]:
             x = blk(x)
         return self.forward_head(self.norm(x))
+
+
+def selecting_block(blk: torch.nn.Module, x: torch.Tensor, num_keep: int, num_prefix_tokens: int) -> torch.Tensor:
+    """timm's `Block.forward` that keeps only the prefix tokens and the `num_keep` patches its
+    class token attends to most (heads averaged), in that order.
+
+    Keys and values come from every token, but queries, the output projection and the MLP are
+    computed for the kept tokens alone: each is per token, so the kept tokens come out exactly
+    as the whole block would give them, and the dropped ones cost only their keys and values.
+
+    Args:
+        x: (B, P + N, D) tokens, P prefix tokens then N patch tokens.
+    Returns:
+        (B, P + num_keep, D) tokens.
+    """
+    attn, h = blk.attn, blk.norm1(x)
+    B, T, _ = h.shape
+    qkv = attn.qkv(h)
+    scores = cls_attention(attn, qkv).mean(1)[:, num_prefix_tokens:]  # (B, N)
+    keep_idx = scores.topk(num_keep, dim=1).indices  # (B, K)
+    prefix = torch.arange(num_prefix_tokens, device=x.device).expand(B, -1)
+    rows = torch.cat([prefix, keep_idx + num_prefix_tokens], dim=1)  # (B, P + K) token positions kept
+    x, h = (t.gather(1, rows.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in (x, h))
+    q, k, v = qkv.reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+    q = q.gather(2, rows[:, None, :, None].expand(-1, attn.num_heads, -1, attn.head_dim))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = attn.norm(out.transpose(1, 2).reshape(B, rows.shape[1], attn.attn_dim))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(h).sigmoid()
+    x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(out))))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
 def cls_attention(attn: torch.nn.Module, qkv: torch.Tensor, full: bool = False) -> torch.Tensor:

@@ -12,6 +12,7 @@ from lotus.vit import (
     ModelConfig,
     TokenGatherViT,
     build_model,
+    cls_attention,
     gather_tokens,
     make_token_gathering_,
 )
@@ -56,6 +57,34 @@ def test_blocks_see_only_kept_tokens(tiny_cfg):
     keep = torch.stack([torch.randperm(16)[:7] for _ in range(4)])
     model(torch.randn(4, 3, 16, 16), keep).sum().backward()
     assert seen == [(4, 1 + 7, 192)] * 2  # class token + 7 patches, in every block
+
+
+def test_select_block_computes_the_kept_tokens_only_and_gives_what_the_whole_block_would(tiny_cfg):
+    # The select block scores every patch, so its keys and values see every token; its queries,
+    # projection and MLP are per token, so running them on the kept tokens alone must change no
+    # logit, only the cost.
+    model = build_model(tiny_cfg).eval()
+    x, keep = torch.randn(3, 3, 16, 16), 5
+    shapes = {}
+
+    def record(name):
+        def hook(module, args):
+            shapes[name] = tuple(args[0].shape)
+
+        return hook
+
+    for name, module in (("qkv", model.blocks[1].attn.qkv), ("proj", model.blocks[1].attn.proj), ("mlp", model.blocks[1].mlp)):
+        module.register_forward_pre_hook(record(name))
+    with torch.no_grad():
+        tokens = model.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(x))))
+        chooser = model.blocks[1]
+        scores = cls_attention(chooser.attn, chooser.attn.qkv(chooser.norm1(tokens))).mean(1)[:, 1:]
+        whole = gather_tokens(chooser(tokens), scores.topk(keep, dim=1).indices, num_prefix_tokens=1)
+        expected = model.forward_head(model.norm(whole))  # the whole block run, then cut
+        shapes.clear()
+        got = model.forward_dropping(x, keep, select_block=1)
+    assert (got - expected).abs().max() <= 1e-5
+    assert shapes == {"qkv": (3, 1 + 16, 192), "proj": (3, 1 + keep, 192), "mlp": (3, 1 + keep, 192)}
 
 
 def test_gather_tokens_picks_the_named_patches():
