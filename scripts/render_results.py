@@ -1134,7 +1134,8 @@ def structured_peers_run(src: Source, page: Page, rel: str) -> None:
     handwritten = config.get("lotus_scores") != "torch-pruning"
     page.add(
         f"#### {dataset_name(data.get('data') or Path(data['baseline']).parent)}"  # older files name only the baseline
-        + (", LOTUS's hand-written scores" if handwritten else ""),
+        + (", LOTUS's hand-written scores" if handwritten else "")
+        + (f", {ft['epochs']} fine-tuning epochs" if ft["epochs"] > 1 else ""),
         "",
         (
             f"LOTUS's rows are the scores it computed by hand at commit `{HANDWRITTEN_SCORES}`."
@@ -1259,7 +1260,8 @@ def frontier_setting(row: dict) -> str:
 def frontier_run(src: Source, page: Page, rel: str) -> None:
     data = src.json(rel)
     base = data["baseline"]
-    page.add(f"### {dataset_name(data['data'])}: {data['model']}", "")
+    epochs = f", {data['finetune_epochs']} fine-tuning epochs" if data["finetune_epochs"] > 1 else ""
+    page.add(f"### {dataset_name(data['data'])}: {data['model']}{epochs}", "")
     page.about(
         machine(data, rel),
         f"baseline {base['train']['epochs']} epochs ({pct(base['test_accuracy'])} test), then {data['finetune_epochs']} epoch(s)"
