@@ -122,6 +122,14 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
 
+# CPU latency ratios move with these extensions (docs/export.md); older result files do not record them
+CPU_EXTENSIONS = {"avx512_vnni": "AVX-512 VNNI", "amx_int8": "AMX"}
+
+
+def cpu_extensions(info: dict) -> list[str]:
+    return [name for flag, name in CPU_EXTENSIONS.items() if flag in info.get("cpu_features", [])]
+
+
 def machine(data: dict, rel: str) -> str:
     """The machine a result file records: GPU name or CPU threads, and torch."""
     info = data.get("machine") or data.get("accuracy_machine") or data.get("latency_machine")
@@ -130,7 +138,7 @@ def machine(data: dict, rel: str) -> str:
     torch = str(info.get("torch", "?")).split("+")[0]
     if info.get("gpu"):
         return f"{info['gpu']} (torch {torch})"
-    features = "/".join(f for f in ("avx512_vnni", "amx_int8") if f in info.get("cpu_features", []))
+    features = "/".join(cpu_extensions(info))
     model = f" ({info['cpu_model']}{', ' + features if features else ''})" if info.get("cpu_model") else ""
     return f"{info.get('cpu', 'CPU')} CPU{model}, {info.get('torch_threads', '?')} threads (torch {torch})"
 
@@ -1791,8 +1799,7 @@ def short_machine(data: dict, rel: str) -> str:
         return " ".join(str(info["gpu"]).split()[:2])  # "NVIDIA H100 80GB HBM3" -> "NVIDIA H100"
     if not info:
         return GPU_FOLDERS.get(rel.split("/")[0], "not recorded")
-    # CPU latency ratios move with these extensions (docs/export.md); older files do not record them
-    extensions = [name for key, name in (("avx512_vnni", "VNNI"), ("amx_int8", "AMX")) if key in info.get("cpu_features", [])]
+    extensions = cpu_extensions(info)
     return f"CPU{' (' + ', '.join(extensions) + ')' if extensions else ''}, {info['torch_threads']} threads"
 
 
@@ -2013,7 +2020,7 @@ def draw_training(ax, series: dict) -> None:
 def draw_export(ax, series: dict) -> None:
     for name, points in series.items():
         x, y, _ = zip(*sorted(points))
-        if len(points) == 1:
+        if name == HEADLINE_FRONTIER["dense"]:
             ax.plot(x, y, marker="*", markersize=12, color="0.3", linestyle="none", label=name)
             continue
         ax.plot(x, y, marker="o", linewidth=2.5 if name == HEADLINE_FRONTIER["aware"] else 1, label=name)
