@@ -3,7 +3,7 @@
 The exported graph runs the blocks before `select_block` on every patch, scores the patches with
 that block's class-token attention, and runs the rest on the kept ones. An earlier block is
 cheaper (fewer blocks see every patch) and a worse judge (less context). This measures both on
-a compressed CIFAR-10 model:
+a CIFAR-10 checkpoint (by default the frontier's dense model, `benchmarks/frontier.py`):
 
 - accuracy (PyTorch `forward_dropping`, which the ONNX graph matches within 1e-4) on the whole
   test split, at each select block and drop ratio;
@@ -12,7 +12,9 @@ a compressed CIFAR-10 model:
 
 Accuracy can run on a busy machine; latency wants an idle one (`--part latency` alone).
 
-    python benchmarks/cifar10_select_block.py --checkpoint runs/bench-cifar10-compress-auto-isp0.5-d0.3
+    python benchmarks/cifar10_select_block.py --checkpoint runs/frontier/cifar10/ft-dense
+
+The graphs go beside the checkpoint (`RUN-select-block/`); a result of another checkpoint is replaced.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from common import RESULTS, ROOT, SHARED_CIFAR, cifar10_folder, machine
 from lotus.bench import LocalBenchConfig, bench_local
 from lotus.checkpoint import load_model
 from lotus.data import BatchLoader, DataConfig, load_split_for_model
+from lotus.drop import select_block_of
 from lotus.export import ExportConfig, export_onnx
 
 OUT = RESULTS / "cifar10_select_block.json"
@@ -80,23 +83,38 @@ def latency_grid(graphs: dict[int, Path], drops: list[float], batches: list[int]
     return out
 
 
+def checkpoint_name(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "bench-cifar10-compress-auto-isp0.5-d0.3")
+    p.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "frontier" / "cifar10" / "ft-dense")
     p.add_argument("--blocks", default="0,1,2,3")
     p.add_argument("--drops", default="0.1,0.3,0.5,0.6,0.7")
     p.add_argument("--part", choices=("accuracy", "latency", "both"), default="both")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--archive", type=Path, default=SHARED_CIFAR)
-    p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-cifar10-select-block")
     args = p.parse_args()
+    work = args.checkpoint.parent / f"{args.checkpoint.name}-select-block"
     blocks = [int(b) for b in args.blocks.split(",")]
     drops = [float(d) for d in args.drops.split(",")]
     result = json.loads(OUT.read_text()) if OUT.exists() else {}
-    result.update({"checkpoint": str(args.checkpoint), "blocks": blocks})
-    args.work.mkdir(parents=True, exist_ok=True)
-    graphs = export_graphs(args.checkpoint, args.work, blocks)
+    if result.get("checkpoint") != checkpoint_name(args.checkpoint):  # another model: nothing measured on it yet
+        result = {}
+    depth = len(load_model(args.checkpoint)[0].blocks)
+    result.update(
+        {
+            "checkpoint": checkpoint_name(args.checkpoint),
+            "depth": depth,
+            "default_select_block": select_block_of(depth),
+            "blocks": blocks,
+        }
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    graphs = export_graphs(args.checkpoint, work, blocks)
     if args.part in ("accuracy", "both"):
         result["accuracy"] = accuracy_grid(args.checkpoint, DataConfig(str(cifar10_folder(args.archive))), blocks, drops)
         result["accuracy_drops"], result["accuracy_machine"] = drops, machine()

@@ -15,7 +15,7 @@ learning rate), so no point gains by training longer than another:
   every whole training image (`--distill`, weight --distill-weight). Teacher `baseline`: the model
   they start from, so no point has seen more than the baseline and its one fine-tuning. Teacher
   `dense` (models named `...-distilled-dense`): the dense model after its own fine-tuning, a
-  stronger teacher that has trained an epoch more, so its points are compared apart. Each step
+  stronger teacher that has trained --finetune-epochs more, so its points are compared apart. Each step
   also runs the teacher, which the records' epoch seconds show.
 Each is exported to ONNX and served at every --drops ratio; dense, aware, LOTUS's structured and
 stacked (and the distilled ones) also as int8, which times as the dense (or structured) int8 graph.
@@ -216,13 +216,19 @@ def timing_cells(rows: list[dict], dense_model, threads: int, select_block: int)
     return calls
 
 
-def attach_latency(rows: list[dict], medians: dict[tuple, float], batches: list[int]) -> None:
+def attach_latency(rows: list[dict], times: dict[tuple, list[float]], batches: list[int]) -> None:
+    """Each row's median latency and its fraction of dense's; beside it, the quartiles of the
+    fractions single rounds gave (the row and dense timed in the same round), which say how far a
+    pick's place against a target latency can be trusted."""
     for row in rows:
-        row["latency_ms"], row["fraction_of_dense"] = {}, {}
+        row["latency_ms"], row["fraction_of_dense"], row["fraction_of_dense_quartiles"] = {}, {}, {}
         for b in batches:
-            seconds = medians[(("onnxruntime", row["timed"], row["drop"]), b)]
-            row["latency_ms"][str(b)] = seconds * 1000
-            row["fraction_of_dense"][str(b)] = seconds / medians[(("onnxruntime", "dense", 0.0), b)]
+            mine, dense = times[(("onnxruntime", row["timed"], row["drop"]), b)], times[(("onnxruntime", "dense", 0.0), b)]
+            row["latency_ms"][str(b)] = statistics.median(mine) * 1000
+            row["fraction_of_dense"][str(b)] = statistics.median(mine) / statistics.median(dense)
+            per_round = [m / d for m, d in zip(mine, dense)]
+            q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+            row["fraction_of_dense_quartiles"][str(b)] = [q1, q3]
 
 
 def best_under(rows: list[dict], target: float, batch: str) -> dict | None:
@@ -259,6 +265,7 @@ def matched(rows: list[dict], batch: str = "64") -> list[dict]:
                     if p is None
                     else {k: p[k] for k in ("model", "drop", "merge", "val_accuracy", "test_accuracy")}
                     | {"fraction_of_dense": p["fraction_of_dense"][batch]}
+                    | {"fraction_of_dense_quartiles": p["fraction_of_dense_quartiles"][batch]}
                     for name, p in picks.items()
                 },
             }
@@ -330,7 +337,7 @@ def main() -> None:
     calls = timing_cells(rows, dense.float().eval(), args.threads, select_block)
     times = time_rounds(calls, args.batch_sizes, pre["img_size"], args.rounds)
     medians = {cell: statistics.median(t) for cell, t in times.items()}
-    attach_latency(rows, medians, args.batch_sizes)
+    attach_latency(rows, times, args.batch_sizes)
     for row in rows:
         row["graph"] = str(Path(row["graph"]).relative_to(ROOT)) if Path(row["graph"]).is_relative_to(ROOT) else str(row["graph"])
     torch_rows = [

@@ -30,7 +30,7 @@ BENCHMARKS = {
     "cifar10_tickets_finetune": "CIFAR-10, a baseline checkpoint",
     "tickets_keep_accuracy": "CIFAR-10, a baseline checkpoint",
     "cifar10_compress": "CIFAR-10, a baseline checkpoint",
-    "cifar10_select_block": "CIFAR-10, a compressed checkpoint",
+    "cifar10_select_block": "CIFAR-10, a trained checkpoint (default: the frontier's dense model)",
     "cifar10_structured": "CIFAR-10, a baseline checkpoint",
     "structured_peers": "a baseline checkpoint and its data; torch-pruning (the dev extra)",
     "frontier": "a baseline checkpoint and its data; structured_peers' result; 1 epoch of fine-tuning per model",

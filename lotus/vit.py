@@ -126,15 +126,14 @@ def selecting_block(blk: torch.nn.Module, x: torch.Tensor, num_keep: int, num_pr
     """
     attn, h = blk.attn, blk.norm1(x)
     B, T, _ = h.shape
-    qkv = attn.qkv(h)
-    scores = cls_attention(attn, qkv).mean(1)[:, num_prefix_tokens:]  # (B, N)
+    q, k, v = split_heads(attn, attn.qkv(h))
+    k = attn.k_norm(k)
+    scores = attention_weights(attn, attn.q_norm(q[:, :, :1]), k)[:, :, 0].mean(1)[:, num_prefix_tokens:]  # (B, N)
     keep_idx = scores.topk(num_keep, dim=1).indices  # (B, K)
     prefix = torch.arange(num_prefix_tokens, device=x.device).expand(B, -1)
     rows = torch.cat([prefix, keep_idx + num_prefix_tokens], dim=1)  # (B, P + K) token positions kept
     x, h = (t.gather(1, rows.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in (x, h))
-    q, k, v = qkv.reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
-    q = q.gather(2, rows[:, None, :, None].expand(-1, attn.num_heads, -1, attn.head_dim))
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q = attn.q_norm(q.gather(2, rows[:, None, :, None].expand(-1, attn.num_heads, -1, q.shape[-1])))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = attn.norm(out.transpose(1, 2).reshape(B, rows.shape[1], attn.attn_dim))
     if getattr(attn, "gate", None) is not None:
@@ -155,13 +154,22 @@ def cls_attention(attn: torch.nn.Module, qkv: torch.Tensor, full: bool = False) 
     Returns:
         (B, H, T) class-token rows, or (B, H, T, T) when `full`.
     """
-    B, T, _ = qkv.shape
-    q, k, _ = qkv.reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, _ = split_heads(attn, qkv)
     if not full:
         q = q[:, :, :1]  # the class token's query only: (B, H, 1, hd)
-    weights = ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(-1)
+    weights = attention_weights(attn, attn.q_norm(q), attn.k_norm(k))
     return weights if full else weights[:, :, 0]
+
+
+def split_heads(attn: torch.nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, 3 * D) qkv projection output -> q, k, v, each (B, H, T, head dim), not yet normed."""
+    B, T, _ = qkv.shape
+    return qkv.reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def attention_weights(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Softmax attention (B, H, Tq, T) of normed queries over normed keys, in fp32."""
+    return ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(-1)
 
 
 def make_token_gathering_(model: VisionTransformer) -> TokenGatherViT:

@@ -1211,7 +1211,7 @@ FRONTIER_FAMILIES = {
 # frontier_*.json's matched_latency keys -> their columns, in order (older files lack tome_any)
 FRONTIER_MATCHED = {
     "lotus": "LOTUS, any point",
-    "lotus_dense_teacher": "LOTUS, with teachers trained an epoch more",
+    "lotus_dense_teacher": "LOTUS, taught by the fine-tuned dense model",
     "tome_any": "ToMe, fp32 or int8",
     "dropping": "LOTUS, dropping only (fp32)",
     "tome": "ToMe (fp32)",
@@ -1230,8 +1230,8 @@ def frontier(src: Source, page: Page) -> None:
         " its exported ONNX graph: patch dropping at every ratio, int8, structured pruning (LOTUS and Torch-Pruning),"
         " the three stacked, and ToMe's token merging (written here from the paper and exported to ONNX) on the dense"
         " model. Distilled models also learned a teacher's predictions on whole images (`--distill`): the baseline"
-        " every model starts from (none has then seen more), or the dense model after its own fine-tuning (an epoch"
-        " more: those points are compared apart). Latency is ONNX Runtime's, as a fraction of the dense fp32 graph"
+        " every model starts from (none has then seen more), or the dense model after its own fine-tuning (which has"
+        " trained longer: those points are compared apart). Latency is ONNX Runtime's, as a fraction of the dense fp32 graph"
         " at the same batch.",
         "",
     )
@@ -1265,6 +1265,14 @@ def frontier_setting(row: dict) -> str:
     return f"r {row['merge']}" if row["merge"] else f"drop {row['drop']:g}"
 
 
+def frontier_latency(pick: dict) -> str:
+    """A matched-latency pick's median fraction of dense, and where runs record them, the quartiles
+    of single rounds' fractions: a pick whose quartiles cross the target could land either side."""
+    quartiles = pick.get("fraction_of_dense_quartiles")
+    rounds = f"; rounds {quartiles[0]:.2f}-{quartiles[1]:.2f}" if quartiles else ""
+    return f"{num(pick['fraction_of_dense'], 2)}x{rounds}"
+
+
 def frontier_run(src: Source, page: Page, rel: str) -> None:
     data = src.json(rel)
     base = data["baseline"]
@@ -1278,7 +1286,9 @@ def frontier_run(src: Source, page: Page, rel: str) -> None:
     )
     frontier_tables(page, data["points"], rel)
     page.add(
-        "At matched latency (batch 64), the best point under each target, chosen on the validation split, its test accuracy:", ""
+        "At matched latency (batch 64), the best point under each target, chosen on the validation split, its test accuracy"
+        " (and, where the run recorded them, the quartiles of the fractions of dense single rounds gave):",
+        "",
     )
     matched = []
     keys = [key for key in FRONTIER_MATCHED if key in data["matched_latency"][0]]
@@ -1287,9 +1297,7 @@ def frontier_run(src: Source, page: Page, rel: str) -> None:
         for key in keys:
             p = m[key]
             cells.append(
-                "none"
-                if p is None
-                else f"{pct(p['test_accuracy'])} ({p['model']}, {frontier_setting(p)}, {num(p['fraction_of_dense'], 2)}x)"
+                "none" if p is None else f"{pct(p['test_accuracy'])} ({p['model']}, {frontier_setting(p)}, {frontier_latency(p)})"
             )
         matched.append(cells)
     page.table(["latency at most", *(FRONTIER_MATCHED[key] for key in keys)], matched, [rel])
@@ -1350,17 +1358,18 @@ def export(src: Source, page: Page) -> None:
         " each request chooses its own drop ratio.",
         "",
     )
+    if src.has(blocks_rel):
+        select_blocks(src, page, blocks_rel)
     if src.has(model_rel):
         m = src.json(model_rel)["metrics"]
         page.add(
+            "### fp32 and int8 graphs",
+            "",
             f"The model exported here and served below: `lotus compress` on the CPU from the 3-epoch baseline"
             f" ({pct(m['dense_accuracy'])}), pruned to sparsity {m['sparsity']:g} (essential sparsity {m['essential_sparsity']:g},"
             f" then ISP), fine-tuned on tickets at drop {m['drop']:g}: {pct(m['compressed_accuracy'])} on whole test images.",
             "",
         )
-    if src.has(blocks_rel):
-        select_blocks(src, page, blocks_rel)
-    if src.has(model_rel):
         export_int8(src, page, model_rel)
 
 
@@ -1368,9 +1377,11 @@ def select_blocks(src: Source, page: Page, rel: str) -> None:
     data = src.json(rel)
     accuracy, latency = data["accuracy"], data["latency"]
     rounds = len(next(iter(latency.values()))["round_medians_ms"])
+    default = data.get("default_select_block", DEFAULT_SELECT_BLOCK)
+    model = f"model `{data['checkpoint']}` (depth {data['depth']}); " if "depth" in data else ""
     page.about(
         src.machines([rel]),
-        f"accuracy on all 10,000 test images in PyTorch (which the graph matches), {pct(accuracy['dense'])} at drop 0;"
+        f"{model}accuracy on all 10,000 test images in PyTorch (which the graph matches), {pct(accuracy['dense'])} at drop 0;"
         f" ONNX Runtime latency, {rounds} rounds, the median round",
     )
     acc_drops, lat_drops = data["accuracy_drops"], data["latency_drops"]
@@ -1378,14 +1389,15 @@ def select_blocks(src: Source, page: Page, rel: str) -> None:
     header += [f"latency vs drop 0 at drop {d:g}: batch 1 / 64" for d in lat_drops]
     rows = []
     for block in data["blocks"]:
-        name = f"**{block} (default)**" if block == DEFAULT_SELECT_BLOCK else str(block)
+        name = f"**{block} (default)**" if block == default else str(block)
         cells = [" / ".join(num(accuracy[f"s{block}-d{d:g}"]) for d in acc_drops)]
         cells += [" / ".join(f"{latency[f's{block}-b{b}-d{d:g}']['vs_drop0']:.3f}" for b in (1, 64)) for d in lat_drops]
         rows.append([name, *cells])
     page.table(header, rows, [rel])
     page.add(
-        "An earlier block saves more per dropped patch but chooses worse patches. The right half of the picture at"
-        " the top of this page puts every block's points on one plane of accuracy against latency.",
+        "An earlier block saves more per dropped patch but chooses worse patches. Fine-tuning drop-aware at the block"
+        " that serves (`--drop-aware --select-block B`) teaches the model to be judged there: the frontier below"
+        " compares it at block 0 with the default.",
         "",
     )
 
@@ -1394,7 +1406,6 @@ def export_int8(src: Source, page: Page, rel: str) -> None:
     onnx = src.json(rel)["onnx"]
     first = next(iter(onnx.values()))
     runs = first["latency"][0]["runs"]
-    page.add("### fp32 and int8 graphs", "")
     page.about(
         src.machines([rel]),
         f"select block {first['select_block']}; all 10,000 test images; ONNX Runtime, median of {runs} runs a cell",

@@ -59,21 +59,25 @@ def test_blocks_see_only_kept_tokens(tiny_cfg):
     assert seen == [(4, 1 + 7, 192)] * 2  # class token + 7 patches, in every block
 
 
-def test_select_block_computes_the_kept_tokens_only_and_gives_what_the_whole_block_would(tiny_cfg):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_select_block_computes_the_kept_tokens_only_and_gives_what_the_whole_block_would(qk_norm):
     # The select block scores every patch, so its keys and values see every token; its queries,
     # projection and MLP are per token, so running them on the kept tokens alone must change no
-    # logit, only the cost.
-    model = build_model(tiny_cfg).eval()
+    # logit, only the cost. With qk-norm, the keys are normed once, for scoring and attending both.
+    model = make_token_gathering_(
+        timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2, num_classes=10, qk_norm=qk_norm)
+    ).eval()
     x, keep = torch.randn(3, 3, 16, 16), 5
     shapes = {}
 
     def record(name):
         def hook(module, args):
-            shapes[name] = tuple(args[0].shape)
+            shapes.setdefault(name, []).append(tuple(args[0].shape))
 
         return hook
 
-    for name, module in (("qkv", model.blocks[1].attn.qkv), ("proj", model.blocks[1].attn.proj), ("mlp", model.blocks[1].mlp)):
+    attn = model.blocks[1].attn
+    for name, module in (("qkv", attn.qkv), ("k_norm", attn.k_norm), ("proj", attn.proj), ("mlp", model.blocks[1].mlp)):
         module.register_forward_pre_hook(record(name))
     with torch.no_grad():
         tokens = model.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(x))))
@@ -84,7 +88,12 @@ def test_select_block_computes_the_kept_tokens_only_and_gives_what_the_whole_blo
         shapes.clear()
         got = model.forward_dropping(x, keep, select_block=1)
     assert (got - expected).abs().max() <= 1e-5
-    assert shapes == {"qkv": (3, 1 + 16, 192), "proj": (3, 1 + keep, 192), "mlp": (3, 1 + keep, 192)}
+    assert shapes == {
+        "qkv": [(3, 1 + 16, 192)],
+        "k_norm": [(3, 3, 1 + 16, 64)],
+        "proj": [(3, 1 + keep, 192)],
+        "mlp": [(3, 1 + keep, 192)],
+    }
 
 
 def test_gather_tokens_picks_the_named_patches():
