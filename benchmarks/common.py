@@ -174,13 +174,38 @@ def finetune(
     from lotus.vit import ModelConfig
 
     cfg = replace(base, epochs=epochs, lr=base.lr / 2, warmup_epochs=0.5, seed=seed, **changes)
-    history = train(data_cfg, ModelConfig(), cfg, out, init_checkpoint=checkpoint, tickets=tickets, resume=True)
+    history = finished(out, data_cfg, cfg, checkpoint, tickets)
+    if history is None:
+        history = train(data_cfg, ModelConfig(), cfg, out, init_checkpoint=checkpoint, tickets=tickets, resume=True)
     return {
         "run": str(out),
         "seed": seed,
         "test_accuracy": history[-1]["test_accuracy"],
         "epoch_seconds": [h["epoch_seconds"] for h in history],
     }
+
+
+def finished(out: Path, data_cfg, cfg, checkpoint: str | Path, tickets: Path | None) -> list[dict] | None:
+    """The metrics of a run in `out` that finished all of `cfg`'s epochs from `checkpoint`, with
+    these training settings, data and tickets, read without loading its data; None for anything
+    else, which `train(resume=True)` then resumes, or refuses with the setting that differs."""
+    from dataclasses import asdict
+
+    from lotus.train import METRICS_FILE, STATE_FILE
+
+    state_file, metrics_file = out / f"{STATE_FILE}.json", out / METRICS_FILE
+    if not (state_file.is_file() and metrics_file.is_file() and (out / "model.json").is_file()):
+        return None
+    run = json.loads(state_file.read_text())["run"]
+    data = {k: v for k, v in json.loads(json.dumps(asdict(data_cfg))).items() if k not in ("workers", "img_size", "crop_pct")}
+    same = (
+        run["train"] == json.loads(json.dumps(asdict(cfg)))
+        and run["init_checkpoint"] == str(checkpoint)
+        and (run["tickets"] or {}).get("path") == (str(tickets) if tickets else None)
+        and all(run["data"].get(k) == v for k, v in data.items())
+    )
+    history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return history if same and len(history) == cfg.epochs else None
 
 
 def paired(a: list[float], b: list[float]) -> dict:
