@@ -125,7 +125,7 @@ def selecting_block(blk: torch.nn.Module, x: torch.Tensor, num_keep: int, num_pr
         (B, P + num_keep, D) tokens.
     """
     attn, h = blk.attn, blk.norm1(x)
-    B, T, _ = h.shape
+    B = h.shape[0]
     q, k, v = split_heads(attn, attn.qkv(h))
     k = attn.k_norm(k)
     scores = attention_weights(attn, attn.q_norm(q[:, :, :1]), k)[:, :, 0].mean(1)[:, num_prefix_tokens:]  # (B, N)
