@@ -108,6 +108,8 @@ def test_int8_runs_and_still_drops_patches(pruned_run, tmp_path):
     assert {"fp32_accuracy", "int8_accuracy", "int8_accuracy_drop_0.5"} <= set(report)
     graph = onnx.load(str(out)).graph
     assert any(n.op_type in ("DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
+    ops = {n.op_type for n in graph.node}
+    assert "Conv" in ops and "ConvInteger" not in ops  # the patch embedding stays fp32: ConvInteger is slow
     session = ort_session(out)
     x = np.random.default_rng(0).standard_normal((4, 3, 16, 16), dtype=np.float32)
     for drop in (0.0, 0.5):
