@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import RESULTS, ROOT, SHARED_CIFAR, cifar10_folder, machine
+from common import RESULTS, ROOT, SHARED_CIFAR, cifar10_folder, machine, shown
 
 from lotus.bench import LocalBenchConfig, bench_local
 from lotus.checkpoint import load_model
@@ -83,11 +83,6 @@ def latency_grid(graphs: dict[int, Path], drops: list[float], batches: list[int]
     return out
 
 
-def checkpoint_name(path: Path) -> str:
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "frontier" / "cifar10" / "ft-dense")
@@ -102,12 +97,12 @@ def main() -> None:
     blocks = [int(b) for b in args.blocks.split(",")]
     drops = [float(d) for d in args.drops.split(",")]
     result = json.loads(OUT.read_text()) if OUT.exists() else {}
-    if result.get("checkpoint") != checkpoint_name(args.checkpoint):  # another model: nothing measured on it yet
+    if result.get("checkpoint") != shown(args.checkpoint):  # another model: nothing measured on it yet
         result = {}
     depth = len(load_model(args.checkpoint)[0].blocks)
     result.update(
         {
-            "checkpoint": checkpoint_name(args.checkpoint),
+            "checkpoint": shown(args.checkpoint),
             "depth": depth,
             "default_select_block": select_block_of(depth),
             "blocks": blocks,

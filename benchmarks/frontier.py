@@ -224,8 +224,9 @@ def attach_latency(rows: list[dict], times: dict[tuple, list[float]], batches: l
         row["latency_ms"], row["fraction_of_dense"], row["fraction_of_dense_quartiles"] = {}, {}, {}
         for b in batches:
             mine, dense = times[(("onnxruntime", row["timed"], row["drop"]), b)], times[(("onnxruntime", "dense", 0.0), b)]
-            row["latency_ms"][str(b)] = statistics.median(mine) * 1000
-            row["fraction_of_dense"][str(b)] = statistics.median(mine) / statistics.median(dense)
+            median = statistics.median(mine)
+            row["latency_ms"][str(b)] = median * 1000
+            row["fraction_of_dense"][str(b)] = median / statistics.median(dense)
             per_round = [m / d for m, d in zip(mine, dense)]
             q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
             row["fraction_of_dense_quartiles"][str(b)] = [q1, q3]
