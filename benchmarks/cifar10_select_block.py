@@ -37,9 +37,7 @@ OUT = RESULTS / "cifar10_select_block.json"
 
 
 @torch.inference_mode()
-def accuracy_grid(checkpoint: Path, data_cfg: DataConfig, blocks: list[int], drops: list[float]) -> dict[str, float]:
-    model, meta = load_model(checkpoint)
-    pre = meta["preprocess"]
+def accuracy_grid(model, pre: dict, data_cfg: DataConfig, blocks: list[int], drops: list[float]) -> dict[str, float]:
     data = load_split_for_model(data_cfg, pre, "test")
     n = model.patch_embed.num_patches
     correct = {"dense": 0}
@@ -99,7 +97,8 @@ def main() -> None:
     result = json.loads(OUT.read_text()) if OUT.exists() else {}
     if result.get("checkpoint") != shown(args.checkpoint):  # another model: nothing measured on it yet
         result = {}
-    depth = len(load_model(args.checkpoint)[0].blocks)
+    model, meta = load_model(args.checkpoint)
+    depth = len(model.blocks)
     result.update(
         {
             "checkpoint": shown(args.checkpoint),
@@ -111,7 +110,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     graphs = export_graphs(args.checkpoint, work, blocks)
     if args.part in ("accuracy", "both"):
-        result["accuracy"] = accuracy_grid(args.checkpoint, DataConfig(str(cifar10_folder(args.archive))), blocks, drops)
+        result["accuracy"] = accuracy_grid(
+            model, meta["preprocess"], DataConfig(str(cifar10_folder(args.archive))), blocks, drops
+        )
         result["accuracy_drops"], result["accuracy_machine"] = drops, machine()
     if args.part in ("latency", "both"):
         result["latency"] = latency_grid(graphs, drops, [1, 64], args.runs, args.rounds)

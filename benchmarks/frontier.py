@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, ROOT, finetune, time_rounds, write_result
+from common import RESULTS, finetune, shown, time_rounds, write_result
 
 from lotus.checkpoint import load_model
 from lotus.data import DataConfig, load_split_for_model
@@ -340,7 +340,7 @@ def main() -> None:
     medians = {cell: statistics.median(t) for cell, t in times.items()}
     attach_latency(rows, times, args.batch_sizes)
     for row in rows:
-        row["graph"] = str(Path(row["graph"]).relative_to(ROOT)) if Path(row["graph"]).is_relative_to(ROOT) else str(row["graph"])
+        row["graph"] = shown(row["graph"])
     torch_rows = [
         {
             "method": key[1],

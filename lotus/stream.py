@@ -239,9 +239,9 @@ class StreamLoader(BatchLoader):
                 if self.pin_memory:
                     images = images.pin_memory()
                 yield Batch(images, labels, index, shift, flip, crop)
-        except (RuntimeError, ConnectionError) as e:
-            # a worker that dies while the batch it sent is still being received resets that
-            # connection (ConnectionError) before torch notices the death (RuntimeError)
+        except (RuntimeError, ConnectionError, EOFError) as e:
+            # a worker that dies while the batch it sent is still being received closes or resets
+            # that connection (EOFError, ConnectionError) before torch notices the death (RuntimeError)
             if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
                 raise
             raise LotusError(
