@@ -244,8 +244,9 @@ class StreamLoader(BatchLoader):
             # that connection (EOFError, ConnectionError) before torch notices the death (RuntimeError)
             if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
                 raise
+            said = (str(e).strip().splitlines() or [type(e).__name__])[0]  # an EOFError says nothing
             raise LotusError(
-                f"a data loader worker stopped ({str(e).strip().splitlines()[0]}): if memory ran out, lower --workers "
+                f"a data loader worker stopped ({said}): if memory ran out, lower --workers "
                 "or --batch-size; `--resume` continues from the last finished epoch"
             ) from None
 

@@ -115,6 +115,27 @@ def test_a_dead_worker_is_one_line_not_a_hang(tmp_path, monkeypatch):
         _batches(StreamLoader(data, 2, MEAN, STD, workers=1))
 
 
+@pytest.mark.parametrize("death, said", [(EOFError(), "EOFError"), (ConnectionResetError("reset by peer"), "reset by peer")])
+def test_a_worker_dying_mid_transfer_is_the_same_one_line(tmp_path, monkeypatch, death, said):
+    """Which error a death raises depends on when it happens: while a batch is in transit the
+    connection closes (EOFError) or resets before torch notices; the race cannot be forced, so the
+    loader raises what it would."""
+    import lotus.stream
+
+    class DyingLoader:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __iter__(self):
+            raise death
+
+    root = write_image_folder(tmp_path / "f", per_class=4, size=16)
+    data = load_split(DataConfig(str(root), img_size=16, loader="stream", val_fraction=0), "train")
+    monkeypatch.setattr(lotus.stream, "DataLoader", DyingLoader)
+    with pytest.raises(LotusError, match=rf"a data loader worker stopped \({said}\): .*--resume"):
+        _batches(StreamLoader(data, 2, MEAN, STD, workers=1))
+
+
 def test_channel_stats_in_chunks_match_the_whole_split():
     images = torch.randint(0, 256, (300, 3, 20, 20), dtype=torch.uint8)
     data = ImageData(images, torch.zeros(300, dtype=torch.long), ["a"], "x", "train")
