@@ -106,3 +106,37 @@ def test_readme_without_markers_is_left_alone(tmp_path, capsys):
     assert "no" in capsys.readouterr().out and readme.read_text() == "# Project\n"
     assert (docs / "img/headline.png").read_bytes().startswith(b"\x89PNG")  # drawn by matplotlib
     assert render_results.main([*args, "--check"]) == 0
+
+
+def frontier_point(model: str, family: str, drop: float, val: float, test: float, fraction: float) -> dict:
+    return {
+        "model": model,
+        "family": family,
+        "drop": drop,
+        "merge": 0,
+        "val_accuracy": val,
+        "test_accuracy": test,
+        "fraction_of_dense": {"64": fraction},
+    }
+
+
+def test_readme_shows_each_datasets_longest_frontier_and_its_stacked_model_under_a_quarter(tmp_path):
+    """Per dataset, the frontier fine-tuned longest; the stacked point chosen on validation among
+    those at or under 0.25x, not the best on test, nor one over the latency."""
+    points = [
+        frontier_point("dense", "dense", 0.0, 60.0, 61.0, 1.0),
+        frontier_point("stacked-int8", "stacked", 0.5, 64.0, 62.0, 0.287),  # best, but over 0.25x
+        frontier_point("stacked-int8", "stacked", 0.7, 61.0, 60.5, 0.229),  # best on test under it
+        frontier_point("stacked-distilled-dense-int8", "stacked-distilled-dense", 0.7, 62.0, 59.8, 0.229),
+    ]
+    for name, epochs, data in (("a", 1, "cifar10"), ("b", 3, "cifar10"), ("c", 1, "tiny-imagenet-100")):
+        write_json(
+            tmp_path / f"frontier_{name}.json",
+            {"machine": CPU, "data": f"data/{data}", "finetune_epochs": epochs, "points": points},
+        )
+    src = render_results.Source(tmp_path)
+    assert render_results.longest_frontiers(src) == ["frontier_b.json", "frontier_c.json"]
+    what, figure, _, budget = render_results.stacked_headline(src, "frontier_b.json")
+    assert "<= 0.25x" in what and "3 epoch(s)" in budget
+    assert figure == "59.80% (drop 0.7, distilled from the fine-tuned dense model) at 0.229x; dense 61.00% (-1.20)"
+    assert render_results.stacked_headline(src, "frontier_b.json", target=0.2) is None
