@@ -35,7 +35,12 @@ dense, dropping and merging are taken beside them.
     python benchmarks/frontier.py --baseline runs/frontier/cifar10/baseline
 
 Runs and graphs go beside the baseline; every stage is skipped when its output exists, and
-every accuracy already measured on a graph is read back from `graphs/accuracy.json`.
+every accuracy already measured on a graph is read back from `graphs/accuracy.json`. A second
+--seed fine-tunes every model again beside the first (`ft-dense-seed1`, `graphs-seed1/`), the
+structured ones taken from structured_peers.py's run of that seed:
+
+    python benchmarks/structured_peers.py --baseline runs/frontier/cifar10/baseline --seeds 0,1
+    python benchmarks/frontier.py --baseline runs/frontier/cifar10/baseline --seed 1 --name frontier_cifar10_seed1
 """
 
 from __future__ import annotations
@@ -69,39 +74,46 @@ def floats(text: str) -> list[float]:
 def finetuned_models(args, data_cfg: DataConfig, baseline: Path) -> dict[str, dict]:
     """Every fine-tuned model of the frontier: name -> the fine-tuning record (its run folder...)."""
     _, meta = load_model(baseline)
-    work = baseline.parent
     base = TrainConfig(**{k: v for k, v in meta["train"].items() if k in TrainConfig.__dataclass_fields__})
     peers_file = RESULTS / f"{args.peers}.json"
     if not peers_file.is_file():
         raise SystemExit(f"{peers_file} is missing: run benchmarks/structured_peers.py --baseline {baseline} first")
     peers = json.loads(peers_file.read_text())
-    epochs, w = args.finetune_epochs, work
-    models = {"dense": finetune(baseline, data_cfg, base, w / "ft-dense", epochs)}
+    epochs, seed, w = args.finetune_epochs, args.seed, baseline.parent
+    suffix = f"-seed{seed}" if seed else ""  # seed 0's runs keep their plain names
+    structured = {}
+    for library in ("lotus", "torch-pruning"):
+        runs = [r for r in peers["finetune"]["runs"][library] if r["seed"] == seed]
+        if not runs:
+            raise SystemExit(
+                f"{peers_file} has no {library} model fine-tuned with seed {seed}: rerun structured_peers.py with {seed} in --seeds"
+            )
+        structured[f"structured-{library}"] = runs[0]
+
+    def tune(start, name: str, **changes) -> dict:
+        return finetune(start, data_cfg, base, w / f"ft-{name}{suffix}", epochs, seed=seed, **changes)
+
+    models = {"dense": tune(baseline, "dense")}
     if args.tickets:
-        tickets = work / f"tickets-d{args.ticket_drop}"
+        tickets = w / f"tickets-d{args.ticket_drop}"
         if not (tickets / "tickets.json").is_file():
             tickets_from_checkpoint(baseline, data_cfg, TicketConfig(drop=args.ticket_drop), tickets)
-        models["tickets"] = finetune(baseline, data_cfg, base, w / f"ft-tickets-d{args.ticket_drop}", epochs, tickets=tickets)
-    models["aware"] = finetune(baseline, data_cfg, base, w / "ft-aware", epochs, drop_aware=tuple(args.aware_drops))
+        models["tickets"] = tune(baseline, f"tickets-d{args.ticket_drop}", tickets=tickets)
+    models["aware"] = tune(baseline, "aware", drop_aware=tuple(args.aware_drops))
     for block in args.aware_select_blocks:
-        run = finetune(
-            baseline, data_cfg, base, w / f"ft-aware-s{block}", epochs, drop_aware=tuple(args.aware_drops), select_block=block
-        )
+        run = tune(baseline, f"aware-s{block}", drop_aware=tuple(args.aware_drops), select_block=block)
         models[f"aware-s{block}"] = {**run, "select_block": block}
-    for library in ("lotus", "torch-pruning"):
-        models[f"structured-{library}"] = peers["finetune"]["runs"][library][0]  # seed 0, as every model here
+    models.update(structured)
     pruned = next(
         r for r in peers["pruned"] if r["library"] == "lotus" and r["importance"] == peers["chosen_by_validation"]["lotus"]
     )
-    models["stacked"] = finetune(
-        pruned["checkpoint"], data_cfg, base, w / "ft-stacked", epochs, drop_aware=tuple(args.aware_drops)
-    )
+    models["stacked"] = tune(pruned["checkpoint"], "stacked", drop_aware=tuple(args.aware_drops))
     for teacher in args.teachers:
         path = baseline if teacher == "baseline" else Path(models["dense"]["run"])
         taught = {"drop_aware": tuple(args.aware_drops), "distill": str(path), "distill_weight": args.distill_weight}
         for name, start in (("aware", baseline), ("stacked", pruned["checkpoint"])):
             model = f"{name}-distilled{TEACHERS[teacher]}"
-            models[model] = {**finetune(start, data_cfg, base, w / f"ft-{model}", epochs, **taught), "teacher": teacher}
+            models[model] = {**tune(start, model, **taught), "teacher": teacher}
     return models
 
 
@@ -320,6 +332,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 64])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="Fine-tuning seed; another than 0 runs beside seed 0's as ...-seedN.")
     args = p.parse_args()
     if set(args.teachers) - TEACHERS.keys():
         p.error(f"--teachers {','.join(args.teachers)}: each must be one of {', '.join(TEACHERS)}")
@@ -328,12 +341,13 @@ def main() -> None:
     _, base_meta = load_model(args.baseline)
     data_cfg = DataConfig(**base_meta["data"])  # as the baseline was trained: the same folder and validation hold-out
     models = finetuned_models(args, data_cfg, args.baseline)
-    graphs = export_all(models, args.merges, args.baseline.parent / "graphs")
+    folder = args.baseline.parent / (f"graphs-seed{args.seed}" if args.seed else "graphs")
+    graphs = export_all(models, args.merges, folder)
     rows = points(graphs, args.drops)
     dense, meta = load_model(models["dense"]["run"])
     pre = meta["preprocess"]
     splits = {s: eval_images(load_split_for_model(data_cfg, pre, s), pre) for s in ("val", "test")}
-    measure_accuracy(rows, splits, args.baseline.parent / "graphs" / "accuracy.json")
+    measure_accuracy(rows, splits, folder / "accuracy.json")
     select_block = select_block_of(len(dense.blocks), None)
     calls = timing_cells(rows, dense.float().eval(), args.threads, select_block)
     times = time_rounds(calls, args.batch_sizes, pre["img_size"], args.rounds)
@@ -366,6 +380,7 @@ def main() -> None:
                 "test_accuracy": base_meta["metrics"]["test_accuracy"],
             },
             "finetune_epochs": args.finetune_epochs,
+            "seed": args.seed,
             "teachers": args.teachers,
             "finetuned": models,
             "points": rows,

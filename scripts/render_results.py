@@ -1281,7 +1281,7 @@ def frontier_run(src: Source, page: Page, rel: str) -> None:
     page.about(
         machine(data, rel),
         f"baseline {base['train']['epochs']} epochs ({pct(base['test_accuracy'])} test), then {data['finetune_epochs']} epoch(s)"
-        f" of fine-tuning for every model; select block {data['select_block']}; latency: {data['threads']} threads,"
+        f" of fine-tuning for every model (seed {data.get('seed', 0)}); select block {data['select_block']}; latency: {data['threads']} threads,"
         f" median of {data['rounds']} shuffled rounds",
     )
     frontier_tables(page, data["points"], rel)
