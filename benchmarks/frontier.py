@@ -71,6 +71,11 @@ def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
 
+def seeded(name: str, seed: int) -> str:
+    """A run or graph folder's name for `seed`: seed 0's keep their plain names, others run beside them."""
+    return f"{name}-seed{seed}" if seed else name
+
+
 def finetuned_models(args, data_cfg: DataConfig, baseline: Path) -> dict[str, dict]:
     """Every fine-tuned model of the frontier: name -> the fine-tuning record (its run folder...)."""
     _, meta = load_model(baseline)
@@ -80,7 +85,6 @@ def finetuned_models(args, data_cfg: DataConfig, baseline: Path) -> dict[str, di
         raise SystemExit(f"{peers_file} is missing: run benchmarks/structured_peers.py --baseline {baseline} first")
     peers = json.loads(peers_file.read_text())
     epochs, seed, w = args.finetune_epochs, args.seed, baseline.parent
-    suffix = f"-seed{seed}" if seed else ""  # seed 0's runs keep their plain names
     structured = {}
     for library in ("lotus", "torch-pruning"):
         runs = [r for r in peers["finetune"]["runs"][library] if r["seed"] == seed]
@@ -91,7 +95,7 @@ def finetuned_models(args, data_cfg: DataConfig, baseline: Path) -> dict[str, di
         structured[f"structured-{library}"] = runs[0]
 
     def tune(start, name: str, **changes) -> dict:
-        return finetune(start, data_cfg, base, w / f"ft-{name}{suffix}", epochs, seed=seed, **changes)
+        return finetune(start, data_cfg, base, w / seeded(f"ft-{name}", seed), epochs, seed=seed, **changes)
 
     models = {"dense": tune(baseline, "dense")}
     if args.tickets:
@@ -341,7 +345,7 @@ def main() -> None:
     _, base_meta = load_model(args.baseline)
     data_cfg = DataConfig(**base_meta["data"])  # as the baseline was trained: the same folder and validation hold-out
     models = finetuned_models(args, data_cfg, args.baseline)
-    folder = args.baseline.parent / (f"graphs-seed{args.seed}" if args.seed else "graphs")
+    folder = args.baseline.parent / seeded("graphs", args.seed)
     graphs = export_all(models, args.merges, folder)
     rows = points(graphs, args.drops)
     dense, meta = load_model(models["dense"]["run"])

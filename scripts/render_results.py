@@ -1901,20 +1901,29 @@ def serve_headline(src: Source) -> list[str] | None:
     return ["`lotus serve`, concurrency 16", figure, short_machine(data, ""), budget]
 
 
+def frontier_dense(data: dict) -> dict:
+    """A frontier's dense model served whole: the point every other is compared with."""
+    return next(p for p in data["points"] if p["model"] == "dense" and p["drop"] == 0.0)
+
+
+def frontier_budget(data: dict) -> str:
+    return f"every model fine-tuned {data['finetune_epochs']} epoch(s) from one baseline; chosen on validation"
+
+
 def frontier_headline(src: Source, rel: str, targets: tuple[float, ...] = (0.65, 0.5)) -> list[str] | None:
     """The best LOTUS and ToMe points at each target latency: a README row per frontier."""
     data = src.json(rel)
     picks = [m for m in data["matched_latency"] if m["target"] in targets and m["lotus"] and "tome_any" in m]
     if not picks:
         return None
-    dense = next(p for p in data["points"] if p["model"] == "dense" and p["drop"] == 0.0)
+    dense = frontier_dense(data)
 
     def point(p: dict | None) -> str:
         return "ToMe none under it" if p is None else f"{pct(p['test_accuracy'])} ({p['model']}, {frontier_setting(p)})"
 
     figure = "; ".join(f"{m['target']:g}x: {point(m['lotus'])} vs {point(m['tome_any'])}" for m in picks)
     figure += f"; dense {pct(dense['test_accuracy'])}"
-    budget = f"every model fine-tuned {data['finetune_epochs']} epoch(s) from one baseline; chosen on validation"
+    budget = frontier_budget(data)
     at = " and ".join(f"{m['target']:g}x" for m in picks)
     what = f"{dataset_name(data['data'])}: best LOTUS vs best ToMe point at {at} dense latency (ONNX Runtime, batch 64)"
     return [what, figure, short_machine(data, rel), budget]
@@ -1928,7 +1937,7 @@ def stacked_headline(src: Source, rel: str, target: float = 0.25) -> list[str] |
     if not under:
         return None
     best = max(under, key=lambda p: p["val_accuracy"])
-    dense = next(p for p in data["points"] if p["model"] == "dense" and p["drop"] == 0.0)
+    dense = frontier_dense(data)
     taught = ", distilled from the fine-tuned dense model" if best["family"].endswith("distilled-dense") else ""
     figure = (
         f"{pct(best['test_accuracy'])} ({frontier_setting(best)}{taught}) at {num(best['fraction_of_dense']['64'], 3)}x;"
@@ -1938,7 +1947,7 @@ def stacked_headline(src: Source, rel: str, target: float = 0.25) -> list[str] |
         f"{dataset_name(data['data'])}: LOTUS stacked (structured + drop-aware + int8) at <= {target:g}x dense fp32"
         " latency (ONNX Runtime, batch 64)"
     )
-    budget = f"every model fine-tuned {data['finetune_epochs']} epoch(s) from one baseline; chosen on validation"
+    budget = frontier_budget(data)
     return [what, figure, short_machine(data, rel), budget]
 
 
